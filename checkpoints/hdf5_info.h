@@ -1,0 +1,11 @@
+// Facts about the HDF5 library checkpoints are written with (the sharded writer lands with the checkpoint issue).
+#pragma once
+
+#include <string>
+
+namespace moetrain::checkpoints {
+
+std::string hdf5_version();  // "1.10.8 (parallel)" — the library loaded at run time
+bool hdf5_parallel();        // built with MPI-IO support
+
+}  // namespace moetrain::checkpoints

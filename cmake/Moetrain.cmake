@@ -1,0 +1,41 @@
+# moetrain_add_library(<folder> SOURCES ... [DEPS ...] [TORCH]): one library target per top-level folder, named
+# moetrain_<folder>. TORCH targets link LibTorch and share one precompiled LibTorch header.
+set(MOETRAIN_WARNINGS -Wall -Wextra -Wno-unused-parameter)
+
+add_library(moetrain_common INTERFACE)
+target_include_directories(moetrain_common INTERFACE ${CMAKE_SOURCE_DIR} ${CMAKE_BINARY_DIR}/generated)
+target_compile_options(moetrain_common INTERFACE $<$<COMPILE_LANGUAGE:CXX>:${MOETRAIN_WARNINGS}>)
+# The MPI C API only (the deprecated C++ bindings would need libmpi_cxx).
+target_compile_definitions(moetrain_common INTERFACE OMPI_SKIP_MPICXX=1 MPICH_SKIP_MPICXX=1)
+target_link_libraries(moetrain_common INTERFACE fmt::fmt)
+# LibTorch's include directory carries its own fmt (v12) headers, which would shadow the fmt library we link
+# (Debian's) in targets that include LibTorch. A directory of links to the system fmt and spdlog headers, searched
+# before LibTorch's (-I before -isystem), keeps one fmt version everywhere.
+set(_pinned ${CMAKE_BINARY_DIR}/pinned-include)
+file(MAKE_DIRECTORY ${_pinned})
+foreach(_header fmt/format.h spdlog/spdlog.h)
+  get_filename_component(_dep ${_header} DIRECTORY)
+  find_path(_dir_${_dep} ${_header} NO_CACHE REQUIRED)
+  file(CREATE_LINK ${_dir_${_dep}}/${_dep} ${_pinned}/${_dep} SYMBOLIC)
+endforeach()
+target_include_directories(moetrain_common BEFORE INTERFACE ${_pinned})
+
+# The precompiled header: built once in moetrain_pch, reused by every target that links LibTorch.
+add_library(moetrain_pch STATIC ${CMAKE_SOURCE_DIR}/cmake/pch.cpp)
+target_link_libraries(moetrain_pch PUBLIC moetrain_common moetrain_torch)
+target_precompile_headers(moetrain_pch PRIVATE ${CMAKE_SOURCE_DIR}/cmake/pch.h)
+
+function(moetrain_use_torch target)
+  target_link_libraries(${target} PUBLIC moetrain_torch)
+  target_precompile_headers(${target} REUSE_FROM moetrain_pch)
+endfunction()
+
+function(moetrain_add_library folder)
+  cmake_parse_arguments(ARG "TORCH" "" "SOURCES;DEPS" ${ARGN})
+  set(target moetrain_${folder})
+  add_library(${target} STATIC ${ARG_SOURCES})
+  target_link_libraries(${target} PUBLIC moetrain_common ${ARG_DEPS})
+  if(ARG_TORCH)
+    moetrain_use_torch(${target})
+  endif()
+endfunction()

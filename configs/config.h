@@ -1,0 +1,130 @@
+// The typed experiment config: one struct per section, defaults in the member initializers. The schema
+// (configs/schema.cpp) binds every member to its YAML key, type, range and documentation; the loader
+// (configs/loader.cpp) fills a Config from YAML files and --set overrides and validates it.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace moetrain::config {
+
+struct ModelConfig {
+  int64_t vocab_size = 32000;
+  int64_t hidden_size = 256;
+  int64_t num_layers = 4;
+  int64_t n_dense_layers = 1;
+  int64_t dense_inter_dim = 1024;
+  int64_t moe_inter_dim = 128;
+  int64_t n_shared_experts = 1;
+  int64_t n_routed_experts = 8;
+  int64_t top_k = 2;
+  int64_t n_group = 1;
+  int64_t topk_group = 1;
+  double routed_scaling_factor = 1.0;
+  int64_t num_heads = 4;
+  int64_t q_lora_rank = 0;
+  int64_t kv_lora_rank = 64;
+  int64_t qk_nope_head_dim = 32;
+  int64_t qk_rope_head_dim = 16;
+  int64_t v_head_dim = 32;
+  double rope_theta = 10000.0;
+  double norm_eps = 1e-6;
+  double init_std = 0.006;
+  bool tie_embeddings = false;
+  std::string balance_mode = "aux_free";
+  double bias_update_rate = 1e-3;
+  double aux_loss_alpha = 1e-3;
+  double seq_balance_alpha = 1e-4;
+  int64_t mtp_depth = 1;
+  double mtp_loss_weight = 0.3;
+  double mtp_loss_weight_final = 0.1;
+  int64_t mtp_loss_weight_switch_tokens = 0;
+};
+
+struct ParallelConfig {
+  int64_t world_size = 0;  // 0: pp·dp, checked against the launch
+  int64_t pp = 1;
+  int64_t dp = 0;  // 0: world_size / pp
+  int64_t ep = 1;
+  std::vector<int64_t> stage_layers;  // empty: even split
+  int64_t intra_op_threads = 1;
+  double comm_timeout_s = 300.0;
+  double bucket_size_mb = 25.0;
+};
+
+struct TrainConfig {
+  int64_t seed = 1234;
+  int64_t steps = 100;
+  int64_t seq_len = 128;
+  int64_t micro_batch_size = 4;
+  int64_t micro_batches = 1;
+  double lr = 3e-3;
+  double lr_min = 3e-4;
+  int64_t warmup_steps = 10;
+  int64_t constant_steps = 0;
+  int64_t decay_steps = 90;
+  double weight_decay = 0.1;
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.95;
+  double adam_eps = 1e-8;
+  double grad_clip = 1.0;
+  int64_t eval_interval = 50;
+  int64_t eval_batches = 4;
+  double peak_flops = 0.0;  // 0: measured at start-up
+};
+
+struct DataConfig {
+  std::string source = "synthetic";
+  std::string path;
+  double valid_fraction = 0.01;
+  int64_t synthetic_tokens = 2000000;
+  int64_t prefetch = 4;
+};
+
+struct CheckpointConfig {
+  int64_t interval = 0;
+  std::string dir = "checkpoints";
+  int64_t keep_last = 2;
+  bool async = false;
+};
+
+struct PrecisionConfig {
+  std::string mode = "fp32";
+  std::string moment_dtype = "fp32";
+};
+
+struct LoggingConfig {
+  std::string name = "run";
+  std::string dir = "runs";
+  int64_t interval = 10;
+  std::string level = "info";
+};
+
+// Where a value came from: a file and line, a --set override, or the default.
+struct Origin {
+  std::string file;  // empty for defaults
+  int line = 0;      // 1-based; 0 for --set and defaults
+  std::string text;  // the --set argument, when it came from one
+
+  std::string describe() const;  // "configs/x.yaml:12", "--set model.top_k=3" or "default"
+};
+
+struct Config {
+  ModelConfig model;
+  ParallelConfig parallel;
+  TrainConfig train;
+  DataConfig data;
+  CheckpointConfig checkpoint;
+  PrecisionConfig precision;
+  LoggingConfig logging;
+
+  std::string file;                        // the top-level config file
+  std::map<std::string, Origin> origins;   // key path -> where its value was set (absent: default)
+
+  // Where `key` was set, for messages: "configs/x.yaml:12: " or "" for defaults.
+  std::string where(const std::string& key) const;
+};
+
+}  // namespace moetrain::config

@@ -1,0 +1,451 @@
+#include "configs/loader.h"
+
+#include <fmt/format.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <set>
+
+#include "configs/schema.h"
+
+namespace moetrain::config {
+namespace fs = std::filesystem;
+
+std::string Origin::describe() const {
+  if (!text.empty()) return fmt::format("--set {}", text);
+  if (file.empty()) return "default";
+  return line > 0 ? fmt::format("{}:{}", file, line) : file;
+}
+
+std::string Config::where(const std::string& key) const {
+  auto it = origins.find(key);
+  return it == origins.end() ? std::string() : it->second.describe() + ": ";
+}
+
+namespace {
+
+// One key's raw value before typing: the YAML node and where it was written.
+struct Entry {
+  std::string path;
+  YAML::Node value;
+  Origin origin;
+};
+
+// Entries in the order they were written; a later entry for the same key replaces the earlier one in place.
+class Entries {
+ public:
+  void set(Entry e) {
+    auto it = std::find_if(items_.begin(), items_.end(), [&](const Entry& x) { return x.path == e.path; });
+    if (it == items_.end())
+      items_.push_back(std::move(e));
+    else
+      *it = std::move(e);
+  }
+  const std::vector<Entry>& items() const { return items_; }
+
+ private:
+  std::vector<Entry> items_;
+};
+
+[[noreturn]] void fail(const Origin& where, const std::string& message) {
+  throw ConfigError(fmt::format("{}: {}", where.describe(), message));
+}
+
+std::string unknown_key_message(const std::string& path) {
+  std::string hint = closest_key(path);
+  if (!hint.empty()) return fmt::format("unknown key '{}'; did you mean '{}'?", path, hint);
+  std::string known;
+  for (const auto& s : sections()) known += (known.empty() ? "" : ", ") + s;
+  return fmt::format("unknown key '{}' (sections: {}; `moetrain config reference` lists every key)", path, known);
+}
+
+bool is_section_prefix(const std::string& prefix) {
+  return std::any_of(schema().begin(), schema().end(),
+                     [&](const KeySpec& k) { return k.path.rfind(prefix + ".", 0) == 0; });
+}
+
+std::string node_kind(const YAML::Node& n) {
+  if (!n.IsDefined() || n.IsNull()) return "nothing";
+  if (n.IsSequence()) return "a list";
+  if (n.IsMap()) return "a mapping";
+  return fmt::format("'{}'", n.Scalar());
+}
+
+// Flattens a file's mapping into dotted keys; nested mappings are sections, leaves are known keys.
+void flatten(const YAML::Node& map, const std::string& prefix, const std::string& file, Entries& out) {
+  std::set<std::string> seen;
+  for (const auto& kv : map) {
+    Origin origin{file, kv.first.Mark().line + 1, {}};
+    if (!kv.first.IsScalar()) fail(origin, "a key must be a plain name");
+    const std::string name = kv.first.Scalar();
+    const std::string path = prefix.empty() ? name : prefix + "." + name;
+    if (!seen.insert(name).second) fail(origin, fmt::format("key '{}' appears twice", path));
+    if (prefix.empty() && name == "base") continue;  // handled by read_file
+    if (find_key(path)) {
+      out.set({path, kv.second, origin});
+    } else if (is_section_prefix(path)) {
+      if (!kv.second.IsMap())
+        fail(origin, fmt::format("'{}' is a section: expected a mapping of keys, got {}", path,
+                                 node_kind(kv.second)));
+      flatten(kv.second, path, file, out);
+    } else {
+      fail(origin, unknown_key_message(path));
+    }
+  }
+}
+
+YAML::Node parse_file(const std::string& file) {
+  std::ifstream in(file);
+  if (!in) throw ConfigError(fmt::format("{}: cannot open config file: {}", file, std::strerror(errno)));
+  try {
+    return YAML::Load(in);
+  } catch (const YAML::ParserException& e) {
+    throw ConfigError(fmt::format("{}:{}:{}: invalid YAML: {}", file, e.mark.line + 1, e.mark.column + 1, e.msg));
+  }
+}
+
+// Reads `file` and, first, the chain of files it names with `base:`.
+void read_file(const std::string& file, std::vector<std::string>& chain, Entries& out) {
+  std::error_code ec;
+  fs::path canonical = fs::weakly_canonical(file, ec);
+  for (const auto& c : chain)
+    if (c == canonical.string()) {
+      std::string loop;
+      for (const auto& x : chain) loop += x + " -> ";
+      throw ConfigError(fmt::format("{}: `base:` chain loops: {}{}", file, loop, canonical.string()));
+    }
+  YAML::Node root = parse_file(file);
+  if (!root.IsDefined() || root.IsNull()) throw ConfigError(fmt::format("{}: the config file is empty", file));
+  if (!root.IsMap())
+    throw ConfigError(fmt::format("{}:{}: expected a mapping of sections (model:, parallel:, ...), got {}", file,
+                                  root.Mark().line + 1, node_kind(root)));
+  chain.push_back(canonical.string());
+  if (YAML::Node base = root["base"]; base) {
+    Origin origin{file, base.Mark().line + 1, {}};
+    if (!base.IsScalar() || base.Scalar().empty())
+      fail(origin, fmt::format("base: expected the path of another config file, got {}", node_kind(base)));
+    fs::path base_path = fs::path(base.Scalar());
+    if (base_path.is_relative()) base_path = fs::path(file).parent_path() / base_path;
+    if (!fs::exists(base_path))
+      fail(origin, fmt::format("base: file '{}' does not exist", base_path.lexically_normal().string()));
+    read_file(base_path.lexically_normal().string(), chain, out);
+  }
+  flatten(root, "", file, out);
+  chain.pop_back();
+}
+
+Entry parse_override(const std::string& text) {
+  Origin origin{{}, 0, text};
+  auto eq = text.find('=');
+  if (eq == std::string::npos || eq == 0) fail(origin, "expected section.key=value");
+  std::string path = text.substr(0, eq);
+  if (path == "base") fail(origin, "`base` cannot be overridden; name the config file instead");
+  if (!find_key(path)) fail(origin, unknown_key_message(path));
+  YAML::Node value;
+  try {
+    value = YAML::Load(text.substr(eq + 1));
+  } catch (const YAML::ParserException& e) {
+    fail(origin, fmt::format("{}: the value is not valid YAML: {}", path, e.msg));
+  }
+  return {path, value, origin};
+}
+
+// ---- typed values -----------------------------------------------------------------------------------------------
+
+std::string expected(const char* what, const YAML::Node& n) {
+  return fmt::format("expected {}, got {}", what, node_kind(n));
+}
+
+bool parse_double(const std::string& s, double& out) {
+  if (s.empty()) return false;
+  char* end = nullptr;
+  errno = 0;
+  out = std::strtod(s.c_str(), &end);
+  return end == s.c_str() + s.size() && errno == 0 && std::isfinite(out);
+}
+
+// Integers may be written as 4096, or as 1e13 / 10.0e12 when the value is integral.
+std::optional<int64_t> parse_int(const YAML::Node& n) {
+  if (!n.IsScalar()) return std::nullopt;
+  const std::string& s = n.Scalar();
+  int64_t v = 0;
+  auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec == std::errc() && ptr == s.data() + s.size()) return v;
+  double d = 0;
+  if (parse_double(s, d) && std::floor(d) == d && std::fabs(d) < 9.2e18) return static_cast<int64_t>(d);
+  return std::nullopt;
+}
+
+void check_range(const KeySpec& key, double v, const std::string& text, const Origin& origin) {
+  const Range& r = key.range;
+  bool low = r.lo_open ? !(v > r.lo) : v < r.lo;
+  if (low || v > r.hi) {
+    std::string allowed = std::isinf(r.hi) ? fmt::format("{} {}", r.lo_open ? ">" : "≥", r.lo)
+                                           : fmt::format("between {} and {}", r.lo, r.hi);
+    fail(origin, fmt::format("{}: {} is out of range (must be {})", key.path, text, allowed));
+  }
+}
+
+void assign(const KeySpec& key, const Entry& e, Config& config) {
+  const YAML::Node& n = e.value;
+  auto bad = [&](const std::string& why) { fail(e.origin, fmt::format("{}: {}", key.path, why)); };
+  std::visit(
+      [&](auto* p) {
+        using T = std::remove_pointer_t<decltype(p)>;
+        if constexpr (std::is_same_v<T, int64_t>) {
+          auto v = parse_int(n);
+          if (!v) bad(expected("an integer", n));
+          check_range(key, static_cast<double>(*v), n.Scalar(), e.origin);
+          *p = *v;
+        } else if constexpr (std::is_same_v<T, double>) {
+          double v = 0;
+          if (!n.IsScalar() || !parse_double(n.Scalar(), v)) bad(expected("a number", n));
+          check_range(key, v, n.Scalar(), e.origin);
+          *p = v;
+        } else if constexpr (std::is_same_v<T, bool>) {
+          std::string s = n.IsScalar() ? n.Scalar() : "";
+          std::transform(s.begin(), s.end(), s.begin(), ::tolower);
+          if (s == "true" || s == "yes" || s == "on")
+            *p = true;
+          else if (s == "false" || s == "no" || s == "off")
+            *p = false;
+          else
+            bad(expected("true or false", n));
+        } else if constexpr (std::is_same_v<T, std::string>) {
+          if (!n.IsScalar()) bad(expected("a string", n));
+          const std::string& s = n.Scalar();
+          if (!key.choices.empty() && std::find(key.choices.begin(), key.choices.end(), s) == key.choices.end()) {
+            std::string list;
+            for (const auto& c : key.choices) list += (list.empty() ? "" : ", ") + c;
+            bad(fmt::format("'{}' is not one of {}", s, list));
+          }
+          *p = s;
+        } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+          if (!n.IsSequence()) bad(expected("a list of integers like [2, 2]", n));
+          std::vector<int64_t> out;
+          for (const auto& item : n) {
+            auto v = parse_int(item);
+            if (!v) bad(fmt::format("expected a list of integers, but one item is {}", node_kind(item)));
+            out.push_back(*v);
+          }
+          *p = std::move(out);
+        }
+      },
+      key.field(config));
+}
+
+// ---- cross-field checks -----------------------------------------------------------------------------------------
+
+// Throws "<where key was set>: <message>".
+[[noreturn]] void conflict(const Config& c, const std::string& key, const std::string& message) {
+  throw ConfigError(c.where(key) + message);
+}
+
+void validate_model(const Config& c) {
+  const ModelConfig& m = c.model;
+  if (m.n_dense_layers > m.num_layers)
+    conflict(c, "model.n_dense_layers",
+             fmt::format("model.n_dense_layers = {} exceeds model.num_layers = {}", m.n_dense_layers, m.num_layers));
+  if (m.qk_rope_head_dim % 2 != 0)
+    conflict(c, "model.qk_rope_head_dim",
+             fmt::format("model.qk_rope_head_dim = {} must be even (RoPE rotates pairs of dimensions)",
+                         m.qk_rope_head_dim));
+  bool has_moe = m.n_dense_layers < m.num_layers;
+  if (!has_moe) return;
+  if (m.n_routed_experts == 0)
+    conflict(c, "model.n_routed_experts",
+             fmt::format("model.n_routed_experts = 0, but layers {}..{} are MoE layers (model.n_dense_layers = {} < "
+                         "model.num_layers = {})",
+                         m.n_dense_layers, m.num_layers - 1, m.n_dense_layers, m.num_layers));
+  if (m.top_k > m.n_routed_experts)
+    conflict(c, "model.top_k",
+             fmt::format("model.top_k = {} exceeds model.n_routed_experts = {}", m.top_k, m.n_routed_experts));
+  if (m.n_routed_experts % m.n_group != 0)
+    conflict(c, "model.n_group",
+             fmt::format("model.n_group = {} does not divide model.n_routed_experts = {}", m.n_group,
+                         m.n_routed_experts));
+  if (m.topk_group > m.n_group)
+    conflict(c, "model.topk_group",
+             fmt::format("model.topk_group = {} exceeds model.n_group = {}", m.topk_group, m.n_group));
+  int64_t per_group = m.n_routed_experts / m.n_group;
+  if (m.n_group > 1 && per_group < 2)
+    conflict(c, "model.n_group",
+             fmt::format("model.n_group = {} leaves {} expert per group; group scores sum each group's two best "
+                         "experts, so groups need at least 2",
+                         m.n_group, per_group));
+  if (m.top_k > m.topk_group * per_group)
+    conflict(c, "model.top_k",
+             fmt::format("model.top_k = {} exceeds the {} experts in the model.topk_group = {} kept groups of {} "
+                         "experts",
+                         m.top_k, m.topk_group * per_group, m.topk_group, per_group));
+}
+
+void validate_parallel(Config& c, int launch_world_size) {
+  ParallelConfig& p = c.parallel;
+  const ModelConfig& m = c.model;
+  int64_t world = p.world_size;
+  if (launch_world_size > 0) {
+    if (world != 0 && world != launch_world_size)
+      conflict(c, "parallel.world_size",
+               fmt::format("parallel.world_size = {} but the job was launched with {} ranks", world,
+                           launch_world_size));
+    world = launch_world_size;
+  }
+  if (p.dp == 0) {
+    if (world == 0)
+      conflict(c, "parallel.dp",
+               "parallel.dp = 0 (derive from the world size) needs parallel.world_size or a launch under "
+               "mpirun/srun");
+    if (world % p.pp != 0)
+      conflict(c, "parallel.pp",
+               fmt::format("parallel.pp = {} does not divide the world size {}", p.pp, world));
+    p.dp = world / p.pp;
+  }
+  if (world != 0 && world != p.pp * p.dp) {
+    std::string key = c.origins.count("parallel.world_size") ? "parallel.world_size" : "parallel.dp";
+    conflict(c, key,
+             fmt::format("world size {}{} ≠ pp·dp = {}·{} = {}", world,
+                         launch_world_size > 0 ? " (ranks launched)" : "", p.pp, p.dp, p.pp * p.dp));
+  }
+  p.world_size = p.pp * p.dp;
+  if (p.dp % p.ep != 0)
+    conflict(c, "parallel.ep",
+             fmt::format("parallel.ep = {} does not divide parallel.dp = {} (expert parallelism is carved out of "
+                         "data parallelism: dp = ep·edp)",
+                         p.ep, p.dp));
+  bool has_moe = m.n_dense_layers < m.num_layers;
+  if (has_moe && m.n_routed_experts % p.ep != 0)
+    conflict(c, "parallel.ep",
+             fmt::format("model.n_routed_experts = {} is not divisible by parallel.ep = {} (each ep rank holds "
+                         "n_routed_experts/ep experts)",
+                         m.n_routed_experts, p.ep));
+  if (!has_moe && p.ep > 1)
+    conflict(c, "parallel.ep", fmt::format("parallel.ep = {} but the model has no MoE layer", p.ep));
+  if (p.pp > m.num_layers)
+    conflict(c, "parallel.pp",
+             fmt::format("parallel.pp = {} exceeds model.num_layers = {} (every stage needs a layer)", p.pp,
+                         m.num_layers));
+  if (!p.stage_layers.empty()) {
+    if (static_cast<int64_t>(p.stage_layers.size()) != p.pp)
+      conflict(c, "parallel.stage_layers",
+               fmt::format("parallel.stage_layers has {} entries but parallel.pp = {}", p.stage_layers.size(),
+                           p.pp));
+    int64_t sum = 0;
+    for (size_t s = 0; s < p.stage_layers.size(); ++s) {
+      if (p.stage_layers[s] < 1)
+        conflict(c, "parallel.stage_layers",
+                 fmt::format("parallel.stage_layers[{}] = {}: every stage needs at least one layer", s,
+                             p.stage_layers[s]));
+      sum += p.stage_layers[s];
+    }
+    if (sum != m.num_layers)
+      conflict(c, "parallel.stage_layers",
+               fmt::format("parallel.stage_layers sums to {} but model.num_layers = {}", sum, m.num_layers));
+  }
+  if (p.pp > 1 && c.train.micro_batches < p.pp)
+    conflict(c, "train.micro_batches",
+             fmt::format("train.micro_batches = {} is less than parallel.pp = {} (the 1F1B schedule needs at "
+                         "least one micro-batch per stage)",
+                         c.train.micro_batches, p.pp));
+}
+
+void validate_rest(const Config& c) {
+  const TrainConfig& t = c.train;
+  if (t.lr_min > t.lr)
+    conflict(c, "train.lr_min", fmt::format("train.lr_min = {} exceeds train.lr = {}", t.lr_min, t.lr));
+  if (c.precision.mode == "fp8") {
+    const ModelConfig& m = c.model;
+    for (auto [key, value] : {std::pair<const char*, int64_t>{"model.hidden_size", m.hidden_size},
+                              {"model.moe_inter_dim", m.moe_inter_dim},
+                              {"model.dense_inter_dim", m.dense_inter_dim}})
+      if (value % 128 != 0)
+        conflict(c, "precision.mode",
+                 fmt::format("precision.mode = fp8 needs {} divisible by 128 (1×128 activation tiles, 128×128 "
+                             "weight blocks); it is {}",
+                             key, value));
+  }
+  if (c.data.source == "shards" && c.data.path.empty())
+    conflict(c, "data.source", "data.source = shards needs data.path (the token-shard prefix)");
+  if (c.checkpoint.interval > 0 && c.checkpoint.dir.empty())
+    conflict(c, "checkpoint.dir", "checkpoint.interval > 0 needs checkpoint.dir");
+  if (c.logging.name.empty() || c.logging.name.find('/') != std::string::npos)
+    conflict(c, "logging.name", fmt::format("logging.name = '{}' must be a non-empty name without '/'",
+                                            c.logging.name));
+}
+
+}  // namespace
+
+void validate(Config& config, int launch_world_size) {
+  validate_model(config);
+  validate_parallel(config, launch_world_size);
+  validate_rest(config);
+}
+
+Config load_config(const std::string& file, const LoadOptions& options) {
+  Entries entries;
+  std::vector<std::string> chain;
+  read_file(file, chain, entries);
+  for (const auto& text : options.overrides) entries.set(parse_override(text));
+
+  Config config;
+  config.file = file;
+  for (const auto& e : entries.items()) {
+    assign(*find_key(e.path), e, config);
+    config.origins[e.path] = e.origin;
+  }
+  validate(config, options.launch_world_size);
+  return config;
+}
+
+std::string to_yaml(const Config& config, bool with_origins) {
+  YAML::Emitter out;
+  out << YAML::BeginMap;
+  for (const auto& section : sections()) {
+    out << YAML::Key << section << YAML::Value << YAML::BeginMap;
+    for (const auto& key : schema()) {
+      if (key.section() != section) continue;
+      out << YAML::Key << key.path.substr(section.size() + 1) << YAML::Value;
+      std::string text = value_text(key, config);
+      bool is_list = std::holds_alternative<std::vector<int64_t>*>(key.field(const_cast<Config&>(config)));
+      if (is_list) {
+        out << YAML::Flow << YAML::BeginSeq;
+        for (int64_t v : *std::get<std::vector<int64_t>*>(key.field(const_cast<Config&>(config)))) out << v;
+        out << YAML::EndSeq;
+      } else if (std::holds_alternative<std::string*>(key.field(const_cast<Config&>(config)))) {
+        out << text;  // the emitter quotes strings that would otherwise read as another type
+      } else {
+        out << YAML::Node(text);  // numbers and booleans as plain scalars in their shortest exact form
+      }
+      if (with_origins) {
+        auto it = config.origins.find(key.path);
+        out << YAML::Comment(it == config.origins.end() ? "default" : it->second.describe());
+      }
+    }
+    out << YAML::EndMap;
+  }
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
+}
+
+void write_resolved(const Config& config, const std::string& path) {
+  fs::path target(path);
+  fs::path tmp = target;
+  tmp += ".tmp";
+  {
+    std::ofstream f(tmp);
+    if (!f) throw ConfigError(fmt::format("{}: cannot write the resolved config: {}", tmp.string(),
+                                          std::strerror(errno)));
+    f << "# Resolved by moetrain from " << config.file << "\n" << to_yaml(config);
+    if (!f.flush()) throw ConfigError(fmt::format("{}: write failed: {}", tmp.string(), std::strerror(errno)));
+  }
+  fs::rename(tmp, target);
+}
+
+}  // namespace moetrain::config

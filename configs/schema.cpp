@@ -1,0 +1,262 @@
+#include "configs/schema.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace moetrain::config {
+namespace {
+
+// KEY(model, hidden_size) expands to the key's path and an accessor for its Config member.
+#define KEY(section, name) \
+  #section "." #name, [](Config& c) -> FieldPtr { return &c.section.name; }
+
+constexpr Range at_least(double lo) { return Range{.lo = lo}; }
+constexpr Range positive() { return Range{.lo = 0.0, .lo_open = true}; }
+constexpr Range between(double lo, double hi) { return Range{.lo = lo, .hi = hi}; }
+
+std::vector<KeySpec> build_schema() {
+  return {
+      // ---- model -------------------------------------------------------------------------------------------
+      {KEY(model, vocab_size), "Vocabulary size (token ids are < vocab_size).", at_least(2)},
+      {KEY(model, hidden_size), "Model width d (residual stream).", at_least(1)},
+      {KEY(model, num_layers), "Number of transformer blocks of the main model.", at_least(1)},
+      {KEY(model, n_dense_layers),
+       "The first n_dense_layers blocks use a dense SwiGLU MLP; the rest use DeepSeekMoE.", at_least(0)},
+      {KEY(model, dense_inter_dim), "Hidden size of the dense SwiGLU MLP.", at_least(1)},
+      {KEY(model, moe_inter_dim), "Hidden size of each (shared or routed) expert.", at_least(1)},
+      {KEY(model, n_shared_experts), "Always-on shared experts per MoE layer.", at_least(0)},
+      {KEY(model, n_routed_experts), "Fine-grained routed experts per MoE layer.", at_least(0)},
+      {KEY(model, top_k), "Routed experts each token is sent to.", at_least(1)},
+      {KEY(model, n_group), "Expert groups for group-limited routing (1: no group limit).", at_least(1)},
+      {KEY(model, topk_group), "Groups kept per token; its experts are chosen only inside these groups.",
+       at_least(1)},
+      {KEY(model, routed_scaling_factor), "Routed gates are multiplied by this after normalization.",
+       positive()},
+      {KEY(model, num_heads), "Attention heads of Multi-head Latent Attention.", at_least(1)},
+      {KEY(model, q_lora_rank), "Rank of the low-rank query projection (0: full-rank query).", at_least(0)},
+      {KEY(model, kv_lora_rank), "Rank of the compressed KV latent c_kv.", at_least(1)},
+      {KEY(model, qk_nope_head_dim), "Per-head query/key dimensions without rotary embedding.", at_least(1)},
+      {KEY(model, qk_rope_head_dim), "Per-head query dimensions with rotary embedding (one key head shared).",
+       at_least(2)},
+      {KEY(model, v_head_dim), "Per-head value dimension.", at_least(1)},
+      {KEY(model, rope_theta), "RoPE base frequency.", positive()},
+      {KEY(model, norm_eps), "RMSNorm epsilon.", positive()},
+      {KEY(model, init_std), "Standard deviation of the normal initialization of weights.", positive()},
+      {KEY(model, tie_embeddings), "Share the token embedding with the output head."},
+      {KEY(model, balance_mode),
+       "Expert load balancing: aux_free (bias update, DeepSeek-V3), aux_loss (classic auxiliary loss, the "
+       "baseline) or none.",
+       {},
+       {"aux_free", "aux_loss", "none"}},
+      {KEY(model, bias_update_rate), "aux_free: bias step u per optimizer step (b_i += u·sign(mean c − c_i)).",
+       at_least(0)},
+      {KEY(model, aux_loss_alpha), "aux_loss: weight of the classic auxiliary balance loss.", at_least(0)},
+      {KEY(model, seq_balance_alpha), "Weight of the complementary sequence-wise balance loss (0: off).",
+       at_least(0)},
+      {KEY(model, mtp_depth), "Multi-token-prediction modules D (0: no MTP).", at_least(0)},
+      {KEY(model, mtp_loss_weight), "MTP loss weight λ until mtp_loss_weight_switch_tokens tokens.",
+       at_least(0)},
+      {KEY(model, mtp_loss_weight_final), "MTP loss weight λ after mtp_loss_weight_switch_tokens tokens.",
+       at_least(0)},
+      {KEY(model, mtp_loss_weight_switch_tokens),
+       "Tokens trained after which λ drops to mtp_loss_weight_final (0: never).", at_least(0)},
+
+      // ---- parallel ----------------------------------------------------------------------------------------
+      {KEY(parallel, world_size),
+       "Ranks in the job (0: pp·dp). When launched, the launch's rank count must equal pp·dp.", at_least(0)},
+      {KEY(parallel, pp), "Pipeline-parallel stages.", at_least(1)},
+      {KEY(parallel, dp), "Data-parallel replicas per stage (0: world_size / pp).", at_least(0)},
+      {KEY(parallel, ep), "Expert-parallel size, carved out of dp (dp = ep·edp); routed experts are sharded "
+                          "over it.",
+       at_least(1)},
+      {KEY(parallel, stage_layers),
+       "Layers per pipeline stage, one entry per stage summing to num_layers (empty: even split, the first "
+       "stages taking the remainder)."},
+      {KEY(parallel, intra_op_threads), "LibTorch intra-op threads per rank.", at_least(1)},
+      {KEY(parallel, comm_timeout_s), "A collective not finished after this many seconds aborts the job.",
+       positive()},
+      {KEY(parallel, bucket_size_mb), "Data-parallel gradient reduction bucket size in MiB.", positive()},
+
+      // ---- train -------------------------------------------------------------------------------------------
+      {KEY(train, seed), "Seed for initialization, data order and dropout-free sampling.", at_least(0)},
+      {KEY(train, steps), "Optimizer steps to train.", at_least(1)},
+      {KEY(train, seq_len), "Tokens per sequence.", at_least(2)},
+      {KEY(train, micro_batch_size), "Sequences per micro-batch on each dp rank.", at_least(1)},
+      {KEY(train, micro_batches),
+       "Micro-batches per step on each dp rank (gradient accumulation; the 1F1B pipeline needs ≥ pp). Global "
+       "batch = micro_batch_size · micro_batches · dp sequences.",
+       at_least(1)},
+      {KEY(train, lr), "Peak learning rate (after warmup).", positive()},
+      {KEY(train, lr_min), "Final learning rate (after the cosine decay).", at_least(0)},
+      {KEY(train, warmup_steps), "Linear warmup steps from 0 to lr.", at_least(0)},
+      {KEY(train, constant_steps), "Steps at lr after warmup, before the decay.", at_least(0)},
+      {KEY(train, decay_steps), "Cosine decay steps from lr to lr_min; lr_min afterwards.", at_least(0)},
+      {KEY(train, weight_decay), "AdamW weight decay (not applied to norms and biases).", at_least(0)},
+      {KEY(train, adam_beta1), "AdamW β1.", between(0, 1)},
+      {KEY(train, adam_beta2), "AdamW β2.", between(0, 1)},
+      {KEY(train, adam_eps), "AdamW ε.", positive()},
+      {KEY(train, grad_clip), "Global gradient-norm clip (0: no clipping).", at_least(0)},
+      {KEY(train, eval_interval), "Steps between validation-loss evaluations (0: never).", at_least(0)},
+      {KEY(train, eval_batches), "Global batches per validation evaluation.", at_least(1)},
+      {KEY(train, peak_flops),
+       "Peak FLOP/s of one rank for MFU (0: measured by a matmul at start-up).", at_least(0)},
+
+      // ---- data --------------------------------------------------------------------------------------------
+      {KEY(data, source), "Where batches come from: the built-in synthetic corpus or token shards at path.",
+       {},
+       {"synthetic", "shards"}},
+      {KEY(data, path), "Token-shard prefix (data.source = shards)."},
+      {KEY(data, valid_fraction), "Fraction of documents held out for validation.", between(0, 0.5)},
+      {KEY(data, synthetic_tokens), "Tokens generated by the synthetic corpus (data.source = synthetic).",
+       at_least(1)},
+      {KEY(data, prefetch), "Batches prepared ahead on the background thread.", at_least(0)},
+
+      // ---- checkpoint --------------------------------------------------------------------------------------
+      {KEY(checkpoint, interval), "Steps between checkpoints (0: none).", at_least(0)},
+      {KEY(checkpoint, dir), "Checkpoint directory (relative paths: inside the run directory)."},
+      {KEY(checkpoint, keep_last), "Checkpoints kept; older ones are deleted after a successful save (0: all).",
+       at_least(0)},
+      {KEY(checkpoint, async), "Write checkpoints on a background thread after a copy to host memory."},
+
+      // ---- precision ---------------------------------------------------------------------------------------
+      {KEY(precision, mode),
+       "GEMM precision: fp32 (reference), bf16, or fp8 (E4M3, 1×128 activation tiles, 128×128 weight blocks). "
+       "Master weights and gradients are FP32 in every mode.",
+       {},
+       {"fp32", "bf16", "fp8"}},
+      {KEY(precision, moment_dtype), "dtype of the AdamW moments.", {}, {"fp32", "bf16"}},
+
+      // ---- logging -----------------------------------------------------------------------------------------
+      {KEY(logging, name), "Run name; the run directory is logging.dir/logging.name."},
+      {KEY(logging, dir), "Parent directory of run directories."},
+      {KEY(logging, interval), "Steps between progress lines on rank 0 (metrics.jsonl gets every step).",
+       at_least(1)},
+      {KEY(logging, level), "Log level.", {}, {"debug", "info", "warn", "error"}},
+  };
+}
+#undef KEY
+
+size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+std::string_view leaf(std::string_view path) {
+  auto dot = path.rfind('.');
+  return dot == std::string_view::npos ? path : path.substr(dot + 1);
+}
+
+std::string format_number(double v) {
+  if (std::isinf(v)) return v > 0 ? "∞" : "−∞";
+  return fmt::format("{}", v);
+}
+
+}  // namespace
+
+const std::vector<KeySpec>& schema() {
+  static const std::vector<KeySpec> keys = build_schema();
+  return keys;
+}
+
+const std::vector<std::string>& sections() {
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> out;
+    for (const auto& k : schema())
+      if (std::find(out.begin(), out.end(), k.section()) == out.end()) out.push_back(k.section());
+    return out;
+  }();
+  return names;
+}
+
+const KeySpec* find_key(std::string_view path) {
+  for (const auto& k : schema())
+    if (k.path == path) return &k;
+  return nullptr;
+}
+
+std::string KeySpec::type_name() const {
+  Config probe;
+  return std::visit(
+      [&](auto* p) -> std::string {
+        using T = std::remove_pointer_t<decltype(p)>;
+        if constexpr (std::is_same_v<T, int64_t>) return "int";
+        if constexpr (std::is_same_v<T, double>) return "float";
+        if constexpr (std::is_same_v<T, bool>) return "bool";
+        if constexpr (std::is_same_v<T, std::vector<int64_t>>) return "list of int";
+        if constexpr (std::is_same_v<T, std::string>)
+          return choices.empty() ? "string" : fmt::format("{}", fmt::join(choices, " \\| "));
+      },
+      field(probe));
+}
+
+std::string value_text(const KeySpec& key, const Config& config) {
+  return std::visit(
+      [](auto* p) -> std::string {
+        using T = std::remove_pointer_t<decltype(p)>;
+        if constexpr (std::is_same_v<T, bool>) return *p ? "true" : "false";
+        if constexpr (std::is_same_v<T, std::vector<int64_t>>) return fmt::format("[{}]", fmt::join(*p, ", "));
+        if constexpr (std::is_same_v<T, std::string>) return *p;
+        if constexpr (std::is_same_v<T, int64_t> || std::is_same_v<T, double>) return fmt::format("{}", *p);
+      },
+      key.field(const_cast<Config&>(config)));
+}
+
+std::string closest_key(std::string_view unknown) {
+  std::string best;
+  size_t best_distance = std::string::npos;
+  std::string_view unknown_leaf = leaf(unknown);
+  for (const auto& k : schema()) {
+    // A typo in the whole path, or the right name in the wrong section.
+    size_t whole = edit_distance(unknown, k.path);
+    size_t by_leaf = edit_distance(unknown_leaf, leaf(k.path)) + 1;
+    size_t d = std::min(whole, by_leaf);
+    if (d < best_distance) {
+      best_distance = d;
+      best = k.path;
+    }
+  }
+  size_t allowed = std::max<size_t>(2, unknown_leaf.size() / 3) + 1;
+  return best_distance <= allowed ? best : "";
+}
+
+std::string reference_markdown() {
+  static const Config defaults;
+  std::string out =
+      "# Config reference\n\n"
+      "Generated by `moetrain config reference` from the schema in `configs/schema.cpp`; do not edit by hand.\n"
+      "Every key is optional; a config file sets the keys that differ from the defaults. `base: other.yaml`\n"
+      "composes files (paths relative to the including file); `--set section.key=value` overrides on the\n"
+      "command line. Values are YAML scalars (lists as `[1, 2]`).\n";
+  for (const auto& section : sections()) {
+    out += fmt::format("\n## {}\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n", section);
+    for (const auto& k : schema()) {
+      if (k.section() != section) continue;
+      std::string allowed;
+      if (!std::isinf(k.range.lo) || !std::isinf(k.range.hi)) {
+        if (std::isinf(k.range.hi))
+          allowed = fmt::format("{} {}", k.range.lo_open ? ">" : "≥", format_number(k.range.lo));
+        else
+          allowed = fmt::format("{} … {}", format_number(k.range.lo), format_number(k.range.hi));
+      }
+      std::string def = value_text(k, defaults);
+      out += fmt::format("| `{}` | {} | `{}` | {} | {} |\n", k.path, k.type_name(), def.empty() ? "\"\"" : def,
+                         allowed, k.doc);
+    }
+  }
+  return out;
+}
+
+}  // namespace moetrain::config

@@ -1,0 +1,120 @@
+#include "trainer/cli.h"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <optional>
+
+#include "configs/loader.h"
+#include "configs/schema.h"
+#include "parallel/mpi_runtime.h"
+#include "trainer/plan.h"
+#include "trainer/version.h"
+
+namespace moetrain::trainer {
+namespace {
+
+struct ConfigArgs {
+  std::string file;
+  std::vector<std::string> overrides;
+};
+
+void add_config_args(CLI::App* cmd, ConfigArgs& args) {
+  cmd->add_option("FILE", args.file, "YAML experiment config")->required();
+  cmd->add_option("--set", args.overrides, "Override a key: --set section.key=value (repeatable)")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
+      ->type_name("KEY=VALUE");
+}
+
+config::Config load(const ConfigArgs& args, const parallel::MpiRuntime& mpi) {
+  config::LoadOptions options;
+  options.overrides = args.overrides;
+  options.launch_world_size = mpi.active() ? mpi.size() : 0;
+  return config::load_config(args.file, options);
+}
+
+// Output of a command: printed once, by rank 0.
+void emit(const parallel::MpiRuntime& mpi, const std::string& text) {
+  if (mpi.rank() == 0) {
+    std::fputs(text.c_str(), stdout);
+    std::fflush(stdout);
+  }
+}
+
+}  // namespace
+
+int run_main(int argc, char** argv) {
+  parallel::MpiRuntime mpi(&argc, &argv);
+
+  CLI::App app{"moetrain: DeepSeek-V3-style Mixture-of-Experts pre-training on LibTorch", "moetrain"};
+  app.require_subcommand(1);
+  app.set_help_all_flag("--help-all", "Help for every command");
+
+  ConfigArgs check_args, show_args, plan_args;
+  bool show_origins = false, plan_as_json = false;
+
+  CLI::App* config_cmd = app.add_subcommand("config", "Check, show and document experiment configs");
+  config_cmd->require_subcommand(1);
+  CLI::App* check = config_cmd->add_subcommand(
+      "check", "Validate a config (types, ranges, layout); with mpirun also against the launched ranks");
+  add_config_args(check, check_args);
+  CLI::App* show = config_cmd->add_subcommand("show", "Print the resolved config (bases, overrides and "
+                                                      "defaults applied) as YAML");
+  add_config_args(show, show_args);
+  show->add_flag("--origins", show_origins, "Comment each value with the file:line or --set it came from");
+  CLI::App* reference = config_cmd->add_subcommand("reference", "Print the config reference (every key, type, "
+                                                                "default and meaning) as Markdown");
+
+  CLI::App* plan_cmd = app.add_subcommand(
+      "plan", "Parameters, FLOPs per token and per-rank memory of a config under its layout and precision");
+  add_config_args(plan_cmd, plan_args);
+  plan_cmd->add_flag("--json", plan_as_json, "Print the plan as JSON");
+
+  CLI::App* version_cmd = app.add_subcommand("version", "Versions of moetrain and the libraries it uses");
+
+  std::optional<std::string> error;
+  try {
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::CallForHelp&) {
+      emit(mpi, app.help());
+      return mpi.finish(std::nullopt);
+    } catch (const CLI::CallForAllHelp&) {
+      emit(mpi, app.help("", CLI::AppFormatMode::All));
+      return mpi.finish(std::nullopt);
+    } catch (const CLI::ParseError& e) {
+      // --help of a subcommand arrives here as CallForHelp thrown from inside it; CLI11 prints that itself.
+      if (e.get_exit_code() == 0) {
+        if (mpi.rank() == 0) app.exit(e);
+        return mpi.finish(std::nullopt);
+      }
+      throw std::runtime_error(fmt::format("{} (see moetrain --help)", e.what()));
+    }
+
+    if (*check) {
+      config::Config c = load(check_args, mpi);
+      emit(mpi, fmt::format("{}: ok (world {} = pp {} × dp {}, ep {})\n", check_args.file, c.parallel.world_size,
+                            c.parallel.pp, c.parallel.dp, c.parallel.ep));
+    } else if (*show) {
+      emit(mpi, config::to_yaml(load(show_args, mpi), show_origins));
+    } else if (*reference) {
+      emit(mpi, config::reference_markdown());
+    } else if (*plan_cmd) {
+      config::Config c = load(plan_args, mpi);
+      Plan plan = make_plan(c);
+      emit(mpi, plan_as_json ? plan_json(plan, c).dump(2) + "\n" : format_plan(plan, c));
+    } else if (*version_cmd) {
+      emit(mpi, version_report());
+    }
+  } catch (const std::exception& e) {
+    error = e.what();
+  } catch (...) {
+    error = "unknown error";
+  }
+  return mpi.finish(error);
+}
+
+}  // namespace moetrain::trainer

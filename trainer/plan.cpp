@@ -1,0 +1,164 @@
+#include "trainer/plan.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+
+#include "parallel/topology.h"
+#include "precision/policy.h"
+
+namespace moetrain::trainer {
+namespace {
+
+std::string count(double n) {
+  if (n >= 1e9) return fmt::format("{:.2f} B", n / 1e9);
+  if (n >= 1e6) return fmt::format("{:.2f} M", n / 1e6);
+  if (n >= 1e3) return fmt::format("{:.2f} K", n / 1e3);
+  return fmt::format("{:.0f}", n);
+}
+
+std::string bytes(double b) {
+  if (b >= 1024.0 * 1024 * 1024) return fmt::format("{:.2f} GiB", b / (1024.0 * 1024 * 1024));
+  if (b >= 1024.0 * 1024) return fmt::format("{:.2f} MiB", b / (1024.0 * 1024));
+  return fmt::format("{:.1f} KiB", b / 1024.0);
+}
+
+std::string flops(double f) {
+  if (f >= 1e12) return fmt::format("{:.2f} TFLOP", f / 1e12);
+  if (f >= 1e9) return fmt::format("{:.2f} GFLOP", f / 1e9);
+  return fmt::format("{:.2f} MFLOP", f / 1e6);
+}
+
+// Parameters of one block as held by one rank: routed experts are split over the ep group.
+int64_t block_local_params(const model::BlockParams& b, int64_t ep) {
+  return b.total() - b.routed_experts + b.routed_experts / ep;
+}
+
+}  // namespace
+
+Plan make_plan(const config::Config& c) {
+  const config::ModelConfig& m = c.model;
+  const int64_t pp = c.parallel.pp, ep = c.parallel.ep;
+  const precision::Policy policy = precision::policy_for(c.precision);
+
+  Plan plan;
+  plan.params = model::model_params(m);
+  plan.flops = model::flops_per_token(m, c.train.seq_len);
+  plan.tokens_per_step = c.train.seq_len * c.train.micro_batch_size * c.train.micro_batches * c.parallel.dp;
+
+  const auto counts = parallel::stage_layer_counts(m.num_layers, pp, c.parallel.stage_layers);
+  const auto firsts = parallel::stage_first_layers(counts);
+  const double tokens_per_micro_batch = static_cast<double>(c.train.micro_batch_size * c.train.seq_len);
+  const double act = policy.activation_bytes;
+  for (int64_t s = 0; s < pp; ++s) {
+    StagePlan st;
+    st.stage = s;
+    st.first_layer = firsts[s];
+    st.layers = counts[s];
+    model::ActivationElems a;
+    for (int64_t l = st.first_layer; l < st.first_layer + st.layers; ++l) {
+      st.params += block_local_params(model::block_params(m, l), ep);
+      a += model::block_activations(m, model::is_moe_layer(m, l));
+    }
+    const bool first = s == 0, last = s == pp - 1;
+    if (first) st.params += plan.params.embedding;
+    if (last) {
+      st.params += plan.params.final_norm;
+      // The head weight; a tied head on a separate stage is a copy of the embedding kept identical.
+      if (!m.tie_embeddings || !first) st.params += m.vocab_size * m.hidden_size;
+      const int64_t mtp_module = block_local_params(model::mtp_block_params(m), ep) +
+                                 model::mtp_module_extra_params(m);
+      st.params += m.mtp_depth * mtp_module;
+      // MTP embeds future tokens with the shared embedding: the last stage keeps a copy when it is not stage 0.
+      if (m.mtp_depth > 0 && !first && !m.tie_embeddings) st.params += plan.params.embedding;
+      a += model::head_activations(m);
+      for (int64_t k = 0; k < m.mtp_depth; ++k) a += model::mtp_module_activations(m);
+    }
+    st.in_flight_micro_batches = std::min<int64_t>(pp - s, c.train.micro_batches);
+    const double p = static_cast<double>(st.params);
+    st.weight_bytes = p * static_cast<double>(policy.weight_bytes_per_param());
+    st.grad_bytes = p * policy.grad_bytes;
+    st.optimizer_bytes = p * static_cast<double>(policy.optimizer_bytes_per_param());
+    st.activation_bytes = (a.elems * act + a.fp32_elems * 4.0) * tokens_per_micro_batch *
+                          static_cast<double>(st.in_flight_micro_batches);
+    plan.stages.push_back(st);
+  }
+  return plan;
+}
+
+std::string format_plan(const Plan& plan, const config::Config& c) {
+  const auto& p = plan.params;
+  const auto& par = c.parallel;
+  std::string out;
+  out += fmt::format("plan for {}\n", c.file);
+  out += fmt::format("layout      world {} = pp {} × dp {} (ep {} × edp {}); precision {}, AdamW moments {}\n",
+                     par.world_size, par.pp, par.dp, par.ep, par.dp / par.ep, c.precision.mode,
+                     c.precision.moment_dtype);
+  out += fmt::format("batch       {} tokens/step = seq {} × micro-batch {} × {} micro-batches × dp {}\n\n",
+                     plan.tokens_per_step, c.train.seq_len, c.train.micro_batch_size, c.train.micro_batches,
+                     par.dp);
+
+  out += fmt::format("{:<34}{:>16}{:>18}{:>20}\n", "parameters", "total", "activated/token", "exact total");
+  auto row = [&](const std::string& name, int64_t total, int64_t active) {
+    out += fmt::format("{:<34}{:>16}{:>18}{:>20}\n", name, count(static_cast<double>(total)),
+                       active >= 0 ? count(static_cast<double>(active)) : "", total);
+  };
+  row("main model", p.main_total(), p.main_active());
+  row("  embedding", p.embedding, p.embedding);
+  row("  output head", p.head, p.head);
+  row("  transformer blocks", p.layers_total, p.layers_active);
+  row(fmt::format("MTP modules (D = {}, own params)", p.mtp_depth), p.mtp_total(), p.mtp_active());
+  row("MTP with own embedding + head", p.mtp_total_with_copies(), -1);
+  row("main + MTP", p.main_total() + p.mtp_total(), p.main_active() + p.mtp_active());
+  row("main + MTP as released", p.main_total() + p.mtp_total_with_copies(), -1);
+
+  out += fmt::format("\nFLOPs/token (fwd+bwd, seq {}): main {}, MTP {}, total {}; per step {:.3e}\n",
+                     c.train.seq_len, flops(plan.flops.main), flops(plan.flops.mtp), flops(plan.flops.total()),
+                     plan.flops.total() * static_cast<double>(plan.tokens_per_step));
+
+  out += fmt::format("\nmemory per rank (no activation recomputation; activations of the in-flight 1F1B "
+                     "micro-batches)\n");
+  out += fmt::format("{:>5} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>12}\n", "stage", "layers",
+                     "params", "weights", "grads", "optimizer", "activations", "in-flight", "total");
+  for (const auto& s : plan.stages) {
+    out += fmt::format("{:>5} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>12}\n", s.stage,
+                       s.layers == 1 ? fmt::format("{}", s.first_layer)
+                                     : fmt::format("{}-{}", s.first_layer, s.first_layer + s.layers - 1),
+                       count(static_cast<double>(s.params)), bytes(s.weight_bytes), bytes(s.grad_bytes),
+                       bytes(s.optimizer_bytes), bytes(s.activation_bytes), s.in_flight_micro_batches,
+                       bytes(s.total_bytes()));
+  }
+  return out;
+}
+
+nlohmann::json plan_json(const Plan& plan, const config::Config& c) {
+  const auto& p = plan.params;
+  nlohmann::json j;
+  j["config"] = c.file;
+  j["layout"] = {{"world_size", c.parallel.world_size}, {"pp", c.parallel.pp}, {"dp", c.parallel.dp},
+                 {"ep", c.parallel.ep}};
+  j["params"] = {{"main_total", p.main_total()},
+                 {"main_active", p.main_active()},
+                 {"embedding", p.embedding},
+                 {"head", p.head},
+                 {"mtp_total", p.mtp_total()},
+                 {"mtp_active", p.mtp_active()},
+                 {"mtp_total_with_copies", p.mtp_total_with_copies()}};
+  j["flops_per_token"] = {{"main", plan.flops.main}, {"mtp", plan.flops.mtp}, {"total", plan.flops.total()}};
+  j["tokens_per_step"] = plan.tokens_per_step;
+  for (const auto& s : plan.stages)
+    j["stages"].push_back({{"stage", s.stage},
+                           {"first_layer", s.first_layer},
+                           {"layers", s.layers},
+                           {"params", s.params},
+                           {"in_flight_micro_batches", s.in_flight_micro_batches},
+                           {"weight_bytes", s.weight_bytes},
+                           {"grad_bytes", s.grad_bytes},
+                           {"optimizer_bytes", s.optimizer_bytes},
+                           {"activation_bytes", s.activation_bytes},
+                           {"total_bytes", s.total_bytes()}});
+  return j;
+}
+
+}  // namespace moetrain::trainer

@@ -1,0 +1,37 @@
+// `moetrain plan`: what a config costs before it runs — parameters (main model and MTP, total and activated),
+// training FLOPs per token, and per-rank memory of each pipeline stage under the layout and precision.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "configs/config.h"
+#include "model/model_spec.h"
+
+namespace moetrain::trainer {
+
+struct StagePlan {
+  int64_t stage = 0;
+  int64_t first_layer = 0;
+  int64_t layers = 0;
+  int64_t params = 0;                 // parameters held by one rank of this stage (routed experts: 1/ep of them)
+  int64_t in_flight_micro_batches = 0;  // 1F1B keeps min(pp − stage, micro_batches) forward passes alive
+  double weight_bytes = 0, grad_bytes = 0, optimizer_bytes = 0, activation_bytes = 0;
+  double total_bytes() const { return weight_bytes + grad_bytes + optimizer_bytes + activation_bytes; }
+};
+
+struct Plan {
+  model::ModelParams params;
+  model::FlopsPerToken flops;
+  int64_t tokens_per_step = 0;  // global batch in tokens
+  std::vector<StagePlan> stages;
+};
+
+Plan make_plan(const config::Config& config);
+std::string format_plan(const Plan& plan, const config::Config& config);
+nlohmann::json plan_json(const Plan& plan, const config::Config& config);
+
+}  // namespace moetrain::trainer

@@ -1,0 +1,10 @@
+// `moetrain version`: this build and the libraries it runs with.
+#pragma once
+
+#include <string>
+
+namespace moetrain::trainer {
+
+std::string version_report();
+
+}  // namespace moetrain::trainer
