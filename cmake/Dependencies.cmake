@@ -59,6 +59,9 @@ else()
       ${MOETRAIN_TORCH_torch} ${MOETRAIN_TORCH_torch_cpu} ${MOETRAIN_TORCH_c10})
   set(MOETRAIN_BUILD_KIND "CPU-only (no CUDA toolkit found)")
 endif()
+# The wheel's libtorch.so and libtorch_cpu.so export a private copy of std::filesystem (remove_all crashes when
+# called through it). Loading libstdc++ first makes every std:: symbol of ours bind to the system library.
+target_link_options(moetrain_torch INTERFACE "LINKER:--push-state,--no-as-needed" "-lstdc++" "LINKER:--pop-state")
 file(READ "${MOETRAIN_TORCH_ROOT}/include/torch/headeronly/version.h" _tv)
 set(MOETRAIN_TORCH_VERSION "")
 foreach(_part MAJOR MINOR PATCH)

@@ -1,6 +1,6 @@
 # moetrain_add_library(<folder> SOURCES ... [DEPS ...] [TORCH]): one library target per top-level folder, named
 # moetrain_<folder>. TORCH targets link LibTorch and share one precompiled LibTorch header.
-set(MOETRAIN_WARNINGS -Wall -Wextra -Wno-unused-parameter)
+set(MOETRAIN_WARNINGS -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers)
 
 add_library(moetrain_common INTERFACE)
 target_include_directories(moetrain_common INTERFACE ${CMAKE_SOURCE_DIR} ${CMAKE_BINARY_DIR}/generated)

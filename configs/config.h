@@ -107,6 +107,7 @@ struct Origin {
   std::string file;  // empty for defaults
   int line = 0;      // 1-based; 0 for --set and defaults
   std::string text;  // the --set argument, when it came from one
+  std::string note;  // for values moetrain derived ("derived: pp·dp")
 
   std::string describe() const;  // "configs/x.yaml:12", "--set model.top_k=3" or "default"
 };

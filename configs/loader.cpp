@@ -20,6 +20,7 @@ namespace fs = std::filesystem;
 
 std::string Origin::describe() const {
   if (!text.empty()) return fmt::format("--set {}", text);
+  if (!note.empty()) return note;
   if (file.empty()) return "default";
   return line > 0 ? fmt::format("{}:{}", file, line) : file;
 }
@@ -60,6 +61,12 @@ class Entries {
 
 std::string unknown_key_message(const std::string& path) {
   std::string hint = closest_key(path);
+  if (path.find('.') == std::string::npos) {  // a top-level name: compare with the sections
+    hint.clear();
+    size_t best = 3;
+    for (const auto& s : sections())
+      if (size_t d = edit_distance(path, s); d < best) best = d, hint = s;
+  }
   if (!hint.empty()) return fmt::format("unknown key '{}'; did you mean '{}'?", path, hint);
   std::string known;
   for (const auto& s : sections()) known += (known.empty() ? "" : ", ") + s;
@@ -82,7 +89,7 @@ std::string node_kind(const YAML::Node& n) {
 void flatten(const YAML::Node& map, const std::string& prefix, const std::string& file, Entries& out) {
   std::set<std::string> seen;
   for (const auto& kv : map) {
-    Origin origin{file, kv.first.Mark().line + 1, {}};
+    Origin origin{.file = file, .line = kv.first.Mark().line + 1};
     if (!kv.first.IsScalar()) fail(origin, "a key must be a plain name");
     const std::string name = kv.first.Scalar();
     const std::string path = prefix.empty() ? name : prefix + "." + name;
@@ -128,7 +135,7 @@ void read_file(const std::string& file, std::vector<std::string>& chain, Entries
                                   root.Mark().line + 1, node_kind(root)));
   chain.push_back(canonical.string());
   if (YAML::Node base = root["base"]; base) {
-    Origin origin{file, base.Mark().line + 1, {}};
+    Origin origin{.file = file, .line = base.Mark().line + 1};
     if (!base.IsScalar() || base.Scalar().empty())
       fail(origin, fmt::format("base: expected the path of another config file, got {}", node_kind(base)));
     fs::path base_path = fs::path(base.Scalar());
@@ -142,7 +149,7 @@ void read_file(const std::string& file, std::vector<std::string>& chain, Entries
 }
 
 Entry parse_override(const std::string& text) {
-  Origin origin{{}, 0, text};
+  Origin origin{.text = text};
   auto eq = text.find('=');
   if (eq == std::string::npos || eq == 0) fail(origin, "expected section.key=value");
   std::string path = text.substr(0, eq);
@@ -307,13 +314,15 @@ void validate_parallel(Config& c, int launch_world_size) {
       conflict(c, "parallel.pp",
                fmt::format("parallel.pp = {} does not divide the world size {}", p.pp, world));
     p.dp = world / p.pp;
+    c.origins["parallel.dp"] = Origin{.note = "derived: world size / pp"};
   }
   if (world != 0 && world != p.pp * p.dp) {
-    std::string key = c.origins.count("parallel.world_size") ? "parallel.world_size" : "parallel.dp";
+    std::string key = p.world_size != 0 ? "parallel.world_size" : "parallel.dp";
     conflict(c, key,
              fmt::format("world size {}{} ≠ pp·dp = {}·{} = {}", world,
                          launch_world_size > 0 ? " (ranks launched)" : "", p.pp, p.dp, p.pp * p.dp));
   }
+  if (p.world_size == 0) c.origins["parallel.world_size"] = Origin{.note = "derived: pp·dp"};
   p.world_size = p.pp * p.dp;
   if (p.dp % p.ep != 0)
     conflict(c, "parallel.ep",

@@ -139,6 +139,8 @@ std::vector<KeySpec> build_schema() {
 }
 #undef KEY
 
+}  // namespace
+
 size_t edit_distance(std::string_view a, std::string_view b) {
   std::vector<size_t> row(b.size() + 1);
   for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
@@ -153,6 +155,8 @@ size_t edit_distance(std::string_view a, std::string_view b) {
   }
   return row[b.size()];
 }
+
+namespace {
 
 std::string_view leaf(std::string_view path) {
   auto dot = path.rfind('.');

@@ -43,6 +43,9 @@ std::string value_text(const KeySpec& key, const Config& config);
 // The known key closest to a mistyped one ("model.hiden_size" -> "model.hidden_size"), or "" if none is close.
 std::string closest_key(std::string_view unknown);
 
+// Levenshtein distance, for suggestions.
+size_t edit_distance(std::string_view a, std::string_view b);
+
 // The config reference as Markdown: one table per section with key, type, default, range and meaning.
 std::string reference_markdown();
 

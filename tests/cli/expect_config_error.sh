@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# expect_config_error.sh MOETRAIN BAD.yaml: `moetrain config check` and `moetrain plan` on a broken config exit
+# non-zero with exactly one stderr line, "moetrain: error: <file>:<line>: <message>", where the message matches
+# the file's "# expect: <regex>" line (its line number is checked too when given as "# expect-line: N").
+. "$(dirname "$0")/lib.sh"
+bin=$1 file=$2
+want=$(sed -n 's/^# expect: //p' "$file")
+line=$(sed -n 's/^# expect-line: //p' "$file")
+[ -n "$want" ] || { echo "no '# expect:' line in $file" >&2; exit 2; }
+prefix="moetrain: error: $file:${line:+$line: }"
+for cmd in "config check" "plan"; do
+  run "$bin" $cmd "$file"
+  [ "$rc" -ne 0 ] || fail "$cmd $file exited 0"
+  [ -z "$out" ] || fail "$cmd $file printed to stdout: $out"
+  [ "$(printf '%s\n' "$err" | wc -l)" -eq 1 ] || fail "$cmd: expected one stderr line, got: $err"
+  case "$err" in "$prefix"*) ;; *) fail "$cmd: expected prefix '$prefix', got: $err" ;; esac
+  printf '%s' "$err" | grep -Eq -- "$want" || fail "$cmd: '$err' does not match '$want'"
+done
+echo "$err"
+finish

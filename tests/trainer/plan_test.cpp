@@ -1,0 +1,87 @@
+#include "trainer/plan.h"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "configs/loader.h"
+
+namespace moetrain::trainer {
+namespace {
+
+config::Config tiny(std::vector<std::string> overrides) {
+  return config::load_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/tiny.yaml", {std::move(overrides), 0});
+}
+
+int64_t sum_stage_params(const Plan& plan) {
+  int64_t s = 0;
+  for (const auto& st : plan.stages) s += st.params;
+  return s;
+}
+
+TEST(Plan, OneRankHoldsEveryParameterOnce) {
+  config::Config c = tiny({"parallel.pp=1", "parallel.dp=1", "parallel.ep=1"});
+  Plan plan = make_plan(c);
+  ASSERT_EQ(plan.stages.size(), 1u);
+  EXPECT_EQ(plan.stages[0].params, plan.params.main_total() + plan.params.mtp_total());
+}
+
+TEST(Plan, ExpertsAreShardedOverEp) {
+  config::Config one = tiny({"parallel.pp=1", "parallel.dp=2", "parallel.ep=1"});
+  config::Config two = tiny({"parallel.pp=1", "parallel.dp=2", "parallel.ep=2"});
+  const auto& m = one.model;
+  // Routed experts of the 3 MoE layers and of the MoE block of the one MTP module: half of them leave each rank.
+  int64_t routed = 4 * m.n_routed_experts * 3 * m.hidden_size * m.moe_inter_dim;
+  EXPECT_EQ(sum_stage_params(make_plan(one)) - sum_stage_params(make_plan(two)), routed / 2);
+}
+
+TEST(Plan, PipelineStagesSplitLayersAndCopyTheEmbeddingForMtp) {
+  config::Config c = tiny({"parallel.ep=1"});  // pp 2, dp 2
+  Plan plan = make_plan(c);
+  ASSERT_EQ(plan.stages.size(), 2u);
+  EXPECT_EQ(plan.stages[0].layers, 2);
+  EXPECT_EQ(plan.stages[1].first_layer, 2);
+  // Every parameter once, plus the last stage's copy of the embedding that the MTP module uses.
+  EXPECT_EQ(sum_stage_params(plan), plan.params.main_total() + plan.params.mtp_total() + plan.params.embedding);
+}
+
+TEST(Plan, MemoryFollowsThePrecisionPolicy) {
+  config::Config c = tiny({"parallel.pp=1", "parallel.dp=1", "parallel.ep=1"});
+  StagePlan fp32 = make_plan(c).stages[0];
+  double p = static_cast<double>(fp32.params);
+  EXPECT_DOUBLE_EQ(fp32.weight_bytes, 4 * p);
+  EXPECT_DOUBLE_EQ(fp32.grad_bytes, 4 * p);
+  EXPECT_DOUBLE_EQ(fp32.optimizer_bytes, 8 * p);
+  c.precision.mode = "bf16";
+  c.precision.moment_dtype = "bf16";
+  StagePlan bf16 = make_plan(c).stages[0];
+  EXPECT_DOUBLE_EQ(bf16.weight_bytes, 6 * p);
+  EXPECT_DOUBLE_EQ(bf16.optimizer_bytes, 4 * p);
+  // BF16 activations halve everything but the FP32 router scores and logits.
+  EXPECT_LT(bf16.activation_bytes, fp32.activation_bytes);
+  EXPECT_GT(bf16.activation_bytes, fp32.activation_bytes / 2);
+}
+
+TEST(Plan, OneFOneBKeepsPpMinusStageMicroBatchesInFlight) {
+  config::Config c = tiny({"parallel.pp=4", "parallel.dp=1", "parallel.ep=1", "train.micro_batches=8"});
+  Plan plan = make_plan(c);
+  std::vector<int64_t> in_flight;
+  for (const auto& s : plan.stages) in_flight.push_back(s.in_flight_micro_batches);
+  EXPECT_EQ(in_flight, (std::vector<int64_t>{4, 3, 2, 1}));
+  // Same layers on stages 1 and 2: activations in proportion to the micro-batches in flight.
+  EXPECT_DOUBLE_EQ(plan.stages[1].activation_bytes / 3, plan.stages[2].activation_bytes / 2);
+}
+
+TEST(Plan, TextAndJson) {
+  config::Config c = config::load_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/deepseek-v3-671b.yaml");
+  Plan plan = make_plan(c);
+  EXPECT_EQ(plan.tokens_per_step, 4096LL * 1 * 120 * 128);
+  std::string text = format_plan(plan, c);
+  EXPECT_NE(text.find("671.03 B"), std::string::npos) << text;
+  EXPECT_NE(text.find("37.55 B"), std::string::npos) << text;
+  nlohmann::json j = plan_json(plan, c);
+  EXPECT_EQ(j["params"]["main_total"].get<int64_t>(), plan.params.main_total());
+  EXPECT_EQ(j["stages"].size(), 16u);
+}
+
+}  // namespace
+}  // namespace moetrain::trainer
