@@ -57,7 +57,11 @@ else()
   target_compile_definitions(moetrain_torch INTERFACE _GLIBCXX_USE_CXX11_ABI=1)
   target_link_libraries(moetrain_torch INTERFACE
       ${MOETRAIN_TORCH_torch} ${MOETRAIN_TORCH_torch_cpu} ${MOETRAIN_TORCH_c10})
-  set(MOETRAIN_BUILD_KIND "CPU-only (no CUDA toolkit found)")
+  if(MOETRAIN_CUDA)
+    set(MOETRAIN_BUILD_KIND "CPU-only (no CUDA toolkit found)")
+  else()
+    set(MOETRAIN_BUILD_KIND "CPU-only (MOETRAIN_CUDA=OFF)")
+  endif()
 endif()
 # The wheel's libtorch.so and libtorch_cpu.so export a private copy of std::filesystem (remove_all crashes when
 # called through it). Loading libstdc++ first makes every std:: symbol of ours bind to the system library.

@@ -2,7 +2,9 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+#include <torch/autograd.h>
 #include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
 #include <torch/types.h>
 
 #include <cstdint>

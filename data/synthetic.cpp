@@ -1,0 +1,104 @@
+#include "data/synthetic.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+
+namespace moetrain::data {
+namespace {
+
+// splitmix64: a counter-based generator, so a sequence's randomness depends only on (seed, stream, index).
+struct SplitMix {
+  uint64_t state;
+  uint64_t next() {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
+};
+
+int64_t draw(const double* cdf, int64_t n, double u) {
+  return std::min<int64_t>(std::upper_bound(cdf, cdf + n, u) - cdf, n - 1);
+}
+
+}  // namespace
+
+MarkovSource::MarkovSource(int64_t vocab_size, int64_t branching, uint64_t seed)
+    : vocab_size_(vocab_size), branching_(branching), seed_(seed) {
+  if (vocab_size < 2 || branching < 1 || branching > vocab_size)
+    throw std::invalid_argument(
+        fmt::format("synthetic corpus: need vocab_size ≥ 2 and 1 ≤ branching ≤ vocab_size, got {} and {}",
+                    vocab_size, branching));
+  const size_t n = static_cast<size_t>(vocab_size * branching);
+  next_.resize(n);
+  prob_.resize(n);
+  cdf_.resize(n);
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> ids(static_cast<size_t>(vocab_size));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::gamma_distribution<double> gamma(1.0, 1.0);  // Dirichlet(1, ..., 1) via normalized Gamma(1) draws
+  for (int64_t t = 0; t < vocab_size; ++t) {
+    // `branching` distinct successors: a partial Fisher-Yates shuffle.
+    for (int64_t j = 0; j < branching; ++j) {
+      std::uniform_int_distribution<int64_t> pick(j, vocab_size - 1);
+      std::swap(ids[j], ids[pick(rng)]);
+    }
+    double sum = 0;
+    for (int64_t j = 0; j < branching; ++j) {
+      next_[t * branching + j] = ids[j];
+      prob_[t * branching + j] = gamma(rng) + 1e-3;  // keep every successor possible
+      sum += prob_[t * branching + j];
+    }
+    double acc = 0;
+    for (int64_t j = 0; j < branching; ++j) {
+      prob_[t * branching + j] /= sum;
+      acc += prob_[t * branching + j];
+      cdf_[t * branching + j] = acc;
+    }
+  }
+  // Stationary distribution by power iteration, starting uniform. A lazy chain (½ stay) converges even when P is
+  // periodic and has the same stationary distribution.
+  pi_.assign(static_cast<size_t>(vocab_size), 1.0 / static_cast<double>(vocab_size));
+  std::vector<double> nxt(pi_.size());
+  for (int it = 0; it < 100000; ++it) {
+    for (size_t i = 0; i < nxt.size(); ++i) nxt[i] = 0.5 * pi_[i];
+    for (int64_t t = 0; t < vocab_size; ++t)
+      for (int64_t j = 0; j < branching; ++j)
+        nxt[next_[t * branching + j]] += 0.5 * pi_[t] * prob_[t * branching + j];
+    double diff = 0;
+    for (size_t i = 0; i < nxt.size(); ++i) diff += std::fabs(nxt[i] - pi_[i]);
+    pi_.swap(nxt);
+    if (diff < 1e-13) break;
+  }
+  pi_cdf_.resize(pi_.size());
+  std::partial_sum(pi_.begin(), pi_.end(), pi_cdf_.begin());
+  for (int64_t t = 0; t < vocab_size; ++t) {
+    double h = 0;
+    for (int64_t j = 0; j < branching; ++j) {
+      double p = prob_[t * branching + j];
+      h -= p * std::log(p);
+    }
+    entropy_rate_ += pi_[t] * h;
+  }
+}
+
+void MarkovSource::sequence(uint64_t stream, uint64_t index, int64_t length, int32_t* out) const {
+  SplitMix rng{seed_ ^ (stream * 0xD1B54A32D192ED03ull) ^ (index * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull)};
+  rng.next();
+  if (length <= 0) return;
+  int64_t token = draw(pi_cdf_.data(), vocab_size_, rng.uniform() * pi_cdf_.back());
+  out[0] = static_cast<int32_t>(token);
+  for (int64_t i = 1; i < length; ++i) {
+    const int64_t j = draw(&cdf_[token * branching_], branching_, rng.uniform() * cdf_[token * branching_ + branching_ - 1]);
+    token = next_[token * branching_ + j];
+    out[i] = static_cast<int32_t>(token);
+  }
+}
+
+}  // namespace moetrain::data

@@ -1,0 +1,56 @@
+#include "model/attention.h"
+
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+
+#include <cmath>
+
+namespace moetrain::model {
+
+MLAImpl::MLAImpl(const config::ModelConfig& m)
+    : heads_(m.num_heads),
+      q_lora_rank_(m.q_lora_rank),
+      kv_lora_rank_(m.kv_lora_rank),
+      nope_(m.qk_nope_head_dim),
+      rope_(m.qk_rope_head_dim),
+      v_dim_(m.v_head_dim),
+      rope_theta_(m.rope_theta) {
+  const int64_t d = m.hidden_size, qk = nope_ + rope_;
+  if (q_lora_rank_ > 0) {
+    wq_a = register_parameter("wq_a", at::empty({q_lora_rank_, d}));
+    q_norm = register_module("q_norm", RMSNorm(q_lora_rank_, m.norm_eps));
+    wq_b = register_parameter("wq_b", at::empty({heads_ * qk, q_lora_rank_}));
+  } else {
+    wq = register_parameter("wq", at::empty({heads_ * qk, d}));
+  }
+  wkv_a = register_parameter("wkv_a", at::empty({kv_lora_rank_ + rope_, d}));
+  kv_norm = register_module("kv_norm", RMSNorm(kv_lora_rank_, m.norm_eps));
+  wkv_b = register_parameter("wkv_b", at::empty({heads_ * (nope_ + v_dim_), kv_lora_rank_}));
+  wo = register_parameter("wo", at::empty({d, heads_ * v_dim_}));
+}
+
+at::Tensor MLAImpl::forward(const at::Tensor& x) {
+  const int64_t B = x.size(0), T = x.size(1), H = heads_;
+  at::Tensor q = q_lora_rank_ > 0 ? gemm(q_norm(gemm(x, wq_a)), wq_b) : gemm(x, wq);
+  q = q.view({B, T, H, nope_ + rope_});
+  at::Tensor q_nope = q.narrow(-1, 0, nope_);
+  at::Tensor q_rope = apply_rope(q.narrow(-1, nope_, rope_), rope_theta_);
+
+  at::Tensor kv = gemm(x, wkv_a);
+  at::Tensor c_kv = kv.narrow(-1, 0, kv_lora_rank_);
+  at::Tensor k_rope = apply_rope(kv.narrow(-1, kv_lora_rank_, rope_).unsqueeze(2), rope_theta_);  // one head
+  at::Tensor kvb = gemm(kv_norm(c_kv), wkv_b).view({B, T, H, nope_ + v_dim_});
+  at::Tensor k_nope = kvb.narrow(-1, 0, nope_);
+  at::Tensor v = kvb.narrow(-1, nope_, v_dim_);
+
+  at::Tensor qf = at::cat({q_nope, q_rope}, -1).transpose(1, 2);                           // [B, H, T, qk]
+  at::Tensor kf = at::cat({k_nope, k_rope.expand({B, T, H, rope_})}, -1).transpose(1, 2);  // [B, H, T, qk]
+  at::Tensor vf = v.transpose(1, 2);                                                       // [B, H, T, v]
+  const double scale = 1.0 / std::sqrt(static_cast<double>(nope_ + rope_));
+  at::Tensor o = at::scaled_dot_product_attention(qf, kf, vf, /*attn_mask=*/{}, /*dropout_p=*/0.0,
+                                                  /*is_causal=*/true, scale);
+  return gemm(o.transpose(1, 2).reshape({B, T, H * v_dim_}), wo);
+}
+
+}  // namespace moetrain::model

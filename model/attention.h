@@ -1,0 +1,29 @@
+// Multi-head Latent Attention (DeepSeek-V2/V3): a low-rank query, a compressed KV latent c_kv with its own norm,
+// a decoupled rotary key shared by all heads, causal attention through ATen's scaled-dot-product attention.
+//   q = W_qb · RMSNorm(W_qa · x)            (or W_q · x when q_lora_rank = 0)
+//   [c_kv, k_rope] = W_kva · x;  [k_nope, v] = W_kvb · RMSNorm(c_kv)
+//   softmax scale 1/sqrt(qk_nope_head_dim + qk_rope_head_dim)
+#pragma once
+
+#include <torch/nn/module.h>
+
+#include "configs/config.h"
+#include "model/layers.h"
+
+namespace moetrain::model {
+
+class MLAImpl : public torch::nn::Module {
+ public:
+  explicit MLAImpl(const config::ModelConfig& m);
+  at::Tensor forward(const at::Tensor& x);  // [B, T, d] -> [B, T, d]
+
+  at::Tensor wq_a, wq_b, wq, wkv_a, wkv_b, wo;
+  RMSNorm q_norm{nullptr}, kv_norm{nullptr};
+
+ private:
+  int64_t heads_, q_lora_rank_, kv_lora_rank_, nope_, rope_, v_dim_;
+  double rope_theta_;
+};
+TORCH_MODULE(MLA);
+
+}  // namespace moetrain::model

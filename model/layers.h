@@ -1,0 +1,44 @@
+// Small building blocks of the DeepSeek-V3 block: RMSNorm, interleaved RoPE and the SwiGLU MLP. Weights are
+// registered as plain parameters named like the released checkpoints (`w_gate`, `weight`), so a parameter's
+// global name reads `layers.3.mlp.w_gate`.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
+#include <cstdint>
+
+namespace moetrain::model {
+
+// y = x · W^T for a weight W [out, in] (no bias: DeepSeek-V3's linears have none). Every matmul weight of the
+// model goes through here.
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight);
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;
+
+ private:
+  double eps_;
+};
+TORCH_MODULE(RMSNorm);
+
+// Rotary embedding on the last dimension, rotating adjacent pairs (2i, 2i+1) as complex numbers (DeepSeek's
+// released code; Hugging Face calls it rope_interleave). x: [B, T, ..., rope_dim]; positions 0..T-1.
+at::Tensor apply_rope(const at::Tensor& x, double theta);
+
+// SwiGLU: w_down · (silu(w_gate · x) ⊙ (w_up · x)). Used by the dense layers and, with the MoE's inter dim, by
+// the shared experts and each routed expert.
+class SwiGLUImpl : public torch::nn::Module {
+ public:
+  SwiGLUImpl(int64_t dim, int64_t inter_dim);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor w_gate, w_up, w_down;
+};
+TORCH_MODULE(SwiGLU);
+
+at::Tensor swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down);
+
+}  // namespace moetrain::model

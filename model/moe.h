@@ -1,0 +1,50 @@
+// DeepSeekMoE: shared experts every token uses plus fine-grained routed experts, no token dropped. Tokens are
+// sorted by expert, exchanged (model/expert_exchange.h), each local expert applied to its contiguous slice,
+// exchanged back and combined with the gates. The layer also reports what the balancer and the metrics need.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+
+#include "configs/config.h"
+#include "model/expert_exchange.h"
+#include "model/layers.h"
+#include "model/router.h"
+
+namespace moetrain::model {
+
+// What one MoE layer reports from a forward pass.
+struct MoeStats {
+  at::Tensor counts;        // [n_routed] int64 tokens routed to each expert (this rank's tokens)
+  at::Tensor balance_loss;  // scalar: Σ over this micro-batch's sequences of the balance loss (weighted by α)
+};
+
+class ExpertImpl : public torch::nn::Module {
+ public:
+  ExpertImpl(int64_t dim, int64_t inter_dim);
+  at::Tensor w_gate, w_up, w_down;
+};
+TORCH_MODULE(Expert);
+
+class MoEImpl : public torch::nn::Module {
+ public:
+  MoEImpl(const config::ModelConfig& m, ExpertShard shard);
+  // x: [B, T, d]. Appends this layer's statistics to `stats`.
+  at::Tensor forward(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats);
+
+  Router router{nullptr};
+  SwiGLU shared{nullptr};  // n_shared_experts fused into one SwiGLU of width n_shared·moe_inter_dim
+  torch::nn::Module* experts = nullptr;  // children named by global expert id
+  std::vector<Expert> local_experts;
+
+ private:
+  at::Tensor balance_loss(const Routing& r, int64_t batch, int64_t seq) const;
+
+  int64_t n_experts_, top_k_;
+  std::string balance_mode_;
+  double aux_alpha_, seq_alpha_;
+  ExpertShard shard_;
+};
+TORCH_MODULE(MoE);
+
+}  // namespace moetrain::model

@@ -1,0 +1,105 @@
+#include "model/transformer.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/cross_entropy_loss.h>
+#include <ATen/ops/embedding.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <xxhash.h>
+
+namespace moetrain::model {
+
+MTPModuleImpl::MTPModuleImpl(const config::ModelConfig& m, ExpertShard shard) {
+  hnorm = register_module("hnorm", RMSNorm(m.hidden_size, m.norm_eps));
+  enorm = register_module("enorm", RMSNorm(m.hidden_size, m.norm_eps));
+  proj = register_parameter("proj", at::empty({m.hidden_size, 2 * m.hidden_size}));
+  block = register_module("block", Block(m, m.n_dense_layers < m.num_layers, shard));
+  norm = register_module("norm", RMSNorm(m.hidden_size, m.norm_eps));
+}
+
+TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage) : m_(m), stage_(stage) {
+  // The last stage embeds future tokens for MTP, so it holds the embedding too (a copy kept identical to the
+  // first stage's by the parallel layer); a tied head also needs it there.
+  if (stage.first || (stage.last && (m.mtp_depth > 0 || m.tie_embeddings))) {
+    auto e = register_module("embed", std::make_shared<torch::nn::Module>());
+    embed = e->register_parameter("weight", at::empty({m.vocab_size, m.hidden_size}));
+  }
+  auto blocks = register_module("layers", std::make_shared<torch::nn::Module>());
+  for (int64_t l = stage.first_layer; l < stage.first_layer + stage.num_layers; ++l)
+    layers.push_back(blocks->register_module(std::to_string(l), Block(m, l >= m.n_dense_layers, stage.shard)));
+  if (stage.last) {
+    norm = register_module("norm", RMSNorm(m.hidden_size, m.norm_eps));
+    if (!m.tie_embeddings) {
+      auto h = register_module("head", std::make_shared<torch::nn::Module>());
+      head = h->register_parameter("weight", at::empty({m.vocab_size, m.hidden_size}));
+    }
+    auto modules = register_module("mtp", std::make_shared<torch::nn::Module>());
+    for (int64_t k = 0; k < m.mtp_depth; ++k)
+      mtp.push_back(modules->register_module(std::to_string(k), MTPModule(m, stage.shard)));
+  }
+}
+
+at::Tensor TransformerImpl::embed_tokens(const at::Tensor& tokens) { return at::embedding(embed, tokens); }
+
+at::Tensor TransformerImpl::run_layers(at::Tensor h, ExpertExchange& exchange, std::vector<MoeStats>& stats) {
+  for (auto& block : layers) h = block->forward(h, exchange, stats);
+  return h;
+}
+
+namespace {
+at::Tensor ce_sum(const at::Tensor& logits, const at::Tensor& targets) {
+  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::promote_types(logits.scalar_type(), at::kFloat)),
+                                targets.reshape({-1}), /*weight=*/{}, at::Reduction::Sum);
+}
+}  // namespace
+
+void TransformerImpl::head_losses(const at::Tensor& h, const at::Tensor& window, ExpertExchange& exchange,
+                                  LossSums& out) {
+  const int64_t T = h.size(1);
+  out.lm = ce_sum(gemm(norm(h), head_weight()), window.narrow(1, 1, T));
+  at::Tensor prev = h;
+  for (size_t k = 0; k < mtp.size(); ++k) {
+    const int64_t depth = static_cast<int64_t>(k) + 1;
+    auto& mod = mtp[k];
+    at::Tensor e = at::embedding(embed, window.narrow(1, depth, T));
+    at::Tensor hk = gemm(at::cat({mod->hnorm(prev), mod->enorm(e)}, -1), mod->proj);
+    hk = mod->block->forward(hk, exchange, out.moe);
+    out.mtp.push_back(ce_sum(gemm(mod->norm(hk), head_weight()), window.narrow(1, depth + 1, T)));
+    prev = hk;
+  }
+}
+
+LossSums TransformerImpl::forward(const at::Tensor& window, ExpertExchange& exchange) {
+  const int64_t T = window.size(1) - 1 - m_.mtp_depth;
+  LossSums out;
+  at::Tensor h = run_layers(embed_tokens(window.narrow(1, 0, T)), exchange, out.moe);
+  head_losses(h, window, exchange, out);
+  out.balance = at::zeros({}, h.options().dtype(at::promote_types(h.scalar_type(), at::kFloat)));
+  for (const auto& s : out.moe) out.balance = out.balance + s.balance_loss;
+  return out;
+}
+
+at::Tensor TransformerImpl::logits(const at::Tensor& tokens, ExpertExchange& exchange) {
+  std::vector<MoeStats> stats;
+  return gemm(norm(run_layers(embed_tokens(tokens), exchange, stats)), head_weight());
+}
+
+void init_parameters(torch::nn::Module& model, uint64_t seed, double init_std) {
+  at::NoGradGuard no_grad;
+  for (auto& item : model.named_parameters(/*recurse=*/true)) {
+    const std::string& name = item.key();
+    at::Tensor& p = item.value();
+    const bool is_norm = p.dim() == 1;
+    if (is_norm) {
+      p.fill_(1.0);
+      continue;
+    }
+    at::Generator gen = at::detail::createCPUGenerator(XXH64(name.data(), name.size(), seed));
+    at::Tensor values = at::empty(p.sizes(), at::TensorOptions().dtype(at::kFloat)).normal_(0.0, init_std, gen);
+    p.copy_(values);
+  }
+  for (auto& item : model.named_buffers(/*recurse=*/true)) item.value().zero_();
+}
+
+}  // namespace moetrain::model

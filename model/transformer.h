@@ -1,0 +1,83 @@
+// The DeepSeek-V3 model, or the part of it one pipeline stage holds: the token embedding (first stage), a run of
+// blocks, and on the last stage the final norm, the output head and the multi-token-prediction modules.
+// Parameters carry global, layout-independent names (`embed.weight`, `layers.7.moe.experts.12.w_gate`,
+// `mtp.0.proj`), so checkpoints, initialization and tests see the same names whatever the layout.
+//
+// Windows of seq_len + 1 + mtp_depth tokens: position i < seq_len predicts t[i+1] (main model) and, in MTP module
+// k, t[i+k+1] from h_{k-1}[i] and Emb(t[i+k]):  h'_k = M_k [RMSNorm(h_{k-1}); RMSNorm(Emb(t_{i+k}))] -> block ->
+// shared head.
+#pragma once
+
+#include <torch/nn/module.h>
+
+#include "configs/config.h"
+#include "model/block.h"
+#include "model/expert_exchange.h"
+
+namespace moetrain::model {
+
+// What part of the model a process holds.
+struct StageSpec {
+  int64_t first_layer = 0;
+  int64_t num_layers = 0;  // blocks of this stage
+  bool first = true;       // holds the embedding
+  bool last = true;        // holds final norm, head, MTP modules (and an embedding copy for MTP if not first)
+  ExpertShard shard;
+
+  static StageSpec whole(const config::ModelConfig& m) { return {0, m.num_layers, true, true, {}}; }
+};
+
+class MTPModuleImpl : public torch::nn::Module {
+ public:
+  MTPModuleImpl(const config::ModelConfig& m, ExpertShard shard);
+  RMSNorm hnorm{nullptr}, enorm{nullptr}, norm{nullptr};
+  at::Tensor proj;  // M_k: [d, 2d]
+  Block block{nullptr};
+};
+TORCH_MODULE(MTPModule);
+
+// Loss sums of one micro-batch (divide by the global token / sequence counts for the step's mean).
+struct LossSums {
+  at::Tensor lm;                // Σ −log P(t_{i+1}) over the micro-batch's tokens
+  std::vector<at::Tensor> mtp;  // per depth k: Σ −log P(t_{i+k+1})
+  at::Tensor balance;           // Σ over MoE layers of their balance-loss sums
+  std::vector<MoeStats> moe;    // per MoE layer, main layers first, then MTP blocks
+};
+
+class TransformerImpl : public torch::nn::Module {
+ public:
+  TransformerImpl(const config::ModelConfig& m, StageSpec stage);
+
+  // First stage: token ids [B, T] -> hidden [B, T, d].
+  at::Tensor embed_tokens(const at::Tensor& tokens);
+  // This stage's blocks.
+  at::Tensor run_layers(at::Tensor h, ExpertExchange& exchange, std::vector<MoeStats>& stats);
+  // Last stage: hidden of the last block and the full window [B, T + 1 + D] -> loss sums (main and MTP).
+  void head_losses(const at::Tensor& h, const at::Tensor& window, ExpertExchange& exchange, LossSums& out);
+  // The whole model in one process: window [B, seq_len + 1 + mtp_depth] -> loss sums.
+  LossSums forward(const at::Tensor& window, ExpertExchange& exchange);
+  // Logits of the main model for inputs [B, T] (validation, tests).
+  at::Tensor logits(const at::Tensor& tokens, ExpertExchange& exchange);
+
+  const config::ModelConfig& config() const { return m_; }
+  const StageSpec& stage() const { return stage_; }
+
+  at::Tensor embed;  // [vocab, d] (registered as embed.weight)
+  at::Tensor head;   // [vocab, d] (head.weight), undefined when tied
+  RMSNorm norm{nullptr};
+  std::vector<Block> layers;
+  std::vector<MTPModule> mtp;
+
+ private:
+  at::Tensor head_weight() const { return m_.tie_embeddings ? embed : head; }
+
+  config::ModelConfig m_;
+  StageSpec stage_;
+};
+TORCH_MODULE(Transformer);
+
+// Initializes every parameter from a generator seeded by (seed, global name): normal(0, init_std) for matrices,
+// ones for norm weights; router biases zero. The same parameter gets the same values on any layout.
+void init_parameters(torch::nn::Module& model, uint64_t seed, double init_std);
+
+}  // namespace moetrain::model
