@@ -60,6 +60,7 @@ struct TrainConfig {
   int64_t seq_len = 128;
   int64_t micro_batch_size = 4;
   int64_t micro_batches = 1;
+  int64_t global_batch_size = 0;  // 0: micro_batch_size · micro_batches · dp
   double lr = 3e-3;
   double lr_min = 3e-4;
   int64_t warmup_steps = 10;
@@ -80,6 +81,8 @@ struct DataConfig {
   std::string path;
   double valid_fraction = 0.01;
   int64_t synthetic_tokens = 2000000;
+  int64_t synthetic_branching = 4;
+  int64_t synthetic_seed = 0;
   int64_t prefetch = 4;
 };
 

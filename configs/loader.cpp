@@ -27,7 +27,8 @@ std::string Origin::describe() const {
 
 std::string Config::where(const std::string& key) const {
   auto it = origins.find(key);
-  return it == origins.end() ? std::string() : it->second.describe() + ": ";
+  if (it == origins.end() || !it->second.note.empty()) return "";  // defaults and derived values have no place
+  return it->second.describe() + ": ";
 }
 
 namespace {
@@ -358,8 +359,28 @@ void validate_parallel(Config& c, int launch_world_size) {
       conflict(c, "parallel.stage_layers",
                fmt::format("parallel.stage_layers sums to {} but model.num_layers = {}", sum, m.num_layers));
   }
+  TrainConfig& t = c.train;
+  if (t.global_batch_size > 0) {
+    const int64_t per_micro_batch = t.micro_batch_size * p.dp;
+    if (t.global_batch_size % per_micro_batch != 0)
+      conflict(c, "train.global_batch_size",
+               fmt::format("train.global_batch_size = {} is not divisible by train.micro_batch_size · dp = {} · {}",
+                           t.global_batch_size, t.micro_batch_size, p.dp));
+    const int64_t derived = t.global_batch_size / per_micro_batch;
+    if (c.origins.count("train.micro_batches") && t.micro_batches != derived)
+      conflict(c, "train.micro_batches",
+               fmt::format("train.micro_batches = {} but train.global_batch_size = {} with micro_batch_size {} and "
+                           "dp {} needs {}; set one of them",
+                           t.micro_batches, t.global_batch_size, t.micro_batch_size, p.dp, derived));
+    if (!c.origins.count("train.micro_batches"))
+      c.origins["train.micro_batches"] = Origin{.note = "derived: global_batch_size / (micro_batch_size·dp)"};
+    t.micro_batches = derived;
+  } else {
+    c.origins["train.global_batch_size"] = Origin{.note = "derived: micro_batch_size·micro_batches·dp"};
+  }
+  t.global_batch_size = t.micro_batch_size * t.micro_batches * p.dp;
   if (p.pp > 1 && c.train.micro_batches < p.pp)
-    conflict(c, "train.micro_batches",
+    conflict(c, c.where("train.micro_batches").empty() ? "train.global_batch_size" : "train.micro_batches",
              fmt::format("train.micro_batches = {} is less than parallel.pp = {} (the 1F1B schedule needs at "
                          "least one micro-batch per stage)",
                          c.train.micro_batches, p.pp));
@@ -380,6 +401,10 @@ void validate_rest(const Config& c) {
                              "weight blocks); it is {}",
                              key, value));
   }
+  if (c.data.source == "synthetic" && c.data.synthetic_branching > c.model.vocab_size)
+    conflict(c, "data.synthetic_branching",
+             fmt::format("data.synthetic_branching = {} exceeds model.vocab_size = {}", c.data.synthetic_branching,
+                         c.model.vocab_size));
   if (c.data.source == "shards" && c.data.path.empty())
     conflict(c, "data.source", "data.source = shards needs data.path (the token-shard prefix)");
   if (c.checkpoint.interval > 0 && c.checkpoint.dir.empty())

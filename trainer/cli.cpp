@@ -5,12 +5,14 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdio>
+#include <filesystem>
 #include <optional>
 
 #include "configs/loader.h"
 #include "configs/schema.h"
 #include "parallel/mpi_runtime.h"
 #include "trainer/plan.h"
+#include "trainer/train.h"
 #include "trainer/version.h"
 
 namespace moetrain::trainer {
@@ -75,6 +77,17 @@ int run_main(int argc, char** argv) {
 
   CLI::App* version_cmd = app.add_subcommand("version", "Versions of moetrain and the libraries it uses");
 
+  ConfigArgs train_args;
+  bool overwrite = false;
+  CLI::App* train_cmd = app.add_subcommand(
+      "train", "Train: writes the resolved config, metrics.jsonl and logs to logging.dir/logging.name");
+  train_cmd->add_option("--config", train_args.file, "YAML experiment config")->required();
+  train_cmd->add_option("--set", train_args.overrides, "Override a key: --set section.key=value (repeatable)")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
+      ->type_name("KEY=VALUE");
+  train_cmd->add_flag("--overwrite", overwrite, "Replace the metrics of an earlier run in the same run directory");
+
   std::optional<std::string> error;
   try {
     try {
@@ -108,6 +121,15 @@ int run_main(int argc, char** argv) {
       emit(mpi, plan_as_json ? plan_json(plan, c).dump(2) + "\n" : format_plan(plan, c));
     } else if (*version_cmd) {
       emit(mpi, version_report());
+    } else if (*train_cmd) {
+      config::Config c = load(train_args, mpi);
+      std::string run_dir = c.logging.dir + "/" + c.logging.name;
+      if (!overwrite && std::filesystem::exists(run_dir + "/metrics.jsonl"))
+        throw std::runtime_error(fmt::format("{}: a run already wrote metrics here; pass --overwrite to replace "
+                                             "them or choose another --set logging.name=...",
+                                             run_dir));
+      Trainer trainer(c, mpi.rank() == 0 ? run_dir : std::string(), mpi.rank() == 0);
+      trainer.run();
     }
   } catch (const std::exception& e) {
     error = e.what();

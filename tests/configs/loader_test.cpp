@@ -209,7 +209,8 @@ TEST_F(LoaderTest, LaunchWorldSize) {
   Config c = load_config(f, {{}, 8});
   EXPECT_EQ(c.parallel.dp, 4);  // derived from the 8 launched ranks
   EXPECT_EQ(c.parallel.world_size, 8);
-  EXPECT_EQ(c.where("parallel.dp"), "derived: world size / pp: ");
+  EXPECT_EQ(c.where("parallel.dp"), "");  // derived: no place in a file
+  EXPECT_EQ(c.origins.at("parallel.dp").describe(), "derived: world size / pp");
   EXPECT_EQ(error_of(f, {{}, 6}), f + ":3: parallel.ep = 2 does not divide parallel.dp = 3 (expert parallelism is "
                                       "carved out of data parallelism: dp = ep·edp)");
   EXPECT_EQ(error_of(f, {{}, 5}), f + ":2: parallel.pp = 2 does not divide the world size 5");
@@ -218,6 +219,25 @@ TEST_F(LoaderTest, LaunchWorldSize) {
   EXPECT_EQ(error_of(fixed, {{}, 4}), "");
   std::string pinned = write("c.yaml", "parallel:\n  world_size: 4\n  pp: 2\n  dp: 2\ntrain:\n  micro_batches: 2\n");
   EXPECT_EQ(error_of(pinned, {{}, 8}), pinned + ":2: parallel.world_size = 4 but the job was launched with 8 ranks");
+}
+
+TEST_F(LoaderTest, GlobalBatchSizeDerivesMicroBatches) {
+  std::string f = write("a.yaml", "parallel:\n  pp: 2\n  dp: 2\ntrain:\n  global_batch_size: 16\n  micro_batch_size: 2\n");
+  Config c = load_config(f);
+  EXPECT_EQ(c.train.micro_batches, 4);
+  c = load_config(f, {{"parallel.dp=4"}, 0});
+  EXPECT_EQ(c.train.micro_batches, 2);  // the same 16 sequences per step on another layout
+  EXPECT_EQ(c.train.global_batch_size, 16);
+  EXPECT_EQ(error_of(f, {{"parallel.dp=3"}, 0}),
+            f + ":5: train.global_batch_size = 16 is not divisible by train.micro_batch_size · dp = 2 · 3");
+  EXPECT_EQ(error_of(f, {{"train.micro_batches=3"}, 0}),
+            "--set train.micro_batches=3: train.micro_batches = 3 but train.global_batch_size = 16 with "
+            "micro_batch_size 2 and dp 2 needs 4; set one of them");
+  EXPECT_EQ(error_of(f, {{"train.global_batch_size=4"}, 0}),
+            "--set train.global_batch_size=4: train.micro_batches = 1 is less than parallel.pp = 2 (the 1F1B schedule "
+            "needs at least one micro-batch per stage)");
+  Config plain = load_config(write("b.yaml", kValid), {{"train.micro_batches=3", "train.micro_batch_size=2"}, 0});
+  EXPECT_EQ(plain.train.global_batch_size, 6);
 }
 
 TEST_F(LoaderTest, SetOverrides) {

@@ -62,7 +62,7 @@ TEST(Plan, MemoryFollowsThePrecisionPolicy) {
 }
 
 TEST(Plan, OneFOneBKeepsPpMinusStageMicroBatchesInFlight) {
-  config::Config c = tiny({"parallel.pp=4", "parallel.dp=1", "parallel.ep=1", "train.micro_batches=8"});
+  config::Config c = tiny({"parallel.pp=4", "parallel.dp=1", "parallel.ep=1", "train.global_batch_size=32"});
   Plan plan = make_plan(c);
   std::vector<int64_t> in_flight;
   for (const auto& s : plan.stages) in_flight.push_back(s.in_flight_micro_batches);

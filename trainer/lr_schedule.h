@@ -1,0 +1,14 @@
+// The learning-rate schedule of DeepSeek-V3: linear warmup from 0 to lr, a constant phase, a cosine decay to
+// lr_min, then lr_min. Plain warmup-cosine is the same schedule with constant_steps = 0.
+#pragma once
+
+#include <cstdint>
+
+#include "configs/config.h"
+
+namespace moetrain::trainer {
+
+// The learning rate of optimizer step `step` (0-based).
+double lr_at(const config::TrainConfig& t, int64_t step);
+
+}  // namespace moetrain::trainer

@@ -1,0 +1,47 @@
+// AdamW over the model's parameters with decoupled weight decay (not applied to norms and biases, i.e. 1-D
+// tensors), moments kept in FP32 or BF16, and global gradient-norm clipping.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "configs/config.h"
+
+namespace moetrain::trainer {
+
+struct NamedParam {
+  std::string name;
+  at::Tensor param;
+};
+
+class AdamW {
+ public:
+  AdamW(std::vector<NamedParam> params, const config::TrainConfig& t, c10::ScalarType moment_dtype);
+
+  // One update at learning rate lr. Parameters without a gradient (an expert that saw no token) count as zero
+  // gradient: their moments decay and weight decay still applies, as on every other replica.
+  void step(double lr);
+  void zero_grad();
+
+  int64_t steps_taken() const { return step_; }
+  const std::vector<NamedParam>& params() const { return params_; }
+  const at::Tensor& exp_avg(size_t i) const { return m_[i]; }
+  const at::Tensor& exp_avg_sq(size_t i) const { return v_[i]; }
+  static bool decays(const NamedParam& p) { return p.param.dim() >= 2; }
+
+ private:
+  std::vector<NamedParam> params_;
+  std::vector<at::Tensor> m_, v_;
+  double beta1_, beta2_, eps_, weight_decay_;
+  int64_t step_ = 0;
+};
+
+// The L2 norm of all gradients (missing gradients count as zero).
+double grad_norm(const std::vector<NamedParam>& params);
+// Scales all gradients by max_norm / norm when norm > max_norm (max_norm 0: no clipping).
+void clip_grads(const std::vector<NamedParam>& params, double norm, double max_norm);
+
+}  // namespace moetrain::trainer
