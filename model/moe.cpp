@@ -66,32 +66,28 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
   at::Tensor out = at::zeros_like(flat).index_add(0, token_of, routed * gate);
   if (shared) out = out + shared(flat);
 
-  stats.push_back({counts, balance_loss(r, B, T)});
+  stats.push_back({counts, balance_loss_sum(r, B, T, top_k_, seq_alpha_,
+                                           balance_mode_ == "aux_loss" ? aux_alpha_ : 0.0)});
   return out.view({B, T, d});
 }
 
-// Balance losses, summed over the micro-batch's sequences (the trainer divides by the global sequence count):
-//   sequence-wise (α = seq_balance_alpha): per sequence α Σ_i f_i P_i, f_i = N/(K·T) Σ_t 1[i selected at t],
-//   P_i = mean_t s_i,t / Σ_j s_j,t;
-//   classic auxiliary (balance_mode aux_loss, α = aux_loss_alpha): the same over the whole micro-batch, counted
-//   once per sequence so that it averages over micro-batches like the rest of the loss.
-at::Tensor MoEImpl::balance_loss(const Routing& r, int64_t batch, int64_t seq) const {
+at::Tensor balance_loss_sum(const Routing& r, int64_t batch, int64_t seq, int64_t top_k, double seq_alpha,
+                            double aux_alpha) {
   const auto opts = r.scores.options();
+  const int64_t n_experts = r.scores.size(1);
   at::Tensor total = at::zeros({}, opts);
-  const bool aux = balance_mode_ == "aux_loss" && aux_alpha_ > 0;
-  if (seq_alpha_ <= 0 && !aux) return total;
-  const double E = static_cast<double>(n_experts_), K = static_cast<double>(top_k_);
-  at::Tensor p = (r.scores / r.scores.sum(-1, /*keepdim=*/true)).view({batch, seq, n_experts_});
-  at::Tensor hits = at::zeros({batch, n_experts_}, opts)
-                        .scatter_add(1, r.indices.view({batch, seq * top_k_}),
-                                     at::ones({batch, seq * top_k_}, opts));
-  if (seq_alpha_ > 0) {
+  if (seq_alpha <= 0 && aux_alpha <= 0) return total;
+  const double E = static_cast<double>(n_experts), K = static_cast<double>(top_k);
+  at::Tensor p = (r.scores / r.scores.sum(-1, /*keepdim=*/true)).view({batch, seq, n_experts});
+  at::Tensor hits = at::zeros({batch, n_experts}, opts)
+                        .scatter_add(1, r.indices.view({batch, seq * top_k}), at::ones({batch, seq * top_k}, opts));
+  if (seq_alpha > 0) {
     at::Tensor f = hits * (E / (K * static_cast<double>(seq)));
-    total = total + seq_alpha_ * (f * p.mean(1)).sum();
+    total = total + seq_alpha * (f * p.mean(1)).sum();
   }
-  if (aux) {
+  if (aux_alpha > 0) {
     at::Tensor f = hits.sum(0) * (E / (K * static_cast<double>(batch * seq)));
-    total = total + aux_alpha_ * (f * p.mean(at::IntArrayRef{0, 1})).sum() * static_cast<double>(batch);
+    total = total + aux_alpha * (f * p.mean(at::IntArrayRef{0, 1})).sum() * static_cast<double>(batch);
   }
   return total;
 }

@@ -19,6 +19,15 @@ struct MoeStats {
   at::Tensor balance_loss;  // scalar: Σ over this micro-batch's sequences of the balance loss (weighted by α)
 };
 
+// The balance losses of one layer for a micro-batch of `batch` sequences of `seq` tokens, summed over its
+// sequences (the trainer divides by the global sequence count):
+//   sequence-wise (seq_alpha): per sequence α Σ_i f_i P_i, f_i = N/(K·T) Σ_t 1[i selected at t],
+//     P_i = mean_t s_i,t / Σ_j s_j,t;
+//   classic auxiliary (aux_alpha, balance_mode aux_loss): the same over the whole micro-batch, counted once per
+//     sequence so that it averages over micro-batches like the rest of the loss.
+at::Tensor balance_loss_sum(const Routing& r, int64_t batch, int64_t seq, int64_t top_k, double seq_alpha,
+                            double aux_alpha);
+
 class ExpertImpl : public torch::nn::Module {
  public:
   ExpertImpl(int64_t dim, int64_t inter_dim);
@@ -38,8 +47,6 @@ class MoEImpl : public torch::nn::Module {
   std::vector<Expert> local_experts;
 
  private:
-  at::Tensor balance_loss(const Routing& r, int64_t batch, int64_t seq) const;
-
   int64_t n_experts_, top_k_;
   std::string balance_mode_;
   double aux_alpha_, seq_alpha_;

@@ -26,9 +26,10 @@ void AdamW::step(double lr) {
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor& p = params_[i].param;
     at::Tensor g = p.grad().defined() ? p.grad() : at::zeros_like(p);
-    // The moment math in FP32 whatever the storage dtype.
-    at::Tensor m = m_[i].to(at::kFloat).mul_(beta1_).add_(g, 1.0 - beta1_);
-    at::Tensor v = v_[i].to(at::kFloat).mul_(beta2_).addcmul_(g, g, 1.0 - beta2_);
+    // The moment math in at least FP32 (the parameter's precision) whatever the storage dtype.
+    const auto math = at::promote_types(p.scalar_type(), at::kFloat);
+    at::Tensor m = m_[i].to(math).mul_(beta1_).add_(g, 1.0 - beta1_);
+    at::Tensor v = v_[i].to(math).mul_(beta2_).addcmul_(g, g, 1.0 - beta2_);
     if (weight_decay_ > 0 && decays(params_[i])) p.mul_(1.0 - lr * weight_decay_);
     p.addcdiv_(m, (v / bc2).sqrt_().add_(eps_), -lr / bc1);
     m_[i].copy_(m);
