@@ -8,14 +8,15 @@
 
 namespace moetrain::model {
 
-MLAImpl::MLAImpl(const config::ModelConfig& m)
+MLAImpl::MLAImpl(const config::ModelConfig& m, Mode mode)
     : heads_(m.num_heads),
       q_lora_rank_(m.q_lora_rank),
       kv_lora_rank_(m.kv_lora_rank),
       nope_(m.qk_nope_head_dim),
       rope_(m.qk_rope_head_dim),
       v_dim_(m.v_head_dim),
-      rope_theta_(m.rope_theta) {
+      rope_theta_(m.rope_theta),
+      mode_(mode) {
   const int64_t d = m.hidden_size, qk = nope_ + rope_;
   if (q_lora_rank_ > 0) {
     wq_a = register_parameter("wq_a", at::empty({q_lora_rank_, d}));
@@ -32,15 +33,15 @@ MLAImpl::MLAImpl(const config::ModelConfig& m)
 
 at::Tensor MLAImpl::forward(const at::Tensor& x) {
   const int64_t B = x.size(0), T = x.size(1), H = heads_;
-  at::Tensor q = q_lora_rank_ > 0 ? gemm(q_norm(gemm(x, wq_a)), wq_b) : gemm(x, wq);
+  at::Tensor q = q_lora_rank_ > 0 ? gemm(q_norm(gemm(x, wq_a, mode_)), wq_b, mode_) : gemm(x, wq, mode_);
   q = q.view({B, T, H, nope_ + rope_});
   at::Tensor q_nope = q.narrow(-1, 0, nope_);
   at::Tensor q_rope = apply_rope(q.narrow(-1, nope_, rope_), rope_theta_);
 
-  at::Tensor kv = gemm(x, wkv_a);
+  at::Tensor kv = gemm(x, wkv_a, mode_);
   at::Tensor c_kv = kv.narrow(-1, 0, kv_lora_rank_);
   at::Tensor k_rope = apply_rope(kv.narrow(-1, kv_lora_rank_, rope_).unsqueeze(2), rope_theta_);  // one head
-  at::Tensor kvb = gemm(kv_norm(c_kv), wkv_b).view({B, T, H, nope_ + v_dim_});
+  at::Tensor kvb = gemm(kv_norm(c_kv), wkv_b, mode_).view({B, T, H, nope_ + v_dim_});
   at::Tensor k_nope = kvb.narrow(-1, 0, nope_);
   at::Tensor v = kvb.narrow(-1, nope_, v_dim_);
 
@@ -50,7 +51,7 @@ at::Tensor MLAImpl::forward(const at::Tensor& x) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(nope_ + rope_));
   at::Tensor o = at::scaled_dot_product_attention(qf, kf, vf, /*attn_mask=*/{}, /*dropout_p=*/0.0,
                                                   /*is_causal=*/true, scale);
-  return gemm(o.transpose(1, 2).reshape({B, T, H * v_dim_}), wo);
+  return gemm(o.transpose(1, 2).reshape({B, T, H * v_dim_}), wo, mode_);
 }
 
 }  // namespace moetrain::model

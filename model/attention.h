@@ -14,7 +14,7 @@ namespace moetrain::model {
 
 class MLAImpl : public torch::nn::Module {
  public:
-  explicit MLAImpl(const config::ModelConfig& m);
+  MLAImpl(const config::ModelConfig& m, Mode mode = Mode::kFp32);
   at::Tensor forward(const at::Tensor& x);  // [B, T, d] -> [B, T, d]
 
   at::Tensor wq_a, wq_b, wq, wkv_a, wkv_b, wo;
@@ -23,6 +23,7 @@ class MLAImpl : public torch::nn::Module {
  private:
   int64_t heads_, q_lora_rank_, kv_lora_rank_, nope_, rope_, v_dim_;
   double rope_theta_;
+  Mode mode_;
 };
 TORCH_MODULE(MLA);
 

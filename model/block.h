@@ -13,7 +13,7 @@ namespace moetrain::model {
 
 class BlockImpl : public torch::nn::Module {
  public:
-  BlockImpl(const config::ModelConfig& m, bool moe, ExpertShard shard);
+  BlockImpl(const config::ModelConfig& m, bool moe, ExpertShard shard, Mode mode = Mode::kFp32);
   at::Tensor forward(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats);
 
   RMSNorm attn_norm{nullptr}, ffn_norm{nullptr};

@@ -3,14 +3,11 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/pow.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/linear.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/stack.h>
 
 namespace moetrain::model {
-
-at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight) { return at::linear(x, weight); }
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
   weight = register_parameter("weight", at::ones({dim}));
@@ -36,16 +33,17 @@ at::Tensor apply_rope(const at::Tensor& x, double theta) {
   return at::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2).to(x.scalar_type());
 }
 
-SwiGLUImpl::SwiGLUImpl(int64_t dim, int64_t inter_dim) {
+SwiGLUImpl::SwiGLUImpl(int64_t dim, int64_t inter_dim, Mode mode) : mode_(mode) {
   w_gate = register_parameter("w_gate", at::empty({inter_dim, dim}));
   w_up = register_parameter("w_up", at::empty({inter_dim, dim}));
   w_down = register_parameter("w_down", at::empty({dim, inter_dim}));
 }
 
-at::Tensor SwiGLUImpl::forward(const at::Tensor& x) { return swiglu(x, w_gate, w_up, w_down); }
+at::Tensor SwiGLUImpl::forward(const at::Tensor& x) { return swiglu(x, w_gate, w_up, w_down, mode_); }
 
-at::Tensor swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down) {
-  return gemm(at::silu(gemm(x, w_gate)) * gemm(x, w_up), w_down);
+at::Tensor swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+                  Mode mode) {
+  return gemm(at::silu(gemm(x, w_gate, mode)) * gemm(x, w_up, mode), w_down, mode);
 }
 
 }  // namespace moetrain::model

@@ -8,11 +8,11 @@
 
 #include <cstdint>
 
+#include "precision/gemm.h"
+
 namespace moetrain::model {
 
-// y = x · W^T for a weight W [out, in] (no bias: DeepSeek-V3's linears have none). Every matmul weight of the
-// model goes through here.
-at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight);
+using precision::Mode;
 
 class RMSNormImpl : public torch::nn::Module {
  public:
@@ -33,12 +33,19 @@ at::Tensor apply_rope(const at::Tensor& x, double theta);
 // the shared experts and each routed expert.
 class SwiGLUImpl : public torch::nn::Module {
  public:
-  SwiGLUImpl(int64_t dim, int64_t inter_dim);
+  SwiGLUImpl(int64_t dim, int64_t inter_dim, Mode mode);
   at::Tensor forward(const at::Tensor& x);
   at::Tensor w_gate, w_up, w_down;
+
+ private:
+  Mode mode_;
 };
 TORCH_MODULE(SwiGLU);
 
-at::Tensor swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down);
+// y = x · Wᵀ for the model's linear layers (no bias: DeepSeek-V3's have none), in the GEMM precision `mode`.
+using precision::gemm;
+
+at::Tensor swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+                  Mode mode);
 
 }  // namespace moetrain::model

@@ -16,16 +16,17 @@ ExpertImpl::ExpertImpl(int64_t dim, int64_t inter_dim) {
   w_down = register_parameter("w_down", at::empty({dim, inter_dim}));
 }
 
-MoEImpl::MoEImpl(const config::ModelConfig& m, ExpertShard shard)
+MoEImpl::MoEImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode)
     : n_experts_(m.n_routed_experts),
       top_k_(m.top_k),
       balance_mode_(m.balance_mode),
       aux_alpha_(m.aux_loss_alpha),
       seq_alpha_(m.seq_balance_alpha),
-      shard_(shard) {
+      shard_(shard),
+      mode_(mode) {
   router = register_module("router", Router(m));
   if (m.n_shared_experts > 0)
-    shared = register_module("shared", SwiGLU(m.hidden_size, m.n_shared_experts * m.moe_inter_dim));
+    shared = register_module("shared", SwiGLU(m.hidden_size, m.n_shared_experts * m.moe_inter_dim, mode));
   auto holder = register_module("experts", std::make_shared<torch::nn::Module>());
   experts = holder.get();
   const int64_t first = shard.first_expert(n_experts_);
@@ -56,7 +57,7 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
     const int64_t n = in.local_counts[e];
     if (n == 0) continue;  // no tokens: no compute, and the expert's gradient stays zero
     const auto& ex = local_experts[e];
-    outs.push_back(swiglu(in.tokens.narrow(0, offset, n), ex->w_gate, ex->w_up, ex->w_down));
+    outs.push_back(swiglu(in.tokens.narrow(0, offset, n), ex->w_gate, ex->w_up, ex->w_down, mode_));
     offset += n;
   }
   at::Tensor local_out = outs.empty() ? at::zeros({0, d}, x.options()) : at::cat(outs, 0);

@@ -37,7 +37,7 @@ TORCH_MODULE(Expert);
 
 class MoEImpl : public torch::nn::Module {
  public:
-  MoEImpl(const config::ModelConfig& m, ExpertShard shard);
+  MoEImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode = Mode::kFp32);
   // x: [B, T, d]. Appends this layer's statistics to `stats`.
   at::Tensor forward(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats);
 
@@ -51,6 +51,7 @@ class MoEImpl : public torch::nn::Module {
   std::string balance_mode_;
   double aux_alpha_, seq_alpha_;
   ExpertShard shard_;
+  Mode mode_;
 };
 TORCH_MODULE(MoE);
 

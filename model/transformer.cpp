@@ -4,21 +4,23 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/cross_entropy_loss.h>
 #include <ATen/ops/embedding.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <xxhash.h>
 
 namespace moetrain::model {
 
-MTPModuleImpl::MTPModuleImpl(const config::ModelConfig& m, ExpertShard shard) {
+MTPModuleImpl::MTPModuleImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode) {
   hnorm = register_module("hnorm", RMSNorm(m.hidden_size, m.norm_eps));
   enorm = register_module("enorm", RMSNorm(m.hidden_size, m.norm_eps));
   proj = register_parameter("proj", at::empty({m.hidden_size, 2 * m.hidden_size}));
-  block = register_module("block", Block(m, m.n_dense_layers < m.num_layers, shard));
+  block = register_module("block", Block(m, m.n_dense_layers < m.num_layers, shard, mode));
   norm = register_module("norm", RMSNorm(m.hidden_size, m.norm_eps));
 }
 
-TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage) : m_(m), stage_(stage) {
+TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage, Mode mode)
+    : m_(m), stage_(stage), mode_(mode) {
   // The last stage embeds future tokens for MTP, so it holds the embedding too (a copy kept identical to the
   // first stage's by the parallel layer); a tied head also needs it there.
   if (stage.first || (stage.last && (m.mtp_depth > 0 || m.tie_embeddings))) {
@@ -27,7 +29,7 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage) 
   }
   auto blocks = register_module("layers", std::make_shared<torch::nn::Module>());
   for (int64_t l = stage.first_layer; l < stage.first_layer + stage.num_layers; ++l)
-    layers.push_back(blocks->register_module(std::to_string(l), Block(m, l >= m.n_dense_layers, stage.shard)));
+    layers.push_back(blocks->register_module(std::to_string(l), Block(m, l >= m.n_dense_layers, stage.shard, mode)));
   if (stage.last) {
     norm = register_module("norm", RMSNorm(m.hidden_size, m.norm_eps));
     if (!m.tie_embeddings) {
@@ -36,7 +38,7 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage) 
     }
     auto modules = register_module("mtp", std::make_shared<torch::nn::Module>());
     for (int64_t k = 0; k < m.mtp_depth; ++k)
-      mtp.push_back(modules->register_module(std::to_string(k), MTPModule(m, stage.shard)));
+      mtp.push_back(modules->register_module(std::to_string(k), MTPModule(m, stage.shard, mode)));
   }
 }
 
@@ -57,15 +59,15 @@ at::Tensor ce_sum(const at::Tensor& logits, const at::Tensor& targets) {
 void TransformerImpl::head_losses(const at::Tensor& h, const at::Tensor& window, ExpertExchange& exchange,
                                   LossSums& out) {
   const int64_t T = h.size(1);
-  out.lm = ce_sum(gemm(norm(h), head_weight()), window.narrow(1, 1, T));
+  out.lm = ce_sum(at::linear(norm(h), head_weight()), window.narrow(1, 1, T));
   at::Tensor prev = h;
   for (size_t k = 0; k < mtp.size(); ++k) {
     const int64_t depth = static_cast<int64_t>(k) + 1;
     auto& mod = mtp[k];
     at::Tensor e = at::embedding(embed, window.narrow(1, depth, T));
-    at::Tensor hk = gemm(at::cat({mod->hnorm(prev), mod->enorm(e)}, -1), mod->proj);
+    at::Tensor hk = gemm(at::cat({mod->hnorm(prev), mod->enorm(e)}, -1), mod->proj, mode_);
     hk = mod->block->forward(hk, exchange, out.moe);
-    out.mtp.push_back(ce_sum(gemm(mod->norm(hk), head_weight()), window.narrow(1, depth + 1, T)));
+    out.mtp.push_back(ce_sum(at::linear(mod->norm(hk), head_weight()), window.narrow(1, depth + 1, T)));
     prev = hk;
   }
 }
@@ -82,7 +84,7 @@ LossSums TransformerImpl::forward(const at::Tensor& window, ExpertExchange& exch
 
 at::Tensor TransformerImpl::logits(const at::Tensor& tokens, ExpertExchange& exchange) {
   std::vector<MoeStats> stats;
-  return gemm(norm(run_layers(embed_tokens(tokens), exchange, stats)), head_weight());
+  return at::linear(norm(run_layers(embed_tokens(tokens), exchange, stats)), head_weight());
 }
 
 void init_parameters(torch::nn::Module& model, uint64_t seed, double init_std) {

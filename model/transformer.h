@@ -29,7 +29,7 @@ struct StageSpec {
 
 class MTPModuleImpl : public torch::nn::Module {
  public:
-  MTPModuleImpl(const config::ModelConfig& m, ExpertShard shard);
+  MTPModuleImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode);
   RMSNorm hnorm{nullptr}, enorm{nullptr}, norm{nullptr};
   at::Tensor proj;  // M_k: [d, 2d]
   Block block{nullptr};
@@ -46,7 +46,8 @@ struct LossSums {
 
 class TransformerImpl : public torch::nn::Module {
  public:
-  TransformerImpl(const config::ModelConfig& m, StageSpec stage);
+  // mode: the GEMM precision of the blocks' linear layers (the head and the router stay FP32).
+  TransformerImpl(const config::ModelConfig& m, StageSpec stage, Mode mode = Mode::kFp32);
 
   // First stage: token ids [B, T] -> hidden [B, T, d].
   at::Tensor embed_tokens(const at::Tensor& tokens);
@@ -73,6 +74,7 @@ class TransformerImpl : public torch::nn::Module {
 
   config::ModelConfig m_;
   StageSpec stage_;
+  Mode mode_;
 };
 TORCH_MODULE(Transformer);
 

@@ -49,12 +49,12 @@ Trainer::Trainer(const config::Config& config, std::string run_dir, bool verbose
         "{}this build trains on one process (world size 1); the config's layout is pp {} × dp {} (ep {})",
         c_.where("parallel.pp"), c_.parallel.pp, c_.parallel.dp, c_.parallel.ep));
   at::set_num_threads(static_cast<int>(c_.parallel.intra_op_threads));
-  model_ = model::Transformer(c_.model, model::StageSpec::whole(c_.model));
+  const auto policy = precision::policy_for(c_.precision);
+  model_ = model::Transformer(c_.model, model::StageSpec::whole(c_.model), policy.mode);
   model::init_parameters(*model_, static_cast<uint64_t>(c_.train.seed), c_.model.init_std);
 
   std::vector<NamedParam> params;
   for (auto& item : model_->named_parameters(/*recurse=*/true)) params.push_back({item.key(), item.value()});
-  const auto policy = precision::policy_for(c_.precision);
   optimizer_ = std::make_unique<AdamW>(std::move(params), c_.train,
                                        policy.moment_bytes == 2 ? at::kBFloat16 : at::kFloat);
 

@@ -71,16 +71,16 @@ TEST(Transformer, MtpTargetsAreOffsetByDepthPlusOne) {
   std::vector<MoeStats> stats;
   at::Tensor h = t->run_layers(t->embed_tokens(window.slice(1, 0, T)), ex, stats);
   auto& mod = t->mtp[0];
-  at::Tensor hk = gemm(torch::cat({mod->hnorm(h), mod->enorm(t->embed_tokens(window.slice(1, 1, T + 1)))}, -1),
-                       mod->proj);
+  at::Tensor hk = torch::matmul(
+      torch::cat({mod->hnorm(h), mod->enorm(t->embed_tokens(window.slice(1, 1, T + 1)))}, -1), mod->proj.t());
   hk = mod->block->forward(hk, ex, stats);
-  at::Tensor logits = gemm(mod->norm(hk), t->head);
+  at::Tensor logits = torch::matmul(mod->norm(hk), t->head.t());
   at::Tensor want = torch::nn::functional::cross_entropy(
       logits.reshape({-1, m.vocab_size}), window.slice(1, 2, T + 2).reshape({-1}),
       torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
   EXPECT_TRUE(torch::allclose(s.mtp[0], want, 1e-6, 1e-6));
   at::Tensor lm = torch::nn::functional::cross_entropy(
-      gemm(t->norm(h), t->head).reshape({-1, m.vocab_size}), window.slice(1, 1, T + 1).reshape({-1}),
+      torch::matmul(t->norm(h), t->head.t()).reshape({-1, m.vocab_size}), window.slice(1, 1, T + 1).reshape({-1}),
       torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
   EXPECT_TRUE(torch::allclose(s.lm, lm, 1e-6, 1e-6));
   EXPECT_EQ(s.moe.size(), 2u);  // layer 1 and the MTP block
