@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
       o.push_back(fmt::format("model.aux_loss_alpha={}", aux_alpha));
       if (steps > 0) o.push_back(fmt::format("train.steps={}", steps));
       config::Config c = config::load_config(file, {o, 0});
-      trainer::Trainer t(c, "", false);
+      trainer::Trainer t(c, nullptr, "", false);
       auto t0 = std::chrono::steady_clock::now();
       double train_vio = 0;
       const int64_t tail = std::min<int64_t>(10, c.train.steps);

@@ -74,11 +74,13 @@ struct TrainConfig {
   int64_t eval_interval = 50;
   int64_t eval_batches = 4;
   double peak_flops = 0.0;  // 0: measured at start-up
+  std::string device = "cpu";
 };
 
 struct DataConfig {
   std::string source = "synthetic";
-  std::string path;
+  std::string path;       // a shard prefix, or a blend "PREFIX=WEIGHT,PREFIX=WEIGHT"
+  std::string tokenizer;  // empty: the shards' tokenizer is not checked
   double valid_fraction = 0.01;
   int64_t synthetic_tokens = 2000000;
   int64_t synthetic_branching = 4;

@@ -2,9 +2,13 @@
 
 #include <ATen/ops/empty.h>
 #include <fmt/format.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <stdexcept>
+
+#include "data/prefetch.h"
+#include "data/shard_batches.h"
 
 namespace moetrain::data {
 
@@ -13,10 +17,35 @@ BatchShape BatchShape::from(const config::Config& c) {
           c.train.seq_len + 1 + c.model.mtp_depth};
 }
 
+int64_t StreamOrigin::position(const BatchShape& shape, int64_t step, int64_t dp_rank, int64_t micro_batch) const {
+  if (step < this->step)
+    throw std::out_of_range(fmt::format("data: step {} comes before the resumed step {}", step, this->step));
+  return samples + shape.first_sequence(step - this->step, dp_rank, micro_batch);
+}
+
+void check_data_state(const DataState& saved, uint64_t seed, uint64_t fingerprint) {
+  if (saved.fingerprint != fingerprint)
+    throw std::runtime_error(fmt::format(
+        "data state: saved for other data (fingerprint {:016x}, now {:016x}): the corpus, data.path, "
+        "data.valid_fraction, train.seq_len or model.mtp_depth changed since it was saved",
+        saved.fingerprint, fingerprint));
+  if (saved.seed != seed)
+    throw std::runtime_error(fmt::format("data state: saved with seed {}, this run's data order uses seed {}",
+                                         saved.seed, seed));
+  if (saved.step < 0 || saved.samples_consumed < 0)
+    throw std::runtime_error(fmt::format("data state: negative step {} or samples consumed {}", saved.step,
+                                         saved.samples_consumed));
+}
+
 SyntheticBatches::SyntheticBatches(const config::Config& c)
     : source_(c.model.vocab_size, c.data.synthetic_branching, static_cast<uint64_t>(c.data.synthetic_seed)),
       shape_(BatchShape::from(c)),
-      train_sequences_(std::max<int64_t>(1, c.data.synthetic_tokens / shape_.window)) {}
+      train_sequences_(std::max<int64_t>(1, c.data.synthetic_tokens / shape_.window)),
+      seed_(static_cast<uint64_t>(c.data.synthetic_seed)) {
+  const int64_t parts[] = {c.model.vocab_size, c.data.synthetic_branching, c.data.synthetic_seed, train_sequences_,
+                           shape_.window};
+  fingerprint_ = XXH3_64bits(parts, sizeof parts);
+}
 
 at::Tensor SyntheticBatches::rows(uint64_t stream, int64_t first, bool wrap) const {
   at::Tensor ids32 = at::empty({shape_.micro_batch_size, shape_.window}, at::kInt);
@@ -29,18 +58,47 @@ at::Tensor SyntheticBatches::rows(uint64_t stream, int64_t first, bool wrap) con
 }
 
 at::Tensor SyntheticBatches::train(int64_t step, int64_t dp_rank, int64_t micro_batch) const {
-  return rows(0, shape_.first_sequence(step, dp_rank, micro_batch), /*wrap=*/true);
+  return rows(0, origin_.position(shape_, step, dp_rank, micro_batch), /*wrap=*/true);
 }
 
 at::Tensor SyntheticBatches::validation(int64_t index, int64_t dp_rank, int64_t micro_batch) const {
   return rows(1, shape_.first_sequence(index, dp_rank, micro_batch), /*wrap=*/false);
 }
 
+DataState SyntheticBatches::state(int64_t step) const {
+  DataState s;
+  s.step = step;
+  s.samples_consumed = origin_.position(shape_, step, 0, 0);
+  s.epochs = {s.samples_consumed / train_sequences_};
+  s.samples_in_epoch = {s.samples_consumed % train_sequences_};
+  s.seed = seed_;
+  s.fingerprint = fingerprint_;
+  return s;
+}
+
+void SyntheticBatches::resume(const DataState& saved) {
+  check_data_state(saved, seed_, fingerprint_);
+  const StreamOrigin previous = origin_;
+  origin_ = {saved.step, saved.samples_consumed};
+  const DataState now = state(saved.step);
+  if (now.epochs != saved.epochs || now.samples_in_epoch != saved.samples_in_epoch) {
+    origin_ = previous;
+    throw std::runtime_error(fmt::format("data state: inconsistent (its epoch position disagrees with {} samples "
+                                         "consumed)",
+                                         saved.samples_consumed));
+  }
+}
+
 std::unique_ptr<BatchSource> make_batch_source(const config::Config& c) {
-  if (c.data.source == "synthetic") return std::make_unique<SyntheticBatches>(c);
-  throw std::runtime_error(fmt::format("{}data.source = {}: token shards are read by the data pipeline, which this "
-                                       "build does not have yet; use data.source = synthetic",
-                                       c.where("data.source"), c.data.source));
+  std::unique_ptr<BatchSource> source;
+  if (c.data.source == "synthetic") source = std::make_unique<SyntheticBatches>(c);
+  else if (c.data.source == "shards") source = std::make_unique<ShardBatches>(c);
+  else
+    throw std::runtime_error(fmt::format("{}data.source = {}: expected synthetic or shards", c.where("data.source"),
+                                         c.data.source));
+  if (c.data.prefetch > 0)
+    source = std::make_unique<PrefetchingSource>(std::move(source), c.data.prefetch, c.train.micro_batches);
+  return source;
 }
 
 }  // namespace moetrain::data

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "configs/config.h"
 #include "data/synthetic.h"
@@ -27,6 +28,28 @@ struct BatchShape {
   static BatchShape from(const config::Config& c);
 };
 
+// Where the data order stands before a step: what a checkpoint saves so that a resumed run reads exactly the
+// samples the uninterrupted run would have read, on any dp size.
+struct DataState {
+  int64_t step = 0;                       // the next optimizer step
+  int64_t samples_consumed = 0;           // global sequences trained on before it (all dp ranks together)
+  std::vector<int64_t> epochs;            // per dataset (several for a blend): the epoch of its next sample
+  std::vector<int64_t> samples_in_epoch;  // per dataset: samples of that epoch already read
+  uint64_t seed = 0;                      // the seed of the order
+  uint64_t fingerprint = 0;               // of the data and the window: a resume must read the same samples
+};
+
+// The global sequence position of a micro-batch's first row, counted from a resume point: positions of steps
+// after `step` follow at global_sequences() per step from `samples`. The default origin gives
+// BatchShape::first_sequence; a resume with another global batch size still continues at the saved position.
+struct StreamOrigin {
+  int64_t step = 0, samples = 0;
+  int64_t position(const BatchShape& shape, int64_t step, int64_t dp_rank, int64_t micro_batch) const;
+};
+
+// Throws unless `saved` comes from a source with this seed and fingerprint, saying what differs.
+void check_data_state(const DataState& saved, uint64_t seed, uint64_t fingerprint);
+
 class BatchSource {
  public:
   virtual ~BatchSource() = default;
@@ -36,6 +59,11 @@ class BatchSource {
   virtual at::Tensor validation(int64_t index, int64_t dp_rank, int64_t micro_batch) const = 0;
   // The best achievable next-token loss in nats, when the source knows it (synthetic), else a negative value.
   virtual double entropy_rate() const { return -1.0; }
+  // The data order's state before `step` (a pure function of the step: batches are).
+  virtual DataState state(int64_t step) const = 0;
+  // Continue from a saved state: train(state.step, ...) yields what the saved run would have read next, whatever
+  // the dp size and micro-batching are now. Throws when the data, window or seed differ from the saved run's.
+  virtual void resume(const DataState& state) = 0;
 };
 
 // The synthetic Markov corpus: data.synthetic_tokens of training text (sequences repeat after that many tokens, as
@@ -46,6 +74,8 @@ class SyntheticBatches final : public BatchSource {
   at::Tensor train(int64_t step, int64_t dp_rank, int64_t micro_batch) const override;
   at::Tensor validation(int64_t index, int64_t dp_rank, int64_t micro_batch) const override;
   double entropy_rate() const override { return source_.entropy_rate(); }
+  DataState state(int64_t step) const override;
+  void resume(const DataState& state) override;
   const MarkovSource& source() const { return source_; }
 
  private:
@@ -54,8 +84,13 @@ class SyntheticBatches final : public BatchSource {
   MarkovSource source_;
   BatchShape shape_;
   int64_t train_sequences_;
+  uint64_t seed_, fingerprint_;
+  StreamOrigin origin_;
 };
 
+// data.source = synthetic: SyntheticBatches; shards: ShardBatches (data/shard_batches.h). With data.prefetch > 0
+// the source is wrapped in a PrefetchingSource (data/prefetch.h) that prepares upcoming micro-batches on a
+// background thread.
 std::unique_ptr<BatchSource> make_batch_source(const config::Config& c);
 
 }  // namespace moetrain::data

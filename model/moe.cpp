@@ -60,7 +60,9 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
     outs.push_back(swiglu(in.tokens.narrow(0, offset, n), ex->w_gate, ex->w_up, ex->w_down, mode_));
     offset += n;
   }
-  at::Tensor local_out = outs.empty() ? at::zeros({0, d}, x.options()) : at::cat(outs, 0);
+  // With no token for any local expert the output is still computed from the received tokens (zero rows), so
+  // the backward pass reaches the dispatch exchange and this rank takes part in its reverse all-to-all.
+  at::Tensor local_out = outs.empty() ? in.tokens.narrow(0, 0, 0) : at::cat(outs, 0);
   at::Tensor routed = exchange.combine(local_out, in);  // [N·k, d] in sorted order
 
   at::Tensor gate = r.gates.reshape({N * top_k_}).index_select(0, order).unsqueeze(1).to(x.scalar_type());

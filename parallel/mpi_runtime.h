@@ -25,7 +25,7 @@ class MpiRuntime {
   // message as one line on stderr; every rank gets the same exit code (0, or 1 if any rank failed). A rank whose
   // peers do not arrive in time (error_timeout_s after an error, done_timeout_s after success) prints its
   // message and aborts the whole job.
-  int finish(const std::optional<std::string>& error, double error_timeout_s = 30.0,
+  int finish(const std::optional<std::string>& error, double error_timeout_s = 5.0,
              double done_timeout_s = 600.0);
 
   [[noreturn]] void abort(int code) const;

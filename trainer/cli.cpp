@@ -8,8 +8,10 @@
 #include <filesystem>
 #include <optional>
 
+#include "checkpoints/checkpoint.h"
 #include "configs/loader.h"
 #include "configs/schema.h"
+#include "data/cli.h"
 #include "parallel/mpi_runtime.h"
 #include "trainer/plan.h"
 #include "trainer/train.h"
@@ -87,6 +89,24 @@ int run_main(int argc, char** argv) {
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
       ->type_name("KEY=VALUE");
   train_cmd->add_flag("--overwrite", overwrite, "Replace the metrics of an earlier run in the same run directory");
+  std::string resume;
+  train_cmd->add_option("--resume", resume,
+                        "Continue from a checkpoint: auto (the run's latest checkpoint, or a fresh start if there is "
+                        "none) or a checkpoint directory");
+
+  std::string ckpt_dir, export_out;
+  CLI::App* ckpt_cmd = app.add_subcommand("ckpt", "Inspect, verify and export sharded HDF5 checkpoints");
+  ckpt_cmd->require_subcommand(1);
+  CLI::App* ckpt_inspect = ckpt_cmd->add_subcommand("inspect", "Table of the tensors: shape, dtype, bytes, shard");
+  CLI::App* ckpt_verify = ckpt_cmd->add_subcommand("verify", "Read every tensor and check every checksum");
+  CLI::App* ckpt_export = ckpt_cmd->add_subcommand(
+      "export", "One HDF5 file of the model weights under their global names (no optimizer state)");
+  for (CLI::App* sub : {ckpt_inspect, ckpt_verify, ckpt_export})
+    sub->add_option("DIR", ckpt_dir, "A checkpoint step directory, or a checkpoint directory with `latest`")
+        ->required();
+  ckpt_export->add_option("--out", export_out, "The HDF5 file to write")->required();
+
+  data::DataCommands data_cmds = data::add_data_commands(app);
 
   std::optional<std::string> error;
   try {
@@ -124,12 +144,27 @@ int run_main(int argc, char** argv) {
     } else if (*train_cmd) {
       config::Config c = load(train_args, mpi);
       std::string run_dir = c.logging.dir + "/" + c.logging.name;
-      if (!overwrite && std::filesystem::exists(run_dir + "/metrics.jsonl"))
+      std::filesystem::path ckpt_root(c.checkpoint.dir);
+      if (ckpt_root.is_relative()) ckpt_root = std::filesystem::path(run_dir) / ckpt_root;
+      const std::string resume_dir = resume.empty() ? "" : checkpoints::resolve_resume(ckpt_root.string(), resume);
+      if (resume_dir.empty() && !overwrite && std::filesystem::exists(run_dir + "/metrics.jsonl"))
         throw std::runtime_error(fmt::format("{}: a run already wrote metrics here; pass --overwrite to replace "
                                              "them or choose another --set logging.name=...",
                                              run_dir));
-      Trainer trainer(c, mpi.rank() == 0 ? run_dir : std::string(), mpi.rank() == 0);
+      std::unique_ptr<parallel::ProcessGroups> groups;
+      if (mpi.active())
+        groups = std::make_unique<parallel::ProcessGroups>(parallel::ProcessGroups::create(
+            c.parallel, c.train.device == "cuda" ? parallel::Backend::kNccl : parallel::Backend::kMpi));
+      Trainer trainer(c, groups.get(), run_dir, mpi.rank() == 0, resume_dir);
       trainer.run();
+    } else if (*ckpt_inspect) {
+      emit(mpi, checkpoints::inspect(checkpoints::resolve_resume(ckpt_dir, ckpt_dir)));
+    } else if (*ckpt_verify) {
+      emit(mpi, checkpoints::verify(checkpoints::resolve_resume(ckpt_dir, ckpt_dir)) + "\n");
+    } else if (*ckpt_export) {
+      if (mpi.rank() == 0) emit(mpi, checkpoints::export_weights(checkpoints::resolve_resume(ckpt_dir, ckpt_dir), export_out) + "\n");
+    } else if (data_cmds.selected()) {
+      if (mpi.rank() == 0) data::run_data_command(data_cmds);  // one writer of the files
     }
   } catch (const std::exception& e) {
     error = e.what();

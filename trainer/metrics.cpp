@@ -9,9 +9,9 @@
 
 namespace moetrain::trainer {
 
-MetricsWriter::MetricsWriter(const std::string& path) {
+MetricsWriter::MetricsWriter(const std::string& path, bool append) {
   if (path.empty()) return;
-  out_.open(path, std::ios::out | std::ios::trunc);
+  out_.open(path, std::ios::out | (append ? std::ios::app : std::ios::trunc));
   if (!out_) throw std::runtime_error(fmt::format("{}: cannot write metrics: {}", path, std::strerror(errno)));
 }
 

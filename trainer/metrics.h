@@ -12,8 +12,8 @@ namespace moetrain::trainer {
 
 class MetricsWriter {
  public:
-  // Opens `path` for writing (rank 0 only; other ranks pass an empty path and write nothing).
-  explicit MetricsWriter(const std::string& path);
+  // Opens `path` for writing, or for appending when a run resumes.
+  explicit MetricsWriter(const std::string& path, bool append = false);
   void write(const nlohmann::json& record);
 
  private:

@@ -30,6 +30,10 @@ class AdamW {
   const std::vector<NamedParam>& params() const { return params_; }
   const at::Tensor& exp_avg(size_t i) const { return m_[i]; }
   const at::Tensor& exp_avg_sq(size_t i) const { return v_[i]; }
+  // Restoring from a checkpoint.
+  at::Tensor& exp_avg_mut(size_t i) { return m_[i]; }
+  at::Tensor& exp_avg_sq_mut(size_t i) { return v_[i]; }
+  void set_steps_taken(int64_t steps) { step_ = steps; }
   static bool decays(const NamedParam& p) { return p.param.dim() >= 2; }
 
  private:

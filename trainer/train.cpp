@@ -1,32 +1,55 @@
 #include "trainer/train.h"
 
-#include "trainer/lr_schedule.h"
-
 #include <ATen/Parallel.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/randn.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <fmt/format.h>
+#include <torch/cuda.h>
+#include <xxhash.h>
+
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
 #include <chrono>
+#include <atomic>
+#include <thread>
+#include <cstdlib>
 #include <filesystem>
 
+#include "checkpoints/checkpoint.h"
 #include "configs/loader.h"
 #include "model/balancer.h"
 #include "model/model_spec.h"
+#include "parallel/expert_exchange.h"
+#include "parallel/topology.h"
 #include "precision/policy.h"
+#include "trainer/lr_schedule.h"
 
 namespace moetrain::trainer {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Test-only fault injection: MOETRAIN_TEST_FAIL_STEP=k [MOETRAIN_TEST_FAIL_RANK=r] makes rank r throw at step k.
+void maybe_inject_failure(int64_t step, int64_t rank) {
+  const char* at_step = std::getenv("MOETRAIN_TEST_FAIL_STEP");
+  if (!at_step || std::atoll(at_step) != step) return;
+  const char* on_rank = std::getenv("MOETRAIN_TEST_FAIL_RANK");
+  if (on_rank && std::atoll(on_rank) != rank) return;
+  throw std::runtime_error(fmt::format("injected failure at step {} on rank {} (MOETRAIN_TEST_FAIL_STEP)", step, rank));
 }
 
 }  // namespace
+
+// Sums over one step's micro-batches on this rank.
+struct Trainer::Accumulator {
+  double lm = 0, mtp = 0, balance = 0;
+  std::vector<at::Tensor> loads;  // per local MoE layer
+};
 
 double measure_peak_flops() {
   const int64_t n = 512;
@@ -42,42 +65,233 @@ double measure_peak_flops() {
   return best;
 }
 
-Trainer::Trainer(const config::Config& config, std::string run_dir, bool verbose)
-    : c_(config), run_dir_(std::move(run_dir)), verbose_(verbose) {
-  if (c_.parallel.world_size != 1)
-    throw std::runtime_error(fmt::format(
-        "{}this build trains on one process (world size 1); the config's layout is pp {} × dp {} (ep {})",
-        c_.where("parallel.pp"), c_.parallel.pp, c_.parallel.dp, c_.parallel.ep));
+struct Trainer::PendingSave {
+  checkpoints::SaveRequest request;
+  checkpoints::ShardResult result;
+  std::thread writer;
+  std::atomic<bool> written{false};
+};
+
+Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, std::string run_dir, bool main,
+                 const std::string& resume)
+    : c_(config), groups_(groups), run_dir_(std::move(run_dir)), verbose_(main) {
+  const auto& m = c_.model;
+  if (!groups_ && c_.parallel.world_size != 1)
+    throw std::runtime_error(fmt::format("{}the layout pp {} × dp {} needs {} ranks: launch with mpirun -np {}",
+                                         c_.where("parallel.pp"), c_.parallel.pp, c_.parallel.dp,
+                                         c_.parallel.world_size, c_.parallel.world_size));
   at::set_num_threads(static_cast<int>(c_.parallel.intra_op_threads));
+  if (c_.train.device == "cuda") {
+    if (!torch::cuda::is_available())
+      throw std::runtime_error(fmt::format("{}train.device = cuda but no CUDA device is visible",
+                                           c_.where("train.device")));
+    const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+    const int64_t local_rank = local ? std::atoll(local) : (groups_ ? groups_->rank : 0);
+    device_ = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local_rank % torch::cuda::device_count()));
+  }
+
+  // Ranks started with different configs would compute different things and hang in mismatched collectives.
+  if (groups_) {
+    const std::string yaml = config::to_yaml(c_);
+    at::Tensor h = at::zeros({2}, at::kLong);
+    const auto hash = static_cast<int64_t>(XXH64(yaml.data(), yaml.size(), 0) & 0x7fffffffffffffffULL);
+    h[0] = hash;
+    h[1] = -hash;
+    // The max of (h, −h) over the ranks is (max h, −min h): equal hashes everywhere iff max = min.
+    at::Tensor hd = h.to(device_);
+    groups_->world->all_reduce(hd, parallel::ReduceOp::kMax);
+    h = hd.to(at::kCPU);
+    if (h[0].item<int64_t>() != -h[1].item<int64_t>())
+      throw std::runtime_error("the ranks were started with different configs (the resolved configs differ); "
+                               "launch every rank with the same config file and --set overrides");
+  }
+
+  // This rank's part of the model: its pipeline stage's layers and its ep shard of the routed experts.
+  model::StageSpec stage = model::StageSpec::whole(m);
+  if (groups_) {
+    const auto& coords = groups_->coords;
+    const auto counts = parallel::stage_layer_counts(m.num_layers, c_.parallel.pp, c_.parallel.stage_layers);
+    const auto firsts = parallel::stage_first_layers(counts);
+    stage.first_layer = firsts[static_cast<size_t>(coords.pp)];
+    stage.num_layers = counts[static_cast<size_t>(coords.pp)];
+    stage.first = coords.pp == 0;
+    stage.last = coords.pp == c_.parallel.pp - 1;
+    stage.shard = model::ExpertShard{coords.ep, c_.parallel.ep};
+    dp_rank_ = coords.dp;
+  }
+  first_stage_ = stage.first;
+  last_stage_ = stage.last;
   const auto policy = precision::policy_for(c_.precision);
-  model_ = model::Transformer(c_.model, model::StageSpec::whole(c_.model), policy.mode);
-  model::init_parameters(*model_, static_cast<uint64_t>(c_.train.seed), c_.model.init_std);
+  model_ = model::Transformer(m, stage, policy.mode);
+  model::init_parameters(*model_, static_cast<uint64_t>(c_.train.seed), m.init_std);
+  model_->to(device_);
+  if (groups_ && c_.parallel.ep > 1)
+    exchange_ = std::make_unique<parallel::AllToAllExpertExchange>(*groups_->ep, m.n_routed_experts);
+  else
+    exchange_ = std::make_unique<model::LocalExpertExchange>();
 
   std::vector<NamedParam> params;
-  for (auto& item : model_->named_parameters(/*recurse=*/true)) params.push_back({item.key(), item.value()});
+  std::vector<std::pair<std::string, at::Tensor>> named;
+  for (auto& item : model_->named_parameters(/*recurse=*/true)) {
+    params.push_back({item.key(), item.value()});
+    named.emplace_back(item.key(), item.value());
+  }
   optimizer_ = std::make_unique<AdamW>(std::move(params), c_.train,
                                        policy.moment_bytes == 2 ? at::kBFloat16 : at::kFloat);
+  if (groups_) grad_sync_ = std::make_unique<parallel::GradSync>(*groups_, std::move(named), c_.parallel.bucket_size_mb);
 
-  // The MoE layers in the order the forward pass reports them: main blocks, then the MTP modules' blocks.
-  for (auto& block : model_->layers)
-    if (block->moe) {
-      router_biases_.push_back(&block->moe->router->bias);
-      moe_names_.push_back(fmt::format("layers.{}", &block - &model_->layers[0] + model_->stage().first_layer));
+  // Every MoE layer of the whole model (main layers, then the MTP blocks), and which of them this stage holds, in
+  // the order its forward pass reports them.
+  for (int64_t l = m.n_dense_layers; l < m.num_layers; ++l) all_moe_names_.push_back(fmt::format("layers.{}", l));
+  const bool mtp_moe = m.n_dense_layers < m.num_layers;
+  for (int64_t k = 0; mtp_moe && k < m.mtp_depth; ++k) all_moe_names_.push_back(fmt::format("mtp.{}", k));
+  for (size_t i = 0; i < model_->layers.size(); ++i)
+    if (model_->layers[i]->moe) {
+      router_biases_.push_back(&model_->layers[i]->moe->router->bias);
+      moe_global_index_.push_back(stage.first_layer + static_cast<int64_t>(i) - m.n_dense_layers);
     }
   for (size_t k = 0; k < model_->mtp.size(); ++k)
     if (model_->mtp[k]->block->moe) {
       router_biases_.push_back(&model_->mtp[k]->block->moe->router->bias);
-      moe_names_.push_back(fmt::format("mtp.{}", k));
+      moe_global_index_.push_back(m.num_layers - m.n_dense_layers + static_cast<int64_t>(k));
     }
 
   batches_ = data::make_batch_source(c_);
-  flops_per_token_ = model::flops_per_token(c_.model, c_.train.seq_len).total();
+  flops_per_token_ = model::flops_per_token(m, c_.train.seq_len).total();
   peak_flops_ = c_.train.peak_flops > 0 ? c_.train.peak_flops : measure_peak_flops();
-  if (!run_dir_.empty()) {
+  if (!resume.empty()) load_checkpoint(resume);
+  if (!run_dir_.empty() && verbose_) {
     std::filesystem::create_directories(run_dir_);
     config::write_resolved(c_, run_dir_ + "/config.yaml");
-    metrics_ = std::make_unique<MetricsWriter>(run_dir_ + "/metrics.jsonl");
+    metrics_ = std::make_unique<MetricsWriter>(run_dir_ + "/metrics.jsonl", /*append=*/!resume.empty());
   }
+}
+
+Trainer::~Trainer() {
+  if (pending_save_ && pending_save_->writer.joinable()) pending_save_->writer.join();
+}
+
+std::string Trainer::checkpoint_root() const {
+  std::filesystem::path dir(c_.checkpoint.dir);
+  if (dir.is_relative() && !run_dir_.empty()) dir = std::filesystem::path(run_dir_) / dir;
+  return dir.string();
+}
+
+// What a checkpoint holds: every parameter and buffer under "model/<global name>", the AdamW moments under
+// "optim/exp_avg/<name>" and "optim/exp_avg_sq/<name>", the optimizer step, and this rank's RNG state. Each
+// replicated tensor is written by one of its replicas, chosen by a hash of its name so the writes spread out.
+void Trainer::save_checkpoint() {
+  finish_checkpoint();
+  auto req = std::make_unique<PendingSave>();
+  checkpoints::SaveRequest& r = req->request;
+  r.root = checkpoint_root();
+  r.step = step_;
+  r.keep_last = c_.checkpoint.keep_last;
+  const auto shape = data::BatchShape::from(c_);
+  r.meta = {{"config", config::to_yaml(c_)},
+            {"layout", {{"pp", c_.parallel.pp}, {"dp", c_.parallel.dp}, {"ep", c_.parallel.ep},
+                        {"world_size", c_.parallel.world_size}}},
+            {"trainer", {{"step", step_},
+                         {"samples_consumed", step_ * shape.global_sequences()},
+                         {"tokens_seen", step_ * shape.global_sequences() * c_.train.seq_len}}}};
+  const bool last_not_first = last_stage_ && !first_stage_;
+  auto writes = [&](const std::string& name) {
+    if (!groups_) return true;
+    if (name == "embed.weight" && last_not_first) return false;  // the first stage's copy is the same
+    const uint64_t h = XXH64(name.data(), name.size(), 0);
+    if (parallel::GradSync::is_expert(name))
+      return static_cast<int64_t>(h % static_cast<uint64_t>(c_.parallel.dp / c_.parallel.ep)) == groups_->coords.edp;
+    return static_cast<int64_t>(h % static_cast<uint64_t>(c_.parallel.dp)) == groups_->coords.dp;
+  };
+  // An asynchronous writer works from host copies taken now, while training goes on; a synchronous save writes
+  // from the tensors themselves.
+  const bool copy = c_.checkpoint.async;
+  auto snap = [copy](const at::Tensor& t) { return t.detach().to(at::kCPU, /*non_blocking=*/false, copy); };
+  const auto& params = optimizer_->params();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const bool w = writes(params[i].name);
+    r.tensors.push_back({"model/" + params[i].name, snap(params[i].param), w});
+    r.tensors.push_back({"optim/exp_avg/" + params[i].name, snap(optimizer_->exp_avg(i)), w});
+    r.tensors.push_back({"optim/exp_avg_sq/" + params[i].name, snap(optimizer_->exp_avg_sq(i)), w});
+  }
+  for (auto& item : model_->named_buffers(/*recurse=*/true))
+    r.tensors.push_back({"model/" + item.key(), snap(item.value()), writes(item.key())});
+  const int rank = groups_ ? static_cast<int>(groups_->rank) : 0;
+  r.tensors.push_back({"optim/step", at::scalar_tensor(optimizer_->steps_taken(), at::kLong), rank == 0});
+  r.tensors.push_back({fmt::format("rng/{}", rank), at::detail::getDefaultCPUGenerator().get_state(), true});
+
+  pending_save_ = std::move(req);
+  if (c_.checkpoint.async) {
+    PendingSave* p = pending_save_.get();
+    p->writer = std::thread([p, rank] {
+      p->result = checkpoints::write_shard(p->request, rank);
+      p->written = true;
+    });
+  } else {
+    pending_save_->result = checkpoints::write_shard(pending_save_->request, rank);
+    finish_checkpoint();
+  }
+}
+
+void Trainer::finish_checkpoint() {
+  if (!pending_save_) return;
+  std::unique_ptr<PendingSave> p = std::move(pending_save_);
+  if (p->writer.joinable()) p->writer.join();
+  std::string dir = checkpoints::commit(p->request, p->result, checkpoints::Collective(groups_ != nullptr));
+  if (verbose_) {
+    fmt::print("checkpoint step {} saved: {}\n", p->request.step, dir);
+    std::fflush(stdout);
+  }
+}
+
+// Restores everything save_checkpoint wrote, onto this rank's part of the model whatever layout saved it.
+void Trainer::load_checkpoint(const std::string& dir) {
+  checkpoints::Checkpoint ck(dir);
+  auto restore = [&](const std::string& name, at::Tensor& into) {
+    if (!ck.has(name))
+      throw std::runtime_error(fmt::format("{}: the checkpoint has no tensor {} (a checkpoint of another model?)",
+                                           dir, name));
+    const auto& e = ck.index()["tensors"][name];
+    if (e.at("shape").get<std::vector<int64_t>>() != into.sizes().vec())
+      throw std::runtime_error(fmt::format("{}: tensor {} has shape {} in the checkpoint but {} in this model (a "
+                                           "checkpoint of another model shape)",
+                                           dir, name, e.at("shape").dump(), nlohmann::json(into.sizes().vec()).dump()));
+    at::Tensor t = ck.read(name);
+    at::NoGradGuard no_grad;
+    into.copy_(t.to(into.scalar_type()).to(into.device()));
+  };
+  auto& params = optimizer_->params();
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::Tensor p = params[i].param;
+    restore("model/" + params[i].name, p);
+    restore("optim/exp_avg/" + params[i].name, optimizer_->exp_avg_mut(i));
+    restore("optim/exp_avg_sq/" + params[i].name, optimizer_->exp_avg_sq_mut(i));
+  }
+  for (auto& item : model_->named_buffers(/*recurse=*/true)) restore("model/" + item.key(), item.value());
+  optimizer_->set_steps_taken(ck.read("optim/step").item<int64_t>());
+  step_ = ck.meta().at("trainer").at("step").get<int64_t>();
+  // The RNG state of this rank, when the layout is the one that saved it.
+  const int rank = groups_ ? static_cast<int>(groups_->rank) : 0;
+  const auto& layout = ck.meta().at("layout");
+  if (layout.at("pp") == c_.parallel.pp && layout.at("dp") == c_.parallel.dp && layout.at("ep") == c_.parallel.ep &&
+      ck.has(fmt::format("rng/{}", rank)))
+  {
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(ck.read(fmt::format("rng/{}", rank)));
+  }
+  if (verbose_) {
+    fmt::print("resumed from {} at step {} (saved with pp {} × dp {}, ep {})\n", dir, step_,
+               layout.at("pp").get<int64_t>(), layout.at("dp").get<int64_t>(), layout.at("ep").get<int64_t>());
+    std::fflush(stdout);
+  }
+}
+
+void Trainer::reduce(at::Tensor& t, parallel::Communicator* comm) const {
+  if (!comm || comm->size() == 1) return;
+  at::Tensor d = t.to(device_).contiguous();
+  comm->all_reduce(d, parallel::ReduceOp::kSum);
+  t.copy_(d.to(t.device()));
 }
 
 double Trainer::mtp_weight(int64_t tokens_seen) const {
@@ -86,48 +300,121 @@ double Trainer::mtp_weight(int64_t tokens_seen) const {
   return switched ? m.mtp_loss_weight_final : m.mtp_loss_weight;
 }
 
+parallel::StageOutput Trainer::stage_forward(int64_t mb, const at::Tensor& input, const at::Tensor& window,
+                                             Accumulator& acc, bool training) {
+  const int64_t T = c_.train.seq_len, depth = c_.model.mtp_depth;
+  const auto shape = data::BatchShape::from(c_);
+  const double tokens = static_cast<double>(shape.global_sequences() * T);
+  const double sequences = static_cast<double>(shape.global_sequences());
+  model::LossSums s;
+  at::Tensor h = first_stage_ ? model_->embed_tokens(window.narrow(1, 0, T)) : input;
+  h = model_->run_layers(h, *exchange_, s.moe);
+  parallel::StageOutput out;
+  at::Tensor loss;
+  if (last_stage_) {
+    model_->head_losses(h, window, *exchange_, s);
+    const double lambda = mtp_weight(step_ * shape.global_sequences() * T);
+    loss = s.lm / tokens;
+    acc.lm += s.lm.item<double>();
+    for (const auto& l : s.mtp) {
+      loss = loss + l * (lambda / static_cast<double>(depth) / tokens);
+      acc.mtp += l.item<double>();
+    }
+  } else {
+    out.activations = h;
+  }
+  for (size_t i = 0; i < s.moe.size(); ++i) {
+    if (training) loss = loss.defined() ? loss + s.moe[i].balance_loss / sequences : s.moe[i].balance_loss / sequences;
+    acc.balance += s.moe[i].balance_loss.item<double>();
+    at::Tensor c = s.moe[i].counts.to(at::kCPU);
+    acc.loads[i] = acc.loads[i].defined() ? acc.loads[i] + c : c;
+  }
+  out.loss = loss;
+  return out;
+}
+
+at::Tensor Trainer::layer_metrics(const std::vector<at::Tensor>& loads) {
+  at::Tensor table = at::zeros({static_cast<int64_t>(all_moe_names_.size()), 5}, at::kDouble);
+  if (dp_rank_ == 0)  // one rank per stage fills in its layers; the sum over the world gathers them
+    for (size_t i = 0; i < loads.size(); ++i) {
+      const at::Tensor& bias = *router_biases_[i];
+      auto row = table[moe_global_index_[i]];
+      row[0] = model::max_violation(loads[i]);
+      row[1] = static_cast<double>(loads[i].min().item<int64_t>());
+      row[2] = static_cast<double>(loads[i].max().item<int64_t>());
+      row[3] = bias.min().item<double>();
+      row[4] = bias.max().item<double>();
+    }
+  if (groups_) reduce(table, groups_->world.get());
+  return table;
+}
+
 StepResult Trainer::step() {
   const auto t0 = Clock::now();
   const auto shape = data::BatchShape::from(c_);
   const int64_t sequences = shape.global_sequences();
   const double tokens = static_cast<double>(sequences * c_.train.seq_len);
   const int64_t depth = c_.model.mtp_depth;
-  const double lambda = mtp_weight(step_ * sequences * c_.train.seq_len);
+  // An asynchronous save commits at the first step where every rank's writer has finished (agreed by all ranks,
+  // so they commit together); until then training goes on.
+  if (pending_save_ && checkpoints::Collective(groups_ != nullptr).all_ok(pending_save_->written.load()))
+    finish_checkpoint();
+  if (groups_) maybe_inject_failure(step_, groups_->rank);
 
   StepResult r;
   r.step = step_;
   r.lr = lr_at(c_.train, step_);
   optimizer_->zero_grad();
-  std::vector<at::Tensor> loads(router_biases_.size());
-  double lm = 0, mtp = 0, balance = 0;
-  for (int64_t mb = 0; mb < c_.train.micro_batches; ++mb) {
-    at::Tensor window = batches_->train(step_, /*dp_rank=*/0, mb);
-    model::LossSums s = model_->forward(window, exchange_);
-    // Sums over this micro-batch divided by the global batch's token and sequence counts: the mean over the
-    // global batch whatever the split into micro-batches and ranks.
-    at::Tensor loss = s.lm / tokens + s.balance / static_cast<double>(sequences);
-    at::Tensor mtp_sum = at::zeros({}, s.lm.options());
-    for (const auto& l : s.mtp) mtp_sum = mtp_sum + l;
-    if (depth > 0) loss = loss + mtp_sum * (lambda / static_cast<double>(depth) / tokens);
-    loss.backward();
-    lm += s.lm.item<double>();
-    mtp += mtp_sum.item<double>();
-    balance += s.balance.item<double>();
-    for (size_t i = 0; i < loads.size(); ++i) loads[i] = loads[i].defined() ? loads[i] + s.moe[i].counts : s.moe[i].counts;
+  Accumulator acc;
+  acc.loads.resize(router_biases_.size());
+  auto forward = [&](int64_t mb, const at::Tensor& input) {
+    at::Tensor window = batches_->train(step_, dp_rank_, mb).to(device_);
+    return stage_forward(mb, input, window, acc, /*training=*/true);
+  };
+  trace_.clear();
+  if (c_.parallel.pp == 1) {
+    for (int64_t mb = 0; mb < c_.train.micro_batches; ++mb) {
+      parallel::StageOutput out = forward(mb, {});
+      out.loss.backward();
+    }
+  } else {
+    parallel::PipelineSpec spec{groups_->coords.pp, c_.parallel.pp, c_.train.micro_batches,
+                                {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
+                                at::TensorOptions().dtype(at::kFloat).device(device_)};
+    parallel::run_1f1b(*groups_->pp, spec, forward, &trace_);
   }
-  r.lm_loss = lm / tokens;
-  r.mtp_loss = depth > 0 ? mtp / tokens / static_cast<double>(depth) : 0.0;
-  r.balance_loss = balance / static_cast<double>(sequences);
-  r.loss = r.lm_loss + lambda * r.mtp_loss + r.balance_loss;
 
-  r.grad_norm = grad_norm(optimizer_->params());
+  if (grad_sync_) grad_sync_->reduce();
+  r.grad_norm = grad_sync_ ? grad_sync_->global_norm() : grad_norm(optimizer_->params());
   clip_grads(optimizer_->params(), r.grad_norm, c_.train.grad_clip);
   optimizer_->step(r.lr);
-  for (size_t i = 0; i < loads.size(); ++i) {
-    if (c_.model.balance_mode == "aux_free") model::update_bias(*router_biases_[i], loads[i], c_.model.bias_update_rate);
-    r.max_vio.push_back(model::max_violation(loads[i]));
+
+  // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
+  for (auto& l : acc.loads)
+    if (!l.defined()) l = at::zeros({c_.model.n_routed_experts}, at::kLong);
+  if (!acc.loads.empty() && groups_ && groups_->dp->size() > 1) {
+    at::Tensor all = at::stack(acc.loads);
+    reduce(all, groups_->dp.get());
+    for (size_t i = 0; i < acc.loads.size(); ++i) acc.loads[i] = all[static_cast<int64_t>(i)];
   }
+  if (c_.model.balance_mode == "aux_free")
+    for (size_t i = 0; i < acc.loads.size(); ++i)
+      model::update_bias(*router_biases_[i], acc.loads[i].to(device_), c_.model.bias_update_rate);
   ++step_;
+
+  // Global means: the last stage holds the LM and MTP sums, every stage its balance terms.
+  at::Tensor sums = at::zeros({3}, at::kDouble);
+  sums[0] = acc.lm;
+  sums[1] = acc.mtp;
+  sums[2] = acc.balance;
+  if (groups_) reduce(sums, groups_->world.get());
+  const double lambda = mtp_weight((step_ - 1) * sequences * c_.train.seq_len);
+  r.lm_loss = sums[0].item<double>() / tokens;
+  r.mtp_loss = depth > 0 ? sums[1].item<double>() / tokens / static_cast<double>(depth) : 0.0;
+  r.balance_loss = sums[2].item<double>() / static_cast<double>(sequences);
+  r.loss = r.lm_loss + lambda * r.mtp_loss + r.balance_loss;
+  at::Tensor table = layer_metrics(acc.loads);
+  for (int64_t i = 0; i < table.size(0); ++i) r.max_vio.push_back(table[i][0].item<double>());
 
   r.step_time_s = seconds_since(t0);
   r.tokens_per_s = tokens / r.step_time_s;
@@ -137,15 +424,13 @@ StepResult Trainer::step() {
                         {"mtp_loss", r.mtp_loss},  {"balance_loss", r.balance_loss},
                         {"grad_norm", r.grad_norm}, {"lr", r.lr},           {"tokens_per_s", r.tokens_per_s},
                         {"step_time_s", r.step_time_s}, {"mfu", r.mfu}};
-    for (size_t i = 0; i < loads.size(); ++i) {
-      at::Tensor bias = *router_biases_[i];
-      j["moe"].push_back({{"layer", moe_names_[i]},
-                          {"max_vio", r.max_vio[i]},
-                          {"min_tokens", loads[i].min().item<int64_t>()},
-                          {"max_tokens", loads[i].max().item<int64_t>()},
-                          {"bias_min", bias.min().item<double>()},
-                          {"bias_max", bias.max().item<double>()}});
-    }
+    for (int64_t i = 0; i < table.size(0); ++i)
+      j["moe"].push_back({{"layer", all_moe_names_[static_cast<size_t>(i)]},
+                          {"max_vio", table[i][0].item<double>()},
+                          {"min_tokens", static_cast<int64_t>(table[i][1].item<double>())},
+                          {"max_tokens", static_cast<int64_t>(table[i][2].item<double>())},
+                          {"bias_min", table[i][3].item<double>()},
+                          {"bias_max", table[i][4].item<double>()}});
     metrics_->write(j);
   }
   return r;
@@ -154,18 +439,37 @@ StepResult Trainer::step() {
 EvalResult Trainer::evaluate() {
   at::NoGradGuard no_grad;
   const auto shape = data::BatchShape::from(c_);
-  double lm = 0;
-  std::vector<at::Tensor> loads(router_biases_.size());
-  for (int64_t i = 0; i < c_.train.eval_batches; ++i)
-    for (int64_t mb = 0; mb < c_.train.micro_batches; ++mb) {
-      model::LossSums s = model_->forward(batches_->validation(i, /*dp_rank=*/0, mb), exchange_);
-      lm += s.lm.item<double>();
-      for (size_t l = 0; l < loads.size(); ++l)
-        loads[l] = loads[l].defined() ? loads[l] + s.moe[l].counts : s.moe[l].counts;
+  Accumulator acc;
+  acc.loads.resize(router_biases_.size());
+  for (int64_t i = 0; i < c_.train.eval_batches; ++i) {
+    auto forward = [&](int64_t mb, const at::Tensor& input) {
+      at::Tensor window = batches_->validation(i, dp_rank_, mb).to(device_);
+      return stage_forward(mb, input, window, acc, /*training=*/false);
+    };
+    if (c_.parallel.pp == 1) {
+      for (int64_t mb = 0; mb < c_.train.micro_batches; ++mb) forward(mb, {});
+    } else {
+      parallel::PipelineSpec spec{groups_->coords.pp, c_.parallel.pp, c_.train.micro_batches,
+                                  {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
+                                  at::TensorOptions().dtype(at::kFloat).device(device_)};
+      parallel::run_forward_only(*groups_->pp, spec, forward);
     }
+  }
+  for (auto& l : acc.loads)
+    if (!l.defined()) l = at::zeros({c_.model.n_routed_experts}, at::kLong);
+  if (!acc.loads.empty() && groups_ && groups_->dp->size() > 1) {
+    at::Tensor all = at::stack(acc.loads);
+    reduce(all, groups_->dp.get());
+    for (size_t i = 0; i < acc.loads.size(); ++i) acc.loads[i] = all[static_cast<int64_t>(i)];
+  }
+  at::Tensor sums = at::zeros({1}, at::kDouble);
+  sums[0] = acc.lm;
+  if (groups_) reduce(sums, groups_->world.get());
+  at::Tensor table = layer_metrics(acc.loads);
   EvalResult r;
-  r.loss = lm / static_cast<double>(c_.train.eval_batches * shape.global_sequences() * c_.train.seq_len);
-  for (const auto& l : loads) r.max_vio += model::max_violation(l) / static_cast<double>(loads.size());
+  r.loss = sums[0].item<double>() /
+           static_cast<double>(c_.train.eval_batches * shape.global_sequences() * c_.train.seq_len);
+  if (table.size(0) > 0) r.max_vio = table.select(1, 0).mean().item<double>();
   if (metrics_) metrics_->write({{"step", step_}, {"val_loss", r.loss}, {"val_max_vio", r.max_vio}});
   return r;
 }
@@ -173,8 +477,10 @@ EvalResult Trainer::evaluate() {
 void Trainer::run() {
   const double entropy = batches_->entropy_rate();
   if (verbose_) {
-    fmt::print("training {} for {} steps: {} tokens/step, peak {:.1f} GFLOP/s per rank{}\n", c_.file, c_.train.steps,
-               data::BatchShape::from(c_).global_sequences() * c_.train.seq_len, peak_flops_ / 1e9,
+    fmt::print("training {} for {} steps on {} rank(s) (pp {} × dp {}, ep {}), {}: {} tokens/step, peak {:.1f} "
+               "GFLOP/s per rank{}\n",
+               c_.file, c_.train.steps, c_.parallel.world_size, c_.parallel.pp, c_.parallel.dp, c_.parallel.ep,
+               c_.train.device, data::BatchShape::from(c_).global_sequences() * c_.train.seq_len, peak_flops_ / 1e9,
                entropy >= 0 ? fmt::format(", corpus entropy rate {:.4f} nats/token", entropy) : "");
     std::fflush(stdout);
   }
@@ -193,6 +499,7 @@ void Trainer::run() {
                  format_duration(eta));
       std::fflush(stdout);
     }
+    if (c_.checkpoint.interval > 0 && (step_ % c_.checkpoint.interval == 0 || last)) save_checkpoint();
     if ((c_.train.eval_interval > 0 && step_ % c_.train.eval_interval == 0) || last) {
       EvalResult e = evaluate();
       if (verbose_) {
@@ -203,6 +510,7 @@ void Trainer::run() {
       }
     }
   }
+  finish_checkpoint();
 }
 
 }  // namespace moetrain::trainer

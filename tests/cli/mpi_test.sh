@@ -41,4 +41,31 @@ elapsed=$(( $(date +%s) - start ))
 [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "hang case: rc $rc (124 means it hung)"
 [ "$elapsed" -lt 30 ] || fail "hang case took ${elapsed}s"
 printf '%s' "$err" | grep -q "moetrain: error: probe failure on purpose" || fail "hang case message: $err"
+# Training on 4 ranks (pp 2 × dp 2, ep 2): progress from rank 0 only, metrics and the resolved config written.
+runs=$(mktemp -d)
+trap 'rm -rf "$runs"' EXIT
+run mpi -np 4 "$bin" train --config configs/tiny.yaml --set train.steps=3 --set train.eval_interval=0 \
+    --set train.eval_batches=1 --set logging.dir="$runs" --set logging.interval=1
+[ "$rc" -eq 0 ] || fail "4-rank training: rc $rc: $err"
+[ "$(printf '%s\n' "$out" | grep -c '^step 3/3')" -eq 1 ] || fail "4-rank training: one progress line per step expected: $out"
+[ "$(wc -l < "$runs/tiny/metrics.jsonl")" -eq 4 ] || fail "metrics.jsonl: 3 steps + 1 eval expected"
+grep -q '^  pp: 2' "$runs/tiny/config.yaml" || fail "resolved config not written"
+run mpi -np 4 "$bin" train --config configs/tiny.yaml --set train.steps=1 --set logging.dir="$runs"
+[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "pass --overwrite" || fail "an existing run must not be overwritten: $err"
+
+# A rank that throws at step 2: every rank exits non-zero within 30 s and the message names the rank.
+start=$(date +%s)
+run timeout 60 bash -c "$(declare -f mpi); mpi -np 4 -x MOETRAIN_TEST_FAIL_STEP=2 -x MOETRAIN_TEST_FAIL_RANK=2 '$bin' \
+    train --config configs/tiny.yaml --set train.steps=5 --set logging.dir='$runs' --set logging.name=fail"
+elapsed=$(( $(date +%s) - start ))
+[ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "injected failure: rc $rc (124: it hung)"
+[ "$elapsed" -lt 30 ] || fail "injected failure took ${elapsed}s to end the job"
+printf '%s' "$err" | grep -q "rank 2.*injected failure at step 2" || fail "injected failure message: $err"
+
+# Ranks started with different configs are caught at start-up.
+run mpi -np 1 "$bin" train --config configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=2 --set parallel.ep=1 \
+    --set train.lr=1e-3 --set logging.dir="$runs" --set logging.name=mixed : \
+    -np 1 "$bin" train --config configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=2 --set parallel.ep=1 \
+    --set train.lr=2e-3 --set logging.dir="$runs" --set logging.name=mixed
+[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "different configs" || fail "different configs not detected: $err"
 finish

@@ -90,7 +90,7 @@ config::Config tiny_single(std::vector<std::string> extra = {}) {
 
 TEST(Trainer, DeterministicOnCpu) {
   config::Config c = tiny_single({"train.steps=3"});
-  Trainer a(c, "", false), b(c, "", false);
+  Trainer a(c, nullptr, "", false), b(c, nullptr, "", false);
   for (int i = 0; i < 3; ++i) {
     StepResult ra = a.step(), rb = b.step();
     EXPECT_EQ(ra.loss, rb.loss) << "step " << i;  // bit-identical
@@ -100,8 +100,8 @@ TEST(Trainer, DeterministicOnCpu) {
 
 // Splitting the same global batch into more, smaller micro-batches computes the same step.
 TEST(Trainer, GradientAccumulationMatchesOneBigMicroBatch) {
-  Trainer one(tiny_single({"train.micro_batch_size=16"}), "", false);
-  Trainer four(tiny_single({"train.micro_batch_size=4"}), "", false);
+  Trainer one(tiny_single({"train.micro_batch_size=16"}), nullptr, "", false);
+  Trainer four(tiny_single({"train.micro_batch_size=4"}), nullptr, "", false);
   for (int i = 0; i < 3; ++i) {
     StepResult a = one.step(), b = four.step();
     EXPECT_NEAR(a.loss, b.loss, 1e-5 * std::abs(a.loss)) << "step " << i;
@@ -111,7 +111,7 @@ TEST(Trainer, GradientAccumulationMatchesOneBigMicroBatch) {
 
 TEST(Trainer, AuxFreeBiasMovesOnlyInThatMode) {
   for (std::string mode : {"aux_free", "aux_loss", "none"}) {
-    Trainer t(tiny_single({"model.balance_mode=" + mode}), "", false);
+    Trainer t(tiny_single({"model.balance_mode=" + mode}), nullptr, "", false);
     t.step();
     double range = 0;
     for (auto& block : t.model()->layers)
@@ -126,14 +126,14 @@ TEST(Trainer, AuxFreeBiasMovesOnlyInThatMode) {
 // BF16 and FP8 GEMMs train the same model as FP32 to within a small relative loss error (DeepSeek-V3 reports
 // < 0.25% for FP8 against BF16 at scale; a tiny model after a few steps is noisier).
 TEST(Trainer, LowPrecisionModesTrackFp32) {
-  Trainer fp32(tiny_single({"train.steps=10"}), "", false);
-  Trainer bf16(tiny_single({"train.steps=10", "precision.mode=bf16"}), "", false);
+  Trainer fp32(tiny_single({"train.steps=10"}), nullptr, "", false);
+  Trainer bf16(tiny_single({"train.steps=10", "precision.mode=bf16"}), nullptr, "", false);
   Trainer fp8(tiny_single({"train.steps=10", "precision.mode=fp8", "model.hidden_size=128",
                            "model.moe_inter_dim=128", "model.dense_inter_dim=128"}),
-              "", false);
+              nullptr, "", false);
   Trainer fp32_wide(tiny_single({"train.steps=10", "model.hidden_size=128", "model.moe_inter_dim=128",
                                  "model.dense_inter_dim=128"}),
-                    "", false);
+                    nullptr, "", false);
   double a = 0, b = 0, c = 0, d = 0;
   for (int i = 0; i < 10; ++i) {
     a = fp32.step().lm_loss;
@@ -149,7 +149,7 @@ TEST(Trainer, LowPrecisionModesTrackFp32) {
 
 // The tiny config on the synthetic corpus: validation loss within 0.1 nats of the corpus entropy rate.
 TEST(Trainer, TinyConfigLearnsTheSyntheticCorpus) {
-  Trainer t(tiny_single(), "", false);
+  Trainer t(tiny_single(), nullptr, "", false);
   const double entropy = t.batches().entropy_rate();
   const double start = t.evaluate().loss;
   t.run();

@@ -1,0 +1,88 @@
+// Sharded checkpoints: a directory step_NNNNNNN/ with one HDF5 shard per rank (shard_RRRRR.h5, holding the
+// tensors that rank writes) and index.json: the resolved config, the layout it was saved with, the trainer state,
+// and for every tensor its global name, shape, dtype, the shard and dataset holding it, the slice it holds and an
+// xxHash64 checksum. Every unique tensor is written once (the caller picks one writer among the replicas), so a
+// checkpoint saved on one layout loads on any other: each rank reads the tensors it needs wherever they are.
+//
+// Commit protocol: shards and index written into step_NNNNNNN.tmp/ and fsynced; every rank reports success; rank 0
+// renames the directory, fsyncs the parent, and replaces `latest` through a temporary file and a rename. A crash at
+// any moment leaves the previous checkpoint and `latest` intact; a .tmp directory is never loaded.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <nlohmann/json.hpp>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "checkpoints/collective.h"
+#include "checkpoints/hdf5_file.h"
+
+namespace moetrain::checkpoints {
+
+struct TensorEntry {
+  std::string name;  // dataset path inside the checkpoint: "model/layers.1.moe.router.weight"
+  at::Tensor tensor;
+  bool write = true;  // false: another replica writes it
+};
+
+struct SaveRequest {
+  std::string root;  // the checkpoint directory (holds step_* and latest)
+  int64_t step = 0;
+  int64_t keep_last = 0;           // 0: keep all
+  nlohmann::json meta;             // config, layout, trainer state: stored in the index as is
+  std::vector<TensorEntry> tensors;
+};
+
+// What one rank wrote: its index entries, or the error that stopped it.
+struct ShardResult {
+  nlohmann::json entries = nlohmann::json::object();
+  std::string error;
+};
+
+// Writes this rank's shard into root/step_NNNNNNN.tmp/ and fsyncs it. Local (no communication), so it may run on
+// a background thread while training goes on (checkpoint.async).
+ShardResult write_shard(const SaveRequest& request, int rank);
+// Collective: gathers the entries, writes the index, agrees that every rank succeeded, renames, updates `latest`,
+// prunes to keep_last. Returns the committed step directory; throws (on every rank) if any rank failed.
+std::string commit(const SaveRequest& request, const ShardResult& mine, const Collective& coll);
+// write_shard + commit.
+std::string save(const SaveRequest& request, const Collective& coll);
+
+std::string step_dir_name(int64_t step);  // "step_0000010"
+
+// --resume: "auto" -> root/latest if it exists, else "" (start fresh); otherwise a step directory or a checkpoint
+// root with a `latest` file. Throws if what is named is not a committed checkpoint.
+std::string resolve_resume(const std::string& root, const std::string& what);
+
+// A committed checkpoint opened for reading.
+class Checkpoint {
+ public:
+  explicit Checkpoint(std::string dir);
+  const nlohmann::json& index() const { return index_; }
+  const nlohmann::json& meta() const { return index_.at("meta"); }
+  bool has(const std::string& name) const { return index_.at("tensors").contains(name); }
+  // Reads a tensor and checks its checksum; the error names the shard and the dataset.
+  at::Tensor read(const std::string& name);
+  std::vector<std::string> names() const;
+  const std::string& dir() const { return dir_; }
+
+ private:
+  H5File& shard(const std::string& file);
+  std::string dir_;
+  nlohmann::json index_;
+  std::map<std::string, std::unique_ptr<H5File>> shards_;
+};
+
+// `moetrain ckpt ...`
+std::string inspect(const std::string& dir);  // a table of tensors
+// Reads every tensor and checks every checksum; returns a one-line summary, throws on the first problem.
+std::string verify(const std::string& dir);
+// One HDF5 file of the model weights under their global names (no optimizer state).
+std::string export_weights(const std::string& dir, const std::string& out);
+
+uint64_t checksum(const at::Tensor& t);
+
+}  // namespace moetrain::checkpoints

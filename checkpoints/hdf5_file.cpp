@@ -1,0 +1,237 @@
+#include "checkpoints/hdf5_file.h"
+
+#include <ATen/ops/empty.h>
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <hdf5.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
+
+namespace moetrain::checkpoints {
+namespace {
+
+[[noreturn]] void fail(const std::string& path, const std::string& what) {
+  throw std::runtime_error(fmt::format("{}: {}", path, what));
+}
+
+// HDF5 prints its own error stack by default; we report errors ourselves, once.
+void quiet() {
+  static bool done = [] {
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+    return true;
+  }();
+  (void)done;
+}
+
+hid_t file_type(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return H5T_IEEE_F32LE;
+    case at::kDouble: return H5T_IEEE_F64LE;
+    case at::kLong: return H5T_STD_I64LE;
+    case at::kInt: return H5T_STD_I32LE;
+    case at::kBFloat16:
+    case at::kHalf: return H5T_STD_U16LE;
+    case at::kByte:
+    case at::kBool:
+    case at::kFloat8_e4m3fn: return H5T_STD_U8LE;
+    default: break;
+  }
+  throw std::runtime_error(fmt::format("checkpoint: no HDF5 type for dtype {}", c10::toString(t)));
+}
+
+hid_t memory_type(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return H5T_NATIVE_FLOAT;
+    case at::kDouble: return H5T_NATIVE_DOUBLE;
+    case at::kLong: return H5T_NATIVE_INT64;
+    case at::kInt: return H5T_NATIVE_INT32;
+    case at::kBFloat16:
+    case at::kHalf: return H5T_NATIVE_UINT16;
+    default: return H5T_NATIVE_UINT8;
+  }
+}
+
+struct Handle {  // closes an HDF5 object id with its close function
+  hid_t id;
+  herr_t (*close)(hid_t);
+  ~Handle() {
+    if (id >= 0) close(id);
+  }
+};
+
+}  // namespace
+
+std::string dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    case at::kFloat8_e4m3fn: return "float8_e4m3fn";
+    default: break;
+  }
+  throw std::runtime_error(fmt::format("checkpoint: unsupported dtype {}", c10::toString(t)));
+}
+
+c10::ScalarType dtype_from_name(const std::string& name, const std::string& context) {
+  for (auto t : {at::kFloat, at::kDouble, at::kLong, at::kInt, at::kBFloat16, at::kHalf, at::kByte, at::kBool,
+                 at::kFloat8_e4m3fn})
+    if (dtype_name(t) == name) return t;
+  throw std::runtime_error(fmt::format("{}: unknown dtype '{}'", context, name));
+}
+
+H5File H5File::create(const std::string& path) {
+  quiet();
+  // The latest file format: compact and fast link storage for the thousands of datasets of a large model.
+  Handle fapl{H5Pcreate(H5P_FILE_ACCESS), H5Pclose};
+  H5Pset_libver_bounds(fapl.id, H5F_LIBVER_LATEST, H5F_LIBVER_LATEST);
+  hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.id);
+  if (id < 0) fail(path, "cannot create the HDF5 file");
+  return H5File(id, path);
+}
+
+H5File H5File::open(const std::string& path) {
+  quiet();
+  if (access(path.c_str(), R_OK) != 0) fail(path, fmt::format("cannot open checkpoint shard: {}", std::strerror(errno)));
+  hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (id < 0) fail(path, "not a readable HDF5 file (truncated or corrupt shard)");
+  return H5File(id, path);
+}
+
+H5File::H5File(H5File&& o) noexcept : id_(o.id_), path_(std::move(o.path_)) { o.id_ = -1; }
+
+H5File& H5File::operator=(H5File&& o) noexcept {
+  if (this != &o) {
+    if (id_ >= 0) H5Fclose(id_);
+    id_ = o.id_;
+    path_ = std::move(o.path_);
+    o.id_ = -1;
+  }
+  return *this;
+}
+
+H5File::~H5File() {
+  if (id_ >= 0) H5Fclose(id_);
+}
+
+void H5File::write(const std::string& name, const at::Tensor& t) {
+  if (!t.device().is_cpu() || !t.is_contiguous()) fail(path_, fmt::format("{}: tensor must be contiguous on CPU", name));
+  std::vector<hsize_t> dims(t.sizes().begin(), t.sizes().end());
+  Handle space{t.dim() == 0 ? H5Screate(H5S_SCALAR) : H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
+               H5Sclose};
+  Handle lcpl{H5Pcreate(H5P_LINK_CREATE), H5Pclose};
+  H5Pset_create_intermediate_group(lcpl.id, 1);
+  Handle dcpl{H5Pcreate(H5P_DATASET_CREATE), H5Pclose};
+  H5Pset_obj_track_times(dcpl.id, 0);  // no timestamps: identical content gives identical files
+  Handle ds{H5Dcreate2(static_cast<hid_t>(id_), name.c_str(), file_type(t.scalar_type()), space.id, lcpl.id, dcpl.id,
+                       H5P_DEFAULT),
+            H5Dclose};
+  if (ds.id < 0) fail(path_, fmt::format("cannot create dataset {}", name));
+  if (t.numel() > 0 && H5Dwrite(ds.id, memory_type(t.scalar_type()), H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()) < 0)
+    fail(path_, fmt::format("cannot write dataset {}", name));
+  // Types HDF5 has describe themselves; BF16, FP16, FP8 and bool are stored as raw integers and tagged.
+  const bool tagged = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf ||
+                      t.scalar_type() == at::kFloat8_e4m3fn || t.scalar_type() == at::kBool;
+  if (!tagged) return;
+  const std::string dt = dtype_name(t.scalar_type());
+  Handle str{H5Tcopy(H5T_C_S1), H5Tclose};
+  H5Tset_size(str.id, dt.size() + 1);  // with its terminating NUL
+  Handle aspace{H5Screate(H5S_SCALAR), H5Sclose};
+  Handle attr{H5Acreate2(ds.id, "dtype", str.id, aspace.id, H5P_DEFAULT, H5P_DEFAULT), H5Aclose};
+  if (attr.id < 0 || H5Awrite(attr.id, str.id, dt.c_str()) < 0) fail(path_, fmt::format("cannot tag dataset {}", name));
+}
+
+bool H5File::has(const std::string& name) const {
+  // Walk the path so that a missing intermediate group is "absent", not an error.
+  size_t pos = 0;
+  while ((pos = name.find('/', pos + 1)) != std::string::npos)
+    if (H5Lexists(static_cast<hid_t>(id_), name.substr(0, pos).c_str(), H5P_DEFAULT) <= 0) return false;
+  return H5Lexists(static_cast<hid_t>(id_), name.c_str(), H5P_DEFAULT) > 0;
+}
+
+std::vector<int64_t> H5File::shape(const std::string& name) const {
+  Handle ds{H5Dopen2(static_cast<hid_t>(id_), name.c_str(), H5P_DEFAULT), H5Dclose};
+  if (ds.id < 0) fail(path_, fmt::format("dataset {} is missing or unreadable", name));
+  Handle space{H5Dget_space(ds.id), H5Sclose};
+  int rank = H5Sget_simple_extent_ndims(space.id);
+  if (rank < 0) fail(path_, fmt::format("dataset {}: unreadable shape", name));
+  std::vector<hsize_t> dims(static_cast<size_t>(rank));
+  H5Sget_simple_extent_dims(space.id, dims.data(), nullptr);
+  return std::vector<int64_t>(dims.begin(), dims.end());
+}
+
+std::string H5File::dtype(const std::string& name) const {
+  Handle ds{H5Dopen2(static_cast<hid_t>(id_), name.c_str(), H5P_DEFAULT), H5Dclose};
+  if (ds.id < 0) fail(path_, fmt::format("dataset {} is missing or unreadable", name));
+  if (H5Aexists(ds.id, "dtype") <= 0) {  // a self-describing HDF5 type
+    Handle type{H5Dget_type(ds.id), H5Tclose};
+    const size_t size = H5Tget_size(type.id);
+    switch (H5Tget_class(type.id)) {
+      case H5T_FLOAT: return size == 8 ? "float64" : "float32";
+      case H5T_INTEGER:
+        if (size == 8) return "int64";
+        if (size == 4) return "int32";
+        if (size == 1) return "uint8";
+        break;
+      default: break;
+    }
+    fail(path_, fmt::format("dataset {}: unsupported HDF5 type", name));
+  }
+  Handle attr{H5Aopen(ds.id, "dtype", H5P_DEFAULT), H5Aclose};
+  if (attr.id < 0) fail(path_, fmt::format("dataset {}: unreadable dtype attribute", name));
+  Handle type{H5Aget_type(attr.id), H5Tclose};
+  std::string out(H5Tget_size(type.id), '\0');
+  if (H5Aread(attr.id, type.id, out.data()) < 0) fail(path_, fmt::format("dataset {}: unreadable dtype", name));
+  return out.substr(0, out.find('\0'));
+}
+
+at::Tensor H5File::read(const std::string& name) const {
+  const auto dt = dtype_from_name(dtype(name), path_ + ": " + name);
+  at::Tensor t = at::empty(shape(name), at::TensorOptions().dtype(dt));
+  Handle ds{H5Dopen2(static_cast<hid_t>(id_), name.c_str(), H5P_DEFAULT), H5Dclose};
+  if (t.numel() > 0 && H5Dread(ds.id, memory_type(dt), H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()) < 0)
+    fail(path_, fmt::format("cannot read dataset {} (truncated or corrupt shard)", name));
+  return t;
+}
+
+namespace {
+herr_t collect(hid_t, const char* name, const H5O_info_t* info, void* out) {
+  if (info->type == H5O_TYPE_DATASET) static_cast<std::vector<std::string>*>(out)->push_back(std::string("/") + name);
+  return 0;
+}
+}  // namespace
+
+std::vector<std::string> H5File::datasets() const {
+  std::vector<std::string> out;
+  if (H5Ovisit(static_cast<hid_t>(id_), H5_INDEX_NAME, H5_ITER_INC, collect, &out) < 0)
+    fail(path_, "cannot list datasets (corrupt shard)");
+  return out;
+}
+
+void H5File::close_durably() {
+  if (id_ < 0) return;
+  if (H5Fclose(static_cast<hid_t>(id_)) < 0) {  // closing flushes every buffer to the file
+    id_ = -1;
+    fail(path_, "cannot flush the HDF5 file");
+  }
+  id_ = -1;
+  fsync_path(path_);
+}
+
+void fsync_path(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) fail(path, fmt::format("cannot open for fsync: {}", std::strerror(errno)));
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  if (rc != 0) fail(path, fmt::format("fsync failed: {}", std::strerror(err)));
+}
+
+}  // namespace moetrain::checkpoints

@@ -1,0 +1,75 @@
+// One interface for the collectives of a process group, with an MPI backend for CPU tensors
+// (parallel/mpi_communicator.h) and an NCCL backend for CUDA tensors (parallel/nccl_communicator.h). Every
+// operation is issued by every rank of the group, in the same order, even with nothing to send. An operation that
+// does not finish within the group's timeout throws CommError naming the group, the operation and the rank, so
+// the job ends instead of hanging.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace moetrain::parallel {
+
+class CommError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+enum class ReduceOp { kSum, kMax, kMin };
+
+// Bytes moved by each operation kind through one communicator (for bench/parallel).
+struct CommStats {
+  int64_t calls = 0;
+  int64_t bytes_sent = 0;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  const std::string& name() const { return name_; }  // "dp", "ep", ...
+  int rank() const { return rank_; }                  // in the group
+  int size() const { return size_; }
+  int world_rank() const { return world_rank_; }
+
+  // In place; tensors contiguous.
+  virtual void all_reduce(at::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
+  // out: [size · n, ...] from every rank's t [n, ...], in rank order.
+  virtual at::Tensor all_gather(const at::Tensor& t) = 0;
+  // Sums t [size · n, ...] over the group; rank r gets rows [r·n, (r+1)·n).
+  virtual at::Tensor reduce_scatter(const at::Tensor& t) = 0;
+  // Rows of `t` go to ranks in order: send_rows[r] rows to rank r; returns the rows received, recv_rows[r] from
+  // rank r, in rank order. Row shape and dtype are t's.
+  virtual at::Tensor all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
+                                  const std::vector<int64_t>& recv_rows) = 0;
+  virtual void send(const at::Tensor& t, int dst, int tag) = 0;  // returns when t may be reused
+  virtual void recv(at::Tensor& t, int src, int tag) = 0;
+  // Sends `out` to dst while receiving `in` from src, as one operation (the pipeline's steady state, where two
+  // neighbours send to each other at once and separate blocking sends could deadlock).
+  virtual void send_recv(const at::Tensor& out, int dst, int send_tag, at::Tensor& in, int src, int recv_tag) = 0;
+  virtual void broadcast(at::Tensor& t, int root) = 0;
+  virtual void barrier() = 0;
+
+  const std::map<std::string, CommStats>& stats() const { return stats_; }
+  void reset_stats() { stats_.clear(); }
+
+ protected:
+  Communicator(std::string name, int rank, int size, int world_rank)
+      : name_(std::move(name)), rank_(rank), size_(size), world_rank_(world_rank) {}
+  void count(const char* op, int64_t bytes) {
+    auto& s = stats_[op];
+    ++s.calls;
+    s.bytes_sent += bytes;
+  }
+
+  std::string name_;
+  int rank_, size_, world_rank_;
+  std::map<std::string, CommStats> stats_;
+};
+
+}  // namespace moetrain::parallel

@@ -1,0 +1,100 @@
+#include "parallel/expert_exchange.h"
+
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/tensor.h>
+#include <torch/autograd.h>
+
+namespace moetrain::parallel {
+namespace {
+
+struct AllToAllFn : public torch::autograd::Function<AllToAllFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t comm,
+                            std::vector<int64_t> send_rows, std::vector<int64_t> recv_rows) {
+    ctx->saved_data["comm"] = comm;
+    ctx->saved_data["send"] = send_rows;
+    ctx->saved_data["recv"] = recv_rows;
+    return reinterpret_cast<Communicator*>(comm)->all_to_all_v(x.contiguous(), send_rows, recv_rows);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* comm = reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
+    auto send = ctx->saved_data["send"].toIntVector();
+    auto recv = ctx->saved_data["recv"].toIntVector();
+    // The reverse exchange: what came from rank r goes back to rank r.
+    return {comm->all_to_all_v(grads[0].contiguous(), recv, send), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// What combine needs: the permutation from (source rank, local expert) order to expert order, and the splits.
+struct ExchangeState {
+  at::Tensor to_expert_order;  // index into the received rows, expert-major
+  at::Tensor to_rank_order;    // its inverse
+  std::vector<int64_t> send_rows, recv_rows;
+};
+
+}  // namespace
+
+at::Tensor all_to_all_autograd(const at::Tensor& x, Communicator& comm, const std::vector<int64_t>& send_rows,
+                               const std::vector<int64_t>& recv_rows) {
+  return AllToAllFn::apply(x, reinterpret_cast<int64_t>(&comm), send_rows, recv_rows);
+}
+
+AllToAllExpertExchange::AllToAllExpertExchange(Communicator& ep, int64_t n_routed_experts)
+    : ep_(ep), n_experts_(n_routed_experts), local_(n_routed_experts / ep.size()) {}
+
+model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts) {
+  const int64_t ep = ep_.size();
+  // 1. Split sizes: rank r sends `local_` counts to every rank (its tokens for that rank's experts).
+  at::Tensor my_counts = at::tensor(counts, at::kLong).view({n_experts_, 1});
+  if (tokens.is_cuda()) my_counts = my_counts.to(tokens.device());
+  std::vector<int64_t> per_rank(static_cast<size_t>(ep), local_);
+  at::Tensor got = ep_.all_to_all_v(my_counts, per_rank, per_rank).to(at::kCPU).contiguous();  // [ep·local] src-major
+  const int64_t* g = got.data_ptr<int64_t>();
+
+  ExchangeState st;
+  st.send_rows.assign(static_cast<size_t>(ep), 0);
+  st.recv_rows.assign(static_cast<size_t>(ep), 0);
+  for (int64_t e = 0; e < n_experts_; ++e) st.send_rows[static_cast<size_t>(e / local_)] += counts[static_cast<size_t>(e)];
+  for (int64_t src = 0; src < ep; ++src)
+    for (int64_t j = 0; j < local_; ++j) st.recv_rows[static_cast<size_t>(src)] += g[src * local_ + j];
+
+  // 2. The tokens themselves.
+  at::Tensor received = all_to_all_autograd(tokens, ep_, st.send_rows, st.recv_rows);
+
+  // 3. Received rows are grouped by source rank, then expert; the experts want them grouped by expert.
+  std::vector<int64_t> block_start(static_cast<size_t>(ep * local_));
+  int64_t off = 0;
+  for (int64_t src = 0; src < ep; ++src)
+    for (int64_t j = 0; j < local_; ++j) {
+      block_start[static_cast<size_t>(src * local_ + j)] = off;
+      off += g[src * local_ + j];
+    }
+  std::vector<int64_t> order;
+  order.reserve(static_cast<size_t>(off));
+  model::Dispatched d;
+  d.local_counts.assign(static_cast<size_t>(local_), 0);
+  for (int64_t j = 0; j < local_; ++j)
+    for (int64_t src = 0; src < ep; ++src) {
+      const int64_t n = g[src * local_ + j], start = block_start[static_cast<size_t>(src * local_ + j)];
+      for (int64_t i = 0; i < n; ++i) order.push_back(start + i);
+      d.local_counts[static_cast<size_t>(j)] += n;
+    }
+  at::Tensor perm = at::tensor(order, at::kLong);
+  at::Tensor inverse = at::empty_like(perm);
+  if (perm.numel() > 0) inverse.index_put_({perm}, at::arange(perm.numel(), at::kLong));
+  st.to_expert_order = perm.to(tokens.device());
+  st.to_rank_order = inverse.to(tokens.device());
+  d.tokens = received.index_select(0, st.to_expert_order);
+  d.state = std::move(st);
+  return d;
+}
+
+at::Tensor AllToAllExpertExchange::combine(const at::Tensor& outputs, const model::Dispatched& dispatched) {
+  const auto& st = std::any_cast<const ExchangeState&>(dispatched.state);
+  at::Tensor by_rank = outputs.index_select(0, st.to_rank_order);
+  return all_to_all_autograd(by_rank, ep_, st.recv_rows, st.send_rows);
+}
+
+}  // namespace moetrain::parallel

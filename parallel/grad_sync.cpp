@@ -1,0 +1,86 @@
+#include "parallel/grad_sync.h"
+
+#include <ATen/ops/cat.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <cmath>
+
+namespace moetrain::parallel {
+
+GradSync::GradSync(ProcessGroups& groups, std::vector<std::pair<std::string, at::Tensor>> params, double bucket_mb)
+    : g_(groups), params_(std::move(params)), bucket_bytes_(static_cast<int64_t>(bucket_mb * 1024 * 1024)) {
+  // Reverse registration order: roughly the order backward produces the gradients.
+  for (size_t i = params_.size(); i-- > 0;) {
+    const std::string& name = params_[i].first;
+    (is_expert(name) ? expert_ : dense_).push_back(i);
+    if (name == "embed.weight") embedding_.push_back(i);
+  }
+}
+
+void GradSync::reduce_buckets(const std::vector<size_t>& which, Communicator* comm) {
+  if (!comm || comm->size() == 1 || which.empty()) return;
+  size_t begin = 0;
+  while (begin < which.size()) {
+    // A bucket: consecutive parameters of one dtype up to bucket_bytes (at least one parameter).
+    std::vector<at::Tensor> grads;
+    int64_t bytes = 0;
+    size_t end = begin;
+    const auto dtype = params_[which[begin]].second.scalar_type();
+    while (end < which.size()) {
+      at::Tensor& p = params_[which[end]].second;
+      if (p.scalar_type() != dtype || (end > begin && bytes + static_cast<int64_t>(p.nbytes()) > bucket_bytes_)) break;
+      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+      grads.push_back(p.grad());
+      bytes += static_cast<int64_t>(p.nbytes());
+      ++end;
+    }
+    std::vector<at::Tensor> flat_parts;
+    for (auto& gr : grads) flat_parts.push_back(gr.reshape({-1}));
+    at::Tensor flat = at::cat(flat_parts).contiguous();
+    comm->all_reduce(flat, ReduceOp::kSum);
+    int64_t off = 0;
+    for (auto& gr : grads) {
+      gr.copy_(flat.narrow(0, off, gr.numel()).view(gr.sizes()));
+      off += gr.numel();
+    }
+    begin = end;
+  }
+}
+
+void GradSync::reduce() {
+  at::NoGradGuard no_grad;
+  reduce_buckets(dense_, g_.dp.get());
+  reduce_buckets(expert_, g_.edp.get());
+  reduce_buckets(embedding_, g_.embedding.get());
+}
+
+double GradSync::global_norm() {
+  at::NoGradGuard no_grad;
+  const bool last_not_first = g_.topology.last_stage(g_.rank) && !g_.topology.first_stage(g_.rank);
+  double dense = 0, expert = 0;
+  for (const auto& [name, p] : params_) {
+    if (!p.grad().defined()) continue;
+    // The last stage's embedding is a copy of the first stage's: counted there.
+    if (name == "embed.weight" && last_not_first) continue;
+    double sq = p.grad().to(at::kDouble).pow(2).sum().item<double>();
+    (is_expert(name) ? expert : dense) += sq;
+  }
+  at::Tensor e = at::zeros({1}, at::kDouble);
+  e[0] = expert;
+  at::Tensor tot = at::zeros({1}, at::kDouble);
+  if (g_.ep && g_.ep->size() > 1) {
+    at::Tensor ee = params_.empty() || !params_[0].second.is_cuda() ? e : e.to(params_[0].second.device());
+    g_.ep->all_reduce(ee, ReduceOp::kSum);
+    expert = ee.to(at::kCPU).item<double>();
+  }
+  tot[0] = dense + expert;
+  if (g_.pp && g_.pp->size() > 1) {
+    at::Tensor tt = params_.empty() || !params_[0].second.is_cuda() ? tot : tot.to(params_[0].second.device());
+    g_.pp->all_reduce(tt, ReduceOp::kSum);
+    return std::sqrt(tt.to(at::kCPU).item<double>());
+  }
+  return std::sqrt(tot[0].item<double>());
+}
+
+}  // namespace moetrain::parallel

@@ -1,0 +1,205 @@
+#include "parallel/mpi_communicator.h"
+
+#include <ATen/ops/empty.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <thread>
+
+namespace moetrain::parallel {
+
+MPI_Datatype mpi_type(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return MPI_FLOAT;
+    case at::kDouble: return MPI_DOUBLE;
+    case at::kLong: return MPI_INT64_T;
+    case at::kInt: return MPI_INT32_T;
+    case at::kBFloat16:
+    case at::kHalf: return MPI_UINT16_T;  // moved as raw 16-bit words, never reduced
+    case at::kByte:
+    case at::kChar:
+    case at::kBool: return MPI_BYTE;
+    default: break;
+  }
+  throw CommError(fmt::format("MPI backend: unsupported dtype {}", c10::toString(t)));
+}
+
+namespace {
+MPI_Op mpi_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return MPI_SUM;
+    case ReduceOp::kMax: return MPI_MAX;
+    case ReduceOp::kMin: return MPI_MIN;
+  }
+  return MPI_SUM;
+}
+
+void require_cpu_contiguous(const at::Tensor& t, const char* op) {
+  if (!t.device().is_cpu() || !t.is_contiguous())
+    throw CommError(fmt::format("MPI backend {}: needs a contiguous CPU tensor", op));
+}
+}  // namespace
+
+MpiCommunicator::MpiCommunicator(std::string name, MPI_Comm parent, const std::vector<int64_t>& members,
+                                 int world_rank, double timeout_s)
+    : Communicator(std::move(name), 0, 1, world_rank), timeout_s_(timeout_s) {
+  // Color: the group's first world rank (groups of one kind are disjoint); no group: MPI_UNDEFINED.
+  int color = members.empty() ? MPI_UNDEFINED : static_cast<int>(members.front());
+  int key = 0;
+  for (size_t i = 0; i < members.size(); ++i)
+    if (members[i] == world_rank) key = static_cast<int>(i);
+  check(MPI_Comm_split(parent, color, key, &comm_), "comm_split");
+  if (comm_ != MPI_COMM_NULL) {
+    MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+  }
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (comm_ != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm_);
+}
+
+void MpiCommunicator::check(int rc, const char* op) const {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, text, &len);
+  throw CommError(fmt::format("{} on group {} (rank {} of {}, world rank {}) failed: {}", op, name_, rank_, size_,
+                              world_rank_, std::string(text, static_cast<size_t>(len))));
+}
+
+void MpiCommunicator::wait(MPI_Request& request, const char* op) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s_);
+  int done = 0;
+  for (int spins = 0;; ++spins) {
+    check(MPI_Test(&request, &done, MPI_STATUS_IGNORE), op);
+    if (done) return;
+    if (std::chrono::steady_clock::now() > deadline)
+      throw CommError(fmt::format("{} on group {} (rank {} of {}, world rank {}) did not finish within {:.0f} s "
+                                  "(parallel.comm_timeout_s); a peer rank failed or hangs",
+                                  op, name_, rank_, size_, world_rank_, timeout_s_));
+    if (spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+void MpiCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
+  require_cpu_contiguous(t, "all_reduce");
+  count("all_reduce", static_cast<int64_t>(t.nbytes()));
+  if (size_ == 1) return;
+  MPI_Request r;
+  check(MPI_Iallreduce(MPI_IN_PLACE, t.data_ptr(), static_cast<int>(t.numel()), mpi_type(t.scalar_type()), mpi_op(op),
+                       comm_, &r),
+        "all_reduce");
+  wait(r, "all_reduce");
+}
+
+at::Tensor MpiCommunicator::all_gather(const at::Tensor& t) {
+  require_cpu_contiguous(t, "all_gather");
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  if (shape.empty()) shape.push_back(1);
+  shape[0] *= size_;
+  at::Tensor out = at::empty(shape, t.options());
+  count("all_gather", static_cast<int64_t>(t.nbytes()));
+  MPI_Request r;
+  check(MPI_Iallgather(t.data_ptr(), static_cast<int>(t.numel()), mpi_type(t.scalar_type()), out.data_ptr(),
+                       static_cast<int>(t.numel()), mpi_type(t.scalar_type()), comm_, &r),
+        "all_gather");
+  wait(r, "all_gather");
+  return out;
+}
+
+at::Tensor MpiCommunicator::reduce_scatter(const at::Tensor& t) {
+  require_cpu_contiguous(t, "reduce_scatter");
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape[0] /= size_;
+  at::Tensor out = at::empty(shape, t.options());
+  count("reduce_scatter", static_cast<int64_t>(t.nbytes()));
+  MPI_Request r;
+  check(MPI_Ireduce_scatter_block(t.data_ptr(), out.data_ptr(), static_cast<int>(out.numel()),
+                                  mpi_type(t.scalar_type()), MPI_SUM, comm_, &r),
+        "reduce_scatter");
+  wait(r, "reduce_scatter");
+  return out;
+}
+
+at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
+                                         const std::vector<int64_t>& recv_rows) {
+  require_cpu_contiguous(t, "all_to_all_v");
+  const int64_t row = t.dim() > 0 && t.size(0) > 0 ? t.numel() / t.size(0) : [&] {
+    int64_t n = 1;
+    for (int64_t i = 1; i < t.dim(); ++i) n *= t.size(i);
+    return n;
+  }();
+  std::vector<int> sc(size_), sd(size_), rc(size_), rd(size_);
+  int64_t s_off = 0, r_off = 0, total_recv = 0;
+  for (int i = 0; i < size_; ++i) {
+    sc[i] = static_cast<int>(send_rows[i] * row);
+    sd[i] = static_cast<int>(s_off);
+    rc[i] = static_cast<int>(recv_rows[i] * row);
+    rd[i] = static_cast<int>(r_off);
+    s_off += send_rows[i] * row;
+    r_off += recv_rows[i] * row;
+    total_recv += recv_rows[i];
+  }
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape[0] = total_recv;
+  at::Tensor out = at::empty(shape, t.options());
+  count("all_to_all_v", (s_off - send_rows[rank_] * row) * static_cast<int64_t>(t.element_size()));
+  MPI_Request r;
+  MPI_Datatype type = mpi_type(t.scalar_type());
+  check(MPI_Ialltoallv(t.data_ptr(), sc.data(), sd.data(), type, out.data_ptr(), rc.data(), rd.data(), type, comm_, &r),
+        "all_to_all_v");
+  wait(r, "all_to_all_v");
+  return out;
+}
+
+void MpiCommunicator::send(const at::Tensor& t, int dst, int tag) {
+  require_cpu_contiguous(t, "send");
+  count("send", static_cast<int64_t>(t.nbytes()));
+  MPI_Request r;
+  check(MPI_Isend(t.data_ptr(), static_cast<int>(t.numel()), mpi_type(t.scalar_type()), dst, tag, comm_, &r), "send");
+  wait(r, "send");
+}
+
+void MpiCommunicator::recv(at::Tensor& t, int src, int tag) {
+  require_cpu_contiguous(t, "recv");
+  MPI_Request r;
+  check(MPI_Irecv(t.data_ptr(), static_cast<int>(t.numel()), mpi_type(t.scalar_type()), src, tag, comm_, &r), "recv");
+  wait(r, "recv");
+}
+
+void MpiCommunicator::send_recv(const at::Tensor& out, int dst, int send_tag, at::Tensor& in, int src,
+                                int recv_tag) {
+  require_cpu_contiguous(out, "send_recv");
+  require_cpu_contiguous(in, "send_recv");
+  count("send", static_cast<int64_t>(out.nbytes()));
+  MPI_Request r[2];
+  check(MPI_Isend(out.data_ptr(), static_cast<int>(out.numel()), mpi_type(out.scalar_type()), dst, send_tag, comm_,
+                  &r[0]),
+        "send_recv");
+  check(MPI_Irecv(in.data_ptr(), static_cast<int>(in.numel()), mpi_type(in.scalar_type()), src, recv_tag, comm_, &r[1]),
+        "send_recv");
+  wait(r[1], "send_recv");
+  wait(r[0], "send_recv");
+}
+
+void MpiCommunicator::broadcast(at::Tensor& t, int root) {
+  require_cpu_contiguous(t, "broadcast");
+  count("broadcast", rank_ == root ? static_cast<int64_t>(t.nbytes()) : 0);
+  MPI_Request r;
+  check(MPI_Ibcast(t.data_ptr(), static_cast<int>(t.numel()), mpi_type(t.scalar_type()), root, comm_, &r),
+        "broadcast");
+  wait(r, "broadcast");
+}
+
+void MpiCommunicator::barrier() {
+  MPI_Request r;
+  check(MPI_Ibarrier(comm_, &r), "barrier");
+  wait(r, "barrier");
+}
+
+}  // namespace moetrain::parallel

@@ -1,0 +1,224 @@
+#include "parallel/nccl_communicator.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <fmt/format.h>
+#include <nccl.h>
+
+#include <chrono>
+#include <thread>
+
+namespace moetrain::parallel {
+
+struct NcclState {
+  ncclComm_t comm = nullptr;
+};
+
+namespace {
+
+ncclDataType_t nccl_type(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ncclFloat32;
+    case at::kDouble: return ncclFloat64;
+    case at::kLong: return ncclInt64;
+    case at::kInt: return ncclInt32;
+    case at::kBFloat16: return ncclBfloat16;
+    case at::kHalf: return ncclFloat16;
+    case at::kByte:
+    case at::kBool: return ncclUint8;
+    case at::kChar: return ncclInt8;
+    default: break;
+  }
+  throw CommError(fmt::format("NCCL backend: unsupported dtype {}", c10::toString(t)));
+}
+
+ncclRedOp_t nccl_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return ncclSum;
+    case ReduceOp::kMax: return ncclMax;
+    case ReduceOp::kMin: return ncclMin;
+  }
+  return ncclSum;
+}
+
+void require_cuda(const at::Tensor& t, const char* op) {
+  if (!t.is_cuda() || !t.is_contiguous())
+    throw CommError(fmt::format("NCCL backend {}: needs a contiguous CUDA tensor", op));
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+}  // namespace
+
+NcclCommunicator::NcclCommunicator(std::string name, MPI_Comm mpi_group, int world_rank, double timeout_s)
+    : Communicator(std::move(name), 0, 1, world_rank), state_(std::make_unique<NcclState>()), timeout_s_(timeout_s) {
+  MPI_Comm_rank(mpi_group, &rank_);
+  MPI_Comm_size(mpi_group, &size_);
+  ncclUniqueId id;
+  if (rank_ == 0 && ncclGetUniqueId(&id) != ncclSuccess)
+    throw CommError(fmt::format("ncclGetUniqueId failed for group {} (world rank {})", name_, world_rank_));
+  MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, mpi_group);
+  ncclResult_t rc = ncclCommInitRank(&state_->comm, size_, id, rank_);
+  if (rc != ncclSuccess)
+    throw CommError(fmt::format("ncclCommInitRank for group {} (rank {} of {}, world rank {}) failed: {}", name_,
+                                rank_, size_, world_rank_, ncclGetErrorString(rc)));
+  barrier();  // warm the communicator now: a broken setup fails at start-up
+}
+
+NcclCommunicator::~NcclCommunicator() {
+  if (state_ && state_->comm) ncclCommDestroy(state_->comm);
+}
+
+void NcclCommunicator::finish(const char* op) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s_);
+  for (;;) {
+    cudaError_t q = cudaStreamQuery(stream());
+    if (q == cudaSuccess) return;
+    if (q != cudaErrorNotReady)
+      throw CommError(fmt::format("{} on group {} (rank {} of {}, world rank {}): CUDA error {}", op, name_, rank_,
+                                  size_, world_rank_, cudaGetErrorString(q)));
+    ncclResult_t async = ncclSuccess;
+    ncclCommGetAsyncError(state_->comm, &async);
+    const bool late = std::chrono::steady_clock::now() > deadline;
+    if (async != ncclSuccess || late) {
+      ncclCommAbort(state_->comm);
+      state_->comm = nullptr;
+      throw CommError(fmt::format("{} on group {} (rank {} of {}, world rank {}) {}", op, name_, rank_, size_,
+                                  world_rank_,
+                                  late ? fmt::format("did not finish within {:.0f} s (parallel.comm_timeout_s)",
+                                                     timeout_s_)
+                                       : fmt::format("failed: {}", ncclGetErrorString(async))));
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+#define MOETRAIN_NCCL(call, op)                                                                              \
+  do {                                                                                                       \
+    ncclResult_t rc_ = (call);                                                                               \
+    if (rc_ != ncclSuccess)                                                                                  \
+      throw CommError(fmt::format("{} on group {} (rank {} of {}, world rank {}) failed: {}", op, name_, rank_, \
+                                  size_, world_rank_, ncclGetErrorString(rc_)));                             \
+  } while (0)
+
+void NcclCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
+  require_cuda(t, "all_reduce");
+  count("all_reduce", static_cast<int64_t>(t.nbytes()));
+  MOETRAIN_NCCL(ncclAllReduce(t.data_ptr(), t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()),
+                              nccl_op(op), state_->comm, stream()),
+                "all_reduce");
+  finish("all_reduce");
+}
+
+at::Tensor NcclCommunicator::all_gather(const at::Tensor& t) {
+  require_cuda(t, "all_gather");
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  if (shape.empty()) shape.push_back(1);
+  shape[0] *= size_;
+  at::Tensor out = at::empty(shape, t.options());
+  count("all_gather", static_cast<int64_t>(t.nbytes()));
+  MOETRAIN_NCCL(ncclAllGather(t.data_ptr(), out.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()),
+                              state_->comm, stream()),
+                "all_gather");
+  finish("all_gather");
+  return out;
+}
+
+at::Tensor NcclCommunicator::reduce_scatter(const at::Tensor& t) {
+  require_cuda(t, "reduce_scatter");
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape[0] /= size_;
+  at::Tensor out = at::empty(shape, t.options());
+  count("reduce_scatter", static_cast<int64_t>(t.nbytes()));
+  MOETRAIN_NCCL(ncclReduceScatter(t.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()),
+                                  nccl_type(t.scalar_type()), ncclSum, state_->comm, stream()),
+                "reduce_scatter");
+  finish("reduce_scatter");
+  return out;
+}
+
+at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
+                                          const std::vector<int64_t>& recv_rows) {
+  require_cuda(t, "all_to_all_v");
+  int64_t row = 1;
+  for (int64_t i = 1; i < t.dim(); ++i) row *= t.size(i);
+  int64_t total_recv = 0;
+  for (int64_t r : recv_rows) total_recv += r;
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape[0] = total_recv;
+  at::Tensor out = at::empty(shape, t.options());
+  const auto type = nccl_type(t.scalar_type());
+  const size_t elem = static_cast<size_t>(t.element_size());
+  auto* send_base = static_cast<char*>(t.data_ptr());
+  auto* recv_base = static_cast<char*>(out.data_ptr());
+  int64_t s_off = 0, r_off = 0, sent = 0;
+  MOETRAIN_NCCL(ncclGroupStart(), "all_to_all_v");
+  for (int peer = 0; peer < size_; ++peer) {
+    const size_t sn = static_cast<size_t>(send_rows[peer] * row), rn = static_cast<size_t>(recv_rows[peer] * row);
+    // Zero-sized sends and receives are still issued: every pair of ranks takes part in every exchange.
+    MOETRAIN_NCCL(ncclSend(send_base + s_off * elem, sn, type, peer, state_->comm, stream()), "all_to_all_v");
+    MOETRAIN_NCCL(ncclRecv(recv_base + r_off * elem, rn, type, peer, state_->comm, stream()), "all_to_all_v");
+    s_off += static_cast<int64_t>(sn);
+    r_off += static_cast<int64_t>(rn);
+    if (peer != rank_) sent += static_cast<int64_t>(sn * elem);
+  }
+  MOETRAIN_NCCL(ncclGroupEnd(), "all_to_all_v");
+  count("all_to_all_v", sent);
+  finish("all_to_all_v");
+  return out;
+}
+
+void NcclCommunicator::send(const at::Tensor& t, int dst, int tag) {
+  require_cuda(t, "send");
+  count("send", static_cast<int64_t>(t.nbytes()));
+  MOETRAIN_NCCL(ncclSend(t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()), dst, state_->comm,
+                         stream()),
+                "send");
+  finish("send");
+}
+
+void NcclCommunicator::recv(at::Tensor& t, int src, int tag) {
+  require_cuda(t, "recv");
+  MOETRAIN_NCCL(ncclRecv(t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()), src, state_->comm,
+                         stream()),
+                "recv");
+  finish("recv");
+}
+
+void NcclCommunicator::send_recv(const at::Tensor& out, int dst, int send_tag, at::Tensor& in, int src,
+                                 int recv_tag) {
+  require_cuda(out, "send_recv");
+  require_cuda(in, "send_recv");
+  count("send", static_cast<int64_t>(out.nbytes()));
+  MOETRAIN_NCCL(ncclGroupStart(), "send_recv");
+  MOETRAIN_NCCL(ncclSend(out.data_ptr(), static_cast<size_t>(out.numel()), nccl_type(out.scalar_type()), dst,
+                         state_->comm, stream()),
+                "send_recv");
+  MOETRAIN_NCCL(ncclRecv(in.data_ptr(), static_cast<size_t>(in.numel()), nccl_type(in.scalar_type()), src,
+                         state_->comm, stream()),
+                "send_recv");
+  MOETRAIN_NCCL(ncclGroupEnd(), "send_recv");
+  finish("send_recv");
+}
+
+void NcclCommunicator::broadcast(at::Tensor& t, int root) {
+  require_cuda(t, "broadcast");
+  count("broadcast", rank_ == root ? static_cast<int64_t>(t.nbytes()) : 0);
+  MOETRAIN_NCCL(ncclBroadcast(t.data_ptr(), t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()),
+                              root, state_->comm, stream()),
+                "broadcast");
+  finish("broadcast");
+}
+
+void NcclCommunicator::barrier() {
+  int device = 0;
+  cudaGetDevice(&device);
+  at::Tensor one = at::ones({1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device));
+  MOETRAIN_NCCL(ncclAllReduce(one.data_ptr(), one.data_ptr(), 1, ncclFloat32, ncclSum, state_->comm, stream()),
+                "barrier");
+  finish("barrier");
+}
+
+}  // namespace moetrain::parallel

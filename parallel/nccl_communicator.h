@@ -1,0 +1,40 @@
+// The NCCL backend of Communicator, for CUDA tensors (CUDA builds only). Bootstrapped over the group's MPI
+// communicator: rank 0 creates the unique id, MPI broadcasts it, every rank joins with ncclCommInitRank; the
+// communicator is warmed with a barrier at creation so a broken setup fails at start-up, not at the first step.
+// Operations run on the current PyTorch CUDA stream; the host polls the stream against the group's timeout and
+// aborts the NCCL communicator (ncclCommAbort) when it passes, so a dead peer ends the job instead of hanging it.
+#pragma once
+
+#include <mpi.h>
+
+#include "parallel/communicator.h"
+
+namespace moetrain::parallel {
+
+struct NcclState;
+
+class NcclCommunicator final : public Communicator {
+ public:
+  // `mpi_group`: an MPI communicator holding exactly this group's ranks (in group order).
+  NcclCommunicator(std::string name, MPI_Comm mpi_group, int world_rank, double timeout_s);
+  ~NcclCommunicator() override;
+
+  void all_reduce(at::Tensor& t, ReduceOp op) override;
+  at::Tensor all_gather(const at::Tensor& t) override;
+  at::Tensor reduce_scatter(const at::Tensor& t) override;
+  at::Tensor all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
+                          const std::vector<int64_t>& recv_rows) override;
+  void send(const at::Tensor& t, int dst, int tag) override;
+  void recv(at::Tensor& t, int src, int tag) override;
+  void send_recv(const at::Tensor& out, int dst, int send_tag, at::Tensor& in, int src, int recv_tag) override;
+  void broadcast(at::Tensor& t, int root) override;
+  void barrier() override;
+
+ private:
+  void finish(const char* op);  // waits for the stream against the deadline; aborts and throws on timeout/error
+
+  std::unique_ptr<NcclState> state_;
+  double timeout_s_;
+};
+
+}  // namespace moetrain::parallel

@@ -1,0 +1,46 @@
+// The 1F1B pipeline schedule (PipeDream-Flush, as in Megatron-Core): stage s runs min(pp − s − 1, m) warm-up
+// forwards, then alternates one forward and one backward, then drains the remaining backwards. Activations go to
+// the next stage and their gradients come back over the pp group; in the steady state a send and the matching
+// receive of the neighbour are one operation, so two stages sending to each other never deadlock.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "parallel/communicator.h"
+
+namespace moetrain::parallel {
+
+// A stage's forward pass of micro-batch `mb` given the activations received from the previous stage (undefined
+// on the first stage). Returns the activations to send on (undefined on the last stage) and the scalar this stage
+// backpropagates from besides them (the loss on the last stage; the stage's own balance-loss terms elsewhere;
+// undefined when none).
+struct StageOutput {
+  at::Tensor activations;
+  at::Tensor loss;
+};
+using StageForward = std::function<StageOutput(int64_t mb, const at::Tensor& input)>;
+
+struct PipelineSpec {
+  int64_t stage = 0, stages = 1, micro_batches = 1;
+  std::vector<int64_t> activation_shape;  // [micro_batch_size, seq_len, hidden]
+  at::TensorOptions activation_options;
+};
+
+// The order this stage ran its passes in ("F0", "B0", ...), for the bubble measurement of bench/parallel.
+using ScheduleTrace = std::vector<std::string>;
+
+void run_1f1b(Communicator& pp, const PipelineSpec& spec, const StageForward& forward, ScheduleTrace* trace);
+
+// Forward only (validation): every micro-batch through every stage in order.
+void run_forward_only(Communicator& pp, const PipelineSpec& spec, const StageForward& forward);
+
+// The bubble fraction of the traced schedule: each pass one time unit, every pass waits for its dependencies
+// (F of micro-batch i on stage s after F_i on s − 1; B_i on s after B_i on s + 1 and F_i on s) and for the
+// previous pass of its stage; bubble = idle units / (stages × makespan).
+double bubble_fraction(const std::vector<ScheduleTrace>& traces);
+
+}  // namespace moetrain::parallel

@@ -1,0 +1,56 @@
+#include "parallel/process_groups.h"
+
+#include <fmt/format.h>
+#include <mpi.h>
+
+#include "parallel/mpi_communicator.h"
+#include "moetrain/build_info.h"
+#if MOETRAIN_WITH_CUDA
+#include "parallel/nccl_communicator.h"
+#endif
+
+namespace moetrain::parallel {
+namespace {
+
+std::unique_ptr<Communicator> make(const char* name, const std::vector<int64_t>& members, int world_rank,
+                                   double timeout, Backend backend) {
+  auto mpi = std::make_unique<MpiCommunicator>(name, MPI_COMM_WORLD, members, world_rank, timeout);
+  if (!mpi->valid()) return nullptr;
+  if (backend == Backend::kMpi) {
+    mpi->barrier();  // warm it: a broken group fails here, not at the first step
+    return mpi;
+  }
+#if MOETRAIN_WITH_CUDA
+  return std::make_unique<NcclCommunicator>(name, mpi->native(), world_rank, timeout);
+#else
+  throw CommError("the NCCL backend needs a CUDA build of moetrain (this one is CPU-only)");
+#endif
+}
+
+}  // namespace
+
+ProcessGroups ProcessGroups::create(const config::ParallelConfig& p, Backend backend) {
+  int world_rank = 0, world_size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+  ProcessGroups g;
+  g.topology = Topology(Layout::from(p));
+  if (g.topology.layout().world() != world_size)
+    throw CommError(fmt::format("the layout needs {} ranks but {} were launched", g.topology.layout().world(),
+                                world_size));
+  g.rank = world_rank;
+  g.coords = g.topology.coords(world_rank);
+  const double t = p.comm_timeout_s;
+  std::vector<int64_t> all(static_cast<size_t>(world_size));
+  for (int i = 0; i < world_size; ++i) all[static_cast<size_t>(i)] = i;
+  // The same order on every rank: each split is collective over the world.
+  g.world = make("world", all, world_rank, t, backend);
+  g.pp = make("pp", g.topology.group(GroupKind::kPipeline, world_rank), world_rank, t, backend);
+  g.dp = make("dp", g.topology.group(GroupKind::kData, world_rank), world_rank, t, backend);
+  g.ep = make("ep", g.topology.group(GroupKind::kExpert, world_rank), world_rank, t, backend);
+  g.edp = make("edp", g.topology.group(GroupKind::kExpertData, world_rank), world_rank, t, backend);
+  g.embedding = make("embedding", g.topology.group(GroupKind::kEmbedding, world_rank), world_rank, t, backend);
+  return g;
+}
+
+}  // namespace moetrain::parallel

@@ -1,0 +1,26 @@
+// The communicators of one rank, created once at start-up from the layout (parallel/topology.h): world, pp, dp,
+// ep, edp and embedding (first and last stage of a dp slice; absent on middle stages). Every group is warmed with
+// a barrier at creation. CPU runs use the MPI backend, CUDA runs the NCCL backend bootstrapped over MPI.
+#pragma once
+
+#include <memory>
+
+#include "configs/config.h"
+#include "parallel/communicator.h"
+#include "parallel/topology.h"
+
+namespace moetrain::parallel {
+
+enum class Backend { kMpi, kNccl };
+
+struct ProcessGroups {
+  Topology topology{Layout{}};
+  int64_t rank = 0;
+  Coords coords;
+  std::unique_ptr<Communicator> world, pp, dp, ep, edp, embedding;
+
+  // Collective over MPI_COMM_WORLD: every rank calls it. Requires MPI to be initialized with pp·dp ranks.
+  static ProcessGroups create(const config::ParallelConfig& p, Backend backend);
+};
+
+}  // namespace moetrain::parallel
