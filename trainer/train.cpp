@@ -188,12 +188,19 @@ void Trainer::save_checkpoint() {
   r.step = step_;
   r.keep_last = c_.checkpoint.keep_last;
   const auto shape = data::BatchShape::from(c_);
+  const data::DataState ds = batches_->state(step_);
   r.meta = {{"config", config::to_yaml(c_)},
             {"layout", {{"pp", c_.parallel.pp}, {"dp", c_.parallel.dp}, {"ep", c_.parallel.ep},
                         {"world_size", c_.parallel.world_size}}},
             {"trainer", {{"step", step_},
                          {"samples_consumed", step_ * shape.global_sequences()},
-                         {"tokens_seen", step_ * shape.global_sequences() * c_.train.seq_len}}}};
+                         {"tokens_seen", step_ * shape.global_sequences() * c_.train.seq_len},
+                         {"data", {{"step", ds.step},
+                                   {"samples_consumed", ds.samples_consumed},
+                                   {"epochs", ds.epochs},
+                                   {"samples_in_epoch", ds.samples_in_epoch},
+                                   {"seed", ds.seed},
+                                   {"fingerprint", ds.fingerprint}}}}}};
   const bool last_not_first = last_stage_ && !first_stage_;
   auto writes = [&](const std::string& name) {
     if (!groups_) return true;
@@ -270,6 +277,16 @@ void Trainer::load_checkpoint(const std::string& dir) {
   for (auto& item : model_->named_buffers(/*recurse=*/true)) restore("model/" + item.key(), item.value());
   optimizer_->set_steps_taken(ck.read("optim/step").item<int64_t>());
   step_ = ck.meta().at("trainer").at("step").get<int64_t>();
+  // The data order continues where the saved run stood, also with another dp size or micro-batching.
+  const auto& d = ck.meta().at("trainer").at("data");
+  data::DataState ds;
+  ds.step = d.at("step").get<int64_t>();
+  ds.samples_consumed = d.at("samples_consumed").get<int64_t>();
+  ds.epochs = d.at("epochs").get<std::vector<int64_t>>();
+  ds.samples_in_epoch = d.at("samples_in_epoch").get<std::vector<int64_t>>();
+  ds.seed = d.at("seed").get<uint64_t>();
+  ds.fingerprint = d.at("fingerprint").get<uint64_t>();
+  batches_->resume(ds);
   // The RNG state of this rank, when the layout is the one that saved it.
   const int rank = groups_ ? static_cast<int>(groups_->rank) : 0;
   const auto& layout = ck.meta().at("layout");

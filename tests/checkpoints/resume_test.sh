@@ -56,6 +56,25 @@ for w, g in zip(want, got):
 PY
 done
 
+# Token shards: the sampler's position is saved and a resume on another dp size reads the same global order.
+"$bin" data tokenizer-train --input tests/data/text/licenses.txt --vocab-size 512 --out "$dir/tok.model" >/dev/null 2>&1
+"$bin" data build --tokenizer "$dir/tok.model" --input tests/data/text/licenses.txt --out "$dir/shards/lic" \
+  >/dev/null 2>&1 || fail "could not build the shards"
+sh=(--set model.vocab_size=512 --set data.source=shards --set data.path="$dir/shards/lic" --set data.valid_fraction=0.05)
+train 1 shardfull 12 --set parallel.pp=1 --set parallel.ep=1 "${sh[@]}"
+train 1 shardsplit 6 --set parallel.pp=1 --set parallel.ep=1 "${sh[@]}" --set checkpoint.interval=6
+train 2 shardsplit 12 --set parallel.pp=1 --set parallel.ep=1 "${sh[@]}" --set checkpoint.interval=6 --resume auto
+python3 - "$(losses "$dir/shardfull/metrics.jsonl" | sed -n '7,12p')" \
+  "$(losses "$dir/shardsplit/metrics.jsonl" | sed -n '7,12p')" <<'PY' || fail "shards resumed on dp 2: losses differ"
+import sys
+want = [float(x) for x in sys.argv[1].split()]
+got = [float(x) for x in sys.argv[2].split()]
+assert len(got) == 6 and len(want) == 6, (want, got)
+for w, g in zip(want, got):
+    print(f"(shards, dp 1 -> 2) {g:.9f} vs {w:.9f}: relative {abs(w - g) / abs(w):.2e}")
+    assert abs(w - g) / abs(w) < 1e-5
+PY
+
 # A job killed in the middle of a save (test-only pause before the commit) resumes from the previous checkpoint.
 log="$dir/killed.log"
 MOETRAIN_TEST_CKPT_PAUSE_STEP=6 MOETRAIN_TEST_CKPT_PAUSE_S=60 "$bin" train "${base[@]}" --set parallel.dp=1 --set parallel.pp=1 \
