@@ -76,17 +76,22 @@ DataState SyntheticBatches::state(int64_t step) const {
   return s;
 }
 
-void SyntheticBatches::resume(const DataState& saved) {
-  check_data_state(saved, seed_, fingerprint_);
-  const StreamOrigin previous = origin_;
-  origin_ = {saved.step, saved.samples_consumed};
-  const DataState now = state(saved.step);
+void resume_stream(StreamOrigin& origin, const DataState& saved, uint64_t seed, uint64_t fingerprint,
+                   const std::function<DataState(int64_t)>& state_at) {
+  check_data_state(saved, seed, fingerprint);
+  const StreamOrigin previous = origin;
+  origin = {saved.step, saved.samples_consumed};
+  const DataState now = state_at(saved.step);
   if (now.epochs != saved.epochs || now.samples_in_epoch != saved.samples_in_epoch) {
-    origin_ = previous;
-    throw std::runtime_error(fmt::format("data state: inconsistent (its epoch position disagrees with {} samples "
+    origin = previous;
+    throw std::runtime_error(fmt::format("data state: inconsistent (its epoch positions disagree with {} samples "
                                          "consumed)",
                                          saved.samples_consumed));
   }
+}
+
+void SyntheticBatches::resume(const DataState& saved) {
+  resume_stream(origin_, saved, seed_, fingerprint_, [this](int64_t step) { return state(step); });
 }
 
 std::unique_ptr<BatchSource> make_batch_source(const config::Config& c) {

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -49,6 +50,12 @@ struct StreamOrigin {
 
 // Throws unless `saved` comes from a source with this seed and fingerprint, saying what differs.
 void check_data_state(const DataState& saved, uint64_t seed, uint64_t fingerprint);
+
+// The resume of every source: checks `saved`, moves `origin` to it, and checks that the source's own state at the
+// saved step (`state_at`, computed from the moved origin) agrees with the saved epoch positions; on a mismatch the
+// origin is restored and the error says so.
+void resume_stream(StreamOrigin& origin, const DataState& saved, uint64_t seed, uint64_t fingerprint,
+                   const std::function<DataState(int64_t)>& state_at);
 
 class BatchSource {
  public:

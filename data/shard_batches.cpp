@@ -110,16 +110,7 @@ DataState ShardBatches::state(int64_t step) const {
 }
 
 void ShardBatches::resume(const DataState& saved) {
-  check_data_state(saved, seed_, fingerprint_);
-  const StreamOrigin previous = origin_;
-  origin_ = {saved.step, saved.samples_consumed};
-  const DataState now = state(saved.step);
-  if (now.epochs != saved.epochs || now.samples_in_epoch != saved.samples_in_epoch) {
-    origin_ = previous;
-    throw std::runtime_error(fmt::format("data state: inconsistent (its epoch positions disagree with {} samples "
-                                         "consumed)",
-                                         saved.samples_consumed));
-  }
+  resume_stream(origin_, saved, seed_, fingerprint_, [this](int64_t step) { return state(step); });
 }
 
 }  // namespace moetrain::data
