@@ -58,14 +58,18 @@ void GradSync::reduce() {
 double GradSync::global_norm() {
   at::NoGradGuard no_grad;
   const bool last_not_first = g_.topology.last_stage(g_.rank) && !g_.topology.first_stage(g_.rank);
-  double dense = 0, expert = 0;
+  // Sums of squares accumulated on the device; two host reads per step whatever the model size.
+  at::Tensor dense_sq, expert_sq;
   for (const auto& [name, p] : params_) {
     if (!p.grad().defined()) continue;
     // The last stage's embedding is a copy of the first stage's: counted there.
     if (name == "embed.weight" && last_not_first) continue;
-    double sq = p.grad().to(at::kDouble).pow(2).sum().item<double>();
-    (is_expert(name) ? expert : dense) += sq;
+    at::Tensor sq = p.grad().to(at::kDouble).pow(2).sum();
+    at::Tensor& acc = is_expert(name) ? expert_sq : dense_sq;
+    acc = acc.defined() ? acc + sq : sq;
   }
+  double dense = dense_sq.defined() ? dense_sq.item<double>() : 0.0;
+  double expert = expert_sq.defined() ? expert_sq.item<double>() : 0.0;
   at::Tensor e = at::zeros({1}, at::kDouble);
   e[0] = expert;
   at::Tensor tot = at::zeros({1}, at::kDouble);

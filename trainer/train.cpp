@@ -210,10 +210,20 @@ void Trainer::save_checkpoint() {
       return static_cast<int64_t>(h % static_cast<uint64_t>(c_.parallel.dp / c_.parallel.ep)) == groups_->coords.edp;
     return static_cast<int64_t>(h % static_cast<uint64_t>(c_.parallel.dp)) == groups_->coords.dp;
   };
-  // An asynchronous writer works from host copies taken now, while training goes on; a synchronous save writes
-  // from the tensors themselves.
+  // An asynchronous writer works from host copies taken now (into the previous save's buffers when they fit), while
+  // training goes on; a synchronous save writes from the tensors themselves.
   const bool copy = c_.checkpoint.async;
-  auto snap = [copy](const at::Tensor& t) { return t.detach().to(at::kCPU, /*non_blocking=*/false, copy); };
+  size_t next_buffer = 0;
+  std::vector<at::Tensor> pool = std::move(snapshot_pool_);
+  auto snap = [&](const at::Tensor& t) {
+    if (!copy) return t.detach().to(at::kCPU);
+    const size_t i = next_buffer++;
+    if (i < pool.size() && pool[i].sizes() == t.sizes() && pool[i].scalar_type() == t.scalar_type()) {
+      pool[i].copy_(t.detach());
+      return pool[i];
+    }
+    return t.detach().to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
+  };
   const auto& params = optimizer_->params();
   for (size_t i = 0; i < params.size(); ++i) {
     const bool w = writes(params[i].name);
@@ -245,6 +255,8 @@ void Trainer::finish_checkpoint() {
   std::unique_ptr<PendingSave> p = std::move(pending_save_);
   if (p->writer.joinable()) p->writer.join();
   std::string dir = checkpoints::commit(p->request, p->result, checkpoints::Collective(groups_ != nullptr));
+  if (c_.checkpoint.async)
+    for (auto& e : p->request.tensors) snapshot_pool_.push_back(e.tensor);
   if (verbose_) {
     fmt::print("checkpoint step {} saved: {}\n", p->request.step, dir);
     std::fflush(stdout);

@@ -92,6 +92,7 @@ class Trainer {
   double flops_per_token_ = 0, peak_flops_ = 0;
   int64_t step_ = 0;
   std::unique_ptr<PendingSave> pending_save_;
+  std::vector<at::Tensor> snapshot_pool_;  // host buffers of the last asynchronous save, reused by the next
 };
 
 // Peak FLOP/s of this process: the best of a few square FP32 matmuls (for MFU when train.peak_flops is 0).

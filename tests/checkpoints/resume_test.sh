@@ -34,6 +34,16 @@ $(paste <(losses "$dir/full$tag/metrics.jsonl") <(losses "$dir/split$tag/metrics
   [ "$(losses "$dir/split$tag/metrics.jsonl" | wc -l)" -eq 20 ] || fail "($tag) expected 20 step losses"
 done
 
+# Asynchronous saves (written in the background, committed steps later) resume the same trajectory.
+train 1 async111 10 --set parallel.pp=1 --set parallel.ep=1 --set checkpoint.interval=4 --set checkpoint.async=true
+[ "$(cat "$dir/async111/checkpoints/latest")" = "step_0000010" ] || fail "async: the final save was not committed"
+train 1 async111 20 --set parallel.pp=1 --set parallel.ep=1 --set checkpoint.interval=4 --set checkpoint.async=true \
+  --resume auto
+[ "$(losses "$dir/full111/metrics.jsonl")" = "$(losses "$dir/async111/metrics.jsonl")" ] ||
+  fail "async checkpoints: resumed losses differ from the uninterrupted run"
+run "$bin" ckpt verify "$dir/async111/checkpoints"
+[ "$rc" -eq 0 ] || fail "async checkpoint does not verify: $err"
+
 # Resharding: the (2,2,2) checkpoint at step 10 continues on other layouts like the uninterrupted (2,2,2) run.
 want=$(losses "$dir/full222/metrics.jsonl" | sed -n '11,15p')
 for layout in "1 4 4" "2 4 2" "1 1 1"; do
