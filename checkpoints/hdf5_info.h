@@ -1,4 +1,4 @@
-// Facts about the HDF5 library checkpoints are written with (the sharded writer lands with the checkpoint issue).
+// Facts about the HDF5 library checkpoints are written with (for `moetrain version`).
 #pragma once
 
 #include <string>

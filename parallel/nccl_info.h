@@ -1,5 +1,4 @@
-// NCCL facts for `moetrain version` (CUDA builds only; the NCCL backend of the communicators lands with the
-// parallel issue).
+// NCCL and CUDA runtime facts for `moetrain version` (CUDA builds only).
 #pragma once
 
 #include <string>

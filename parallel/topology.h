@@ -1,6 +1,6 @@
 // The parallel layout as arithmetic: world = pp × dp, dp = ep × edp, rank order ep (fastest) → edp → pp, so that
 // rank = pp_rank·dp + edp_rank·ep + ep_rank. Which ranks form each group, and which layers each pipeline stage
-// owns. Pure functions of the layout: the communicators (parallel/mpi_runtime.h, later comm/) are built from them.
+// owns. Pure functions of the layout: the communicators (parallel/process_groups.h) are built from them.
 #pragma once
 
 #include <cstdint>
