@@ -11,6 +11,7 @@
 #include <cstdio>
 
 #include "configs/loader.h"
+#include "trainer/cli.h"
 #include "trainer/train.h"
 
 int main(int argc, char** argv) {
@@ -23,7 +24,7 @@ int main(int argc, char** argv) {
   app.add_option("--config", file, "Config (default configs/small-cpu.yaml)");
   app.add_option("--steps", steps, "Optimizer steps per mode (default: the config's train.steps)");
   app.add_option("--aux-alpha", aux_alpha, "α of the auxiliary-loss baseline");
-  app.add_option("--set", overrides, "Override a config key")->expected(1)->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  trainer::add_set_option(&app, overrides);
   CLI11_PARSE(app, argc, argv);
 
   struct Row {

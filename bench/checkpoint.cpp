@@ -15,6 +15,7 @@
 
 #include "checkpoints/checkpoint.h"
 #include "configs/loader.h"
+#include "trainer/cli.h"
 #include "trainer/train.h"
 
 using namespace moetrain;
@@ -68,7 +69,7 @@ int main(int argc, char** argv) {
   app.add_option("--dir", dir, "Where to write (the disk under test)");
   app.add_option("--repeats", repeats, "Saves and raw writes timed (the median is reported)");
   app.add_option("--steps", steps, "Steps timed with and without asynchronous saves");
-  app.add_option("--set", overrides)->expected(1)->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  trainer::add_set_option(&app, overrides);
   CLI11_PARSE(app, argc, argv);
   try {
     fs::remove_all(dir);

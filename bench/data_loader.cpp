@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "configs/loader.h"
+#include "trainer/cli.h"
 #include "data/builder.h"
 #include "data/prefetch.h"
 #include "data/shard_batches.h"
@@ -38,7 +39,7 @@ int main(int argc, char** argv) {
   app.add_option("--config", file, "Config (default configs/tiny.yaml, run on one process)");
   app.add_option("--steps", steps, "Timed training steps (after 2 warm-up steps)");
   app.add_option("--corpus-tokens", corpus_tokens, "Tokens of the synthetic corpus written as shards");
-  app.add_option("--set", overrides, "Override a config key")->expected(1)->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  trainer::add_set_option(&app, overrides);
   CLI11_PARSE(app, argc, argv);
 
   const std::filesystem::path dir =

@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "configs/loader.h"
+#include "trainer/cli.h"
 #include "parallel/mpi_runtime.h"
 #include "parallel/pipeline.h"
 #include "parallel/process_groups.h"
@@ -61,7 +62,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> overrides;
   app.add_option("--config", file);
   app.add_option("--steps", steps);
-  app.add_option("--set", overrides)->expected(1)->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  trainer::add_set_option(&app, overrides);
   std::optional<std::string> error;
   try {
     app.parse(argc, argv);

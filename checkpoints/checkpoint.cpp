@@ -141,10 +141,6 @@ std::string commit(const SaveRequest& req, const ShardResult& mine, const Collec
   return final_dir.string();
 }
 
-std::string save(const SaveRequest& req, const Collective& coll) {
-  return commit(req, write_shard(req, coll.rank()), coll);
-}
-
 std::string resolve_resume(const std::string& root, const std::string& what) {
   fs::path dir;
   if (what == "auto") {

@@ -48,8 +48,6 @@ ShardResult write_shard(const SaveRequest& request, int rank);
 // Collective: gathers the entries, writes the index, agrees that every rank succeeded, renames, updates `latest`,
 // prunes to keep_last. Returns the committed step directory; throws (on every rank) if any rank failed.
 std::string commit(const SaveRequest& request, const ShardResult& mine, const Collective& coll);
-// write_shard + commit.
-std::string save(const SaveRequest& request, const Collective& coll);
 
 std::string step_dir_name(int64_t step);  // "step_0000010"
 

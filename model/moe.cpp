@@ -44,11 +44,9 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
   at::Tensor order = at::argsort(expert_of, /*stable=*/true);
   at::Tensor token_of = at::floor_divide(order, top_k_);
   at::Tensor counts = at::bincount(expert_of, /*weights=*/{}, n_experts_);
-  std::vector<int64_t> counts_host(static_cast<size_t>(n_experts_));
-  {
-    at::Tensor c = counts.to(at::kCPU).contiguous();
-    std::copy(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + n_experts_, counts_host.begin());
-  }
+  // On the host: the split sizes of the exchange need them, and so do the balancer and the metrics.
+  at::Tensor counts_cpu = counts.to(at::kCPU).contiguous();
+  std::vector<int64_t> counts_host(counts_cpu.data_ptr<int64_t>(), counts_cpu.data_ptr<int64_t>() + n_experts_);
 
   Dispatched in = exchange.dispatch(flat.index_select(0, token_of), counts_host);
   std::vector<at::Tensor> outs;
@@ -69,7 +67,7 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
   at::Tensor out = at::zeros_like(flat).index_add(0, token_of, routed * gate);
   if (shared) out = out + shared(flat);
 
-  stats.push_back({counts, balance_loss_sum(r, B, T, top_k_, seq_alpha_,
+  stats.push_back({counts_cpu, balance_loss_sum(r, B, T, top_k_, seq_alpha_,
                                            balance_mode_ == "aux_loss" ? aux_alpha_ : 0.0)});
   return out.view({B, T, d});
 }

@@ -15,7 +15,7 @@ namespace moetrain::model {
 
 // What one MoE layer reports from a forward pass.
 struct MoeStats {
-  at::Tensor counts;        // [n_routed] int64 tokens routed to each expert (this rank's tokens)
+  at::Tensor counts;        // [n_routed] int64 on the host: tokens routed to each expert (this rank's tokens)
   at::Tensor balance_loss;  // scalar: Σ over this micro-batch's sequences of the balance loss (weighted by α)
 };
 

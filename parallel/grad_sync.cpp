@@ -58,33 +58,22 @@ void GradSync::reduce() {
 double GradSync::global_norm() {
   at::NoGradGuard no_grad;
   const bool last_not_first = g_.topology.last_stage(g_.rank) && !g_.topology.first_stage(g_.rank);
-  // Sums of squares accumulated on the device; two host reads per step whatever the model size.
-  at::Tensor dense_sq, expert_sq;
+  const auto opts = at::TensorOptions()
+                        .dtype(at::kDouble)
+                        .device(params_.empty() ? at::Device(at::kCPU) : params_[0].second.device());
+  // Sums of squares stay on the device: one host read per step whatever the model size.
+  at::Tensor dense = at::zeros({1}, opts), expert = at::zeros({1}, opts);
   for (const auto& [name, p] : params_) {
     if (!p.grad().defined()) continue;
     // The last stage's embedding is a copy of the first stage's: counted there.
     if (name == "embed.weight" && last_not_first) continue;
-    at::Tensor sq = p.grad().to(at::kDouble).pow(2).sum();
-    at::Tensor& acc = is_expert(name) ? expert_sq : dense_sq;
-    acc = acc.defined() ? acc + sq : sq;
+    (is_expert(name) ? expert : dense).add_(p.grad().to(at::kDouble).pow(2).sum());
   }
-  double dense = dense_sq.defined() ? dense_sq.item<double>() : 0.0;
-  double expert = expert_sq.defined() ? expert_sq.item<double>() : 0.0;
-  at::Tensor e = at::zeros({1}, at::kDouble);
-  e[0] = expert;
-  at::Tensor tot = at::zeros({1}, at::kDouble);
-  if (g_.ep && g_.ep->size() > 1) {
-    at::Tensor ee = params_.empty() || !params_[0].second.is_cuda() ? e : e.to(params_[0].second.device());
-    g_.ep->all_reduce(ee, ReduceOp::kSum);
-    expert = ee.to(at::kCPU).item<double>();
-  }
-  tot[0] = dense + expert;
-  if (g_.pp && g_.pp->size() > 1) {
-    at::Tensor tt = params_.empty() || !params_[0].second.is_cuda() ? tot : tot.to(params_[0].second.device());
-    g_.pp->all_reduce(tt, ReduceOp::kSum);
-    return std::sqrt(tt.to(at::kCPU).item<double>());
-  }
-  return std::sqrt(tot[0].item<double>());
+  // Expert shards differ over ep; stages differ over pp; replicas (dp, edp) hold the same values: counted once.
+  if (g_.ep && g_.ep->size() > 1) g_.ep->all_reduce(expert, ReduceOp::kSum);
+  at::Tensor total = dense + expert;
+  if (g_.pp && g_.pp->size() > 1) g_.pp->all_reduce(total, ReduceOp::kSum);
+  return std::sqrt(total.item<double>());
 }
 
 }  // namespace moetrain::parallel

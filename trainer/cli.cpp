@@ -27,10 +27,7 @@ struct ConfigArgs {
 
 void add_config_args(CLI::App* cmd, ConfigArgs& args) {
   cmd->add_option("FILE", args.file, "YAML experiment config")->required();
-  cmd->add_option("--set", args.overrides, "Override a key: --set section.key=value (repeatable)")
-      ->expected(1)
-      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
-      ->type_name("KEY=VALUE");
+  add_set_option(cmd, args.overrides);
 }
 
 config::Config load(const ConfigArgs& args, const parallel::MpiRuntime& mpi) {
@@ -49,6 +46,13 @@ void emit(const parallel::MpiRuntime& mpi, const std::string& text) {
 }
 
 }  // namespace
+
+CLI::Option* add_set_option(CLI::App* app, std::vector<std::string>& overrides) {
+  return app->add_option("--set", overrides, "Override a config key: --set section.key=value (repeatable)")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
+      ->type_name("KEY=VALUE");
+}
 
 int run_main(int argc, char** argv) {
   parallel::MpiRuntime mpi(&argc, &argv);
@@ -84,10 +88,7 @@ int run_main(int argc, char** argv) {
   CLI::App* train_cmd = app.add_subcommand(
       "train", "Train: writes the resolved config, metrics.jsonl and logs to logging.dir/logging.name");
   train_cmd->add_option("--config", train_args.file, "YAML experiment config")->required();
-  train_cmd->add_option("--set", train_args.overrides, "Override a key: --set section.key=value (repeatable)")
-      ->expected(1)
-      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
-      ->type_name("KEY=VALUE");
+  add_set_option(train_cmd, train_args.overrides);
   train_cmd->add_flag("--overwrite", overwrite, "Replace the metrics of an earlier run in the same run directory");
   std::string resume;
   train_cmd->add_option("--resume", resume,

@@ -47,7 +47,7 @@ void maybe_inject_failure(int64_t step, int64_t rank) {
 
 // Sums over one step's micro-batches on this rank.
 struct Trainer::Accumulator {
-  double lm = 0, mtp = 0, balance = 0;
+  at::Tensor sums;                // [lm, mtp, balance] in FP64 on the model's device: read once per step
   std::vector<at::Tensor> loads;  // per local MoE layer
 };
 
@@ -344,22 +344,45 @@ parallel::StageOutput Trainer::stage_forward(int64_t mb, const at::Tensor& input
     model_->head_losses(h, window, *exchange_, s);
     const double lambda = mtp_weight(step_ * shape.global_sequences() * T);
     loss = s.lm / tokens;
-    acc.lm += s.lm.item<double>();
+    acc.sums[0] += s.lm.detach().to(at::kDouble);
     for (const auto& l : s.mtp) {
       loss = loss + l * (lambda / static_cast<double>(depth) / tokens);
-      acc.mtp += l.item<double>();
+      acc.sums[1] += l.detach().to(at::kDouble);
     }
   } else {
     out.activations = h;
   }
   for (size_t i = 0; i < s.moe.size(); ++i) {
     if (training) loss = loss.defined() ? loss + s.moe[i].balance_loss / sequences : s.moe[i].balance_loss / sequences;
-    acc.balance += s.moe[i].balance_loss.item<double>();
-    at::Tensor c = s.moe[i].counts.to(at::kCPU);
+    acc.sums[2] += s.moe[i].balance_loss.detach().to(at::kDouble);
+    const at::Tensor& c = s.moe[i].counts;
     acc.loads[i] = acc.loads[i].defined() ? acc.loads[i] + c : c;
   }
   out.loss = loss;
   return out;
+}
+
+Trainer::Accumulator Trainer::new_accumulator() const {
+  Accumulator acc;
+  acc.sums = at::zeros({3}, at::TensorOptions().dtype(at::kDouble).device(device_));
+  acc.loads.resize(router_biases_.size());
+  return acc;
+}
+
+// Loads of the whole global batch: summed over this rank's micro-batches (done) and over the dp ranks (here).
+void Trainer::global_loads(Accumulator& acc) const {
+  for (auto& l : acc.loads)
+    if (!l.defined()) l = at::zeros({c_.model.n_routed_experts}, at::kLong);
+  if (acc.loads.empty() || !groups_ || groups_->dp->size() == 1) return;
+  at::Tensor all = at::stack(acc.loads);
+  reduce(all, groups_->dp.get());
+  for (size_t i = 0; i < acc.loads.size(); ++i) acc.loads[i] = all[static_cast<int64_t>(i)];
+}
+
+parallel::PipelineSpec Trainer::pipeline_spec() const {
+  return {groups_->coords.pp, c_.parallel.pp, c_.train.micro_batches,
+          {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
+          at::TensorOptions().dtype(at::kFloat).device(device_)};
 }
 
 at::Tensor Trainer::layer_metrics(const std::vector<at::Tensor>& loads) {
@@ -394,8 +417,7 @@ StepResult Trainer::step() {
   r.step = step_;
   r.lr = lr_at(c_.train, step_);
   optimizer_->zero_grad();
-  Accumulator acc;
-  acc.loads.resize(router_biases_.size());
+  Accumulator acc = new_accumulator();
   auto forward = [&](int64_t mb, const at::Tensor& input) {
     at::Tensor window = batches_->train(step_, dp_rank_, mb).to(device_);
     return stage_forward(mb, input, window, acc, /*training=*/true);
@@ -407,10 +429,7 @@ StepResult Trainer::step() {
       out.loss.backward();
     }
   } else {
-    parallel::PipelineSpec spec{groups_->coords.pp, c_.parallel.pp, c_.train.micro_batches,
-                                {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
-                                at::TensorOptions().dtype(at::kFloat).device(device_)};
-    parallel::run_1f1b(*groups_->pp, spec, forward, &trace_);
+    parallel::run_1f1b(*groups_->pp, pipeline_spec(), forward, &trace_);
   }
 
   if (grad_sync_) grad_sync_->reduce();
@@ -419,23 +438,14 @@ StepResult Trainer::step() {
   optimizer_->step(r.lr);
 
   // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
-  for (auto& l : acc.loads)
-    if (!l.defined()) l = at::zeros({c_.model.n_routed_experts}, at::kLong);
-  if (!acc.loads.empty() && groups_ && groups_->dp->size() > 1) {
-    at::Tensor all = at::stack(acc.loads);
-    reduce(all, groups_->dp.get());
-    for (size_t i = 0; i < acc.loads.size(); ++i) acc.loads[i] = all[static_cast<int64_t>(i)];
-  }
+  global_loads(acc);
   if (c_.model.balance_mode == "aux_free")
     for (size_t i = 0; i < acc.loads.size(); ++i)
       model::update_bias(*router_biases_[i], acc.loads[i].to(device_), c_.model.bias_update_rate);
   ++step_;
 
   // Global means: the last stage holds the LM and MTP sums, every stage its balance terms.
-  at::Tensor sums = at::zeros({3}, at::kDouble);
-  sums[0] = acc.lm;
-  sums[1] = acc.mtp;
-  sums[2] = acc.balance;
+  at::Tensor sums = acc.sums.to(at::kCPU);
   if (groups_) reduce(sums, groups_->world.get());
   const double lambda = mtp_weight((step_ - 1) * sequences * c_.train.seq_len);
   r.lm_loss = sums[0].item<double>() / tokens;
@@ -468,8 +478,7 @@ StepResult Trainer::step() {
 EvalResult Trainer::evaluate() {
   at::NoGradGuard no_grad;
   const auto shape = data::BatchShape::from(c_);
-  Accumulator acc;
-  acc.loads.resize(router_biases_.size());
+  Accumulator acc = new_accumulator();
   for (int64_t i = 0; i < c_.train.eval_batches; ++i) {
     auto forward = [&](int64_t mb, const at::Tensor& input) {
       at::Tensor window = batches_->validation(i, dp_rank_, mb).to(device_);
@@ -478,21 +487,11 @@ EvalResult Trainer::evaluate() {
     if (c_.parallel.pp == 1) {
       for (int64_t mb = 0; mb < c_.train.micro_batches; ++mb) forward(mb, {});
     } else {
-      parallel::PipelineSpec spec{groups_->coords.pp, c_.parallel.pp, c_.train.micro_batches,
-                                  {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
-                                  at::TensorOptions().dtype(at::kFloat).device(device_)};
-      parallel::run_forward_only(*groups_->pp, spec, forward);
+      parallel::run_forward_only(*groups_->pp, pipeline_spec(), forward);
     }
   }
-  for (auto& l : acc.loads)
-    if (!l.defined()) l = at::zeros({c_.model.n_routed_experts}, at::kLong);
-  if (!acc.loads.empty() && groups_ && groups_->dp->size() > 1) {
-    at::Tensor all = at::stack(acc.loads);
-    reduce(all, groups_->dp.get());
-    for (size_t i = 0; i < acc.loads.size(); ++i) acc.loads[i] = all[static_cast<int64_t>(i)];
-  }
-  at::Tensor sums = at::zeros({1}, at::kDouble);
-  sums[0] = acc.lm;
+  global_loads(acc);
+  at::Tensor sums = acc.sums.to(at::kCPU);
   if (groups_) reduce(sums, groups_->world.get());
   at::Tensor table = layer_metrics(acc.loads);
   EvalResult r;

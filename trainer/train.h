@@ -66,6 +66,9 @@ class Trainer {
   parallel::StageOutput stage_forward(int64_t mb, const at::Tensor& input, const at::Tensor& window,
                                       Accumulator& acc, bool training);
   double mtp_weight(int64_t tokens_seen) const;
+  Accumulator new_accumulator() const;
+  void global_loads(Accumulator& acc) const;
+  parallel::PipelineSpec pipeline_spec() const;
   void load_checkpoint(const std::string& dir);
   struct PendingSave;
   void reduce(at::Tensor& t, parallel::Communicator* comm) const;

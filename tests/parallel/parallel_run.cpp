@@ -16,6 +16,7 @@
 #include <optional>
 
 #include "configs/loader.h"
+#include "trainer/cli.h"
 #include "parallel/mpi_runtime.h"
 #include "parallel/process_groups.h"
 #include "trainer/train.h"
@@ -107,7 +108,7 @@ int main(int argc, char** argv) {
   int64_t steps = 10;
   std::vector<int64_t> starve;
   app.add_option("--config", file);
-  app.add_option("--set", overrides)->expected(1)->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  trainer::add_set_option(&app, overrides);
   app.add_option("--steps", steps);
   app.add_option("--out", out);
   app.add_option("--starve-expert", starve)->expected(1)->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
