@@ -1,8 +1,8 @@
 #include "checkpoints/checkpoint.h"
 
+#include <ATen/ops/empty.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <xxhash.h>
 
 #include <algorithm>
 #include <chrono>
@@ -13,12 +13,14 @@
 #include <stdexcept>
 #include <thread>
 
+#include <unistd.h>
+
 namespace moetrain::checkpoints {
 namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kFormat = "moetrain-checkpoint-1";
+constexpr const char* kFormat = "moetrain-checkpoint-2";
 
 std::string hex(uint64_t v) { return fmt::format("{:016x}", v); }
 
@@ -52,11 +54,41 @@ std::vector<int64_t> committed_steps(const fs::path& root) {
   return steps;
 }
 
+int64_t rows_of(const nlohmann::json& entry) {
+  const auto& shape = entry.at("shape");
+  return shape.empty() ? 1 : shape[0].get<int64_t>();
+}
+
+// A tensor's parts must tile its rows: [0, rows) without gaps or overlaps, each holding every other dimension whole.
+void check_parts(const std::string& name, const nlohmann::json& entry) {
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  const auto shape = entry.at("shape").get<std::vector<int64_t>>();
+  for (const auto& p : entry.at("parts")) {
+    const auto slice = p.at("slice").get<std::vector<std::vector<int64_t>>>();
+    if (slice.size() != shape.size())
+      throw std::runtime_error(fmt::format("checkpoint: a part of {} has a slice of another rank", name));
+    for (size_t d = 1; d < shape.size(); ++d)
+      if (slice[d] != std::vector<int64_t>{0, shape[d]})
+        throw std::runtime_error(fmt::format("checkpoint: a part of {} does not hold dimension {} whole", name, d));
+    ranges.emplace_back(shape.empty() ? 0 : slice[0][0], shape.empty() ? 1 : slice[0][1]);
+  }
+  std::sort(ranges.begin(), ranges.end());
+  int64_t at = 0;
+  for (const auto& [b, e] : ranges) {
+    if (b != at)
+      throw std::runtime_error(fmt::format("checkpoint: tensor {}: {} at row {}", name,
+                                           b < at ? "two ranks wrote the rows" : "no rank wrote the rows", std::min(b, at)));
+    at = e;
+  }
+  if (at != rows_of(entry))
+    throw std::runtime_error(fmt::format("checkpoint: tensor {}: no rank wrote rows {} to {}", name, at, rows_of(entry)));
+}
+
 }  // namespace
 
 uint64_t checksum(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
-  return XXH64(c.data_ptr(), c.nbytes(), 0);
+  return checksum_bytes(c.data_ptr(), c.nbytes());
 }
 
 std::string step_dir_name(int64_t step) { return fmt::format("step_{:07}", step); }
@@ -67,25 +99,92 @@ ShardResult write_shard(const SaveRequest& req, int rank) {
   ShardResult out;
   try {
     fs::create_directories(tmp);
-    H5File file = H5File::create((tmp / shard).string());
+    ShardWriter file((tmp / shard).string());
+    struct Written {
+      std::string name;
+      std::vector<int64_t> shape, global;  // this part's shape and the whole tensor's
+      c10::ScalarType dtype;
+      int64_t row_begin;
+    };
+    std::vector<Written> written;
+    std::vector<at::Tensor> keep;  // host copies of device tensors, alive until the writer is done
+    auto host = [&](const at::Tensor& t) {
+      at::Tensor h = t.detach().to(at::kCPU).contiguous();
+      if (!h.is_same(t)) keep.push_back(h);
+      return h;
+    };
     for (const auto& e : req.tensors) {
       if (!e.write) continue;
-      at::Tensor t = e.tensor.detach().to(at::kCPU).contiguous();
-      file.write("/" + e.name, t);
-      nlohmann::json slice = nlohmann::json::array();
-      for (int64_t d : t.sizes()) slice.push_back({0, d});
-      out.entries[e.name] = {{"file", shard},         {"dataset", "/" + e.name},
-                             {"shape", t.sizes().vec()}, {"dtype", dtype_name(t.scalar_type())},
-                             {"slice", slice},        {"xxh64", hex(checksum(t))}};
+      if (e.rows.empty()) {
+        at::Tensor t = host(e.tensor);
+        file.add("/" + e.name, t);
+        written.push_back({e.name, t.sizes().vec(), t.sizes().vec(), t.scalar_type(), 0});
+        continue;
+      }
+      std::vector<at::Tensor> rows;
+      for (const auto& r : e.rows) rows.push_back(host(r));
+      file.add_stacked("/" + e.name, rows);
+      std::vector<int64_t> shape = rows[0].sizes().vec();
+      shape.insert(shape.begin(), static_cast<int64_t>(rows.size()));
+      std::vector<int64_t> global = shape;
+      global[0] = e.rows_total;
+      written.push_back({e.name, shape, global, rows[0].scalar_type(), e.row_begin});
     }
-    file.close_durably();
+    const std::vector<uint64_t> sums = file.finish();
+    for (size_t i = 0; i < written.size(); ++i) {
+      const Written& w = written[i];
+      nlohmann::json slice = nlohmann::json::array();
+      for (size_t d = 0; d < w.shape.size(); ++d) {
+        const int64_t b = d == 0 ? w.row_begin : 0;
+        slice.push_back({b, b + w.shape[d]});
+      }
+      out.entries[w.name] = {
+          {"shape", w.global},
+          {"dtype", dtype_name(w.dtype)},
+          {"parts", {{{"file", shard}, {"dataset", "/" + w.name}, {"slice", slice}, {"xxh64", hex(sums[i])}}}}};
+    }
   } catch (const std::exception& ex) {
     out.error = ex.what();
   }
   return out;
 }
 
-std::string commit(const SaveRequest& req, const ShardResult& mine, const Collective& coll) {
+Remover::~Remover() { wait(); }
+
+void Remover::remove(const std::string& dir) {
+  std::lock_guard<std::mutex> lock(mu_);
+  queue_.push_back(dir);
+  if (running_) return;  // the running thread takes it
+  if (thread_.joinable()) thread_.join();  // one that has run out of work and ended
+  running_ = true;
+  thread_ = std::thread([this] {
+    for (;;) {
+      std::string next;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (queue_.empty()) {
+          running_ = false;
+          return;
+        }
+        next = queue_.front();
+        queue_.erase(queue_.begin());
+      }
+      std::error_code ec;  // a directory that cannot be deleted stays, renamed aside, and is tried again next time
+      fs::remove_all(next, ec);
+    }
+  });
+}
+
+void Remover::wait() {
+  std::thread t;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    t = std::move(thread_);
+  }
+  if (t.joinable()) t.join();
+}
+
+std::string commit(const SaveRequest& req, const ShardResult& mine, const Collective& coll, Remover* remover) {
   const fs::path root(req.root);
   const fs::path final_dir = root / step_dir_name(req.step);
   const fs::path tmp = root / (step_dir_name(req.step) + ".tmp");
@@ -97,14 +196,21 @@ std::string commit(const SaveRequest& req, const ShardResult& mine, const Collec
     try {
       nlohmann::json index = {{"format", kFormat}, {"step", req.step}, {"meta", req.meta},
                               {"shards", coll.size()}, {"tensors", nlohmann::json::object()}};
+      nlohmann::json& tensors = index["tensors"];
       for (const auto& part : all) {
-        const nlohmann::json entries = nlohmann::json::parse(part);
+        nlohmann::json entries = nlohmann::json::parse(part);
         for (auto& [name, entry] : entries.items()) {
-          if (index["tensors"].contains(name))
-            throw std::runtime_error(fmt::format("checkpoint: tensor {} written by two ranks", name));
-          index["tensors"][name] = entry;
+          if (!tensors.contains(name)) {
+            tensors[name] = std::move(entry);
+            continue;
+          }
+          nlohmann::json& have = tensors[name];
+          if (have["shape"] != entry["shape"] || have["dtype"] != entry["dtype"])
+            throw std::runtime_error(fmt::format("checkpoint: ranks disagree on the shape or dtype of {}", name));
+          for (auto& p : entry["parts"]) have["parts"].push_back(std::move(p));
         }
       }
+      for (auto& [name, entry] : tensors.items()) check_parts(name, entry);
       // Shards a crashed earlier save left in the .tmp directory (another layout) are not part of this one.
       for (const auto& e : fs::directory_iterator(tmp)) {
         const std::string n = e.path().filename().string();
@@ -125,7 +231,16 @@ std::string commit(const SaveRequest& req, const ShardResult& mine, const Collec
 
   // One rename makes the checkpoint; then `latest` moves to it.
   if (coll.rank() == 0) {
-    if (fs::exists(final_dir)) fs::remove_all(final_dir);
+    // Directories on their way out: renamed aside at once (a rename is atomic), deleted later or now.
+    std::vector<fs::path> doomed;
+    auto set_aside = [&](const fs::path& dir) {
+      static int serial = 0;
+      fs::path aside = dir;
+      aside += fmt::format(".deleting-{}-{}", ::getpid(), serial++);
+      fs::rename(dir, aside);
+      doomed.push_back(aside);
+    };
+    if (fs::exists(final_dir)) set_aside(final_dir);  // a new save of the same step replaces it
     fs::rename(tmp, final_dir);
     fsync_path(root.string());
     write_file_durably(root / "latest.tmp", step_dir_name(req.step) + "\n");
@@ -134,7 +249,17 @@ std::string commit(const SaveRequest& req, const ShardResult& mine, const Collec
     if (req.keep_last > 0) {
       auto steps = committed_steps(root);
       for (size_t i = 0; i + static_cast<size_t>(req.keep_last) < steps.size(); ++i)
-        fs::remove_all(root / step_dir_name(steps[i]));
+        set_aside(root / step_dir_name(steps[i]));
+    }
+    for (const auto& e : fs::directory_iterator(root))  // left by a job that ended before deleting them
+      if (e.path().filename().string().find(".deleting-") != std::string::npos &&
+          std::find(doomed.begin(), doomed.end(), e.path()) == doomed.end())
+        doomed.push_back(e.path());
+    for (const auto& d : doomed) {
+      if (remover)
+        remover->remove(d.string());
+      else
+        fs::remove_all(d);
     }
   }
   coll.barrier();
@@ -175,7 +300,8 @@ Checkpoint::Checkpoint(std::string dir) : dir_(std::move(dir)) {
     throw std::runtime_error(fmt::format("{}: corrupt checkpoint index: {}", index_path.string(), e.what()));
   }
   if (index_.value("format", "") != kFormat)
-    throw std::runtime_error(fmt::format("{}: not a {} index", index_path.string(), kFormat));
+    throw std::runtime_error(fmt::format("{}: not a {} index (format '{}')", index_path.string(), kFormat,
+                                         index_.value("format", "")));
 }
 
 H5File& Checkpoint::shard(const std::string& file) {
@@ -185,19 +311,49 @@ H5File& Checkpoint::shard(const std::string& file) {
   return *it->second;
 }
 
-at::Tensor Checkpoint::read(const std::string& name) {
+std::vector<int64_t> Checkpoint::shape(const std::string& name) const {
   if (!has(name)) throw std::runtime_error(fmt::format("{}: the checkpoint has no tensor {}", dir_, name));
+  return index_["tensors"][name].at("shape").get<std::vector<int64_t>>();
+}
+
+at::Tensor Checkpoint::read(const std::string& name) {
+  const auto s = shape(name);
+  return read_rows(name, 0, s.empty() ? 1 : s[0]);
+}
+
+at::Tensor Checkpoint::read_rows(const std::string& name, int64_t begin, int64_t end) {
+  std::vector<int64_t> want = shape(name);
   const auto& e = index_["tensors"][name];
-  const std::string file = e.at("file"), dataset = e.at("dataset");
-  H5File& h5 = shard(file);
-  at::Tensor t = h5.read(dataset);
-  if (t.sizes().vec() != e.at("shape").get<std::vector<int64_t>>())
-    throw std::runtime_error(fmt::format("{}/{}: dataset {} has shape {} but the index says {}", dir_, file, dataset,
-                                         nlohmann::json(t.sizes().vec()).dump(), e.at("shape").dump()));
-  if (hex(checksum(t)) != e.at("xxh64").get<std::string>())
-    throw std::runtime_error(fmt::format("{}/{}: checksum mismatch in dataset {} (the shard is corrupt)", dir_, file,
-                                         dataset));
-  return t;
+  const bool scalar = want.empty();
+  const int64_t rows = scalar ? 1 : want[0];
+  if (begin < 0 || end > rows || begin >= end)
+    throw std::runtime_error(fmt::format("{}: tensor {} has {} rows; rows {} to {} asked for", dir_, name, rows, begin,
+                                         end));
+  if (!scalar) want[0] = end - begin;
+  at::Tensor out = at::empty(want, at::TensorOptions().dtype(dtype_from_name(e.at("dtype"), dir_ + ": " + name)));
+  int64_t covered = 0;
+  for (const auto& p : e.at("parts")) {
+    const auto slice = p.at("slice").get<std::vector<std::vector<int64_t>>>();
+    const int64_t b = scalar ? 0 : slice.at(0).at(0), pe = scalar ? 1 : slice.at(0).at(1);
+    if (pe <= begin || b >= end) continue;
+    const std::string file = p.at("file"), dataset = p.at("dataset");
+    at::Tensor t = shard(file).read(dataset);
+    std::vector<int64_t> extent;
+    for (const auto& d : slice) extent.push_back(d.at(1) - d.at(0));
+    if (t.sizes().vec() != extent)
+      throw std::runtime_error(fmt::format("{}/{}: dataset {} has shape {} but the index says {}", dir_, file, dataset,
+                                           nlohmann::json(t.sizes().vec()).dump(), nlohmann::json(extent).dump()));
+    if (hex(checksum(t)) != p.at("xxh64").get<std::string>())
+      throw std::runtime_error(fmt::format("{}/{}: checksum mismatch in dataset {} (the shard is corrupt)", dir_, file,
+                                           dataset));
+    if (scalar) return t;
+    const int64_t from = std::max(b, begin), to = std::min(pe, end);
+    out.narrow(0, from - begin, to - from).copy_(t.narrow(0, from - b, to - from));
+    covered += to - from;
+  }
+  if (covered != end - begin)
+    throw std::runtime_error(fmt::format("{}: the parts of tensor {} do not hold rows {} to {}", dir_, name, begin, end));
+  return out;
 }
 
 std::vector<std::string> Checkpoint::names() const {
@@ -220,8 +376,10 @@ std::string inspect(const std::string& dir) {
     const auto dt = dtype_from_name(e.at("dtype"), name);
     const int64_t bytes = n * static_cast<int64_t>(c10::elementSize(dt));
     total += bytes;
+    std::vector<std::string> files;
+    for (const auto& p : e.at("parts")) files.push_back(p.at("file"));
     out += fmt::format("{:<60} {:>18} {:>10} {:>12}  {}\n", name, fmt::format("{}", fmt::join(shape, "×")),
-                       e.at("dtype").get<std::string>(), bytes, e.at("file").get<std::string>());
+                       e.at("dtype").get<std::string>(), bytes, fmt::join(files, ","));
   }
   out += fmt::format("{} tensors, {} bytes\n", ck.names().size(), total);
   return out;
@@ -233,7 +391,7 @@ std::string verify(const std::string& dir) {
   std::set<std::string> files;
   for (const auto& name : ck.names()) {
     bytes += static_cast<int64_t>(ck.read(name).nbytes());
-    files.insert(ck.index()["tensors"][name].at("file").get<std::string>());
+    for (const auto& p : ck.index()["tensors"][name].at("parts")) files.insert(p.at("file").get<std::string>());
   }
   return fmt::format("{}: ok — {} tensors, {} bytes in {} shards, every checksum matches", dir, ck.names().size(),
                      bytes, files.size());

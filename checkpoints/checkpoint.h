@@ -1,8 +1,10 @@
 // Sharded checkpoints: a directory step_NNNNNNN/ with one HDF5 shard per rank (shard_RRRRR.h5, holding the
 // tensors that rank writes) and index.json: the resolved config, the layout it was saved with, the trainer state,
-// and for every tensor its global name, shape, dtype, the shard and dataset holding it, the slice it holds and an
-// xxHash64 checksum. Every unique tensor is written once (the caller picks one writer among the replicas), so a
-// checkpoint saved on one layout loads on any other: each rank reads the tensors it needs wherever they are.
+// and for every tensor its global name, global shape and dtype, and its parts: the shard and dataset holding each,
+// the slice of the global tensor it holds and an xxHash64 checksum. Most tensors are one part; a tensor spread over
+// ranks (the routed experts of a layer, stacked, rows split over the EP ranks) has one part per writer. Every unique
+// tensor is written once (the caller picks one writer among the replicas), so a checkpoint saved on one layout loads
+// on any other: each rank reads the rows it needs from whichever shards hold them.
 //
 // Commit protocol: shards and index written into step_NNNNNNN.tmp/ and fsynced; every rank reports success; rank 0
 // renames the directory, fsyncs the parent, and replaces `latest` through a temporary file and a rename. A crash at
@@ -14,7 +16,9 @@
 
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "checkpoints/collective.h"
@@ -24,8 +28,13 @@ namespace moetrain::checkpoints {
 
 struct TensorEntry {
   std::string name;  // dataset path inside the checkpoint: "model/layers.1.moe.router.weight"
-  at::Tensor tensor;
+  at::Tensor tensor;  // the whole tensor; unused when `rows` is set
   bool write = true;  // false: another replica writes it
+  // A part of a tensor spread over ranks: `rows` (one shape) stacked along a new first dimension are rows
+  // [row_begin, row_begin + rows.size()) of the global tensor `name`, which has `rows_total` rows.
+  std::vector<at::Tensor> rows;
+  int64_t row_begin = 0;
+  int64_t rows_total = 0;
 };
 
 struct SaveRequest {
@@ -42,12 +51,33 @@ struct ShardResult {
   std::string error;
 };
 
+// Deletes directories on a background thread: checkpoints pruned by keep_last and a checkpoint replaced by a new
+// save of its step are first renamed aside (`<name>.deleting-N`, which nothing ever loads) and then removed while
+// training goes on, as torchtitan purges old checkpoints. The destructor waits for the deletions.
+class Remover {
+ public:
+  Remover() = default;
+  ~Remover();
+  Remover(const Remover&) = delete;
+  Remover& operator=(const Remover&) = delete;
+  void remove(const std::string& dir);
+  void wait();  // until every deletion asked for is done
+
+ private:
+  std::mutex mu_;
+  std::vector<std::string> queue_;
+  bool running_ = false;
+  std::thread thread_;
+};
+
 // Writes this rank's shard into root/step_NNNNNNN.tmp/ and fsyncs it. Local (no communication), so it may run on
 // a background thread while training goes on (checkpoint.async).
 ShardResult write_shard(const SaveRequest& request, int rank);
 // Collective: gathers the entries, writes the index, agrees that every rank succeeded, renames, updates `latest`,
-// prunes to keep_last. Returns the committed step directory; throws (on every rank) if any rank failed.
-std::string commit(const SaveRequest& request, const ShardResult& mine, const Collective& coll);
+// prunes to keep_last (and deletes what a crash left being deleted) through `remover`, or at once without one.
+// Returns the committed step directory; throws (on every rank) if any rank failed.
+std::string commit(const SaveRequest& request, const ShardResult& mine, const Collective& coll,
+                   Remover* remover = nullptr);
 
 std::string step_dir_name(int64_t step);  // "step_0000010"
 
@@ -62,8 +92,11 @@ class Checkpoint {
   const nlohmann::json& index() const { return index_; }
   const nlohmann::json& meta() const { return index_.at("meta"); }
   bool has(const std::string& name) const { return index_.at("tensors").contains(name); }
-  // Reads a tensor and checks its checksum; the error names the shard and the dataset.
+  // Reads a tensor and checks its checksums; the error names the shard and the dataset.
   at::Tensor read(const std::string& name);
+  // Rows [begin, end) of a tensor's first dimension, read from the parts that hold them (each checked whole).
+  at::Tensor read_rows(const std::string& name, int64_t begin, int64_t end);
+  std::vector<int64_t> shape(const std::string& name) const;
   std::vector<std::string> names() const;
   const std::string& dir() const { return dir_; }
 

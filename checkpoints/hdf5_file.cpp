@@ -4,9 +4,13 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <hdf5.h>
+#include <sys/uio.h>
 #include <unistd.h>
+#include <xxhash.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <stdexcept>
 
@@ -92,6 +96,8 @@ H5File H5File::create(const std::string& path) {
   // The latest file format: compact and fast link storage for the thousands of datasets of a large model.
   Handle fapl{H5Pcreate(H5P_FILE_ACCESS), H5Pclose};
   H5Pset_libver_bounds(fapl.id, H5F_LIBVER_LATEST, H5F_LIBVER_LATEST);
+  // Metadata in 64 KiB blocks rather than 2 KiB ones: the datasets' bytes lie in long contiguous runs between them.
+  H5Pset_meta_block_size(fapl.id, 64 << 10);
   hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.id);
   if (id < 0) fail(path, "cannot create the HDF5 file");
   return H5File(id, path);
@@ -121,31 +127,50 @@ H5File::~H5File() {
   if (id_ >= 0) H5Fclose(id_);
 }
 
-void H5File::write(const std::string& name, const at::Tensor& t) {
-  if (!t.device().is_cpu() || !t.is_contiguous()) fail(path_, fmt::format("{}: tensor must be contiguous on CPU", name));
-  std::vector<hsize_t> dims(t.sizes().begin(), t.sizes().end());
-  Handle space{t.dim() == 0 ? H5Screate(H5S_SCALAR) : H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
+namespace {
+
+// Creates dataset `name` of `shape` and `dtype` in `file` (intermediate groups created), tagged with its dtype where HDF5 has no
+// such type. `early`: storage allocated now and never filled, so that the caller may write the bytes itself at
+// H5Dget_offset. Returns the open dataset.
+hid_t create_dataset(hid_t file, const std::string& path, const std::string& name, const std::vector<int64_t>& shape,
+                     c10::ScalarType dtype, bool early) {
+  std::vector<hsize_t> dims(shape.begin(), shape.end());
+  Handle space{dims.empty() ? H5Screate(H5S_SCALAR) : H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
                H5Sclose};
   Handle lcpl{H5Pcreate(H5P_LINK_CREATE), H5Pclose};
   H5Pset_create_intermediate_group(lcpl.id, 1);
   Handle dcpl{H5Pcreate(H5P_DATASET_CREATE), H5Pclose};
   H5Pset_obj_track_times(dcpl.id, 0);  // no timestamps: identical content gives identical files
-  Handle ds{H5Dcreate2(static_cast<hid_t>(id_), name.c_str(), file_type(t.scalar_type()), space.id, lcpl.id, dcpl.id,
-                       H5P_DEFAULT),
-            H5Dclose};
-  if (ds.id < 0) fail(path_, fmt::format("cannot create dataset {}", name));
-  if (t.numel() > 0 && H5Dwrite(ds.id, memory_type(t.scalar_type()), H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()) < 0)
-    fail(path_, fmt::format("cannot write dataset {}", name));
+  if (early) {
+    H5Pset_alloc_time(dcpl.id, H5D_ALLOC_TIME_EARLY);
+    H5Pset_fill_time(dcpl.id, H5D_FILL_TIME_NEVER);
+  }
+  hid_t ds = H5Dcreate2(file, name.c_str(), file_type(dtype), space.id, lcpl.id, dcpl.id, H5P_DEFAULT);
+  if (ds < 0) fail(path, fmt::format("cannot create dataset {}", name));
   // Types HDF5 has describe themselves; BF16, FP16, FP8 and bool are stored as raw integers and tagged.
-  const bool tagged = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf ||
-                      t.scalar_type() == at::kFloat8_e4m3fn || t.scalar_type() == at::kBool;
-  if (!tagged) return;
-  const std::string dt = dtype_name(t.scalar_type());
+  const bool tagged =
+      dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat8_e4m3fn || dtype == at::kBool;
+  if (!tagged) return ds;
+  const std::string dt = dtype_name(dtype);
   Handle str{H5Tcopy(H5T_C_S1), H5Tclose};
   H5Tset_size(str.id, dt.size() + 1);  // with its terminating NUL
   Handle aspace{H5Screate(H5S_SCALAR), H5Sclose};
-  Handle attr{H5Acreate2(ds.id, "dtype", str.id, aspace.id, H5P_DEFAULT, H5P_DEFAULT), H5Aclose};
-  if (attr.id < 0 || H5Awrite(attr.id, str.id, dt.c_str()) < 0) fail(path_, fmt::format("cannot tag dataset {}", name));
+  Handle attr{H5Acreate2(ds, "dtype", str.id, aspace.id, H5P_DEFAULT, H5P_DEFAULT), H5Aclose};
+  if (attr.id < 0 || H5Awrite(attr.id, str.id, dt.c_str()) < 0) {
+    H5Dclose(ds);
+    fail(path, fmt::format("cannot tag dataset {}", name));
+  }
+  return ds;
+}
+
+}  // namespace
+
+void H5File::write(const std::string& name, const at::Tensor& t) {
+  if (!t.device().is_cpu() || !t.is_contiguous()) fail(path_, fmt::format("{}: tensor must be contiguous on CPU", name));
+  Handle ds{create_dataset(static_cast<hid_t>(id_), path_, name, t.sizes().vec(), t.scalar_type(), /*early=*/false),
+            H5Dclose};
+  if (t.numel() > 0 && H5Dwrite(ds.id, memory_type(t.scalar_type()), H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()) < 0)
+    fail(path_, fmt::format("cannot write dataset {}", name));
 }
 
 bool H5File::has(const std::string& name) const {
@@ -223,6 +248,147 @@ void H5File::close_durably() {
   }
   id_ = -1;
   fsync_path(path_);
+}
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "ShardWriter writes native bytes into little-endian datasets");
+
+uint64_t checksum_bytes(const void* data, size_t bytes) { return XXH64(data, bytes, 0); }
+
+namespace {
+constexpr int64_t kBatchBytes = 4 << 20;  // the writer starts a batch once this much is queued
+}
+
+ShardWriter::ShardWriter(std::string path) : file_(H5File::create(path)) {
+  fd_ = ::open(file_.path().c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd_ < 0) fail(file_.path(), fmt::format("cannot open for writing: {}", std::strerror(errno)));
+  thread_ = std::thread([this] { run(); });
+}
+
+ShardWriter::~ShardWriter() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    closing_ = true;
+    queue_.clear();  // abandoned: nothing more is written
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  if (fd_ >= 0) ::close(fd_);
+  for (auto& [index, state] : states_) XXH64_freeState(static_cast<XXH64_state_t*>(state));
+}
+
+void ShardWriter::add(const std::string& name, const at::Tensor& t) { add_rows(name, {t}, t.sizes().vec()); }
+
+void ShardWriter::add_stacked(const std::string& name, const std::vector<at::Tensor>& rows) {
+  if (rows.empty()) fail(file_.path(), fmt::format("dataset {}: no rows to stack", name));
+  std::vector<int64_t> shape = rows[0].sizes().vec();
+  shape.insert(shape.begin(), static_cast<int64_t>(rows.size()));
+  for (const auto& r : rows)
+    if (r.sizes() != rows[0].sizes() || r.scalar_type() != rows[0].scalar_type())
+      fail(file_.path(), fmt::format("dataset {}: rows of different shapes or dtypes", name));
+  add_rows(name, rows, shape);
+}
+
+void ShardWriter::add_rows(const std::string& name, const std::vector<at::Tensor>& rows,
+                           const std::vector<int64_t>& shape) {
+  for (const auto& r : rows)
+    if (!r.device().is_cpu() || !r.is_contiguous())
+      fail(file_.path(), fmt::format("{}: tensor must be contiguous on CPU", name));
+  Handle ds{create_dataset(static_cast<hid_t>(file_.id_), file_.path(), name, shape, rows[0].scalar_type(),
+                           /*early=*/true),
+            H5Dclose};
+  const size_t index = sums_.size();
+  sums_.push_back(checksum_bytes(nullptr, 0));  // an empty dataset's; the writer checksums the others
+  int64_t bytes = 0;
+  for (const auto& r : rows) bytes += static_cast<int64_t>(r.nbytes());
+  if (bytes == 0) return;
+  const haddr_t offset = H5Dget_offset(ds.id);
+  if (offset == HADDR_UNDEF) fail(file_.path(), fmt::format("dataset {}: no storage allocated", name));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    int64_t at = static_cast<int64_t>(offset);
+    for (const auto& r : rows) {
+      queue_.push_back({at, r, index});
+      at += static_cast<int64_t>(r.nbytes());
+    }
+    queued_bytes_ += bytes;
+    if (queued_bytes_ < kBatchBytes) return;
+  }
+  cv_.notify_one();
+}
+
+void ShardWriter::run() {
+  for (;;) {
+    std::vector<Piece> batch;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return closing_ || queued_bytes_ >= kBatchBytes; });
+      if (queue_.empty() && closing_) return;
+      batch.swap(queue_);
+      queued_bytes_ = 0;
+    }
+    write_batch(batch);
+  }
+}
+
+// Checksums the pieces (a stacked dataset's rows in order, so its checksum is that of its bytes) and writes each run
+// of adjacent ones with one vectored write; then asks the kernel to start writing the batch back to the disk
+// without waiting for it.
+void ShardWriter::write_batch(std::vector<Piece>& batch) {
+  std::stable_sort(batch.begin(), batch.end(), [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
+  for (const Piece& p : batch) {
+    void*& state = states_[p.index];
+    if (!state) {
+      state = XXH64_createState();
+      XXH64_reset(static_cast<XXH64_state_t*>(state), 0);
+    }
+    XXH64_update(static_cast<XXH64_state_t*>(state), p.tensor.data_ptr(), p.tensor.nbytes());
+  }
+  if (!error_.empty()) return;
+  for (size_t i = 0; i < batch.size();) {
+    std::vector<iovec> iov;
+    const int64_t start = batch[i].offset;
+    int64_t end = start;
+    while (i < batch.size() && batch[i].offset == end && iov.size() < IOV_MAX) {
+      iov.push_back({batch[i].tensor.data_ptr(), batch[i].tensor.nbytes()});
+      end += static_cast<int64_t>(batch[i].tensor.nbytes());
+      ++i;
+    }
+    // pwritev may write less than asked: go on from where it stopped.
+    size_t k = 0;
+    for (int64_t at = start; at < end;) {
+      const ssize_t n = ::pwritev(fd_, iov.data() + k, static_cast<int>(iov.size() - k), at);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        error_ = fmt::format("{}: write failed: {}", file_.path(), n < 0 ? std::strerror(errno) : "no progress");
+        return;
+      }
+      at += n;
+      for (size_t left = static_cast<size_t>(n); left > 0;) {
+        const size_t step = std::min(left, iov[k].iov_len);
+        iov[k].iov_base = static_cast<char*>(iov[k].iov_base) + step;
+        iov[k].iov_len -= step;
+        left -= step;
+        if (iov[k].iov_len == 0) ++k;
+      }
+    }
+    ::sync_file_range(fd_, start, end - start, SYNC_FILE_RANGE_WRITE);  // advisory: errors surface at fsync
+  }
+}
+
+std::vector<uint64_t> ShardWriter::finish() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    closing_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+  if (!error_.empty()) throw std::runtime_error(error_);
+  for (const auto& [index, state] : states_) sums_[index] = XXH64_digest(static_cast<XXH64_state_t*>(state));
+  const int rc = ::close(fd_);
+  fd_ = -1;
+  if (rc != 0) fail(file_.path(), fmt::format("close failed: {}", std::strerror(errno)));
+  file_.close_durably();
+  return sums_;
 }
 
 void fsync_path(const std::string& path) {

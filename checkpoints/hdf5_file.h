@@ -5,8 +5,13 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <condition_variable>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 namespace moetrain::checkpoints {
@@ -37,10 +42,56 @@ class H5File {
   const std::string& path() const { return path_; }
 
  private:
+  friend class ShardWriter;
   H5File(int64_t id, std::string path) : id_(id), path_(std::move(path)) {}
   int64_t id_ = -1;
   std::string path_;
 };
+
+// A new HDF5 file of many tensors, written at the disk's speed. HDF5 itself writes one small request per dataset,
+// which costs more than the bytes for the thousands of small tensors of a model. Here HDF5 only creates the datasets
+// (contiguous, storage allocated at creation, never filled) while a second thread writes every tensor's bytes to its
+// dataset's file offset in large vectored writes, checksums them on the way, and starts the kernel's writeback of
+// each batch so that the final fsync has little left to wait for. The result is an ordinary HDF5 file.
+class ShardWriter {
+ public:
+  explicit ShardWriter(std::string path);
+  ~ShardWriter();  // an unfinished writer stops its thread; the file is left incomplete
+  ShardWriter(const ShardWriter&) = delete;
+  ShardWriter& operator=(const ShardWriter&) = delete;
+
+  // Adds `t` (contiguous, on the CPU; the writer holds a reference until it is written) as dataset `name`.
+  void add(const std::string& name, const at::Tensor& t);
+  // Adds `rows` (of one shape and dtype) stacked along a new first dimension as dataset `name`, without copying.
+  void add_stacked(const std::string& name, const std::vector<at::Tensor>& rows);
+  // Waits for every byte, closes the file and fsyncs it. Returns the tensors' checksums (checksum_bytes), in the
+  // order they were added. Throws naming the file (and the dataset, where one failed).
+  std::vector<uint64_t> finish();
+
+ private:
+  struct Piece {
+    int64_t offset;
+    at::Tensor tensor;
+    size_t index;
+  };
+  void add_rows(const std::string& name, const std::vector<at::Tensor>& rows, const std::vector<int64_t>& shape);
+  void run();
+  void write_batch(std::vector<Piece>& batch);
+  H5File file_;
+  int fd_ = -1;
+  std::vector<uint64_t> sums_;                           // the adding thread's
+  std::map<size_t, void*> states_;                       // the writer's: each dataset's XXH64 state
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Piece> queue_;
+  int64_t queued_bytes_ = 0;
+  bool closing_ = false;
+  std::string error_;
+  std::thread thread_;
+};
+
+// The checksum stored for every dataset (XXH64, seed 0, of the raw bytes).
+uint64_t checksum_bytes(const void* data, size_t bytes);
 
 // fsync a file or directory by path.
 void fsync_path(const std::string& path);

@@ -17,6 +17,8 @@
 #include <thread>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
+#include <optional>
 
 #include "checkpoints/checkpoint.h"
 #include "configs/loader.h"
@@ -33,6 +35,21 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// A routed expert's tensor ("layers.3.moe.experts.12.w_up") is saved as row 12 of one tensor per layer and kind
+// ("layers.3.moe.experts.w_up", [n_routed_experts, ...]), the way Megatron-Core and torchtitan store grouped
+// experts: a few large datasets, each EP rank writing its experts' rows, instead of thousands of small ones.
+// Returns the stacked name and the row, or nothing for a tensor that is not a routed expert's.
+std::optional<std::pair<std::string, int64_t>> expert_row(const std::string& name) {
+  const std::string key = ".experts.";
+  const size_t at = name.find(key);
+  if (at == std::string::npos) return std::nullopt;
+  size_t end = at + key.size();
+  while (end < name.size() && std::isdigit(static_cast<unsigned char>(name[end]))) ++end;
+  if (end == at + key.size() || end >= name.size() || name[end] != '.') return std::nullopt;
+  return std::make_pair(name.substr(0, at + key.size() - 1) + name.substr(end),
+                        std::stoll(name.substr(at + key.size(), end - at - key.size())));
+}
 
 // Test-only fault injection: MOETRAIN_TEST_FAIL_STEP=k [MOETRAIN_TEST_FAIL_RANK=r] makes rank r throw at step k.
 void maybe_inject_failure(int64_t step, int64_t rank) {
@@ -157,6 +174,7 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
     }
 
   batches_ = data::make_batch_source(c_);
+  remover_ = std::make_unique<checkpoints::Remover>();
   flops_per_token_ = model::flops_per_token(m, c_.train.seq_len).total();
   peak_flops_ = c_.train.peak_flops > 0 ? c_.train.peak_flops : measure_peak_flops();
   if (!resume.empty()) load_checkpoint(resume);
@@ -169,6 +187,7 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
 
 Trainer::~Trainer() {
   if (pending_save_ && pending_save_->writer.joinable()) pending_save_->writer.join();
+  remover_.reset();  // waits for the deletions it was asked for
 }
 
 std::string Trainer::checkpoint_root() const {
@@ -224,15 +243,34 @@ void Trainer::save_checkpoint() {
     }
     return t.detach().to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
   };
+  std::map<std::string, size_t> stacked;  // stacked expert tensor -> its entry in r.tensors
+  auto add = [&](const std::string& prefix, const std::string& name, const at::Tensor& t) {
+    const auto row = expert_row(name);
+    if (!row) {
+      r.tensors.push_back({prefix + name, snap(t), writes(name)});
+      return;
+    }
+    const std::string global = prefix + row->first;
+    auto it = stacked.find(global);
+    if (it == stacked.end()) {
+      it = stacked.emplace(global, r.tensors.size()).first;
+      checkpoints::TensorEntry e{global, {}, writes(row->first)};
+      e.row_begin = row->second;
+      e.rows_total = c_.model.n_routed_experts;
+      r.tensors.push_back(std::move(e));
+    }
+    checkpoints::TensorEntry& e = r.tensors[it->second];
+    if (row->second != e.row_begin + static_cast<int64_t>(e.rows.size()))
+      throw std::logic_error(fmt::format("checkpoint: the experts of {} on this rank are not contiguous", global));
+    e.rows.push_back(snap(t));
+  };
   const auto& params = optimizer_->params();
   for (size_t i = 0; i < params.size(); ++i) {
-    const bool w = writes(params[i].name);
-    r.tensors.push_back({"model/" + params[i].name, snap(params[i].param), w});
-    r.tensors.push_back({"optim/exp_avg/" + params[i].name, snap(optimizer_->exp_avg(i)), w});
-    r.tensors.push_back({"optim/exp_avg_sq/" + params[i].name, snap(optimizer_->exp_avg_sq(i)), w});
+    add("model/", params[i].name, params[i].param);
+    add("optim/exp_avg/", params[i].name, optimizer_->exp_avg(i));
+    add("optim/exp_avg_sq/", params[i].name, optimizer_->exp_avg_sq(i));
   }
-  for (auto& item : model_->named_buffers(/*recurse=*/true))
-    r.tensors.push_back({"model/" + item.key(), snap(item.value()), writes(item.key())});
+  for (auto& item : model_->named_buffers(/*recurse=*/true)) add("model/", item.key(), item.value());
   const int rank = groups_ ? static_cast<int>(groups_->rank) : 0;
   r.tensors.push_back({"optim/step", at::scalar_tensor(optimizer_->steps_taken(), at::kLong), rank == 0});
   r.tensors.push_back({fmt::format("rng/{}", rank), at::detail::getDefaultCPUGenerator().get_state(), true});
@@ -254,9 +292,13 @@ void Trainer::finish_checkpoint() {
   if (!pending_save_) return;
   std::unique_ptr<PendingSave> p = std::move(pending_save_);
   if (p->writer.joinable()) p->writer.join();
-  std::string dir = checkpoints::commit(p->request, p->result, checkpoints::Collective(groups_ != nullptr));
+  std::string dir =
+      checkpoints::commit(p->request, p->result, checkpoints::Collective(groups_ != nullptr), remover_.get());
   if (c_.checkpoint.async)
-    for (auto& e : p->request.tensors) snapshot_pool_.push_back(e.tensor);
+    for (auto& e : p->request.tensors) {
+      if (e.rows.empty()) snapshot_pool_.push_back(e.tensor);
+      for (auto& row : e.rows) snapshot_pool_.push_back(row);
+    }
   if (verbose_) {
     fmt::print("checkpoint step {} saved: {}\n", p->request.step, dir);
     std::fflush(stdout);
@@ -266,27 +308,55 @@ void Trainer::finish_checkpoint() {
 // Restores everything save_checkpoint wrote, onto this rank's part of the model whatever layout saved it.
 void Trainer::load_checkpoint(const std::string& dir) {
   checkpoints::Checkpoint ck(dir);
-  auto restore = [&](const std::string& name, at::Tensor& into) {
+  auto mismatch = [&](const std::string& name, const std::vector<int64_t>& theirs, const std::vector<int64_t>& ours) {
+    return std::runtime_error(fmt::format("{}: tensor {} has shape {} in the checkpoint but {} in this model (a "
+                                          "checkpoint of another model shape)",
+                                          dir, name, nlohmann::json(theirs).dump(), nlohmann::json(ours).dump()));
+  };
+  auto need = [&](const std::string& name) {
     if (!ck.has(name))
       throw std::runtime_error(fmt::format("{}: the checkpoint has no tensor {} (a checkpoint of another model?)",
                                            dir, name));
-    const auto& e = ck.index()["tensors"][name];
-    if (e.at("shape").get<std::vector<int64_t>>() != into.sizes().vec())
-      throw std::runtime_error(fmt::format("{}: tensor {} has shape {} in the checkpoint but {} in this model (a "
-                                           "checkpoint of another model shape)",
-                                           dir, name, e.at("shape").dump(), nlohmann::json(into.sizes().vec()).dump()));
-    at::Tensor t = ck.read(name);
+    return ck.shape(name);
+  };
+  // A stacked expert tensor is read once per rank: the rows of this rank's experts.
+  std::map<std::string, std::pair<int64_t, int64_t>> wanted_rows;
+  auto note_rows = [&](const std::string& prefix, const std::string& name) {
+    if (const auto row = expert_row(name)) {
+      auto [it, fresh] = wanted_rows.emplace(prefix + row->first, std::make_pair(row->second, row->second + 1));
+      it->second = {std::min(it->second.first, row->second), std::max(it->second.second, row->second + 1)};
+    }
+  };
+  std::map<std::string, at::Tensor> rows_read;
+  auto restore = [&](const std::string& prefix, const std::string& name, at::Tensor& into) {
+    at::Tensor t;
+    if (const auto row = expert_row(name)) {
+      const std::string global = prefix + row->first;
+      std::vector<int64_t> ours = into.sizes().vec();
+      ours.insert(ours.begin(), c_.model.n_routed_experts);
+      if (need(global) != ours) throw mismatch(global, ck.shape(global), ours);
+      const auto [begin, end] = wanted_rows.at(global);
+      auto it = rows_read.find(global);
+      if (it == rows_read.end()) it = rows_read.emplace(global, ck.read_rows(global, begin, end)).first;
+      t = it->second[row->second - begin];
+    } else {
+      if (need(prefix + name) != into.sizes().vec()) throw mismatch(prefix + name, ck.shape(prefix + name), into.sizes().vec());
+      t = ck.read(prefix + name);
+    }
     at::NoGradGuard no_grad;
     into.copy_(t.to(into.scalar_type()).to(into.device()));
   };
   auto& params = optimizer_->params();
+  for (const auto& p : params)
+    for (const char* prefix : {"model/", "optim/exp_avg/", "optim/exp_avg_sq/"}) note_rows(prefix, p.name);
+  for (auto& item : model_->named_buffers(/*recurse=*/true)) note_rows("model/", item.key());
   for (size_t i = 0; i < params.size(); ++i) {
     at::Tensor p = params[i].param;
-    restore("model/" + params[i].name, p);
-    restore("optim/exp_avg/" + params[i].name, optimizer_->exp_avg_mut(i));
-    restore("optim/exp_avg_sq/" + params[i].name, optimizer_->exp_avg_sq_mut(i));
+    restore("model/", params[i].name, p);
+    restore("optim/exp_avg/", params[i].name, optimizer_->exp_avg_mut(i));
+    restore("optim/exp_avg_sq/", params[i].name, optimizer_->exp_avg_sq_mut(i));
   }
-  for (auto& item : model_->named_buffers(/*recurse=*/true)) restore("model/" + item.key(), item.value());
+  for (auto& item : model_->named_buffers(/*recurse=*/true)) restore("model/", item.key(), item.value());
   optimizer_->set_steps_taken(ck.read("optim/step").item<int64_t>());
   step_ = ck.meta().at("trainer").at("step").get<int64_t>();
   // The data order continues where the saved run stood, also with another dp size or micro-batching.

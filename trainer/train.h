@@ -18,6 +18,10 @@
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 
+namespace moetrain::checkpoints {
+class Remover;
+}
+
 namespace moetrain::trainer {
 
 // What one optimizer step produced (also written to metrics.jsonl). Losses are global-batch means, the same on
@@ -94,6 +98,7 @@ class Trainer {
   parallel::ScheduleTrace trace_;
   double flops_per_token_ = 0, peak_flops_ = 0;
   int64_t step_ = 0;
+  std::unique_ptr<checkpoints::Remover> remover_;  // deletes pruned checkpoints in the background
   std::unique_ptr<PendingSave> pending_save_;
   std::vector<at::Tensor> snapshot_pool_;  // host buffers of the last asynchronous save, reused by the next
 };

@@ -103,7 +103,7 @@ printf '%s' "$out" | grep -q "resumed from .*step_0000003 at step 3" || fail "di
 # Inspect, export.
 ck="$dir/split111/checkpoints"
 run "$bin" ckpt inspect "$ck"
-[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "model/layers.1.moe.experts.7.w_gate .* 32×64 .*float32" ||
+[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "model/layers.1.moe.experts.w_gate .* 8×32×64 .*float32" ||
   fail "inspect: $out $err"
 run "$bin" ckpt export "$ck" --out "$dir/model.h5"
 [ "$rc" -eq 0 ] || fail "export: $err"
