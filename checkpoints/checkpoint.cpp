@@ -107,14 +107,20 @@ ShardResult write_shard(const SaveRequest& req, int rank) {
       int64_t row_begin;
     };
     std::vector<Written> written;
-    std::vector<at::Tensor> keep;  // host copies of device tensors, alive until the writer is done
-    auto host = [&](const at::Tensor& t) {
-      at::Tensor h = t.detach().to(at::kCPU).contiguous();
-      if (!h.is_same(t)) keep.push_back(h);
-      return h;
+    auto host = [](const at::Tensor& t) { return t.detach().to(at::kCPU).contiguous(); };  // the writer holds it
+    // The largest first: the writer thread has bytes to write at once, while HDF5 creates the many small datasets.
+    std::vector<const TensorEntry*> order;
+    for (const auto& e : req.tensors)
+      if (e.write) order.push_back(&e);
+    auto bytes = [](const TensorEntry* e) {
+      int64_t n = e->rows.empty() ? static_cast<int64_t>(e->tensor.nbytes()) : 0;
+      for (const auto& r : e->rows) n += static_cast<int64_t>(r.nbytes());
+      return n;
     };
-    for (const auto& e : req.tensors) {
-      if (!e.write) continue;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](const TensorEntry* a, const TensorEntry* b) { return bytes(a) > bytes(b); });
+    for (const TensorEntry* ep : order) {
+      const TensorEntry& e = *ep;
       if (e.rows.empty()) {
         at::Tensor t = host(e.tensor);
         file.add("/" + e.name, t);

@@ -108,8 +108,9 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   }
 
   // Ranks started with different configs would compute different things and hang in mismatched collectives.
+  config_yaml_ = config::to_yaml(c_);  // also every checkpoint's record of the config
   if (groups_) {
-    const std::string yaml = config::to_yaml(c_);
+    const std::string& yaml = config_yaml_;
     at::Tensor h = at::zeros({2}, at::kLong);
     const auto hash = static_cast<int64_t>(XXH64(yaml.data(), yaml.size(), 0) & 0x7fffffffffffffffULL);
     h[0] = hash;
@@ -208,7 +209,7 @@ void Trainer::save_checkpoint() {
   r.keep_last = c_.checkpoint.keep_last;
   const auto shape = data::BatchShape::from(c_);
   const data::DataState ds = batches_->state(step_);
-  r.meta = {{"config", config::to_yaml(c_)},
+  r.meta = {{"config", config_yaml_},
             {"layout", {{"pp", c_.parallel.pp}, {"dp", c_.parallel.dp}, {"ep", c_.parallel.ep},
                         {"world_size", c_.parallel.world_size}}},
             {"trainer", {{"step", step_},
@@ -286,6 +287,11 @@ void Trainer::save_checkpoint() {
     pending_save_->result = checkpoints::write_shard(pending_save_->request, rank);
     finish_checkpoint();
   }
+}
+
+void Trainer::settle_checkpoints() {
+  finish_checkpoint();
+  remover_->wait();
 }
 
 void Trainer::finish_checkpoint() {
@@ -608,7 +614,7 @@ void Trainer::run() {
       }
     }
   }
-  finish_checkpoint();
+  settle_checkpoints();
 }
 
 }  // namespace moetrain::trainer

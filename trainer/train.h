@@ -56,6 +56,8 @@ class Trainer {
   // is done (or by finish_checkpoint(), the next save, or the end of the run).
   void save_checkpoint();
   void finish_checkpoint();  // waits for and commits a pending asynchronous save
+  // finish_checkpoint(), then waits for the background deletion of the checkpoints keep_last pruned.
+  void settle_checkpoints();
   std::string checkpoint_root() const;
 
   int64_t steps_done() const { return step_; }
@@ -80,6 +82,7 @@ class Trainer {
   at::Tensor layer_metrics(const std::vector<at::Tensor>& loads);
 
   config::Config c_;
+  std::string config_yaml_;  // c_ resolved, as YAML
   parallel::ProcessGroups* groups_;
   std::string run_dir_;
   bool verbose_;
