@@ -7,6 +7,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <string>
@@ -77,17 +78,25 @@ class ShardWriter {
   void add_rows(const std::string& name, const std::vector<at::Tensor>& rows, const std::vector<int64_t>& shape);
   void run();
   void write_batch(std::vector<Piece>& batch);
+  void kick();
+  void stop_kicker();
   H5File file_;
   int fd_ = -1;
   std::vector<uint64_t> sums_;                           // the adding thread's
   std::map<size_t, void*> states_;                       // the writer's: each dataset's XXH64 state
   std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<Piece> queue_;
+  std::deque<Piece> queue_;
   int64_t queued_bytes_ = 0;
   bool closing_ = false;
   std::string error_;
   std::thread thread_;
+  // The writeback starter: ranges written, handed to sync_file_range on a thread of its own.
+  std::mutex kick_mu_;
+  std::condition_variable kick_cv_;
+  std::deque<std::pair<int64_t, int64_t>> kick_queue_;
+  bool kick_stop_ = false;
+  std::thread kicker_;
 };
 
 // The checksum stored for every dataset (XXH64, seed 0, of the raw bytes).
