@@ -255,7 +255,7 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "ShardWriter writes nat
 uint64_t checksum_bytes(const void* data, size_t bytes) { return XXH64(data, bytes, 0); }
 
 namespace {
-constexpr int64_t kBatchBytes = 4 << 20;  // the writer starts a batch once this much is queued
+constexpr int64_t kBatchBytes = 4 << 20;  // a batch: started once this much is queued, about this much at most
 }
 
 ShardWriter::ShardWriter(std::string path) : file_(H5File::create(path)) {

@@ -52,8 +52,9 @@ class H5File {
 // A new HDF5 file of many tensors, written at the disk's speed. HDF5 itself writes one small request per dataset,
 // which costs more than the bytes for the thousands of small tensors of a model. Here HDF5 only creates the datasets
 // (contiguous, storage allocated at creation, never filled) while a second thread writes every tensor's bytes to its
-// dataset's file offset in large vectored writes, checksums them on the way, and starts the kernel's writeback of
-// each batch so that the final fsync has little left to wait for. The result is an ordinary HDF5 file.
+// dataset's file offset in vectored writes of about 4 MiB, checksumming them on the way, and a third starts the
+// kernel's writeback of each batch written, so that the disk works while the next batch is copied and the final
+// fsync has little left to wait for. The result is an ordinary HDF5 file.
 class ShardWriter {
  public:
   explicit ShardWriter(std::string path);
