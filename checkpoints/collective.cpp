@@ -37,6 +37,8 @@ bool Collective::all_ok(bool ok) const {
   return all == 1;
 }
 
+bool Collective::any(bool flag) const { return !all_ok(!flag); }
+
 void Collective::barrier() const {
   if (mpi_ && size_ > 1) MPI_Barrier(MPI_COMM_WORLD);
 }

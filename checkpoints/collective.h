@@ -17,6 +17,8 @@ class Collective {
   std::vector<std::string> gather(const std::string& mine) const;
   // True on every rank iff `ok` is true on every rank.
   bool all_ok(bool ok) const;
+  // True on every rank iff `flag` is true on some rank.
+  bool any(bool flag) const;
   void barrier() const;
 
  private:

@@ -93,6 +93,7 @@ struct CheckpointConfig {
   std::string dir = "checkpoints";
   int64_t keep_last = 2;
   bool async = false;
+  bool save_on_signal = true;
 };
 
 struct PrecisionConfig {

@@ -17,6 +17,7 @@
 #include <thread>
 #include <cstdlib>
 #include <filesystem>
+#include <csignal>
 #include <map>
 #include <optional>
 
@@ -50,6 +51,38 @@ std::optional<std::pair<std::string, int64_t>> expert_row(const std::string& nam
   return std::make_pair(name.substr(0, at + key.size() - 1) + name.substr(end),
                         std::stoll(name.substr(at + key.size(), end - at - key.size())));
 }
+
+// checkpoint.save_on_signal: the handler only records the signal; the training loop agrees on it across ranks at
+// the end of each step, saves and stops.
+std::atomic<int> stop_signal{0};
+extern "C" void record_stop_signal(int sig) { stop_signal.store(sig); }
+
+// Installs the SIGTERM and SIGUSR1 handlers for one run() and restores the previous ones after. SA_RESETHAND: a
+// second signal takes the default action and ends the process at once.
+class StopSignals {
+ public:
+  explicit StopSignals(bool on) : on_(on) {
+    if (!on_) return;
+    stop_signal.store(0);
+    struct sigaction sa = {};
+    sa.sa_handler = record_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND | SA_RESTART;
+    sigaction(SIGTERM, &sa, &old_term_);
+    sigaction(SIGUSR1, &sa, &old_usr1_);
+  }
+  ~StopSignals() {
+    if (!on_) return;
+    sigaction(SIGTERM, &old_term_, nullptr);
+    sigaction(SIGUSR1, &old_usr1_, nullptr);
+  }
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+
+ private:
+  bool on_;
+  struct sigaction old_term_ = {}, old_usr1_ = {};
+};
 
 // Test-only fault injection: MOETRAIN_TEST_FAIL_STEP=k [MOETRAIN_TEST_FAIL_RANK=r] makes rank r throw at step k.
 void maybe_inject_failure(int64_t step, int64_t rank) {
@@ -588,6 +621,7 @@ void Trainer::run() {
                entropy >= 0 ? fmt::format(", corpus entropy rate {:.4f} nats/token", entropy) : "");
     std::fflush(stdout);
   }
+  const StopSignals signals(c_.checkpoint.save_on_signal);
   const auto t0 = Clock::now();
   while (step_ < c_.train.steps) {
     StepResult r = step();
@@ -603,7 +637,22 @@ void Trainer::run() {
                  format_duration(eta));
       std::fflush(stdout);
     }
-    if (c_.checkpoint.interval > 0 && (step_ % c_.checkpoint.interval == 0 || last)) save_checkpoint();
+    const bool interval_save = c_.checkpoint.interval > 0 && (step_ % c_.checkpoint.interval == 0 || last);
+    if (interval_save) save_checkpoint();
+    // A stop signal on any rank: every rank saves this step and stops (one agreement per step).
+    if (c_.checkpoint.save_on_signal && !last &&
+        checkpoints::Collective(groups_ != nullptr).any(stop_signal.load() != 0)) {
+      if (!interval_save) save_checkpoint();
+      settle_checkpoints();
+      if (verbose_) {
+        const int sig = stop_signal.load();
+        fmt::print("stopped at step {} of {} on {}: checkpoint saved in {}; continue with --resume auto\n", step_,
+                   c_.train.steps, sig == SIGTERM ? "SIGTERM" : sig == SIGUSR1 ? "SIGUSR1" : "a signal to another rank",
+                   checkpoint_root());
+        std::fflush(stdout);
+      }
+      return;
+    }
     if ((c_.train.eval_interval > 0 && step_ % c_.train.eval_interval == 0) || last) {
       EvalResult e = evaluate();
       if (verbose_) {

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# signal_test.sh MOETRAIN: checkpoint.save_on_signal.
+#  - one process, SIGTERM: the run stops after its step with a checkpoint of that step, exit status 0, and
+#    --resume auto continues from it;
+#  - two ranks under mpirun, SIGUSR1 to one rank only: both agree, save the same step (2 shards) and exit 0;
+#  - checkpoint.save_on_signal: false: SIGTERM ends the process as usual, nothing saved.
+. "$(dirname "$0")/../cli/lib.sh"
+bin=$1
+dir=$(mktemp -d)
+trap 'pkill -f "logging.dir=$dir" 2>/dev/null; rm -rf "$dir"' EXIT
+base=(--config configs/tiny.yaml --set logging.dir="$dir" --set train.eval_interval=0 --set train.eval_batches=1
+      --set train.micro_batch_size=2 --set train.peak_flops=1e9 --set parallel.pp=1 --set parallel.ep=1
+      --set train.steps=100000)
+one=(--set parallel.dp=1)  # one process; under mpirun dp is the world size
+two=(--set parallel.dp=2)
+# wait_steps NAME N: until the run's metrics have N steps (60 s at most).
+wait_steps() {
+  for _ in $(seq 600); do
+    [ "$(cat "$dir/$1/metrics.jsonl" 2>/dev/null | grep -c '"lm_loss"')" -ge "$2" ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# One process, SIGTERM.
+"$bin" train "${base[@]}" "${one[@]}" --set logging.name=term >"$dir/term.log" 2>&1 &
+pid=$!
+wait_steps term 3 || fail "the run never reached step 3: $(cat "$dir/term.log")"
+kill -TERM "$pid"
+wait "$pid"
+rc=$?
+[ "$rc" -eq 0 ] || fail "SIGTERM: exit status $rc: $(tail -3 "$dir/term.log")"
+line=$(grep "stopped at step" "$dir/term.log")
+step=$(printf '%s' "$line" | sed -n 's/stopped at step \([0-9]*\) of 100000 on SIGTERM.*/\1/p')
+[ -n "$step" ] || fail "SIGTERM: no stop message: $(tail -3 "$dir/term.log")"
+[ "$(cat "$dir/term/checkpoints/latest" 2>/dev/null)" = "$(printf 'step_%07d' "${step:-0}")" ] ||
+  fail "SIGTERM: latest is not the step it stopped at ($step)"
+[ "$(grep -c '"lm_loss"' "$dir/term/metrics.jsonl")" -eq "${step:-0}" ] || fail "SIGTERM: metrics and step disagree"
+run "$bin" ckpt verify "$dir/term/checkpoints"
+[ "$rc" -eq 0 ] || fail "SIGTERM: the checkpoint does not verify: $err"
+run "$bin" train "${base[@]}" "${one[@]}" --set logging.name=term --set train.steps=$((step + 2)) --resume auto
+[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "resumed from .*step_$(printf '%07d' "$step") at step $step" ||
+  fail "SIGTERM: did not resume from step $step: rc $rc: $out $err"
+
+# Two ranks, SIGUSR1 to one of them.
+mpi -np 2 "$bin" train "${base[@]}" "${two[@]}" --set logging.name=usr1 >"$dir/usr1.log" 2>&1 &
+job=$!
+wait_steps usr1 3 || fail "the 2-rank run never reached step 3: $(cat "$dir/usr1.log")"
+rank=$(pgrep -f "logging.name=usr1" | while read -r p; do
+  [ "$(cat "/proc/$p/comm" 2>/dev/null)" = moetrain ] && echo "$p"; done | head -1)
+[ -n "$rank" ] || fail "no rank process found"
+kill -USR1 "$rank"
+wait "$job"
+rc=$?
+[ "$rc" -eq 0 ] || fail "SIGUSR1 to one rank: exit status $rc: $(tail -5 "$dir/usr1.log")"
+grep -q "stopped at step [0-9]* of 100000 on" "$dir/usr1.log" || fail "SIGUSR1: no stop message: $(tail -5 "$dir/usr1.log")"
+latest=$(cat "$dir/usr1/checkpoints/latest" 2>/dev/null)
+[ -n "$latest" ] && python3 - "$dir/usr1/checkpoints/$latest/index.json" <<'PY' || fail "SIGUSR1: no 2-shard checkpoint"
+import json, sys
+assert json.load(open(sys.argv[1]))["shards"] == 2
+PY
+
+# save_on_signal off: SIGTERM is the default, immediate end.
+"$bin" train "${base[@]}" "${one[@]}" --set logging.name=off --set checkpoint.save_on_signal=false >"$dir/off.log" 2>&1 &
+pid=$!
+wait_steps off 2 || fail "the run never reached step 2: $(cat "$dir/off.log")"
+kill -TERM "$pid"
+wait "$pid"
+rc=$?
+[ "$rc" -eq 143 ] || fail "save_on_signal off: exit status $rc, expected 143 (SIGTERM)"
+[ ! -e "$dir/off/checkpoints/latest" ] || fail "save_on_signal off: a checkpoint was saved"
+finish
