@@ -13,6 +13,8 @@
 #include <stdexcept>
 #include <thread>
 
+#include <fcntl.h>
+#include <stdio.h>
 #include <unistd.h>
 
 namespace moetrain::checkpoints {
@@ -47,7 +49,8 @@ std::vector<int64_t> committed_steps(const fs::path& root) {
   if (!fs::exists(root)) return steps;
   for (const auto& e : fs::directory_iterator(root)) {
     const std::string n = e.path().filename().string();
-    if (e.is_directory() && n.rfind("step_", 0) == 0 && n.find('.') == std::string::npos)
+    if (e.is_directory() && n.size() > 5 && n.rfind("step_", 0) == 0 &&
+        n.find_first_not_of("0123456789", 5) == std::string::npos)
       steps.push_back(std::stoll(n.substr(5)));
   }
   std::sort(steps.begin(), steps.end());
@@ -155,6 +158,59 @@ ShardResult write_shard(const SaveRequest& req, int rank) {
   return out;
 }
 
+namespace {
+
+// Renames a directory on its way out aside (atomic), to a name nothing loads and no other job's leftover has.
+fs::path set_aside(const fs::path& dir) {
+  static int serial = 0;
+  const auto stamp = std::chrono::system_clock::now().time_since_epoch().count();
+  fs::path aside = dir;
+  aside += fmt::format(".deleting-{}-{}-{}", ::getpid(), stamp, serial++);
+  fs::rename(dir, aside);
+  return aside;
+}
+
+// Rank 0's part of the commit: step_N.tmp becomes step_N, `latest` names it, keep_last prunes older steps.
+void publish(const SaveRequest& req, const fs::path& root, const fs::path& final_dir, const fs::path& tmp,
+             Remover* remover) {
+  std::vector<fs::path> doomed;
+  for (const auto& e : fs::directory_iterator(root))  // left by a job that ended before deleting them
+    if (e.path().filename().string().find(".deleting-") != std::string::npos) doomed.push_back(e.path());
+  if (fs::exists(final_dir)) {
+    // A new save of a step that exists (and that `latest` may name): swap the two atomically, so that step_N is
+    // always a complete checkpoint; the old one, now at the .tmp name, is set aside.
+    if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+      doomed.push_back(set_aside(tmp));
+    } else {  // a filesystem without the exchange: a short window where step_N is missing
+      doomed.push_back(set_aside(final_dir));
+      fs::rename(tmp, final_dir);
+    }
+  } else {
+    fs::rename(tmp, final_dir);
+  }
+  fsync_path(root.string());
+  write_file_durably(root / "latest.tmp", step_dir_name(req.step) + "\n");
+  fs::rename(root / "latest.tmp", root / "latest");
+  fsync_path(root.string());
+  // keep_last counts this step and the newest older ones. Later steps (left by a run this one was resumed
+  // before) are neither counted nor deleted, and this step never is.
+  if (req.keep_last > 0) {
+    std::vector<int64_t> older;
+    for (int64_t s : committed_steps(root))
+      if (s < req.step) older.push_back(s);
+    for (size_t i = 0; i + static_cast<size_t>(req.keep_last) - 1 < older.size(); ++i)
+      doomed.push_back(set_aside(root / step_dir_name(older[i])));
+  }
+  for (const auto& d : doomed) {
+    if (remover)
+      remover->remove(d.string());
+    else
+      fs::remove_all(d);
+  }
+}
+
+}  // namespace
+
 Remover::~Remover() { wait(); }
 
 void Remover::remove(const std::string& dir) {
@@ -162,7 +218,6 @@ void Remover::remove(const std::string& dir) {
   queue_.push_back(dir);
   if (running_) return;  // the running thread takes it
   if (thread_.joinable()) thread_.join();  // one that has run out of work and ended
-  running_ = true;
   thread_ = std::thread([this] {
     for (;;) {
       std::string next;
@@ -179,6 +234,7 @@ void Remover::remove(const std::string& dir) {
       fs::remove_all(next, ec);
     }
   });
+  running_ = true;  // under the lock: the thread looks at running_ only once it has the lock
 }
 
 void Remover::wait() {
@@ -235,40 +291,18 @@ std::string commit(const SaveRequest& req, const ShardResult& mine, const Collec
                                            : error);
   maybe_pause(coll.rank(), req.step);
 
-  // One rename makes the checkpoint; then `latest` moves to it.
+  // One rename makes the checkpoint; then `latest` moves to it. Rank 0 does it; every rank learns how it went.
   if (coll.rank() == 0) {
-    // Directories on their way out: renamed aside at once (a rename is atomic), deleted later or now.
-    std::vector<fs::path> doomed;
-    auto set_aside = [&](const fs::path& dir) {
-      static int serial = 0;
-      fs::path aside = dir;
-      aside += fmt::format(".deleting-{}-{}", ::getpid(), serial++);
-      fs::rename(dir, aside);
-      doomed.push_back(aside);
-    };
-    if (fs::exists(final_dir)) set_aside(final_dir);  // a new save of the same step replaces it
-    fs::rename(tmp, final_dir);
-    fsync_path(root.string());
-    write_file_durably(root / "latest.tmp", step_dir_name(req.step) + "\n");
-    fs::rename(root / "latest.tmp", root / "latest");
-    fsync_path(root.string());
-    if (req.keep_last > 0) {
-      auto steps = committed_steps(root);
-      for (size_t i = 0; i + static_cast<size_t>(req.keep_last) < steps.size(); ++i)
-        set_aside(root / step_dir_name(steps[i]));
-    }
-    for (const auto& e : fs::directory_iterator(root))  // left by a job that ended before deleting them
-      if (e.path().filename().string().find(".deleting-") != std::string::npos &&
-          std::find(doomed.begin(), doomed.end(), e.path()) == doomed.end())
-        doomed.push_back(e.path());
-    for (const auto& d : doomed) {
-      if (remover)
-        remover->remove(d.string());
-      else
-        fs::remove_all(d);
+    try {
+      publish(req, root, final_dir, tmp, remover);
+    } catch (const std::exception& ex) {
+      error = fmt::format("checkpoint {}: the commit failed: {}", final_dir.string(), ex.what());
     }
   }
-  coll.barrier();
+  if (!coll.all_ok(error.empty()))
+    throw std::runtime_error(error.empty() ? fmt::format("checkpoint {}: the commit failed on rank 0",
+                                                         final_dir.string())
+                                           : error);
   return final_dir.string();
 }
 
@@ -332,7 +366,7 @@ at::Tensor Checkpoint::read_rows(const std::string& name, int64_t begin, int64_t
   const auto& e = index_["tensors"][name];
   const bool scalar = want.empty();
   const int64_t rows = scalar ? 1 : want[0];
-  if (begin < 0 || end > rows || begin >= end)
+  if (begin < 0 || end > rows || begin > end)
     throw std::runtime_error(fmt::format("{}: tensor {} has {} rows; rows {} to {} asked for", dir_, name, rows, begin,
                                          end));
   if (!scalar) want[0] = end - begin;

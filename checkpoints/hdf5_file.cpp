@@ -262,7 +262,18 @@ ShardWriter::ShardWriter(std::string path) : file_(H5File::create(path)) {
   fd_ = ::open(file_.path().c_str(), O_WRONLY | O_CLOEXEC);
   if (fd_ < 0) fail(file_.path(), fmt::format("cannot open for writing: {}", std::strerror(errno)));
   thread_ = std::thread([this] { run(); });
-  kicker_ = std::thread([this] { kick(); });
+  try {
+    kicker_ = std::thread([this] { kick(); });
+  } catch (...) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      closing_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+    ::close(fd_);
+    throw;
+  }
 }
 
 // Starts the writeback of each written range. sync_file_range(SYNC_FILE_RANGE_WRITE) blocks while the disk's queue
@@ -359,7 +370,11 @@ void ShardWriter::run() {
       }
       queued_bytes_ -= taken;
     }
-    write_batch(batch);
+    try {
+      write_batch(batch);
+    } catch (const std::exception& e) {  // an exception must not leave the thread: finish() reports it
+      if (error_.empty()) error_ = fmt::format("{}: writing failed: {}", file_.path(), e.what());
+    }
   }
 }
 
@@ -372,6 +387,7 @@ void ShardWriter::write_batch(std::vector<Piece>& batch) {
     void*& state = states_[p.index];
     if (!state) {
       state = XXH64_createState();
+      if (!state) throw std::bad_alloc();
       XXH64_reset(static_cast<XXH64_state_t*>(state), 0);
     }
     XXH64_update(static_cast<XXH64_state_t*>(state), p.tensor.data_ptr(), p.tensor.nbytes());

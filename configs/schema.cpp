@@ -146,7 +146,7 @@ std::vector<KeySpec> build_schema() {
       {KEY(checkpoint, async), "Write checkpoints on a background thread after a copy to host memory."},
       {KEY(checkpoint, save_on_signal),
        "On SIGTERM or SIGUSR1 (a preemption, Slurm's --signal) every rank finishes its step, a checkpoint is saved "
-       "and the run exits with status 0; a second signal ends the process at once."},
+       "and the run exits with status 0 (SIGINT and SIGKILL still end it at once)."},
 
       // ---- precision ---------------------------------------------------------------------------------------
       {KEY(precision, mode),

@@ -57,8 +57,8 @@ std::optional<std::pair<std::string, int64_t>> expert_row(const std::string& nam
 std::atomic<int> stop_signal{0};
 extern "C" void record_stop_signal(int sig) { stop_signal.store(sig); }
 
-// Installs the SIGTERM and SIGUSR1 handlers for one run() and restores the previous ones after. SA_RESETHAND: a
-// second signal takes the default action and ends the process at once.
+// Installs the SIGTERM and SIGUSR1 handlers for one run() and restores the previous ones after. A repeated signal
+// (Slurm and mpirun may both forward one) changes nothing; SIGINT and SIGKILL still end the process at once.
 class StopSignals {
  public:
   explicit StopSignals(bool on) : on_(on) {
@@ -67,7 +67,7 @@ class StopSignals {
     struct sigaction sa = {};
     sa.sa_handler = record_stop_signal;
     sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_RESETHAND | SA_RESTART;
+    sa.sa_flags = SA_RESTART;
     sigaction(SIGTERM, &sa, &old_term_);
     sigaction(SIGUSR1, &sa, &old_usr1_);
   }
@@ -120,6 +120,7 @@ struct Trainer::PendingSave {
   checkpoints::ShardResult result;
   std::thread writer;
   std::atomic<bool> written{false};
+  std::vector<at::Tensor> snapshots;  // the host copies, in the order they were taken: the next save's buffers
 };
 
 Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, std::string run_dir, bool main,
@@ -271,11 +272,15 @@ void Trainer::save_checkpoint() {
   auto snap = [&](const at::Tensor& t) {
     if (!copy) return t.detach().to(at::kCPU);
     const size_t i = next_buffer++;
+    at::Tensor host;
     if (i < pool.size() && pool[i].sizes() == t.sizes() && pool[i].scalar_type() == t.scalar_type()) {
       pool[i].copy_(t.detach());
-      return pool[i];
+      host = pool[i];
+    } else {
+      host = t.detach().to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
     }
-    return t.detach().to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
+    req->snapshots.push_back(host);
+    return host;
   };
   std::map<std::string, size_t> stacked;  // stacked expert tensor -> its entry in r.tensors
   auto add = [&](const std::string& prefix, const std::string& name, const at::Tensor& t) {
@@ -333,11 +338,7 @@ void Trainer::finish_checkpoint() {
   if (p->writer.joinable()) p->writer.join();
   std::string dir =
       checkpoints::commit(p->request, p->result, checkpoints::Collective(groups_ != nullptr), remover_.get());
-  if (c_.checkpoint.async)
-    for (auto& e : p->request.tensors) {
-      if (e.rows.empty()) snapshot_pool_.push_back(e.tensor);
-      for (auto& row : e.rows) snapshot_pool_.push_back(row);
-    }
+  if (c_.checkpoint.async) snapshot_pool_ = std::move(p->snapshots);
   if (verbose_) {
     fmt::print("checkpoint step {} saved: {}\n", p->request.step, dir);
     std::fflush(stdout);

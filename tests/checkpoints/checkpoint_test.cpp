@@ -186,5 +186,45 @@ TEST_F(CheckpointDir, PruningAndReplacementThroughTheRemover) {
   EXPECT_TRUE(same(Checkpoint((dir_ / "step_0000003").string()).read("model/w"), torch::ones({3, 4})));
 }
 
+// keep_last never deletes the step being saved, nor later steps left by a run this one was resumed before.
+TEST_F(CheckpointDir, PruningKeepsTheCurrentAndLaterSteps) {
+  const Collective one(false);
+  for (int64_t step : {10, 20, 30}) {
+    SaveRequest r = request(dir_, step);
+    r.keep_last = 0;
+    commit(r, write_shard(r, 0), one);
+  }
+  SaveRequest r = request(dir_, 15);
+  r.keep_last = 2;
+  commit(r, write_shard(r, 0), one);
+  std::vector<std::string> left;
+  for (const auto& e : fs::directory_iterator(dir_)) left.push_back(e.path().filename().string());
+  std::sort(left.begin(), left.end());
+  EXPECT_EQ(left, (std::vector<std::string>{"latest", "step_0000010", "step_0000015", "step_0000020", "step_0000030"}));
+  EXPECT_EQ(resolve_resume(dir_.string(), "auto"), (dir_ / "step_0000015").string());
+}
+
+// A commit that fails on rank 0 (here: `latest` cannot be replaced) throws, naming the checkpoint.
+TEST_F(CheckpointDir, AFailedCommitThrows) {
+  fs::create_directories(dir_ / "latest" / "in-the-way");
+  SaveRequest r = request(dir_, 1);
+  try {
+    commit(r, write_shard(r, 0), Collective(false));
+    FAIL() << "the commit did not fail";
+  } catch (const std::runtime_error& ex) {
+    EXPECT_NE(std::string(ex.what()).find("step_0000001: the commit failed"), std::string::npos) << ex.what();
+  }
+}
+
+// A tensor with no rows saves, verifies and reads back.
+TEST_F(CheckpointDir, EmptyTensorReadsBack) {
+  SaveRequest r = request(dir_, 1);
+  r.tensors.push_back({"model/none", torch::zeros({0, 5})});
+  const std::string dir = commit(r, write_shard(r, 0), Collective(false));
+  Checkpoint ck(dir);
+  EXPECT_EQ(ck.read("model/none").sizes(), (std::vector<int64_t>{0, 5}));
+  EXPECT_NE(verify(dir).find("every checksum matches"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace moetrain::checkpoints
