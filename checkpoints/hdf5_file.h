@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <sys/uio.h>
+
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -52,9 +54,10 @@ class H5File {
 // A new HDF5 file of many tensors, written at the disk's speed. HDF5 itself writes one small request per dataset,
 // which costs more than the bytes for the thousands of small tensors of a model. Here HDF5 only creates the datasets
 // (contiguous, storage allocated at creation, never filled) while a second thread writes every tensor's bytes to its
-// dataset's file offset in vectored writes of about 4 MiB, checksumming them on the way, and a third starts the
-// kernel's writeback of each batch written, so that the disk works while the next batch is copied and the final
-// fsync has little left to wait for. The result is an ordinary HDF5 file.
+// dataset's file offset in vectored writes of about 4 MiB (cut at 2 MiB boundaries of the file, so that the kernel
+// can use large page-cache folios), checksumming them on the way, and a third starts the kernel's writeback of each
+// batch written, so that the disk works while the next batch is copied and the final fsync has little left to wait
+// for. The result is an ordinary HDF5 file.
 class ShardWriter {
  public:
   explicit ShardWriter(std::string path);
@@ -78,13 +81,19 @@ class ShardWriter {
   };
   void add_rows(const std::string& name, const std::vector<at::Tensor>& rows, const std::vector<int64_t>& shape);
   void run();
-  void write_batch(std::vector<Piece>& batch);
+  void write_batch(std::vector<Piece>& batch, bool last);
+  void write_run(const std::vector<struct iovec>& run, int64_t start, int64_t end);
   void kick();
   void stop_kicker();
   H5File file_;
   int fd_ = -1;
   std::vector<uint64_t> sums_;                           // the adding thread's
   std::map<size_t, void*> states_;                       // the writer's: each dataset's XXH64 state
+  struct Carry {  // the writer's: the end of the last batch's last run, written with the next batch
+    int64_t start = 0, end = 0;
+    std::vector<struct iovec> iov;
+    std::vector<at::Tensor> keep;
+  } carry_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Piece> queue_;
