@@ -36,11 +36,13 @@ at::Tensor MLAImpl::forward(const at::Tensor& x) {
   at::Tensor q = q_lora_rank_ > 0 ? gemm(q_norm(gemm(x, wq_a, mode_)), wq_b, mode_) : gemm(x, wq, mode_);
   q = q.view({B, T, H, nope_ + rope_});
   at::Tensor q_nope = q.narrow(-1, 0, nope_);
-  at::Tensor q_rope = apply_rope(q.narrow(-1, nope_, rope_), rope_theta_);
+  const RopeTables rope =
+      rope_tables(T, rope_, rope_theta_, q.options().dtype(at::promote_types(q.scalar_type(), at::kFloat)));
+  at::Tensor q_rope = apply_rope(q.narrow(-1, nope_, rope_), rope);
 
   at::Tensor kv = gemm(x, wkv_a, mode_);
   at::Tensor c_kv = kv.narrow(-1, 0, kv_lora_rank_);
-  at::Tensor k_rope = apply_rope(kv.narrow(-1, kv_lora_rank_, rope_).unsqueeze(2), rope_theta_);  // one head
+  at::Tensor k_rope = apply_rope(kv.narrow(-1, kv_lora_rank_, rope_).unsqueeze(2), rope);  // one head
   at::Tensor kvb = gemm(kv_norm(c_kv), wkv_b, mode_).view({B, T, H, nope_ + v_dim_});
   at::Tensor k_nope = kvb.narrow(-1, 0, nope_);
   at::Tensor v = kvb.narrow(-1, nope_, v_dim_);

@@ -21,16 +21,19 @@ at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
   return (y * weight.to(dtype)).to(x.scalar_type());
 }
 
-at::Tensor apply_rope(const at::Tensor& x, double theta) {
-  TORCH_CHECK(x.dim() == 4, "apply_rope expects [B, T, heads, rope_dim], got ", x.sizes());
-  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), half = x.size(3) / 2;
-  auto opts = x.options().dtype(at::promote_types(x.scalar_type(), at::kFloat));
+RopeTables rope_tables(int64_t T, int64_t rope_dim, double theta, const at::TensorOptions& opts) {
+  const int64_t half = rope_dim / 2;
   at::Tensor inv_freq = at::pow(theta, at::arange(0, half, opts) * (-2.0 / static_cast<double>(2 * half)));
   at::Tensor angle = at::arange(0, T, opts).unsqueeze(1) * inv_freq.unsqueeze(0);  // [T, half]
-  at::Tensor cos = angle.cos().view({1, T, 1, half}), sin = angle.sin().view({1, T, 1, half});
-  at::Tensor xp = x.to(opts.dtype()).reshape({B, T, H, half, 2});
+  return {angle.cos().view({1, T, 1, half}), angle.sin().view({1, T, 1, half})};
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const RopeTables& rope) {
+  TORCH_CHECK(x.dim() == 4, "apply_rope expects [B, T, heads, rope_dim], got ", x.sizes());
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), half = x.size(3) / 2;
+  at::Tensor xp = x.to(rope.cos.scalar_type()).reshape({B, T, H, half, 2});
   at::Tensor x0 = xp.select(-1, 0), x1 = xp.select(-1, 1);
-  return at::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2).to(x.scalar_type());
+  return at::stack({x0 * rope.cos - x1 * rope.sin, x0 * rope.sin + x1 * rope.cos}, -1).flatten(-2).to(x.scalar_type());
 }
 
 SwiGLUImpl::SwiGLUImpl(int64_t dim, int64_t inter_dim, Mode mode) : mode_(mode) {
@@ -39,11 +42,8 @@ SwiGLUImpl::SwiGLUImpl(int64_t dim, int64_t inter_dim, Mode mode) : mode_(mode) 
   w_down = register_parameter("w_down", at::empty({dim, inter_dim}));
 }
 
-at::Tensor SwiGLUImpl::forward(const at::Tensor& x) { return swiglu(x, w_gate, w_up, w_down, mode_); }
-
-at::Tensor swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
-                  Mode mode) {
-  return gemm(at::silu(gemm(x, w_gate, mode)) * gemm(x, w_up, mode), w_down, mode);
+at::Tensor SwiGLUImpl::forward(const at::Tensor& x) {
+  return gemm(at::silu(gemm(x, w_gate, mode_)) * gemm(x, w_up, mode_), w_down, mode_);
 }
 
 }  // namespace moetrain::model

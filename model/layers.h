@@ -26,8 +26,13 @@ class RMSNormImpl : public torch::nn::Module {
 TORCH_MODULE(RMSNorm);
 
 // Rotary embedding on the last dimension, rotating adjacent pairs (2i, 2i+1) as complex numbers (DeepSeek's
-// released code; Hugging Face calls it rope_interleave). x: [B, T, ..., rope_dim]; positions 0..T-1.
-at::Tensor apply_rope(const at::Tensor& x, double theta);
+// released code; Hugging Face calls it rope_interleave). x: [B, T, heads, rope_dim]; positions 0..T-1. The tables
+// depend only on T and the dtype: one set serves q and k.
+struct RopeTables {
+  at::Tensor cos, sin;  // [1, T, 1, rope_dim / 2]
+};
+RopeTables rope_tables(int64_t T, int64_t rope_dim, double theta, const at::TensorOptions& opts);
+at::Tensor apply_rope(const at::Tensor& x, const RopeTables& rope);
 
 // SwiGLU: w_down · (silu(w_gate · x) ⊙ (w_up · x)). Used by the dense layers and, with the MoE's inter dim, by
 // the shared experts and each routed expert.
@@ -44,8 +49,5 @@ TORCH_MODULE(SwiGLU);
 
 // y = x · Wᵀ for the model's linear layers (no bias: DeepSeek-V3's have none), in the GEMM precision `mode`.
 using precision::gemm;
-
-at::Tensor swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
-                  Mode mode);
 
 }  // namespace moetrain::model

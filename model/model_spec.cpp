@@ -14,6 +14,7 @@ int64_t mla_params(const config::ModelConfig& m) {
 }
 
 bool is_moe_layer(const config::ModelConfig& m, int64_t layer) { return layer >= m.n_dense_layers; }
+bool mtp_is_moe(const config::ModelConfig& m) { return m.n_dense_layers < m.num_layers; }
 
 namespace {
 int64_t swiglu_params(int64_t d, int64_t inter) { return 3 * d * inter; }  // gate, up, down
@@ -41,7 +42,7 @@ BlockParams block_params(const config::ModelConfig& m, int64_t layer) {
 
 // The MTP block has the FFN of the main model's deeper layers: MoE when the model has MoE layers.
 BlockParams mtp_block_params(const config::ModelConfig& m) {
-  return block_with_ffn(m, m.n_dense_layers < m.num_layers);
+  return block_with_ffn(m, mtp_is_moe(m));
 }
 
 int64_t mtp_module_extra_params(const config::ModelConfig& m) {
@@ -120,7 +121,7 @@ ActivationElems head_activations(const config::ModelConfig& m) {
 ActivationElems mtp_module_activations(const config::ModelConfig& m) {
   ActivationElems a;
   a.elems = 4.0 * static_cast<double>(m.hidden_size);  // both inputs, their norms (the concat feeds M_k)
-  a += block_activations(m, m.n_dense_layers < m.num_layers);
+  a += block_activations(m, mtp_is_moe(m));
   a += head_activations(m);
   return a;
 }

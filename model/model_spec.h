@@ -45,6 +45,7 @@ struct ModelParams {
 
 int64_t mla_params(const config::ModelConfig& m);
 bool is_moe_layer(const config::ModelConfig& m, int64_t layer);
+bool mtp_is_moe(const config::ModelConfig& m);  // the MTP blocks are MoE iff the model has MoE layers
 BlockParams block_params(const config::ModelConfig& m, int64_t layer);
 BlockParams mtp_block_params(const config::ModelConfig& m);  // the block inside an MTP module
 int64_t mtp_module_extra_params(const config::ModelConfig& m);  // projection + norms around the block

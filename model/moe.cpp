@@ -10,28 +10,19 @@
 
 namespace moetrain::model {
 
-ExpertImpl::ExpertImpl(int64_t dim, int64_t inter_dim) {
-  w_gate = register_parameter("w_gate", at::empty({inter_dim, dim}));
-  w_up = register_parameter("w_up", at::empty({inter_dim, dim}));
-  w_down = register_parameter("w_down", at::empty({dim, inter_dim}));
-}
-
 MoEImpl::MoEImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode)
     : n_experts_(m.n_routed_experts),
       top_k_(m.top_k),
-      balance_mode_(m.balance_mode),
-      aux_alpha_(m.aux_loss_alpha),
-      seq_alpha_(m.seq_balance_alpha),
-      shard_(shard),
-      mode_(mode) {
+      aux_alpha_(m.balance_mode == "aux_loss" ? m.aux_loss_alpha : 0.0),
+      seq_alpha_(m.seq_balance_alpha) {
   router = register_module("router", Router(m));
   if (m.n_shared_experts > 0)
     shared = register_module("shared", SwiGLU(m.hidden_size, m.n_shared_experts * m.moe_inter_dim, mode));
   auto holder = register_module("experts", std::make_shared<torch::nn::Module>());
-  experts = holder.get();
   const int64_t first = shard.first_expert(n_experts_);
   for (int64_t e = 0; e < shard.local_count(n_experts_); ++e)
-    local_experts.push_back(holder->register_module(std::to_string(first + e), Expert(m.hidden_size, m.moe_inter_dim)));
+    local_experts.push_back(
+        holder->register_module(std::to_string(first + e), SwiGLU(m.hidden_size, m.moe_inter_dim, mode)));
 }
 
 at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats) {
@@ -54,8 +45,7 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
   for (size_t e = 0; e < local_experts.size(); ++e) {
     const int64_t n = in.local_counts[e];
     if (n == 0) continue;  // no tokens: no compute, and the expert's gradient stays zero
-    const auto& ex = local_experts[e];
-    outs.push_back(swiglu(in.tokens.narrow(0, offset, n), ex->w_gate, ex->w_up, ex->w_down, mode_));
+    outs.push_back(local_experts[e](in.tokens.narrow(0, offset, n)));
     offset += n;
   }
   // With no token for any local expert the output is still computed from the received tokens (zero rows), so
@@ -67,8 +57,7 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
   at::Tensor out = at::zeros_like(flat).index_add(0, token_of, routed * gate);
   if (shared) out = out + shared(flat);
 
-  stats.push_back({counts_cpu, balance_loss_sum(r, B, T, top_k_, seq_alpha_,
-                                           balance_mode_ == "aux_loss" ? aux_alpha_ : 0.0)});
+  stats.push_back({counts_cpu, balance_loss_sum(r, B, T, top_k_, seq_alpha_, aux_alpha_)});
   return out.view({B, T, d});
 }
 

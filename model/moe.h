@@ -28,13 +28,6 @@ struct MoeStats {
 at::Tensor balance_loss_sum(const Routing& r, int64_t batch, int64_t seq, int64_t top_k, double seq_alpha,
                             double aux_alpha);
 
-class ExpertImpl : public torch::nn::Module {
- public:
-  ExpertImpl(int64_t dim, int64_t inter_dim);
-  at::Tensor w_gate, w_up, w_down;
-};
-TORCH_MODULE(Expert);
-
 class MoEImpl : public torch::nn::Module {
  public:
   MoEImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode = Mode::kFp32);
@@ -43,15 +36,12 @@ class MoEImpl : public torch::nn::Module {
 
   Router router{nullptr};
   SwiGLU shared{nullptr};  // n_shared_experts fused into one SwiGLU of width n_shared·moe_inter_dim
-  torch::nn::Module* experts = nullptr;  // children named by global expert id
-  std::vector<Expert> local_experts;
+  std::vector<SwiGLU> local_experts;  // registered under "experts.<global expert id>"
 
  private:
   int64_t n_experts_, top_k_;
-  std::string balance_mode_;
-  double aux_alpha_, seq_alpha_;
-  ExpertShard shard_;
-  Mode mode_;
+  double aux_alpha_;  // the classic auxiliary loss's α; 0 unless balance_mode is aux_loss
+  double seq_alpha_;
 };
 TORCH_MODULE(MoE);
 

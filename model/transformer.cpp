@@ -9,18 +9,20 @@
 #include <ATen/ops/zeros.h>
 #include <xxhash.h>
 
+#include "model/model_spec.h"
+
 namespace moetrain::model {
 
 MTPModuleImpl::MTPModuleImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode) {
   hnorm = register_module("hnorm", RMSNorm(m.hidden_size, m.norm_eps));
   enorm = register_module("enorm", RMSNorm(m.hidden_size, m.norm_eps));
   proj = register_parameter("proj", at::empty({m.hidden_size, 2 * m.hidden_size}));
-  block = register_module("block", Block(m, m.n_dense_layers < m.num_layers, shard, mode));
+  block = register_module("block", Block(m, mtp_is_moe(m), shard, mode));
   norm = register_module("norm", RMSNorm(m.hidden_size, m.norm_eps));
 }
 
 TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage, Mode mode)
-    : m_(m), stage_(stage), mode_(mode) {
+    : m_(m), mode_(mode) {
   // The last stage embeds future tokens for MTP, so it holds the embedding too (a copy kept identical to the
   // first stage's by the parallel layer); a tied head also needs it there.
   if (stage.first || (stage.last && (m.mtp_depth > 0 || m.tie_embeddings))) {
@@ -29,7 +31,7 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage, 
   }
   auto blocks = register_module("layers", std::make_shared<torch::nn::Module>());
   for (int64_t l = stage.first_layer; l < stage.first_layer + stage.num_layers; ++l)
-    layers.push_back(blocks->register_module(std::to_string(l), Block(m, l >= m.n_dense_layers, stage.shard, mode)));
+    layers.push_back(blocks->register_module(std::to_string(l), Block(m, is_moe_layer(m, l), stage.shard, mode)));
   if (stage.last) {
     norm = register_module("norm", RMSNorm(m.hidden_size, m.norm_eps));
     if (!m.tie_embeddings) {
@@ -80,11 +82,6 @@ LossSums TransformerImpl::forward(const at::Tensor& window, ExpertExchange& exch
   out.balance = at::zeros({}, h.options().dtype(at::promote_types(h.scalar_type(), at::kFloat)));
   for (const auto& s : out.moe) out.balance = out.balance + s.balance_loss;
   return out;
-}
-
-at::Tensor TransformerImpl::logits(const at::Tensor& tokens, ExpertExchange& exchange) {
-  std::vector<MoeStats> stats;
-  return at::linear(norm(run_layers(embed_tokens(tokens), exchange, stats)), head_weight());
 }
 
 void init_parameters(torch::nn::Module& model, uint64_t seed, double init_std) {

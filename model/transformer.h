@@ -57,11 +57,6 @@ class TransformerImpl : public torch::nn::Module {
   void head_losses(const at::Tensor& h, const at::Tensor& window, ExpertExchange& exchange, LossSums& out);
   // The whole model in one process: window [B, seq_len + 1 + mtp_depth] -> loss sums.
   LossSums forward(const at::Tensor& window, ExpertExchange& exchange);
-  // Logits of the main model for inputs [B, T] (validation, tests).
-  at::Tensor logits(const at::Tensor& tokens, ExpertExchange& exchange);
-
-  const config::ModelConfig& config() const { return m_; }
-  const StageSpec& stage() const { return stage_; }
 
   at::Tensor embed;  // [vocab, d] (registered as embed.weight)
   at::Tensor head;   // [vocab, d] (head.weight), undefined when tied
@@ -73,7 +68,6 @@ class TransformerImpl : public torch::nn::Module {
   at::Tensor head_weight() const { return m_.tie_embeddings ? embed : head; }
 
   config::ModelConfig m_;
-  StageSpec stage_;
   Mode mode_;
 };
 TORCH_MODULE(Transformer);
