@@ -39,10 +39,6 @@ class Communicator {
 
   // In place; tensors contiguous.
   virtual void all_reduce(at::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
-  // out: [size · n, ...] from every rank's t [n, ...], in rank order.
-  virtual at::Tensor all_gather(const at::Tensor& t) = 0;
-  // Sums t [size · n, ...] over the group; rank r gets rows [r·n, (r+1)·n).
-  virtual at::Tensor reduce_scatter(const at::Tensor& t) = 0;
   // Rows of `t` go to ranks in order: send_rows[r] rows to rank r; returns the rows received, recv_rows[r] from
   // rank r, in rank order. Row shape and dtype are t's.
   virtual at::Tensor all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
@@ -52,7 +48,6 @@ class Communicator {
   // Sends `out` to dst while receiving `in` from src, as one operation (the pipeline's steady state, where two
   // neighbours send to each other at once and separate blocking sends could deadlock).
   virtual void send_recv(const at::Tensor& out, int dst, int send_tag, at::Tensor& in, int src, int recv_tag) = 0;
-  virtual void broadcast(at::Tensor& t, int root) = 0;
   virtual void barrier() = 0;
 
   const std::map<std::string, CommStats>& stats() const { return stats_; }

@@ -42,7 +42,9 @@ at::Tensor all_to_all_autograd(const at::Tensor& x, Communicator& comm, const st
 }
 
 AllToAllExpertExchange::AllToAllExpertExchange(Communicator& ep, int64_t n_routed_experts)
-    : ep_(ep), n_experts_(n_routed_experts), local_(n_routed_experts / ep.size()) {}
+    : ep_(ep),
+      n_experts_(n_routed_experts),
+      local_(model::ExpertShard{ep.rank(), ep.size()}.local_count(n_routed_experts)) {}
 
 model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts) {
   const int64_t ep = ep_.size();
@@ -56,6 +58,7 @@ model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, con
   ExchangeState st;
   st.send_rows.assign(static_cast<size_t>(ep), 0);
   st.recv_rows.assign(static_cast<size_t>(ep), 0);
+  // Expert e lives on rank e / local_ (ExpertShard: contiguous blocks of local_ experts).
   for (int64_t e = 0; e < n_experts_; ++e) st.send_rows[static_cast<size_t>(e / local_)] += counts[static_cast<size_t>(e)];
   for (int64_t src = 0; src < ep; ++src)
     for (int64_t j = 0; j < local_; ++j) st.recv_rows[static_cast<size_t>(src)] += g[src * local_ + j];

@@ -37,7 +37,7 @@ void GradSync::reduce_buckets(const std::vector<size_t>& which, Communicator* co
     }
     std::vector<at::Tensor> flat_parts;
     for (auto& gr : grads) flat_parts.push_back(gr.reshape({-1}));
-    at::Tensor flat = at::cat(flat_parts).contiguous();
+    at::Tensor flat = at::cat(flat_parts);
     comm->all_reduce(flat, ReduceOp::kSum);
     int64_t off = 0;
     for (auto& gr : grads) {

@@ -97,35 +97,6 @@ void MpiCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
   wait(r, "all_reduce");
 }
 
-at::Tensor MpiCommunicator::all_gather(const at::Tensor& t) {
-  require_cpu_contiguous(t, "all_gather");
-  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
-  if (shape.empty()) shape.push_back(1);
-  shape[0] *= size_;
-  at::Tensor out = at::empty(shape, t.options());
-  count("all_gather", static_cast<int64_t>(t.nbytes()));
-  MPI_Request r;
-  check(MPI_Iallgather(t.data_ptr(), static_cast<int>(t.numel()), mpi_type(t.scalar_type()), out.data_ptr(),
-                       static_cast<int>(t.numel()), mpi_type(t.scalar_type()), comm_, &r),
-        "all_gather");
-  wait(r, "all_gather");
-  return out;
-}
-
-at::Tensor MpiCommunicator::reduce_scatter(const at::Tensor& t) {
-  require_cpu_contiguous(t, "reduce_scatter");
-  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
-  shape[0] /= size_;
-  at::Tensor out = at::empty(shape, t.options());
-  count("reduce_scatter", static_cast<int64_t>(t.nbytes()));
-  MPI_Request r;
-  check(MPI_Ireduce_scatter_block(t.data_ptr(), out.data_ptr(), static_cast<int>(out.numel()),
-                                  mpi_type(t.scalar_type()), MPI_SUM, comm_, &r),
-        "reduce_scatter");
-  wait(r, "reduce_scatter");
-  return out;
-}
-
 at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                                          const std::vector<int64_t>& recv_rows) {
   require_cpu_contiguous(t, "all_to_all_v");
@@ -185,15 +156,6 @@ void MpiCommunicator::send_recv(const at::Tensor& out, int dst, int send_tag, at
         "send_recv");
   wait(r[1], "send_recv");
   wait(r[0], "send_recv");
-}
-
-void MpiCommunicator::broadcast(at::Tensor& t, int root) {
-  require_cpu_contiguous(t, "broadcast");
-  count("broadcast", rank_ == root ? static_cast<int64_t>(t.nbytes()) : 0);
-  MPI_Request r;
-  check(MPI_Ibcast(t.data_ptr(), static_cast<int>(t.numel()), mpi_type(t.scalar_type()), root, comm_, &r),
-        "broadcast");
-  wait(r, "broadcast");
 }
 
 void MpiCommunicator::barrier() {

@@ -112,33 +112,6 @@ void NcclCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
   finish("all_reduce");
 }
 
-at::Tensor NcclCommunicator::all_gather(const at::Tensor& t) {
-  require_cuda(t, "all_gather");
-  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
-  if (shape.empty()) shape.push_back(1);
-  shape[0] *= size_;
-  at::Tensor out = at::empty(shape, t.options());
-  count("all_gather", static_cast<int64_t>(t.nbytes()));
-  MOETRAIN_NCCL(ncclAllGather(t.data_ptr(), out.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()),
-                              state_->comm, stream()),
-                "all_gather");
-  finish("all_gather");
-  return out;
-}
-
-at::Tensor NcclCommunicator::reduce_scatter(const at::Tensor& t) {
-  require_cuda(t, "reduce_scatter");
-  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
-  shape[0] /= size_;
-  at::Tensor out = at::empty(shape, t.options());
-  count("reduce_scatter", static_cast<int64_t>(t.nbytes()));
-  MOETRAIN_NCCL(ncclReduceScatter(t.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()),
-                                  nccl_type(t.scalar_type()), ncclSum, state_->comm, stream()),
-                "reduce_scatter");
-  finish("reduce_scatter");
-  return out;
-}
-
 at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                                           const std::vector<int64_t>& recv_rows) {
   require_cuda(t, "all_to_all_v");
@@ -201,15 +174,6 @@ void NcclCommunicator::send_recv(const at::Tensor& out, int dst, int send_tag, a
                 "send_recv");
   MOETRAIN_NCCL(ncclGroupEnd(), "send_recv");
   finish("send_recv");
-}
-
-void NcclCommunicator::broadcast(at::Tensor& t, int root) {
-  require_cuda(t, "broadcast");
-  count("broadcast", rank_ == root ? static_cast<int64_t>(t.nbytes()) : 0);
-  MOETRAIN_NCCL(ncclBroadcast(t.data_ptr(), t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()),
-                              root, state_->comm, stream()),
-                "broadcast");
-  finish("broadcast");
 }
 
 void NcclCommunicator::barrier() {

@@ -20,14 +20,11 @@ class NcclCommunicator final : public Communicator {
   ~NcclCommunicator() override;
 
   void all_reduce(at::Tensor& t, ReduceOp op) override;
-  at::Tensor all_gather(const at::Tensor& t) override;
-  at::Tensor reduce_scatter(const at::Tensor& t) override;
   at::Tensor all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                           const std::vector<int64_t>& recv_rows) override;
   void send(const at::Tensor& t, int dst, int tag) override;
   void recv(at::Tensor& t, int src, int tag) override;
   void send_recv(const at::Tensor& out, int dst, int send_tag, at::Tensor& in, int src, int recv_tag) override;
-  void broadcast(at::Tensor& t, int root) override;
   void barrier() override;
 
  private:
