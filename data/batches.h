@@ -83,7 +83,6 @@ class SyntheticBatches final : public BatchSource {
   double entropy_rate() const override { return source_.entropy_rate(); }
   DataState state(int64_t step) const override;
   void resume(const DataState& state) override;
-  const MarkovSource& source() const { return source_; }
 
  private:
   at::Tensor rows(uint64_t stream, int64_t first, bool wrap) const;

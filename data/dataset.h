@@ -36,8 +36,6 @@ class PackedStream {
   int64_t windows() const { return windows_; }
   uint64_t tokens() const { return starts_.empty() ? 0 : starts_.back(); }
   uint64_t documents() const { return documents_; }
-  int64_t window() const { return window_; }
-  int64_t stride() const { return stride_; }
   // Window k (0 ≤ k < windows()) into out[0..window).
   void read(int64_t k, int64_t* out) const;
 
@@ -58,7 +56,6 @@ class Dataset {
   const ShardSet& shards() const { return *set_; }
   const PackedStream& train() const { return train_; }
   const PackedStream& validation() const { return validation_; }
-  uint64_t validation_documents() const { return validation_.documents(); }
 
   // The held-out documents of a D-document corpus, and whether document d is one of them.
   static uint64_t held_out(uint64_t documents, double valid_fraction);

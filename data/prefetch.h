@@ -29,7 +29,6 @@ class PrefetchingSource final : public BatchSource {
   DataState state(int64_t step) const override { return inner_->state(step); }
   void resume(const DataState& state) override;  // drops what was prepared, then resumes the inner source
 
-  const BatchSource& inner() const { return *inner_; }
 
   struct Stats {
     int64_t ready = 0;      // requests served from the queue

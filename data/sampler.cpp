@@ -7,9 +7,6 @@
 #include <stdexcept>
 
 namespace moetrain::data {
-namespace {
-
-}  // namespace
 
 uint64_t mix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;

@@ -1,5 +1,7 @@
 #include "data/synthetic.h"
 
+#include "data/sampler.h"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -15,10 +17,9 @@ namespace {
 struct SplitMix {
   uint64_t state;
   uint64_t next() {
-    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
+    const uint64_t z = mix64(state);  // mix64 adds the increment itself
+    state += 0x9E3779B97F4A7C15ull;
+    return z;
   }
   double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
 };

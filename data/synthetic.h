@@ -20,17 +20,12 @@ class MarkovSource {
   MarkovSource(int64_t vocab_size, int64_t branching, uint64_t seed);
 
   int64_t vocab_size() const { return vocab_size_; }
-  int64_t branching() const { return branching_; }
   double entropy_rate() const { return entropy_rate_; }      // nats/token
   const std::vector<double>& stationary() const { return pi_; }
 
   // Sequence number `index` of stream `stream` (e.g. 0 train, 1 validation): `length` tokens, a pure function of
   // (source, stream, index) — the same whatever process or layout asks for it.
   void sequence(uint64_t stream, uint64_t index, int64_t length, int32_t* out) const;
-
-  // Successors of a token and their probabilities (for tests).
-  const int32_t* successors(int64_t token) const { return &next_[token * branching_]; }
-  const double* probabilities(int64_t token) const { return &prob_[token * branching_]; }
 
  private:
   int64_t vocab_size_, branching_;

@@ -38,14 +38,13 @@ class LineReader {
     std::string text;       // the bytes, including the '\n' when `line_end`
     bool line_end = false;  // the last piece of its line
     bool file_end = false;  // the last piece of its file
-    size_t file = 0;        // index into files()
+    size_t file = 0;        // index into the input files
     uint64_t line = 0;      // 1-based line number
   };
 
   explicit LineReader(std::vector<InputFile> files, size_t max_piece_bytes = size_t{1} << 20);
   ~LineReader();
   bool next(Piece& piece);  // false at the end of the last file
-  const std::vector<InputFile>& files() const { return files_; }
   uint64_t bytes_read() const { return bytes_read_; }  // over all files so far
   uint64_t total_bytes() const { return total_bytes_; }
 
