@@ -386,7 +386,7 @@ at::Tensor Checkpoint::read_rows(const std::string& name, int64_t begin, int64_t
     if (hex(checksum(t)) != p.at("xxh64").get<std::string>())
       throw std::runtime_error(fmt::format("{}/{}: checksum mismatch in dataset {} (the shard is corrupt)", dir_, file,
                                            dataset));
-    if (scalar) return t;
+    if (b == begin && pe == end) return t;  // one part holds exactly the rows asked for (a scalar too)
     const int64_t from = std::max(b, begin), to = std::min(pe, end);
     out.narrow(0, from - begin, to - from).copy_(t.narrow(0, from - b, to - from));
     covered += to - from;

@@ -173,30 +173,26 @@ void H5File::write(const std::string& name, const at::Tensor& t) {
     fail(path_, fmt::format("cannot write dataset {}", name));
 }
 
-bool H5File::has(const std::string& name) const {
-  // Walk the path so that a missing intermediate group is "absent", not an error.
-  size_t pos = 0;
-  while ((pos = name.find('/', pos + 1)) != std::string::npos)
-    if (H5Lexists(static_cast<hid_t>(id_), name.substr(0, pos).c_str(), H5P_DEFAULT) <= 0) return false;
-  return H5Lexists(static_cast<hid_t>(id_), name.c_str(), H5P_DEFAULT) > 0;
+namespace {
+
+hid_t open_dataset(hid_t file, const std::string& path, const std::string& name) {
+  hid_t ds = H5Dopen2(file, name.c_str(), H5P_DEFAULT);
+  if (ds < 0) fail(path, fmt::format("dataset {} is missing or unreadable", name));
+  return ds;
 }
 
-std::vector<int64_t> H5File::shape(const std::string& name) const {
-  Handle ds{H5Dopen2(static_cast<hid_t>(id_), name.c_str(), H5P_DEFAULT), H5Dclose};
-  if (ds.id < 0) fail(path_, fmt::format("dataset {} is missing or unreadable", name));
-  Handle space{H5Dget_space(ds.id), H5Sclose};
+std::vector<int64_t> shape_of(hid_t ds, const std::string& path, const std::string& name) {
+  Handle space{H5Dget_space(ds), H5Sclose};
   int rank = H5Sget_simple_extent_ndims(space.id);
-  if (rank < 0) fail(path_, fmt::format("dataset {}: unreadable shape", name));
+  if (rank < 0) fail(path, fmt::format("dataset {}: unreadable shape", name));
   std::vector<hsize_t> dims(static_cast<size_t>(rank));
   H5Sget_simple_extent_dims(space.id, dims.data(), nullptr);
   return std::vector<int64_t>(dims.begin(), dims.end());
 }
 
-std::string H5File::dtype(const std::string& name) const {
-  Handle ds{H5Dopen2(static_cast<hid_t>(id_), name.c_str(), H5P_DEFAULT), H5Dclose};
-  if (ds.id < 0) fail(path_, fmt::format("dataset {} is missing or unreadable", name));
-  if (H5Aexists(ds.id, "dtype") <= 0) {  // a self-describing HDF5 type
-    Handle type{H5Dget_type(ds.id), H5Tclose};
+std::string dtype_of(hid_t ds, const std::string& path, const std::string& name) {
+  if (H5Aexists(ds, "dtype") <= 0) {  // a self-describing HDF5 type
+    Handle type{H5Dget_type(ds), H5Tclose};
     const size_t size = H5Tget_size(type.id);
     switch (H5Tget_class(type.id)) {
       case H5T_FLOAT: return size == 8 ? "float64" : "float32";
@@ -207,37 +203,35 @@ std::string H5File::dtype(const std::string& name) const {
         break;
       default: break;
     }
-    fail(path_, fmt::format("dataset {}: unsupported HDF5 type", name));
+    fail(path, fmt::format("dataset {}: unsupported HDF5 type", name));
   }
-  Handle attr{H5Aopen(ds.id, "dtype", H5P_DEFAULT), H5Aclose};
-  if (attr.id < 0) fail(path_, fmt::format("dataset {}: unreadable dtype attribute", name));
+  Handle attr{H5Aopen(ds, "dtype", H5P_DEFAULT), H5Aclose};
+  if (attr.id < 0) fail(path, fmt::format("dataset {}: unreadable dtype attribute", name));
   Handle type{H5Aget_type(attr.id), H5Tclose};
   std::string out(H5Tget_size(type.id), '\0');
-  if (H5Aread(attr.id, type.id, out.data()) < 0) fail(path_, fmt::format("dataset {}: unreadable dtype", name));
+  if (H5Aread(attr.id, type.id, out.data()) < 0) fail(path, fmt::format("dataset {}: unreadable dtype", name));
   return out.substr(0, out.find('\0'));
 }
 
+}  // namespace
+
+std::vector<int64_t> H5File::shape(const std::string& name) const {
+  Handle ds{open_dataset(static_cast<hid_t>(id_), path_, name), H5Dclose};
+  return shape_of(ds.id, path_, name);
+}
+
+std::string H5File::dtype(const std::string& name) const {
+  Handle ds{open_dataset(static_cast<hid_t>(id_), path_, name), H5Dclose};
+  return dtype_of(ds.id, path_, name);
+}
+
 at::Tensor H5File::read(const std::string& name) const {
-  const auto dt = dtype_from_name(dtype(name), path_ + ": " + name);
-  at::Tensor t = at::empty(shape(name), at::TensorOptions().dtype(dt));
-  Handle ds{H5Dopen2(static_cast<hid_t>(id_), name.c_str(), H5P_DEFAULT), H5Dclose};
+  Handle ds{open_dataset(static_cast<hid_t>(id_), path_, name), H5Dclose};  // opened once for all three
+  const auto dt = dtype_from_name(dtype_of(ds.id, path_, name), path_ + ": " + name);
+  at::Tensor t = at::empty(shape_of(ds.id, path_, name), at::TensorOptions().dtype(dt));
   if (t.numel() > 0 && H5Dread(ds.id, memory_type(dt), H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()) < 0)
     fail(path_, fmt::format("cannot read dataset {} (truncated or corrupt shard)", name));
   return t;
-}
-
-namespace {
-herr_t collect(hid_t, const char* name, const H5O_info_t* info, void* out) {
-  if (info->type == H5O_TYPE_DATASET) static_cast<std::vector<std::string>*>(out)->push_back(std::string("/") + name);
-  return 0;
-}
-}  // namespace
-
-std::vector<std::string> H5File::datasets() const {
-  std::vector<std::string> out;
-  if (H5Ovisit(static_cast<hid_t>(id_), H5_INDEX_NAME, H5_ITER_INC, collect, &out) < 0)
-    fail(path_, "cannot list datasets (corrupt shard)");
-  return out;
 }
 
 void H5File::close_durably() {

@@ -34,12 +34,9 @@ class H5File {
 
   // Writes a contiguous CPU tensor as dataset `name` (intermediate groups created).
   void write(const std::string& name, const at::Tensor& t);
-  bool has(const std::string& name) const;
   std::vector<int64_t> shape(const std::string& name) const;
   std::string dtype(const std::string& name) const;  // the `dtype` attribute, or the HDF5 type's name
   at::Tensor read(const std::string& name) const;
-  // Every dataset's path ("/model/embed.weight"), depth first.
-  std::vector<std::string> datasets() const;
   // Flushes and closes; then fsyncs the file so that it is durable.
   void close_durably();
   const std::string& path() const { return path_; }
