@@ -7,9 +7,9 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
-#include <chrono>
 #include <cstdio>
 
+#include "bench/timing.h"
 #include "configs/loader.h"
 #include "trainer/cli.h"
 #include "trainer/train.h"
@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
       if (steps > 0) o.push_back(fmt::format("train.steps={}", steps));
       config::Config c = config::load_config(file, {o, 0});
       trainer::Trainer t(c, nullptr, "", false);
-      auto t0 = std::chrono::steady_clock::now();
+      auto t0 = bench::Clock::now();
       double train_vio = 0;
       const int64_t tail = std::min<int64_t>(10, c.train.steps);
       while (t.steps_done() < c.train.steps) {
@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
         }
       }
       trainer::EvalResult e = t.evaluate();
-      double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      double secs = bench::since(t0);
       rows.push_back({mode, e.loss, e.max_vio, train_vio, secs});
       fmt::print("{:<9} done: {} steps in {:.0f} s\n", mode, c.train.steps, secs);
       std::fflush(stdout);

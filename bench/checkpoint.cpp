@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <vector>
 
+#include "bench/timing.h"
 #include "checkpoints/checkpoint.h"
 #include "configs/loader.h"
 #include "trainer/cli.h"
@@ -20,11 +21,11 @@
 
 using namespace moetrain;
 namespace fs = std::filesystem;
-using Clock = std::chrono::steady_clock;
+using bench::Clock;
+using bench::median;
+using bench::since;
 
 namespace {
-
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 int64_t dir_bytes(const fs::path& dir) {
   int64_t n = 0;
@@ -61,11 +62,6 @@ void quiesce(const fs::path& dir) {
   if (fd < 0) throw std::runtime_error(fmt::format("{}: cannot open", dir.string()));
   ::syncfs(fd);
   ::close(fd);
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 }  // namespace

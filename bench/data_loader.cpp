@@ -17,17 +17,14 @@
 
 #include "configs/loader.h"
 #include "trainer/cli.h"
+#include "bench/timing.h"
 #include "data/builder.h"
 #include "data/prefetch.h"
 #include "data/shard_batches.h"
 #include "trainer/train.h"
 
-namespace {
-
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-}  // namespace
+using moetrain::bench::Clock;
+using moetrain::bench::since;
 
 int main(int argc, char** argv) {
   using namespace moetrain;
