@@ -145,9 +145,8 @@ int run_main(int argc, char** argv) {
     } else if (*train_cmd) {
       config::Config c = load(train_args, mpi);
       std::string run_dir = c.logging.dir + "/" + c.logging.name;
-      std::filesystem::path ckpt_root(c.checkpoint.dir);
-      if (ckpt_root.is_relative()) ckpt_root = std::filesystem::path(run_dir) / ckpt_root;
-      const std::string resume_dir = resume.empty() ? "" : checkpoints::resolve_resume(ckpt_root.string(), resume);
+      const std::string resume_dir =
+          resume.empty() ? "" : checkpoints::resolve_resume(checkpoint_root(c, run_dir), resume);
       if (resume_dir.empty() && !overwrite && std::filesystem::exists(run_dir + "/metrics.jsonl"))
         throw std::runtime_error(fmt::format("{}: a run already wrote metrics here; pass --overwrite to replace "
                                              "them or choose another --set logging.name=...",

@@ -1,6 +1,7 @@
 #include "trainer/train.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/stack.h>
@@ -195,7 +196,7 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   // Every MoE layer of the whole model (main layers, then the MTP blocks), and which of them this stage holds, in
   // the order its forward pass reports them.
   for (int64_t l = m.n_dense_layers; l < m.num_layers; ++l) all_moe_names_.push_back(fmt::format("layers.{}", l));
-  const bool mtp_moe = m.n_dense_layers < m.num_layers;
+  const bool mtp_moe = model::mtp_is_moe(m);
   for (int64_t k = 0; mtp_moe && k < m.mtp_depth; ++k) all_moe_names_.push_back(fmt::format("mtp.{}", k));
   for (size_t i = 0; i < model_->layers.size(); ++i)
     if (model_->layers[i]->moe) {
@@ -225,11 +226,13 @@ Trainer::~Trainer() {
   remover_.reset();  // waits for the deletions it was asked for
 }
 
-std::string Trainer::checkpoint_root() const {
-  std::filesystem::path dir(c_.checkpoint.dir);
-  if (dir.is_relative() && !run_dir_.empty()) dir = std::filesystem::path(run_dir_) / dir;
+std::string checkpoint_root(const config::Config& c, const std::string& run_dir) {
+  std::filesystem::path dir(c.checkpoint.dir);
+  if (dir.is_relative() && !run_dir.empty()) dir = std::filesystem::path(run_dir) / dir;
   return dir.string();
 }
+
+std::string Trainer::checkpoint_root() const { return trainer::checkpoint_root(c_, run_dir_); }
 
 // What a checkpoint holds: every parameter and buffer under "model/<global name>", the AdamW moments under
 // "optim/exp_avg/<name>" and "optim/exp_avg_sq/<name>", the optimizer step, and this rank's RNG state. Each
@@ -497,16 +500,21 @@ parallel::PipelineSpec Trainer::pipeline_spec() const {
 
 at::Tensor Trainer::layer_metrics(const std::vector<at::Tensor>& loads) {
   at::Tensor table = at::zeros({static_cast<int64_t>(all_moe_names_.size()), 5}, at::kDouble);
-  if (dp_rank_ == 0)  // one rank per stage fills in its layers; the sum over the world gathers them
+  if (dp_rank_ == 0 && !loads.empty()) {  // one rank per stage fills in its layers; the sum over the world gathers them
+    // The biases' minima and maxima in one copy from the device.
+    std::vector<at::Tensor> biases;
+    for (size_t i = 0; i < loads.size(); ++i) biases.push_back(*router_biases_[i]);
+    auto [lo, hi] = at::aminmax(at::stack(biases), /*dim=*/1);
+    const at::Tensor bias_range = at::stack({lo, hi}, 1).to(at::kDouble).to(at::kCPU);
     for (size_t i = 0; i < loads.size(); ++i) {
-      const at::Tensor& bias = *router_biases_[i];
       auto row = table[moe_global_index_[i]];
       row[0] = model::max_violation(loads[i]);
       row[1] = static_cast<double>(loads[i].min().item<int64_t>());
       row[2] = static_cast<double>(loads[i].max().item<int64_t>());
-      row[3] = bias.min().item<double>();
-      row[4] = bias.max().item<double>();
+      row[3] = bias_range[static_cast<int64_t>(i)][0].item<double>();
+      row[4] = bias_range[static_cast<int64_t>(i)][1].item<double>();
     }
+  }
   if (groups_) reduce(table, groups_->world.get());
   return table;
 }
@@ -549,14 +557,16 @@ StepResult Trainer::step() {
 
   // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
   global_loads(acc);
-  if (c_.model.balance_mode == "aux_free")
+  if (c_.model.balance_mode == "aux_free" && !acc.loads.empty()) {
+    const at::Tensor loads = at::stack(acc.loads).to(device_);  // one copy to the device for all layers
     for (size_t i = 0; i < acc.loads.size(); ++i)
-      model::update_bias(*router_biases_[i], acc.loads[i].to(device_), c_.model.bias_update_rate);
+      model::update_bias(*router_biases_[i], loads[static_cast<int64_t>(i)], c_.model.bias_update_rate);
+  }
   ++step_;
 
   // Global means: the last stage holds the LM and MTP sums, every stage its balance terms.
-  at::Tensor sums = acc.sums.to(at::kCPU);
-  if (groups_) reduce(sums, groups_->world.get());
+  if (groups_) reduce(acc.sums, groups_->world.get());  // on the device; then one copy to the host
+  const at::Tensor sums = acc.sums.to(at::kCPU);
   const double lambda = mtp_weight((step_ - 1) * sequences * c_.train.seq_len);
   r.lm_loss = sums[0].item<double>() / tokens;
   r.mtp_loss = depth > 0 ? sums[1].item<double>() / tokens / static_cast<double>(depth) : 0.0;
@@ -601,8 +611,8 @@ EvalResult Trainer::evaluate() {
     }
   }
   global_loads(acc);
-  at::Tensor sums = acc.sums.to(at::kCPU);
-  if (groups_) reduce(sums, groups_->world.get());
+  if (groups_) reduce(acc.sums, groups_->world.get());
+  const at::Tensor sums = acc.sums.to(at::kCPU);
   at::Tensor table = layer_metrics(acc.loads);
   EvalResult r;
   r.loss = sums[0].item<double>() /

@@ -106,6 +106,9 @@ class Trainer {
   std::vector<at::Tensor> snapshot_pool_;  // host buffers of the last asynchronous save, reused by the next
 };
 
+// Where a run's checkpoints go: checkpoint.dir, inside run_dir when relative (and run_dir is given).
+std::string checkpoint_root(const config::Config& c, const std::string& run_dir);
+
 // Peak FLOP/s of this process: the best of a few square FP32 matmuls (for MFU when train.peak_flops is 0).
 double measure_peak_flops();
 
