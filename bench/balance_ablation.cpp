@@ -10,8 +10,8 @@
 #include <cstdio>
 
 #include "bench/timing.h"
-#include "configs/loader.h"
-#include "trainer/cli.h"
+#include "config/loader.h"
+#include "cli/cli.h"
 #include "trainer/train.h"
 
 int main(int argc, char** argv) {
@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
   app.add_option("--config", file, "Config (default configs/small-cpu.yaml)");
   app.add_option("--steps", steps, "Optimizer steps per mode (default: the config's train.steps)");
   app.add_option("--aux-alpha", aux_alpha, "α of the auxiliary-loss baseline");
-  trainer::add_set_option(&app, overrides);
+  cli::add_set_option(&app, overrides);
   CLI11_PARSE(app, argc, argv);
 
   struct Row {

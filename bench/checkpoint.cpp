@@ -15,8 +15,8 @@
 
 #include "bench/timing.h"
 #include "checkpoints/checkpoint.h"
-#include "configs/loader.h"
-#include "trainer/cli.h"
+#include "config/loader.h"
+#include "cli/cli.h"
 #include "trainer/train.h"
 
 using namespace moetrain;
@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
   app.add_option("--dir", dir, "Where to write (the disk under test)");
   app.add_option("--repeats", repeats, "Saves and raw writes timed (the median is reported)");
   app.add_option("--steps", steps, "Asynchronous saves timed (each: two steps with the save in flight, two without)");
-  trainer::add_set_option(&app, overrides);
+  cli::add_set_option(&app, overrides);
   CLI11_PARSE(app, argc, argv);
   try {
     fs::remove_all(dir);

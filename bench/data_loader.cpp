@@ -15,8 +15,8 @@
 #include <filesystem>
 #include <thread>
 
-#include "configs/loader.h"
-#include "trainer/cli.h"
+#include "config/loader.h"
+#include "cli/cli.h"
 #include "bench/timing.h"
 #include "data/builder.h"
 #include "data/prefetch.h"
@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
   app.add_option("--config", file, "Config (default configs/tiny.yaml, run on one process)");
   app.add_option("--steps", steps, "Timed training steps (after 2 warm-up steps)");
   app.add_option("--corpus-tokens", corpus_tokens, "Tokens of the synthetic corpus written as shards");
-  trainer::add_set_option(&app, overrides);
+  cli::add_set_option(&app, overrides);
   CLI11_PARSE(app, argc, argv);
 
   const std::filesystem::path dir =

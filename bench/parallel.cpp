@@ -10,8 +10,8 @@
 #include <map>
 #include <optional>
 
-#include "configs/loader.h"
-#include "trainer/cli.h"
+#include "config/loader.h"
+#include "cli/cli.h"
 #include "parallel/mpi_runtime.h"
 #include "parallel/pipeline.h"
 #include "parallel/process_groups.h"
@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> overrides;
   app.add_option("--config", file);
   app.add_option("--steps", steps);
-  trainer::add_set_option(&app, overrides);
+  cli::add_set_option(&app, overrides);
   std::optional<std::string> error;
   try {
     app.parse(argc, argv);

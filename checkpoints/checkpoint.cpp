@@ -102,7 +102,7 @@ ShardResult write_shard(const SaveRequest& req, int rank) {
   ShardResult out;
   try {
     fs::create_directories(tmp);
-    ShardWriter file((tmp / shard).string());
+    CheckpointShardWriter file((tmp / shard).string());
     struct Written {
       std::string name;
       std::vector<int64_t> shape, global;  // this part's shape and the whole tensor's
@@ -246,7 +246,7 @@ void Remover::wait() {
   if (t.joinable()) t.join();
 }
 
-std::string commit(const SaveRequest& req, const ShardResult& mine, const Collective& coll, Remover* remover) {
+std::string commit(const SaveRequest& req, const ShardResult& mine, parallel::ControlPlane& coll, Remover* remover) {
   const fs::path root(req.root);
   const fs::path final_dir = root / step_dir_name(req.step);
   const fs::path tmp = root / (step_dir_name(req.step) + ".tmp");
@@ -284,7 +284,7 @@ std::string commit(const SaveRequest& req, const ShardResult& mine, const Collec
       error = ex.what();
     }
   }
-  if (!coll.all_ok(error.empty()))
+  if (!coll.all(error.empty()))
     throw std::runtime_error(error.empty() ? fmt::format("checkpoint {}: another rank failed to write its shard; "
                                                          "the previous checkpoint stays current",
                                                          tmp.string())
@@ -299,7 +299,7 @@ std::string commit(const SaveRequest& req, const ShardResult& mine, const Collec
       error = fmt::format("checkpoint {}: the commit failed: {}", final_dir.string(), ex.what());
     }
   }
-  if (!coll.all_ok(error.empty()))
+  if (!coll.all(error.empty()))
     throw std::runtime_error(error.empty() ? fmt::format("checkpoint {}: the commit failed on rank 0",
                                                          final_dir.string())
                                            : error);

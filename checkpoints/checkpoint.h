@@ -21,8 +21,8 @@
 #include <thread>
 #include <vector>
 
-#include "checkpoints/collective.h"
 #include "checkpoints/hdf5_file.h"
+#include "parallel/control_plane.h"
 
 namespace moetrain::checkpoints {
 
@@ -73,10 +73,10 @@ class Remover {
 // Writes this rank's shard into root/step_NNNNNNN.tmp/ and fsyncs it. Local (no communication), so it may run on
 // a background thread while training goes on (checkpoint.async).
 ShardResult write_shard(const SaveRequest& request, int rank);
-// Collective: gathers the entries, writes the index, agrees that every rank succeeded, renames, updates `latest`,
+// Collective over the control plane: gathers the entries, writes the index, agrees that every rank succeeded, renames, updates `latest`,
 // prunes to keep_last (and deletes what a crash left being deleted) through `remover`, or at once without one.
 // Returns the committed step directory; throws (on every rank) if any rank failed.
-std::string commit(const SaveRequest& request, const ShardResult& mine, const Collective& coll,
+std::string commit(const SaveRequest& request, const ShardResult& mine, parallel::ControlPlane& control,
                    Remover* remover = nullptr);
 
 std::string step_dir_name(int64_t step);  // "step_0000010"

@@ -244,7 +244,7 @@ void H5File::close_durably() {
   fsync_path(path_);
 }
 
-static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "ShardWriter writes native bytes into little-endian datasets");
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "CheckpointShardWriter writes native bytes into little-endian datasets");
 
 uint64_t checksum_bytes(const void* data, size_t bytes) { return XXH64(data, bytes, 0); }
 
@@ -288,7 +288,7 @@ std::string write_all(int fd, std::vector<iovec> iov, int64_t offset) {
 }
 }
 
-ShardWriter::ShardWriter(std::string path) : file_(H5File::create(path)) {
+CheckpointShardWriter::CheckpointShardWriter(std::string path) : file_(H5File::create(path)) {
   fd_ = ::open(file_.path().c_str(), O_WRONLY | O_CLOEXEC);
   if (fd_ < 0) fail(file_.path(), fmt::format("cannot open for writing: {}", std::strerror(errno)));
   thread_ = std::thread([this] { run(); });
@@ -308,7 +308,7 @@ ShardWriter::ShardWriter(std::string path) : file_(H5File::create(path)) {
 
 // Starts the writeback of each written range. sync_file_range(SYNC_FILE_RANGE_WRITE) blocks while the disk's queue
 // is full: on a thread of its own it never holds up the copying. Advisory: an error surfaces at the final fsync.
-void ShardWriter::kick() {
+void CheckpointShardWriter::kick() {
   for (;;) {
     std::pair<int64_t, int64_t> range;
     {
@@ -322,7 +322,7 @@ void ShardWriter::kick() {
   }
 }
 
-void ShardWriter::stop_kicker() {
+void CheckpointShardWriter::stop_kicker() {
   {
     std::lock_guard<std::mutex> lock(kick_mu_);
     kick_stop_ = true;
@@ -331,7 +331,7 @@ void ShardWriter::stop_kicker() {
   if (kicker_.joinable()) kicker_.join();
 }
 
-ShardWriter::~ShardWriter() {
+CheckpointShardWriter::~CheckpointShardWriter() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     closing_ = true;
@@ -344,9 +344,9 @@ ShardWriter::~ShardWriter() {
   for (auto& [index, state] : states_) XXH64_freeState(static_cast<XXH64_state_t*>(state));
 }
 
-void ShardWriter::add(const std::string& name, const at::Tensor& t) { add_rows(name, {t}, t.sizes().vec()); }
+void CheckpointShardWriter::add(const std::string& name, const at::Tensor& t) { add_rows(name, {t}, t.sizes().vec()); }
 
-void ShardWriter::add_stacked(const std::string& name, const std::vector<at::Tensor>& rows) {
+void CheckpointShardWriter::add_stacked(const std::string& name, const std::vector<at::Tensor>& rows) {
   if (rows.empty()) fail(file_.path(), fmt::format("dataset {}: no rows to stack", name));
   std::vector<int64_t> shape = rows[0].sizes().vec();
   shape.insert(shape.begin(), static_cast<int64_t>(rows.size()));
@@ -356,7 +356,7 @@ void ShardWriter::add_stacked(const std::string& name, const std::vector<at::Ten
   add_rows(name, rows, shape);
 }
 
-void ShardWriter::add_rows(const std::string& name, const std::vector<at::Tensor>& rows,
+void CheckpointShardWriter::add_rows(const std::string& name, const std::vector<at::Tensor>& rows,
                            const std::vector<int64_t>& shape) {
   for (const auto& r : rows)
     if (!r.device().is_cpu() || !r.is_contiguous())
@@ -384,7 +384,7 @@ void ShardWriter::add_rows(const std::string& name, const std::vector<at::Tensor
   cv_.notify_one();
 }
 
-void ShardWriter::run() {
+void CheckpointShardWriter::run() {
   for (;;) {
     std::vector<Piece> batch;
     {
@@ -421,7 +421,7 @@ void ShardWriter::run() {
 // back for the next batch: each 2 MiB of the file is then written by one call, which lets the kernel put it in one
 // large page-cache folio, as it does for a plain sequential write. (Written in pieces, the same bytes took small
 // pages that were at times 20× slower to fill on the VM this was measured on.)
-void ShardWriter::write_batch(std::vector<Piece>& batch, bool last) {
+void CheckpointShardWriter::write_batch(std::vector<Piece>& batch, bool last) {
   std::stable_sort(batch.begin(), batch.end(), [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
   for (const Piece& p : batch) {
     void*& state = states_[p.index];
@@ -457,7 +457,7 @@ void ShardWriter::write_batch(std::vector<Piece>& batch, bool last) {
 }
 
 // Writes one run of the file through the page cache, then hands its whole pages to the writeback starter.
-void ShardWriter::write_run(const std::vector<iovec>& run, int64_t start, int64_t end) {
+void CheckpointShardWriter::write_run(const std::vector<iovec>& run, int64_t start, int64_t end) {
   const std::string e = write_all(fd_, run, start);
   if (!e.empty()) {
     if (error_.empty()) error_ = fmt::format("{}: write failed: {}", file_.path(), e);
@@ -475,7 +475,7 @@ void ShardWriter::write_run(const std::vector<iovec>& run, int64_t start, int64_
   }
 }
 
-std::vector<uint64_t> ShardWriter::finish() {
+std::vector<uint64_t> CheckpointShardWriter::finish() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     closing_ = true;

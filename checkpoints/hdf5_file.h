@@ -42,7 +42,7 @@ class H5File {
   const std::string& path() const { return path_; }
 
  private:
-  friend class ShardWriter;
+  friend class CheckpointShardWriter;
   H5File(int64_t id, std::string path) : id_(id), path_(std::move(path)) {}
   int64_t id_ = -1;
   std::string path_;
@@ -55,12 +55,12 @@ class H5File {
 // can use large page-cache folios), checksumming them on the way, and a third starts the kernel's writeback of each
 // batch written, so that the disk works while the next batch is copied and the final fsync has little left to wait
 // for. The result is an ordinary HDF5 file.
-class ShardWriter {
+class CheckpointShardWriter {
  public:
-  explicit ShardWriter(std::string path);
-  ~ShardWriter();  // an unfinished writer stops its thread; the file is left incomplete
-  ShardWriter(const ShardWriter&) = delete;
-  ShardWriter& operator=(const ShardWriter&) = delete;
+  explicit CheckpointShardWriter(std::string path);
+  ~CheckpointShardWriter();  // an unfinished writer stops its thread; the file is left incomplete
+  CheckpointShardWriter(const CheckpointShardWriter&) = delete;
+  CheckpointShardWriter& operator=(const CheckpointShardWriter&) = delete;
 
   // Adds `t` (contiguous, on the CPU; the writer holds a reference until it is written) as dataset `name`.
   void add(const std::string& name, const at::Tensor& t);

@@ -9,11 +9,11 @@ target_compile_options(moetrain_common INTERFACE $<$<COMPILE_LANGUAGE:CXX>:${MOE
 target_compile_definitions(moetrain_common INTERFACE OMPI_SKIP_MPICXX=1 MPICH_SKIP_MPICXX=1)
 target_link_libraries(moetrain_common INTERFACE fmt::fmt)
 # LibTorch's include directory carries its own fmt (v12) headers, which would shadow the fmt library we link
-# (Debian's) in targets that include LibTorch. A directory of links to the system fmt and spdlog headers, searched
-# before LibTorch's (-I before -isystem), keeps one fmt version everywhere.
+# (Debian's) in targets that include LibTorch. A directory of links to the system fmt headers, searched before
+# LibTorch's (-I before -isystem), keeps one fmt version everywhere.
 set(_pinned ${CMAKE_BINARY_DIR}/pinned-include)
 file(MAKE_DIRECTORY ${_pinned})
-foreach(_header fmt/format.h spdlog/spdlog.h)
+foreach(_header fmt/format.h)
   get_filename_component(_dep ${_header} DIRECTORY)
   find_path(_dir_${_dep} ${_header} NO_CACHE REQUIRED)
   file(CREATE_LINK ${_dir_${_dep}}/${_dep} ${_pinned}/${_dep} SYMBOLIC)

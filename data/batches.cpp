@@ -96,11 +96,10 @@ void SyntheticBatches::resume(const DataState& saved) {
 
 std::unique_ptr<BatchSource> make_batch_source(const config::Config& c) {
   std::unique_ptr<BatchSource> source;
-  if (c.data.source == "synthetic") source = std::make_unique<SyntheticBatches>(c);
-  else if (c.data.source == "shards") source = std::make_unique<ShardBatches>(c);
-  else
-    throw std::runtime_error(fmt::format("{}data.source = {}: expected synthetic or shards", c.where("data.source"),
-                                         c.data.source));
+  switch (c.data.source) {
+    case config::DataSource::kSynthetic: source = std::make_unique<SyntheticBatches>(c); break;
+    case config::DataSource::kShards: source = std::make_unique<ShardBatches>(c); break;
+  }
   if (c.data.prefetch > 0)
     source = std::make_unique<PrefetchingSource>(std::move(source), c.data.prefetch, c.train.micro_batches);
   return source;

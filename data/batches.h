@@ -10,7 +10,8 @@
 #include <memory>
 #include <vector>
 
-#include "configs/config.h"
+#include "config/config.h"
+#include "data/data_state.h"
 #include "data/synthetic.h"
 
 namespace moetrain::data {
@@ -27,17 +28,6 @@ struct BatchShape {
     return step * global_sequences() + dp_rank * micro_batches * micro_batch_size + micro_batch * micro_batch_size;
   }
   static BatchShape from(const config::Config& c);
-};
-
-// Where the data order stands before a step: what a checkpoint saves so that a resumed run reads exactly the
-// samples the uninterrupted run would have read, on any dp size.
-struct DataState {
-  int64_t step = 0;                       // the next optimizer step
-  int64_t samples_consumed = 0;           // global sequences trained on before it (all dp ranks together)
-  std::vector<int64_t> epochs;            // per dataset (several for a blend): the epoch of its next sample
-  std::vector<int64_t> samples_in_epoch;  // per dataset: samples of that epoch already read
-  uint64_t seed = 0;                      // the seed of the order
-  uint64_t fingerprint = 0;               // of the data and the window: a resume must read the same samples
 };
 
 // The global sequence position of a micro-batch's first row, counted from a resume point: positions of steps

@@ -31,7 +31,7 @@ BuildSummary build_shards(const BuildOptions& o) {
   BuildSummary s;
   s.files = static_cast<int64_t>(files.size());
   DocumentReader docs(std::move(files), o.split);
-  ShardWriter writer(o.out, static_cast<uint64_t>(tokenizer.vocab_size()), static_cast<uint64_t>(tokenizer.eos_id()),
+  TokenShardWriter writer(o.out, static_cast<uint64_t>(tokenizer.vocab_size()), static_cast<uint64_t>(tokenizer.eos_id()),
                      tokenizer.checksum(), o.shard_tokens);
   Progress progress("build", docs.lines().total_bytes(), Progress::Unit::bytes,
                     docs.lines().total_bytes() >= kLargeInputBytes, o.progress);
@@ -85,7 +85,7 @@ SynthSummary synth_shards(const SynthOptions& o) {
   s.eos_id = o.vocab_size - 1;
   const auto per_doc = static_cast<uint64_t>(o.document_tokens) + 1;
   const uint64_t documents = (o.tokens + per_doc - 1) / per_doc;
-  ShardWriter writer(o.out, static_cast<uint64_t>(o.vocab_size), static_cast<uint64_t>(s.eos_id), 0, o.shard_tokens);
+  TokenShardWriter writer(o.out, static_cast<uint64_t>(o.vocab_size), static_cast<uint64_t>(s.eos_id), 0, o.shard_tokens);
   Progress progress("synth", documents * per_doc, Progress::Unit::tokens, documents * per_doc >= kLargeSynthTokens,
                     o.progress);
   std::vector<int32_t> doc(static_cast<size_t>(o.document_tokens));

@@ -1,5 +1,5 @@
-// Writing corpora as token shards (data/shards.h): text through a tokenizer (`moetrain data build`) and the
-// built-in synthetic Markov corpus (`moetrain data synth`).
+// Writing corpora as token shards (data/shards.h): text through a tokenizer (`moetrain data build`) and a
+// synthetic Markov corpus (`moetrain data synth`: data/synthetic.h over vocab_size − 1 states plus an end token).
 #pragma once
 
 #include <cstdint>

@@ -133,14 +133,14 @@ void run_synth(DataOptions& o) {
   o.synth.progress = !o.synth_quiet;
   const SynthSummary s = synth_shards(o.synth);
   print(fmt::format(
-      "{}: {} documents of {} Markov tokens + end token {} = {} tokens in {} shard{} (vocabulary {}, branching {}, "
-      "seed {})\n"
+      "{}: {} documents of {} Markov tokens + end token {} = {} tokens in {} shard{} (vocabulary {} = {} Markov "
+      "states + the end token, branching {}, seed {})\n"
       "entropy rate H = Σ_i π_i·H(P_i) = {:.6f} nats/token (a text token after a text token of its document)\n"
       "document start H(π) = {:.6f} nats; per text token (H(π) + (L−1)·H)/L = {:.6f} nats/token (L = {}, end tokens "
       "excluded)\n",
       o.synth.out, s.documents, o.synth.document_tokens, s.eos_id, s.tokens, s.shards, s.shards == 1 ? "" : "s",
-      o.synth.vocab_size, o.synth.branching, o.synth.seed, s.entropy_rate, s.start_entropy, s.text_token_entropy,
-      o.synth.document_tokens));
+      o.synth.vocab_size, o.synth.vocab_size - 1, o.synth.branching, o.synth.seed, s.entropy_rate, s.start_entropy,
+      s.text_token_entropy, o.synth.document_tokens));
 }
 
 }  // namespace
@@ -205,13 +205,16 @@ DataCommands add_data_commands(CLI::App& app) {
                       "Skip reading every token (checksums, id range, end tokens)");
 
   c.synth = c.data->add_subcommand(
-      "synth", "Write the built-in synthetic Markov corpus as token shards and print its entropy rate");
+      "synth", "Write a synthetic Markov corpus as token shards (a model with model.vocab_size = --vocab-size trains "
+               "on them) and print its entropy rate");
   c.synth->add_option("--out", o.synth.out, "Shard prefix")->required()->type_name("PREFIX");
   c.synth->add_option("--tokens", o.synth.tokens, "Tokens to write (at least; whole documents)")
       ->required()
       ->check(CLI::PositiveNumber);
   c.synth->add_option("--vocab-size", o.synth.vocab_size,
-                      "Ids: 0..V−2 Markov text, V−1 the end-of-document token")
+                      "Vocabulary V of the shards, every id < V: 0..V−2 text (V−1 Markov states: the built-in "
+                      "source of data.source: synthetic, which a vocab-V model sees over V states), V−1 the "
+                      "end-of-document token")
       ->capture_default_str();
   c.synth->add_option("--branching", o.synth.branching, "Successors per token (entropy grows with it)")
       ->capture_default_str();

@@ -7,7 +7,7 @@
 #include <memory>
 #include <vector>
 
-#include "configs/config.h"
+#include "config/config.h"
 #include "data/batches.h"
 #include "data/blend.h"
 #include "data/dataset.h"

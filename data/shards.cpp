@@ -117,9 +117,9 @@ std::string shard_path(const std::string& prefix, uint32_t index, const char* ex
 
 uint32_t token_bytes_for(uint64_t vocab_size) { return vocab_size <= 65536 ? 2 : 4; }
 
-// ---- ShardWriter -------------------------------------------------------------------------------------------------
+// ---- TokenShardWriter -------------------------------------------------------------------------------------------------
 
-struct ShardWriter::Open {
+struct TokenShardWriter::Open {
   ShardHeader header;
   std::string bin_path, idx_path;
   File bin{nullptr, &std::fclose}, idx{nullptr, &std::fclose};
@@ -127,7 +127,7 @@ struct ShardWriter::Open {
   std::vector<uint8_t> staging;
 };
 
-ShardWriter::ShardWriter(std::string prefix, uint64_t vocab_size, uint64_t eos_id, uint64_t tokenizer_checksum,
+TokenShardWriter::TokenShardWriter(std::string prefix, uint64_t vocab_size, uint64_t eos_id, uint64_t tokenizer_checksum,
                          uint64_t shard_tokens)
     : prefix_(std::move(prefix)), shard_tokens_(std::max<uint64_t>(shard_tokens, 1)) {
   if (vocab_size < 2 || vocab_size > (uint64_t{1} << 32) || eos_id >= vocab_size)
@@ -141,7 +141,7 @@ ShardWriter::ShardWriter(std::string prefix, uint64_t vocab_size, uint64_t eos_i
   base_.token_bytes = token_bytes_for(vocab_size);
 }
 
-ShardWriter::~ShardWriter() {
+TokenShardWriter::~TokenShardWriter() {
   if (finished_) return;
   open_.reset();
   std::error_code ec;
@@ -151,7 +151,7 @@ ShardWriter::~ShardWriter() {
   }
 }
 
-void ShardWriter::open_shard() {
+void TokenShardWriter::open_shard() {
   open_ = std::make_unique<Open>();
   open_->header = base_;
   open_->header.shard_index = static_cast<uint32_t>(shards_.size());
@@ -166,8 +166,8 @@ void ShardWriter::open_shard() {
   XXH3_64bits_update(open_->offsets.get(), &zero, sizeof zero);
 }
 
-void ShardWriter::append(std::span<const int32_t> ids) {
-  if (finished_) throw std::logic_error("ShardWriter::append after finish");
+void TokenShardWriter::append(std::span<const int32_t> ids) {
+  if (finished_) throw std::logic_error("TokenShardWriter::append after finish");
   if (!open_) open_shard();
   auto& s = open_->staging;
   s.resize(ids.size() * base_.token_bytes);
@@ -186,7 +186,7 @@ void ShardWriter::append(std::span<const int32_t> ids) {
   in_document_ = true;
 }
 
-void ShardWriter::end_document() {
+void TokenShardWriter::end_document() {
   const int32_t eos = static_cast<int32_t>(base_.eos_id);
   append(std::span<const int32_t>(&eos, 1));
   const uint64_t end = open_->header.tokens;
@@ -198,7 +198,7 @@ void ShardWriter::end_document() {
   if (open_->header.tokens >= shard_tokens_) close_shard();
 }
 
-void ShardWriter::close_shard() {
+void TokenShardWriter::close_shard() {
   Open& o = *open_;
   o.header.data_checksum = XXH3_64bits_digest(o.data.get());
   o.header.offsets_checksum = XXH3_64bits_digest(o.offsets.get());
@@ -208,10 +208,10 @@ void ShardWriter::close_shard() {
   open_.reset();
 }
 
-void ShardWriter::finish() {
+void TokenShardWriter::finish() {
   if (finished_) return;
   // Tokens after the last end_document() would make a document without its end token.
-  if (in_document_) throw std::logic_error("ShardWriter::finish inside a document");
+  if (in_document_) throw std::logic_error("TokenShardWriter::finish inside a document");
   if (open_) {
     if (open_->header.documents > 0) close_shard();
     else open_.reset();

@@ -50,13 +50,13 @@ uint32_t token_bytes_for(uint64_t vocab_size);  // 2 when ids fit uint16, else 4
 
 // Writes documents into shards of about `shard_tokens` tokens (a document never spans two shards). Files are
 // written as *.tmp and renamed when finish() succeeds; a writer destroyed without finish() removes them.
-class ShardWriter {
+class TokenShardWriter {
  public:
-  ShardWriter(std::string prefix, uint64_t vocab_size, uint64_t eos_id, uint64_t tokenizer_checksum,
+  TokenShardWriter(std::string prefix, uint64_t vocab_size, uint64_t eos_id, uint64_t tokenizer_checksum,
               uint64_t shard_tokens = uint64_t{1} << 28);
-  ~ShardWriter();
-  ShardWriter(const ShardWriter&) = delete;
-  ShardWriter& operator=(const ShardWriter&) = delete;
+  ~TokenShardWriter();
+  TokenShardWriter(const TokenShardWriter&) = delete;
+  TokenShardWriter& operator=(const TokenShardWriter&) = delete;
 
   // Appends tokens of the current document (ids < vocab size; throws otherwise). end_document() appends the
   // end-of-document token and closes it.

@@ -7,7 +7,7 @@
 
 #include <torch/nn/module.h>
 
-#include "configs/config.h"
+#include "config/config.h"
 #include "model/layers.h"
 
 namespace moetrain::model {

@@ -4,7 +4,7 @@
 
 #include <torch/nn/module.h>
 
-#include "configs/config.h"
+#include "config/config.h"
 #include "model/attention.h"
 #include "model/layers.h"
 #include "model/moe.h"

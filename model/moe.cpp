@@ -13,7 +13,7 @@ namespace moetrain::model {
 MoEImpl::MoEImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode)
     : n_experts_(m.n_routed_experts),
       top_k_(m.top_k),
-      aux_alpha_(m.balance_mode == "aux_loss" ? m.aux_loss_alpha : 0.0),
+      aux_alpha_(m.balance_mode == config::BalanceMode::kAuxLoss ? m.aux_loss_alpha : 0.0),
       seq_alpha_(m.seq_balance_alpha) {
   router = register_module("router", Router(m));
   if (m.n_shared_experts > 0)

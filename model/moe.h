@@ -6,7 +6,7 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 
-#include "configs/config.h"
+#include "config/config.h"
 #include "model/expert_exchange.h"
 #include "model/layers.h"
 #include "model/router.h"

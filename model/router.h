@@ -6,7 +6,7 @@
 
 #include <torch/nn/module.h>
 
-#include "configs/config.h"
+#include "config/config.h"
 
 namespace moetrain::model {
 

@@ -9,7 +9,7 @@
 #include <ATen/ops/zeros.h>
 #include <xxhash.h>
 
-#include "model/model_spec.h"
+#include "model/param_flops.h"
 
 namespace moetrain::model {
 
@@ -22,7 +22,7 @@ MTPModuleImpl::MTPModuleImpl(const config::ModelConfig& m, ExpertShard shard, Mo
 }
 
 TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage, Mode mode)
-    : m_(m), mode_(mode) {
+    : m_(m), stage_(stage), mode_(mode) {
   // The last stage embeds future tokens for MTP, so it holds the embedding too (a copy kept identical to the
   // first stage's by the parallel layer); a tied head also needs it there.
   if (stage.first || (stage.last && (m.mtp_depth > 0 || m.tie_embeddings))) {

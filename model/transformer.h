@@ -10,7 +10,7 @@
 
 #include <torch/nn/module.h>
 
-#include "configs/config.h"
+#include "config/config.h"
 #include "model/block.h"
 #include "model/expert_exchange.h"
 
@@ -64,10 +64,14 @@ class TransformerImpl : public torch::nn::Module {
   std::vector<Block> layers;
   std::vector<MTPModule> mtp;
 
+  const config::ModelConfig& config() const { return m_; }
+  const StageSpec& stage() const { return stage_; }
+
  private:
   at::Tensor head_weight() const { return m_.tie_embeddings ? embed : head; }
 
   config::ModelConfig m_;
+  StageSpec stage_;
   Mode mode_;
 };
 TORCH_MODULE(Transformer);

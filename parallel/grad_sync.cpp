@@ -8,13 +8,12 @@
 
 namespace moetrain::parallel {
 
-GradSync::GradSync(ProcessGroups& groups, std::vector<std::pair<std::string, at::Tensor>> params, double bucket_mb)
+GradSync::GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, double bucket_mb)
     : g_(groups), params_(std::move(params)), bucket_bytes_(static_cast<int64_t>(bucket_mb * 1024 * 1024)) {
   // Reverse registration order: roughly the order backward produces the gradients.
   for (size_t i = params_.size(); i-- > 0;) {
-    const std::string& name = params_[i].first;
-    (is_expert(name) ? expert_ : dense_).push_back(i);
-    if (name == "embed.weight") embedding_.push_back(i);
+    (params_[i].routed() ? expert_ : dense_).push_back(i);
+    if (params_[i].shared_embedding) embedding_.push_back(i);
   }
 }
 
@@ -26,9 +25,9 @@ void GradSync::reduce_buckets(const std::vector<size_t>& which, Communicator* co
     std::vector<at::Tensor> grads;
     int64_t bytes = 0;
     size_t end = begin;
-    const auto dtype = params_[which[begin]].second.scalar_type();
+    const auto dtype = params_[which[begin]].tensor.scalar_type();
     while (end < which.size()) {
-      at::Tensor& p = params_[which[end]].second;
+      at::Tensor& p = params_[which[end]].tensor;
       if (p.scalar_type() != dtype || (end > begin && bytes + static_cast<int64_t>(p.nbytes()) > bucket_bytes_)) break;
       if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
       grads.push_back(p.grad());
@@ -60,14 +59,15 @@ double GradSync::global_norm() {
   const bool last_not_first = g_.topology.last_stage(g_.rank) && !g_.topology.first_stage(g_.rank);
   const auto opts = at::TensorOptions()
                         .dtype(at::kDouble)
-                        .device(params_.empty() ? at::Device(at::kCPU) : params_[0].second.device());
+                        .device(params_.empty() ? at::Device(at::kCPU) : params_[0].tensor.device());
   // Sums of squares stay on the device: one host read per step whatever the model size.
   at::Tensor dense = at::zeros({1}, opts), expert = at::zeros({1}, opts);
-  for (const auto& [name, p] : params_) {
+  for (const auto& info : params_) {
+    const at::Tensor& p = info.tensor;
     if (!p.grad().defined()) continue;
     // The last stage's embedding is a copy of the first stage's: counted there.
-    if (name == "embed.weight" && last_not_first) continue;
-    (is_expert(name) ? expert : dense).add_(p.grad().to(at::kDouble).pow(2).sum());
+    if (info.shared_embedding && last_not_first) continue;
+    (info.routed() ? expert : dense).add_(p.grad().to(at::kDouble).pow(2).sum());
   }
   // Expert shards differ over ep; stages differ over pp; replicas (dp, edp) hold the same values: counted once.
   if (g_.ep && g_.ep->size() > 1) g_.ep->all_reduce(expert, ReduceOp::kSum);

@@ -1,8 +1,9 @@
-// Gradient reduction after the backward passes of a step, and the global gradient norm:
+// Gradient reduction after the backward passes of a step, and the global gradient norm, by parameter role
+// (model/param_roles.h):
 //   - routed-expert parameters: summed over edp (the replicas of the same experts);
 //   - everything else: summed over dp;
-//   - the token embedding: then also summed over the embedding group (first stage and the last stage's copy used
-//     by MTP / a tied head), so both copies stay identical.
+//   - the shared token embedding: then also summed over the embedding group (first stage and the last stage's
+//     copy used by MTP / a tied head), so both copies stay identical.
 // Losses are divided by the global token count before backward, so sums are the right reduction. Gradients are
 // flattened into buckets of parallel.bucket_size_mb and reduced bucket by bucket. A parameter without a gradient
 // (an expert that saw no token here) takes part with zeros.
@@ -10,30 +11,27 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <string>
-#include <utility>
 #include <vector>
 
+#include "model/param_roles.h"
 #include "parallel/process_groups.h"
 
 namespace moetrain::parallel {
 
 class GradSync {
  public:
-  GradSync(ProcessGroups& groups, std::vector<std::pair<std::string, at::Tensor>> params, double bucket_mb);
+  GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, double bucket_mb);
 
   void reduce();
   // The L2 norm over every unique parameter of the model once (stages, expert shards and replicas accounted for);
   // the same value on every rank.
   double global_norm();
 
-  static bool is_expert(const std::string& name) { return name.find(".experts.") != std::string::npos; }
-
  private:
   void reduce_buckets(const std::vector<size_t>& which, Communicator* comm);
 
   ProcessGroups& g_;
-  std::vector<std::pair<std::string, at::Tensor>> params_;
+  std::vector<model::ParamInfo> params_;
   std::vector<size_t> dense_, expert_, embedding_;
   int64_t bucket_bytes_;
 };

@@ -158,6 +158,30 @@ void MpiCommunicator::send_recv(const at::Tensor& out, int dst, int send_tag, at
   wait(r[0], "send_recv");
 }
 
+std::vector<std::string> MpiCommunicator::gather_strings(const std::string& mine) {
+  int len = static_cast<int>(mine.size());
+  std::vector<int> lens(static_cast<size_t>(size_));
+  MPI_Request r;
+  check(MPI_Igather(&len, 1, MPI_INT, lens.data(), 1, MPI_INT, 0, comm_, &r), "gather");
+  wait(r, "gather");
+  std::vector<int> offsets(static_cast<size_t>(size_), 0);
+  int total = 0;
+  for (size_t i = 0; i < lens.size(); ++i) {
+    offsets[i] = total;
+    total += lens[i];
+  }
+  std::string all(rank_ == 0 ? static_cast<size_t>(total) : 0, '\0');
+  count("gather", len);
+  check(MPI_Igatherv(mine.data(), len, MPI_CHAR, all.data(), lens.data(), offsets.data(), MPI_CHAR, 0, comm_, &r),
+        "gather");
+  wait(r, "gather");
+  std::vector<std::string> out;
+  if (rank_ == 0)
+    for (size_t i = 0; i < lens.size(); ++i)
+      out.push_back(all.substr(static_cast<size_t>(offsets[i]), static_cast<size_t>(lens[i])));
+  return out;
+}
+
 void MpiCommunicator::barrier() {
   MPI_Request r;
   check(MPI_Ibarrier(comm_, &r), "barrier");

@@ -23,6 +23,8 @@ class MpiCommunicator final : public Communicator {
   void recv(at::Tensor& t, int src, int tag) override;
   void send_recv(const at::Tensor& out, int dst, int send_tag, at::Tensor& in, int src, int recv_tag) override;
   void barrier() override;
+  // Every rank's string on rank 0 of the group, in rank order (the other ranks get an empty vector).
+  std::vector<std::string> gather_strings(const std::string& mine);
 
   bool valid() const { return comm_ != MPI_COMM_NULL; }
   MPI_Comm native() const { return comm_; }

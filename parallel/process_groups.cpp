@@ -12,14 +12,21 @@
 namespace moetrain::parallel {
 namespace {
 
-std::unique_ptr<Communicator> make(const char* name, const std::vector<int64_t>& members, int world_rank,
-                                   double timeout, Backend backend) {
+// A group over MPI, warmed with a barrier: a broken group fails here, not at the first step. Null for a rank that
+// belongs to no group of this kind.
+std::unique_ptr<MpiCommunicator> make_mpi(const char* name, const std::vector<int64_t>& members, int world_rank,
+                                          double timeout) {
   auto mpi = std::make_unique<MpiCommunicator>(name, MPI_COMM_WORLD, members, world_rank, timeout);
   if (!mpi->valid()) return nullptr;
-  if (backend == Backend::kMpi) {
-    mpi->barrier();  // warm it: a broken group fails here, not at the first step
-    return mpi;
-  }
+  mpi->barrier();
+  return mpi;
+}
+
+std::unique_ptr<Communicator> make(const char* name, const std::vector<int64_t>& members, int world_rank,
+                                   double timeout, Backend backend) {
+  if (backend == Backend::kMpi) return make_mpi(name, members, world_rank, timeout);
+  auto mpi = std::make_unique<MpiCommunicator>(name, MPI_COMM_WORLD, members, world_rank, timeout);
+  if (!mpi->valid()) return nullptr;
 #if MOETRAIN_WITH_CUDA
   return std::make_unique<NcclCommunicator>(name, mpi->native(), world_rank, timeout);
 #else
@@ -41,9 +48,19 @@ ProcessGroups ProcessGroups::create(const config::ParallelConfig& p, Backend bac
   g.rank = world_rank;
   g.coords = g.topology.coords(world_rank);
   const double t = p.comm_timeout_s;
+  MPI_Comm node = MPI_COMM_NULL;
+  if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_rank, MPI_INFO_NULL, &node) != MPI_SUCCESS)
+    throw CommError("MPI_Comm_split_type(MPI_COMM_TYPE_SHARED) failed: cannot tell the ranks of this node");
+  int local_rank = 0, local_size = 1;
+  MPI_Comm_rank(node, &local_rank);
+  MPI_Comm_size(node, &local_size);
+  MPI_Comm_free(&node);
+  g.local_rank = local_rank;
+  g.local_size = local_size;
   std::vector<int64_t> all(static_cast<size_t>(world_size));
   for (int i = 0; i < world_size; ++i) all[static_cast<size_t>(i)] = i;
   // The same order on every rank: each split is collective over the world.
+  g.control = std::make_unique<ControlPlane>(make_mpi("control", all, world_rank, t));
   g.world = make("world", all, world_rank, t, backend);
   g.pp = make("pp", g.topology.group(GroupKind::kPipeline, world_rank), world_rank, t, backend);
   g.dp = make("dp", g.topology.group(GroupKind::kData, world_rank), world_rank, t, backend);

@@ -1,12 +1,14 @@
 // The communicators of one rank, created once at start-up from the layout (parallel/topology.h): world, pp, dp,
 // ep, edp and embedding (first and last stage of a dp slice; absent on middle stages). Every group is warmed with
-// a barrier at creation. CPU runs use the MPI backend, CUDA runs the NCCL backend bootstrapped over MPI.
+// a barrier at creation. CPU runs use the MPI backend, CUDA runs the NCCL backend bootstrapped over MPI. Besides
+// them, the control plane (parallel/control_plane.h): a CPU communicator of the world for small agreements.
 #pragma once
 
 #include <memory>
 
-#include "configs/config.h"
+#include "config/config.h"
 #include "parallel/communicator.h"
+#include "parallel/control_plane.h"
 #include "parallel/topology.h"
 
 namespace moetrain::parallel {
@@ -17,7 +19,10 @@ struct ProcessGroups {
   Topology topology{Layout{}};
   int64_t rank = 0;
   Coords coords;
+  // This rank among the ranks of its node (MPI_COMM_TYPE_SHARED): right under mpirun, srun and any placement.
+  int64_t local_rank = 0, local_size = 1;
   std::unique_ptr<Communicator> world, pp, dp, ep, edp, embedding;
+  std::unique_ptr<ControlPlane> control;
 
   // Collective over MPI_COMM_WORLD: every rank calls it. Requires MPI to be initialized with pp·dp ranks.
   static ProcessGroups create(const config::ParallelConfig& p, Backend backend);

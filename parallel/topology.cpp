@@ -6,11 +6,8 @@
 
 namespace moetrain::parallel {
 
-Layout Layout::from(const config::ParallelConfig& p) {
-  if (p.dp <= 0 || p.pp <= 0 || p.ep <= 0 || p.dp % p.ep != 0)
-    throw std::invalid_argument(fmt::format("invalid layout pp={} dp={} ep={}", p.pp, p.dp, p.ep));
-  return Layout{p.pp, p.dp, p.ep};
-}
+// Checked once, where every layout is used: the Topology constructor.
+Layout Layout::from(const config::ParallelConfig& p) { return Layout{p.pp, p.dp, p.ep}; }
 
 const char* group_name(GroupKind kind) {
   switch (kind) {
@@ -25,7 +22,8 @@ const char* group_name(GroupKind kind) {
 
 Topology::Topology(Layout layout) : layout_(layout) {
   if (layout.pp < 1 || layout.ep < 1 || layout.dp < 1 || layout.dp % layout.ep != 0)
-    throw std::invalid_argument(fmt::format("invalid layout pp={} dp={} ep={}", layout.pp, layout.dp, layout.ep));
+    throw std::invalid_argument(fmt::format("invalid layout pp={} dp={} ep={}: each must be >= 1 and ep must divide dp",
+                                            layout.pp, layout.dp, layout.ep));
 }
 
 Coords Topology::coords(int64_t rank) const {

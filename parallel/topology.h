@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "configs/config.h"
+#include "config/config.h"
 
 namespace moetrain::parallel {
 

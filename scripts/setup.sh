@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what moetrain needs and is missing; idempotent (a second run installs nothing).
-#   apt: OpenMPI, parallel HDF5, yaml-cpp, GoogleTest, SentencePiece, CLI11, nlohmann-json, fmt, spdlog, xxHash,
+#   apt: OpenMPI, parallel HDF5, yaml-cpp, GoogleTest, SentencePiece, CLI11, nlohmann-json, fmt, xxHash,
 #        ninja, ccache, hdf5-tools
 #   PyPI: torch==2.11.0 (LibTorch) in a virtual environment in a cache directory outside the clone, shared by
 #         every clone on this machine.
@@ -18,7 +18,7 @@ APT_PACKAGES=(
   libyaml-cpp-dev
   libgtest-dev libgmock-dev
   libsentencepiece-dev sentencepiece
-  libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev libxxhash-dev
+  libcli11-dev nlohmann-json3-dev libfmt-dev libxxhash-dev
 )
 
 installed=()

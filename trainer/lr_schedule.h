@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "configs/config.h"
+#include "config/config.h"
 
 namespace moetrain::trainer {
 

@@ -1,11 +1,19 @@
 #include "trainer/metrics.h"
 
+#include <ATen/ops/mm.h>
+#include <ATen/ops/randn.h>
 #include <fmt/format.h>
+#include <torch/cuda.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <stdexcept>
+
+#include "model/moe_load.h"
+#include "trainer/preemption.h"
 
 namespace moetrain::trainer {
 
@@ -21,12 +29,109 @@ void MetricsWriter::write(const nlohmann::json& record) {
   out_.flush();
 }
 
+std::vector<MoeLayerMetrics> moe_layer_metrics(const at::Tensor& table, const std::vector<std::string>& names) {
+  using T = model::MoeLoadTracker;
+  const at::Tensor t = table.to(at::kDouble).contiguous();
+  const double* v = t.data_ptr<double>();
+  std::vector<MoeLayerMetrics> out;
+  for (size_t i = 0; i < names.size(); ++i) {
+    const double* row = v + i * T::kColumns;
+    out.push_back({names[i], row[T::kMaxVio], static_cast<int64_t>(row[T::kMinLoad]),
+                   static_cast<int64_t>(row[T::kMaxLoad]), row[T::kBiasMin], row[T::kBiasMax]});
+  }
+  return out;
+}
+
+nlohmann::json step_record(const StepResult& r) {
+  nlohmann::json j = {{"step", r.step + 1},          {"loss", r.loss},         {"lm_loss", r.lm_loss},
+                      {"mtp_loss", r.mtp_loss},      {"balance_loss", r.balance_loss},
+                      {"grad_norm", r.grad_norm},    {"lr", r.lr},             {"tokens_per_s", r.tokens_per_s},
+                      {"step_time_s", r.step_time_s}, {"mfu", r.mfu}};
+  for (const auto& l : r.moe)
+    j["moe"].push_back({{"layer", l.layer},
+                        {"max_vio", l.max_vio},
+                        {"min_tokens", l.min_tokens},
+                        {"max_tokens", l.max_tokens},
+                        {"bias_min", l.bias_min},
+                        {"bias_max", l.bias_max}});
+  return j;
+}
+
+nlohmann::json eval_record(int64_t steps_done, const EvalResult& e) {
+  return {{"step", steps_done}, {"val_loss", e.loss}, {"val_max_vio", e.max_vio}};
+}
+
+Progress::Progress(const config::Config& c, int64_t first_step)
+    : steps_(c.train.steps), interval_(c.logging.interval), first_step_(first_step) {}
+
+bool Progress::due(int64_t steps_done) const {
+  return steps_done % interval_ == 0 || steps_done == steps_ || steps_done == first_step_ + 1;
+}
+
+double Progress::eta_s(int64_t steps_done, double elapsed_s) const {
+  const int64_t trained_here = steps_done - first_step_;
+  if (trained_here <= 0) return -1;
+  return elapsed_s / static_cast<double>(trained_here) * static_cast<double>(steps_ - steps_done);
+}
+
+std::string Progress::line(const StepResult& r, double elapsed_s) const {
+  const int64_t done = r.step + 1;
+  return fmt::format(
+      "step {:>{}}/{} | loss {:.4f} | lm {:.4f} | mtp {:.4f} | grad {:.3f} | lr {:.2e} | {:.0f} tok/s | MFU {:.1f}% | "
+      "max-vio {:.2f} | ETA {}\n",
+      done, fmt::formatted_size("{}", steps_), steps_, r.loss, r.lm_loss, r.mtp_loss, r.grad_norm, r.lr,
+      r.tokens_per_s, 100 * r.mfu, r.max_vio.empty() ? 0.0 : *std::max_element(r.max_vio.begin(), r.max_vio.end()),
+      format_duration(eta_s(done, elapsed_s)));
+}
+
+std::string run_header(const config::Config& c, int64_t tokens_per_step, double peak_flops, double entropy_rate) {
+  return fmt::format("training {} for {} steps on {} rank(s) (pp {} × dp {}, ep {}), {}: {} tokens/step, peak {:.1f} "
+                     "GFLOP/s per rank{}\n",
+                     c.file, c.train.steps, c.parallel.world_size, c.parallel.pp, c.parallel.dp, c.parallel.ep,
+                     config::name(c.train.device), tokens_per_step, peak_flops / 1e9,
+                     entropy_rate >= 0 ? fmt::format(", corpus entropy rate {:.4f} nats/token", entropy_rate) : "");
+}
+
+std::string eval_line(int64_t steps_done, const EvalResult& e, double entropy_rate) {
+  return fmt::format("eval step {} | val loss {:.4f}{} | val max-vio {:.3f}\n", steps_done, e.loss,
+                     entropy_rate >= 0
+                         ? fmt::format(" (entropy rate {:.4f}, gap {:.4f})", entropy_rate, e.loss - entropy_rate)
+                         : "",
+                     e.max_vio);
+}
+
+std::string stop_line(int64_t steps_done, int64_t steps, int signal, const std::string& checkpoint_root) {
+  return fmt::format("stopped at step {} of {} on {}: checkpoint saved in {}; continue with --resume auto\n",
+                     steps_done, steps, StopSignals::name(signal), checkpoint_root);
+}
+
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "?";
   auto s = static_cast<int64_t>(seconds + 0.5);
   if (s >= 3600) return fmt::format("{}h{:02}m", s / 3600, (s % 3600) / 60);
   if (s >= 60) return fmt::format("{}m{:02}s", s / 60, s % 60);
   return fmt::format("{}s", s);
+}
+
+double measure_peak_flops(c10::Device device, c10::ScalarType dtype) {
+  // Large enough to reach a GPU's peak; on the CPU a size that takes milliseconds.
+  const int64_t n = device.is_cuda() ? 4096 : 512;
+  const auto opts = at::TensorOptions().dtype(dtype).device(device);
+  at::Tensor a = at::randn({n, n}, opts), b = at::randn({n, n}, opts);
+  auto sync = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize(device.index());
+  };
+  at::mm(a, b);  // warm-up
+  sync();
+  double best = 0;
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    at::Tensor c = at::mm(a, b);
+    sync();
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt > 0) best = std::max(best, 2.0 * static_cast<double>(n * n * n) / dt);
+  }
+  return best;
 }
 
 }  // namespace moetrain::trainer

@@ -1,15 +1,47 @@
-// Per-step metrics: one JSON object per line in the run directory's metrics.jsonl, and on rank 0 a progress line
-// every logging.interval steps.
+// What a run reports: the per-step and validation records (one JSON object per line of the run directory's
+// metrics.jsonl, written by rank 0), the progress, evaluation and stop lines rank 0 prints, and the peak FLOP/s
+// that MFU divides by.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 #include <nlohmann/json.hpp>
 
-#include <cstdio>
+#include <chrono>
+#include <cstdint>
 #include <fstream>
 #include <string>
+#include <vector>
+
+#include "config/config.h"
 
 namespace moetrain::trainer {
 
+// One MoE layer's load over a step's global batch.
+struct MoeLayerMetrics {
+  std::string layer;  // "layers.3", "mtp.0"
+  double max_vio = 0;
+  int64_t min_tokens = 0, max_tokens = 0;
+  double bias_min = 0, bias_max = 0;
+};
+
+// What one optimizer step produced. Losses are global-batch means, the same on every rank.
+struct StepResult {
+  int64_t step = 0;  // the step trained (0-based); the record names the steps done after it (step + 1)
+  double loss = 0, lm_loss = 0, mtp_loss = 0, balance_loss = 0, grad_norm = 0, lr = 0;
+  double step_time_s = 0, tokens_per_s = 0, mfu = 0;
+  std::vector<double> max_vio;        // per MoE layer of the whole model (main layers, then MTP)
+  std::vector<MoeLayerMetrics> moe;   // the same layers in full
+  bool stop = false;                  // a stop signal reached some rank during the step (save_on_signal)
+};
+
+struct EvalResult {
+  double loss = 0;     // validation LM loss, nats/token
+  double max_vio = 0;  // MaxVio over the whole validation set, averaged over MoE layers
+};
+
+// Appends records to metrics.jsonl; a path of "" writes nothing.
 class MetricsWriter {
  public:
   // Opens `path` for writing, or for appending when a run resumes.
@@ -20,7 +52,36 @@ class MetricsWriter {
   std::ofstream out_;
 };
 
+// Rows of a model::MoeLoadTracker::layer_table (summed over the ranks), named.
+std::vector<MoeLayerMetrics> moe_layer_metrics(const at::Tensor& table, const std::vector<std::string>& names);
+
+nlohmann::json step_record(const StepResult& r);
+nlohmann::json eval_record(int64_t steps_done, const EvalResult& e);
+
+// The progress lines of one process, which may have resumed at `first_step` (steps done before it started). A
+// line is due every logging.interval steps, at the last step and at the first step this process trains; the ETA
+// extrapolates from the steps this process trained.
+class Progress {
+ public:
+  Progress(const config::Config& c, int64_t first_step);
+  bool due(int64_t steps_done) const;
+  double eta_s(int64_t steps_done, double elapsed_s) const;  // < 0 when unknown
+  std::string line(const StepResult& r, double elapsed_s) const;
+
+ private:
+  int64_t steps_, interval_, first_step_;
+};
+
+// The line at the start of a run.
+std::string run_header(const config::Config& c, int64_t tokens_per_step, double peak_flops, double entropy_rate);
+std::string eval_line(int64_t steps_done, const EvalResult& e, double entropy_rate);
+std::string stop_line(int64_t steps_done, int64_t steps, int signal, const std::string& checkpoint_root);
+
 // "1h02m", "3m05s", "12s"
 std::string format_duration(double seconds);
+
+// Peak FLOP/s of this rank on `device` in `dtype`: the best of a few square matmuls (MFU's denominator when
+// train.peak_flops is 0).
+double measure_peak_flops(c10::Device device, c10::ScalarType dtype = c10::kFloat);
 
 }  // namespace moetrain::trainer

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "configs/config.h"
+#include "config/config.h"
 
 namespace moetrain::trainer {
 

@@ -1,42 +1,29 @@
 // The training loop, readable top to bottom: micro-batches forward and backward (gradient accumulation on one
 // stage, the 1F1B schedule across pipeline stages), gradient reduction over the data- and expert-parallel groups,
 // the global gradient norm and its clip, AdamW at the scheduled learning rate, the balancer's bias update from
-// the step's expert loads summed over all micro-batches and dp ranks, metrics, validation.
+// the step's expert loads, metrics, validation. The components around it: checkpoints/checkpointer.h (saves and
+// resume), model/moe_load.h (expert loads and the bias update), parallel/placement.h (stage and device),
+// trainer/preemption.h (stop signals and the per-step vote), trainer/metrics.h (records and lines).
 #pragma once
 
 #include <memory>
 #include <string>
 #include <vector>
 
-#include "configs/config.h"
+#include "checkpoints/checkpointer.h"
+#include "config/config.h"
 #include "data/batches.h"
 #include "model/expert_exchange.h"
+#include "model/moe_load.h"
 #include "model/transformer.h"
+#include "parallel/control_plane.h"
 #include "parallel/grad_sync.h"
 #include "parallel/pipeline.h"
 #include "parallel/process_groups.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 
-namespace moetrain::checkpoints {
-class Remover;
-}
-
 namespace moetrain::trainer {
-
-// What one optimizer step produced (also written to metrics.jsonl). Losses are global-batch means, the same on
-// every rank.
-struct StepResult {
-  int64_t step = 0;
-  double loss = 0, lm_loss = 0, mtp_loss = 0, balance_loss = 0, grad_norm = 0, lr = 0;
-  double step_time_s = 0, tokens_per_s = 0, mfu = 0;
-  std::vector<double> max_vio;  // per MoE layer of the whole model (main layers, then MTP), this step
-};
-
-struct EvalResult {
-  double loss = 0;     // validation LM loss, nats/token
-  double max_vio = 0;  // MaxVio over the whole validation set, averaged over MoE layers
-};
 
 class Trainer {
  public:
@@ -49,43 +36,39 @@ class Trainer {
 
   StepResult step();      // one optimizer step
   EvalResult evaluate();  // validation loss over train.eval_batches global batches
-  void run();             // all train.steps, with logging, evaluation and checkpoints
+  void run();             // all train.steps, with logging, evaluation, checkpoints and stop signals
 
-  // Saves a checkpoint of the current step into checkpoint_root() (collective). With checkpoint.async the shard
-  // is written on a background thread from host copies and committed at the first step when every rank's writer
-  // is done (or by finish_checkpoint(), the next save, or the end of the run).
+  // Checkpoints of the current step (collective; see checkpoints::Checkpointer): save, commit a pending
+  // asynchronous save, and commit plus wait for pruned checkpoints' deletion.
   void save_checkpoint();
-  void finish_checkpoint();  // waits for and commits a pending asynchronous save
-  // finish_checkpoint(), then waits for the background deletion of the checkpoints keep_last pruned.
-  void settle_checkpoints();
-  std::string checkpoint_root() const;
+  void finish_checkpoint() { checkpointer_->commit(); }
+  void settle_checkpoints() { checkpointer_->settle(); }
+  std::string checkpoint_root() const { return checkpointer_->root(); }
+  const checkpoints::Checkpointer& checkpointer() const { return *checkpointer_; }
 
   int64_t steps_done() const { return step_; }
   model::Transformer& model() { return model_; }
   const data::BatchSource& batches() const { return *batches_; }
-  const std::vector<std::string>& moe_layer_names() const { return all_moe_names_; }
+  const std::vector<std::string>& moe_layer_names() const { return loads_->layer_names(); }
+  double peak_flops() const { return peak_flops_; }
   // The pass order of the last step's pipeline schedule on this rank.
   const parallel::ScheduleTrace& schedule_trace() const { return trace_; }
 
  private:
-  struct Accumulator;  // sums of one step's micro-batches on this rank
-  parallel::StageOutput stage_forward(int64_t mb, const at::Tensor& input, const at::Tensor& window,
-                                      Accumulator& acc, bool training);
+  parallel::StageOutput stage_forward(const at::Tensor& input, const at::Tensor& window, at::Tensor& sums,
+                                      bool training);
   double mtp_weight(int64_t tokens_seen) const;
-  Accumulator new_accumulator() const;
-  void global_loads(Accumulator& acc) const;
   parallel::PipelineSpec pipeline_spec() const;
-  void load_checkpoint(const std::string& dir);
-  struct PendingSave;
   void reduce(at::Tensor& t, parallel::Communicator* comm) const;
-  // Per MoE layer of the whole model: (max_vio, min, max, bias_min, bias_max), gathered from the owning stages.
-  at::Tensor layer_metrics(const std::vector<at::Tensor>& loads);
+  std::vector<MoeLayerMetrics> moe_metrics();  // collective: every MoE layer of the model, this step's loads
+  void say(const std::string& line) const;
 
   config::Config c_;
-  std::string config_yaml_;  // c_ resolved, as YAML
   parallel::ProcessGroups* groups_;
   std::string run_dir_;
   bool verbose_;
+  std::unique_ptr<parallel::ControlPlane> own_control_;  // one process
+  parallel::ControlPlane& control_;
   at::Device device_{at::kCPU};
   int64_t dp_rank_ = 0;
   bool first_stage_ = true, last_stage_ = true;
@@ -94,22 +77,12 @@ class Trainer {
   std::unique_ptr<data::BatchSource> batches_;
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<parallel::GradSync> grad_sync_;
-  std::vector<at::Tensor*> router_biases_;  // this stage's MoE layers, in the order the forward reports them
-  std::vector<int64_t> moe_global_index_;   // their index in all_moe_names_
-  std::vector<std::string> all_moe_names_;
+  std::unique_ptr<model::MoeLoadTracker> loads_;
+  std::unique_ptr<checkpoints::Checkpointer> checkpointer_;
   std::unique_ptr<MetricsWriter> metrics_;
   parallel::ScheduleTrace trace_;
   double flops_per_token_ = 0, peak_flops_ = 0;
   int64_t step_ = 0;
-  std::unique_ptr<checkpoints::Remover> remover_;  // deletes pruned checkpoints in the background
-  std::unique_ptr<PendingSave> pending_save_;
-  std::vector<at::Tensor> snapshot_pool_;  // host buffers of the last asynchronous save, reused by the next
 };
-
-// Where a run's checkpoints go: checkpoint.dir, inside run_dir when relative (and run_dir is given).
-std::string checkpoint_root(const config::Config& c, const std::string& run_dir);
-
-// Peak FLOP/s of this process: the best of a few square FP32 matmuls (for MFU when train.peak_flops is 0).
-double measure_peak_flops();
 
 }  // namespace moetrain::trainer

@@ -27,6 +27,7 @@ class CheckpointDir : public ::testing::Test {
   }
   void TearDown() override { fs::remove_all(dir_); }
   fs::path dir_;
+  parallel::ControlPlane one_process;  // the agreements of a world of one
 };
 
 bool same(const at::Tensor& a, const at::Tensor& b) {
@@ -49,7 +50,7 @@ TEST_F(CheckpointDir, ShardWriterRoundTrip) {
   for (int r = 0; r < 5; ++r) rows.push_back(torch::randn({3, 7}));
 
   const std::string path = (dir_ / "shard.h5").string();
-  ShardWriter w(path);
+  CheckpointShardWriter w(path);
   for (const auto& [name, t] : whole) w.add(name, t);
   w.add_stacked("/model/experts.w_up", rows);
   const std::vector<uint64_t> sums = w.finish();
@@ -69,7 +70,7 @@ TEST_F(CheckpointDir, ShardWriterRoundTrip) {
 }
 
 TEST_F(CheckpointDir, ShardWriterRejectsRowsOfDifferentShapes) {
-  ShardWriter w((dir_ / "shard.h5").string());
+  CheckpointShardWriter w((dir_ / "shard.h5").string());
   EXPECT_THROW(w.add_stacked("/x", {torch::zeros({2, 3}), torch::zeros({3, 2})}), std::runtime_error);
 }
 
@@ -90,8 +91,7 @@ TEST_F(CheckpointDir, StackedRowsReadWholeAndByRows) {
   e.row_begin = 0;
   e.rows_total = 4;
   r.tensors.push_back(e);
-  const Collective one(false);
-  const std::string dir = commit(r, write_shard(r, 0), one);
+  const std::string dir = commit(r, write_shard(r, 0), one_process);
   Checkpoint ck(dir);
   EXPECT_EQ(ck.shape("model/experts.w_up"), (std::vector<int64_t>{4, 2, 3}));
   const auto& part = ck.index()["tensors"]["model/experts.w_up"]["parts"];
@@ -110,9 +110,8 @@ TEST_F(CheckpointDir, StackedRowsReadWholeAndByRows) {
 
 // Rows no rank wrote make the save fail, and the previous checkpoint stays current.
 TEST_F(CheckpointDir, MissingRowsFailTheSave) {
-  const Collective one(false);
   SaveRequest good = request(dir_, 1);
-  commit(good, write_shard(good, 0), one);
+  commit(good, write_shard(good, 0), one_process);
   SaveRequest r = request(dir_, 2);
   TensorEntry e{"model/experts.w_up", {}, true};
   e.rows = {torch::zeros({2}), torch::zeros({2})};
@@ -120,7 +119,7 @@ TEST_F(CheckpointDir, MissingRowsFailTheSave) {
   e.rows_total = 4;  // rows 0 and 1 are nobody's
   r.tensors.push_back(e);
   try {
-    commit(r, write_shard(r, 0), one);
+    commit(r, write_shard(r, 0), one_process);
     FAIL() << "a save with missing rows committed";
   } catch (const std::runtime_error& ex) {
     EXPECT_NE(std::string(ex.what()).find("model/experts.w_up: no rank wrote the rows at row 0"), std::string::npos)
@@ -140,7 +139,7 @@ TEST_F(CheckpointDir, CorruptPartNamesFileAndDataset) {
   for (int k = 0; k < 4; ++k) e.rows.push_back(torch::full({64}, 1.0f + static_cast<float>(k)));
   e.rows_total = 4;
   r.tensors.push_back(e);
-  const std::string dir = commit(r, write_shard(r, 0), Collective(false));
+  const std::string dir = commit(r, write_shard(r, 0), one_process);
   const fs::path shard = fs::path(dir) / "shard_00000.h5";
   std::string bytes;
   {
@@ -166,18 +165,17 @@ TEST_F(CheckpointDir, CorruptPartNamesFileAndDataset) {
 // keep_last prunes through the Remover (renamed aside at once, deleted in the background); a new save of the same
 // step replaces the old one; what an earlier job left being deleted goes too.
 TEST_F(CheckpointDir, PruningAndReplacementThroughTheRemover) {
-  const Collective one(false);
   Remover remover;
   fs::create_directories(dir_ / "step_0000000.deleting-1-0");  // left by a job that ended first
   for (int64_t step : {1, 2, 3}) {
     SaveRequest r = request(dir_, step);
     r.keep_last = 2;
-    commit(r, write_shard(r, 0), one, &remover);
+    commit(r, write_shard(r, 0), one_process, &remover);
   }
   SaveRequest again = request(dir_, 3);
   again.keep_last = 2;
   again.tensors[0].tensor = torch::ones({3, 4});
-  commit(again, write_shard(again, 0), one, &remover);
+  commit(again, write_shard(again, 0), one_process, &remover);
   remover.wait();
   std::vector<std::string> left;
   for (const auto& e : fs::directory_iterator(dir_)) left.push_back(e.path().filename().string());
@@ -188,15 +186,14 @@ TEST_F(CheckpointDir, PruningAndReplacementThroughTheRemover) {
 
 // keep_last never deletes the step being saved, nor later steps left by a run this one was resumed before.
 TEST_F(CheckpointDir, PruningKeepsTheCurrentAndLaterSteps) {
-  const Collective one(false);
   for (int64_t step : {10, 20, 30}) {
     SaveRequest r = request(dir_, step);
     r.keep_last = 0;
-    commit(r, write_shard(r, 0), one);
+    commit(r, write_shard(r, 0), one_process);
   }
   SaveRequest r = request(dir_, 15);
   r.keep_last = 2;
-  commit(r, write_shard(r, 0), one);
+  commit(r, write_shard(r, 0), one_process);
   std::vector<std::string> left;
   for (const auto& e : fs::directory_iterator(dir_)) left.push_back(e.path().filename().string());
   std::sort(left.begin(), left.end());
@@ -209,7 +206,7 @@ TEST_F(CheckpointDir, AFailedCommitThrows) {
   fs::create_directories(dir_ / "latest" / "in-the-way");
   SaveRequest r = request(dir_, 1);
   try {
-    commit(r, write_shard(r, 0), Collective(false));
+    commit(r, write_shard(r, 0), one_process);
     FAIL() << "the commit did not fail";
   } catch (const std::runtime_error& ex) {
     EXPECT_NE(std::string(ex.what()).find("step_0000001: the commit failed"), std::string::npos) << ex.what();
@@ -220,7 +217,7 @@ TEST_F(CheckpointDir, AFailedCommitThrows) {
 TEST_F(CheckpointDir, EmptyTensorReadsBack) {
   SaveRequest r = request(dir_, 1);
   r.tensors.push_back({"model/none", torch::zeros({0, 5})});
-  const std::string dir = commit(r, write_shard(r, 0), Collective(false));
+  const std::string dir = commit(r, write_shard(r, 0), one_process);
   Checkpoint ck(dir);
   EXPECT_EQ(ck.read("model/none").sizes(), (std::vector<int64_t>{0, 5}));
   EXPECT_NE(verify(dir).find("every checksum matches"), std::string::npos);

@@ -27,6 +27,8 @@ for layout in "1 1 1" "2 2 2"; do
   train "$np" "split$tag" 10 "${lay[@]}" --set checkpoint.interval=10
   train "$np" "split$tag" 20 "${lay[@]}" --set checkpoint.interval=10 --resume auto
   printf '%s' "$out" | grep -q "resumed from .*step_0000010 at step 10" || fail "($tag) did not resume from step 10: $out"
+  # The resumed process prints its first step (logging.interval is 10), with an ETA from its own steps.
+  printf '%s' "$out" | grep -q "^step 11/20 | " || fail "($tag) no progress line for the first resumed step: $out"
   if [ "$(losses "$dir/full$tag/metrics.jsonl")" != "$(losses "$dir/split$tag/metrics.jsonl")" ]; then
     fail "($tag) resumed losses differ from the uninterrupted run:
 $(paste <(losses "$dir/full$tag/metrics.jsonl") <(losses "$dir/split$tag/metrics.jsonl"))"

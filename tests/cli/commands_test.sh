@@ -28,7 +28,17 @@ run "$bin" plan configs/tiny.yaml --json
 
 run "$bin" version
 [ "$rc" -eq 0 ] || fail "version: $err"
-for want in "^moetrain " "^LibTorch +2\." "^MPI +Open MPI" "^HDF5 +1\.10.*parallel" "^yaml-cpp +0\." "^NCCL"; do
+# What the build compiled in (CMake's build_info.h next to bin/), not what `version` claims, decides the CUDA lines.
+build_info="$(dirname "$bin")/../generated/moetrain/build_info.h"
+if grep -qx "#define MOETRAIN_WITH_CUDA 1" "$build_info"; then
+  cuda_lines=("^moetrain .*, CUDA \(CUDA [0-9.]+, NCCL from .*\) build$" "^CUDA runtime +[0-9]+\.[0-9]+"
+              "^NCCL +[0-9]+\.[0-9]+\.[0-9]+ \(built against [0-9]+\.[0-9]+\.[0-9]+\)$")
+elif grep -qx "#define MOETRAIN_WITH_CUDA 0" "$build_info"; then
+  cuda_lines=("^moetrain .*, CPU-only \(.*\) build$" "^CUDA +not compiled in$" "^NCCL +not compiled in$")
+else
+  fail "no MOETRAIN_WITH_CUDA in $build_info"; cuda_lines=()
+fi
+for want in "^moetrain " "^LibTorch +2\." "^MPI +Open MPI" "^HDF5 +1\.10.*parallel" "^yaml-cpp +0\." "${cuda_lines[@]}"; do
   printf '%s\n' "$out" | grep -Eq "$want" || fail "version lacks /$want/: $out"
 done
 

@@ -53,6 +53,25 @@ run "$bin" data inspect "$tmp/synth"
 [ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "tokenizer      none (synthetic corpus)" || fail "inspect synth: $out $err"
 printf '%s' "$out" | grep -q "(token ids: no tokenizer; pass --tokenizer to decode them)" || fail "inspect synth ids: $out"
 
+# --vocab-size V writes shards a model.vocab_size = V trains on: vocabulary V, text ids < V−1 (V−1 Markov states),
+# the end token V−1; the help says so. The ids are read from the .bin file itself (uint16), not through the reader.
+run "$bin" data synth --help
+printf '%s' "$out" | tr -s ' \n' ' ' | grep -q "V−1 Markov states" || fail "synth --help: $out"
+run "$bin" data synth --out "$tmp/v64" --tokens 10000 --vocab-size 64 --doc-tokens 99
+[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "(vocabulary 64 = 63 Markov states + the end token," ||
+  fail "synth --vocab-size 64: $out $err"
+run "$bin" data inspect "$tmp/v64"
+[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "vocabulary 64, end-of-document id 63" || fail "inspect v64: $out $err"
+ids=$(od -An -v -tu2 "$tmp/v64.00000.bin" | tr -s ' ' '\n' | grep -v '^$')
+[ "$(printf '%s\n' "$ids" | wc -l)" -eq 10000 ] || fail "v64: expected 10000 ids"
+[ "$(printf '%s\n' "$ids" | sort -n | tail -n 1)" -eq 63 ] || fail "v64: an id >= 64 or no end token 63"
+[ "$(printf '%s\n' "$ids" | grep -cx 63)" -eq 100 ] || fail "v64: id 63 is not exactly the 100 end tokens"
+run "$bin" train --config configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=1 --set parallel.ep=1 \
+  --set model.vocab_size=64 --set data.source=shards --set data.path="$tmp/v64" --set data.valid_fraction=0.05 \
+  --set train.steps=1 --set train.warmup_steps=0 --set train.decay_steps=1 --set train.eval_interval=0 \
+  --set logging.dir="$tmp/runs" --set logging.name=v64
+[ "$rc" -eq 0 ] || fail "one step of a vocab-64 model on the v64 shards: $err"
+
 # expect_error DESCRIPTION PATTERN CMD...: non-zero, nothing on stdout, one stderr line "moetrain: error: " + PATTERN.
 expect_error() {
   local what=$1 want=$2

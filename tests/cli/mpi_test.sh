@@ -44,7 +44,7 @@ printf '%s' "$err" | grep -q "moetrain: error: probe failure on purpose" || fail
 # Training on 4 ranks (pp 2 × dp 2, ep 2): progress from rank 0 only, metrics and the resolved config written.
 runs=$(mktemp -d)
 trap 'rm -rf "$runs"' EXIT
-run mpi -np 4 "$bin" train --config configs/tiny.yaml --set train.steps=3 --set train.eval_interval=0 \
+run mpi -np 4 "$bin" train --config configs/tiny.yaml --set train.steps=3 --set train.eval_interval=3 \
     --set train.eval_batches=1 --set logging.dir="$runs" --set logging.interval=1
 [ "$rc" -eq 0 ] || fail "4-rank training: rc $rc: $err"
 [ "$(printf '%s\n' "$out" | grep -c '^step 3/3')" -eq 1 ] || fail "4-rank training: one progress line per step expected: $out"

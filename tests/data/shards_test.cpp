@@ -39,7 +39,7 @@ TEST(Shards, WriteReadRoundTrip) {
   for (uint64_t vocab : {uint64_t{300}, uint64_t{65536}, uint64_t{70000}}) {
     const std::string prefix = dir / fmt::format("v{}", vocab);
     // Three documents; a 7-token shard limit makes three shards (documents never span shards).
-    ShardWriter w(prefix, vocab, vocab - 1, 0xABCDEF, /*shard_tokens=*/7);
+    TokenShardWriter w(prefix, vocab, vocab - 1, 0xABCDEF, /*shard_tokens=*/7);
     const std::vector<std::vector<int32_t>> docs = {
         {0, 1, 2}, {static_cast<int32_t>(vocab - 2), 5, 6, 7, 8, 9, 10}, {static_cast<int32_t>(vocab - 1)}};
     for (const auto& d : docs) {
@@ -68,7 +68,7 @@ TEST(Shards, WriteReadRoundTrip) {
 
 TEST(Shards, WriterRejectsIdsOutsideTheVocabulary) {
   ScratchDir dir;
-  ShardWriter w(dir / "c", 300, 299, 0);
+  TokenShardWriter w(dir / "c", 300, 299, 0);
   const int32_t bad[] = {5, 300};
   EXPECT_NE(error_of([&] { w.append(bad); }).find("token id 300 is outside the vocabulary [0, 300)"),
             std::string::npos);
@@ -79,7 +79,7 @@ TEST(Shards, WriterRejectsIdsOutsideTheVocabulary) {
 TEST(Shards, UnfinishedWriterLeavesNothing) {
   ScratchDir dir;
   {
-    ShardWriter w(dir / "c", 300, 299, 0);
+    TokenShardWriter w(dir / "c", 300, 299, 0);
     const int32_t ids[] = {1, 2};
     w.append(ids);
     w.end_document();
@@ -176,7 +176,7 @@ TEST_F(DamagedShards, AnotherTokenizer) {
   EXPECT_EQ(error_of([&] { set.check_tokenizer(0x1234, "tok.model"); }),
             "tok.model: the shards were built without a tokenizer (synthetic corpus, " + idx0_ +
                 "); they cannot be decoded with it");
-  ShardWriter w(dir_ / "t", 1000, 999, 0x1111);
+  TokenShardWriter w(dir_ / "t", 1000, 999, 0x1111);
   const int32_t ids[] = {1};
   w.append(ids);
   w.end_document();

@@ -1,4 +1,4 @@
-// Helpers for the data tests: a scratch directory per test, small corpora written with ShardWriter, and a config
+// Helpers for the data tests: a scratch directory per test, small corpora written with TokenShardWriter, and a config
 // that reads them.
 #pragma once
 
@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "configs/config.h"
+#include "config/config.h"
 #include "data/shards.h"
 
 namespace moetrain::data::testing {
@@ -54,7 +54,7 @@ inline std::string read_file(const std::string& path) {
 inline void write_counting_corpus(const std::string& prefix, const std::vector<int64_t>& doc_lengths,
                                   uint64_t vocab_size = uint64_t{1} << 20, uint64_t shard_tokens = uint64_t{1} << 28) {
   const uint64_t eos = vocab_size - 1;
-  ShardWriter w(prefix, vocab_size, eos, 0, shard_tokens);
+  TokenShardWriter w(prefix, vocab_size, eos, 0, shard_tokens);
   int32_t next = 1;
   for (int64_t len : doc_lengths) {
     std::vector<int32_t> ids;
@@ -72,7 +72,7 @@ inline void write_counting_corpus(const std::string& prefix, const std::vector<i
 inline config::Config shard_config(const std::string& path, int64_t dp, int64_t micro_batch_size,
                                    int64_t micro_batches, int64_t seq_len = 7, int64_t vocab = int64_t{1} << 20) {
   config::Config c;
-  c.data.source = "shards";
+  c.data.source = config::DataSource::kShards;
   c.data.path = path;
   c.data.valid_fraction = 0.1;
   c.data.prefetch = 0;

@@ -1,7 +1,7 @@
 // Tiny model configs shared by the model and trainer tests.
 #pragma once
 
-#include "configs/config.h"
+#include "config/config.h"
 
 namespace moetrain::testing {
 

@@ -5,7 +5,7 @@
 
 #include <random>
 
-#include "model/model_spec.h"
+#include "model/param_flops.h"
 #include "tests/model/test_models.h"
 
 namespace moetrain::model {

@@ -15,8 +15,8 @@
 #include <map>
 #include <optional>
 
-#include "configs/loader.h"
-#include "trainer/cli.h"
+#include "config/loader.h"
+#include "cli/cli.h"
 #include "parallel/mpi_runtime.h"
 #include "parallel/process_groups.h"
 #include "trainer/train.h"
@@ -108,7 +108,7 @@ int main(int argc, char** argv) {
   int64_t steps = 10;
   std::vector<int64_t> starve;
   app.add_option("--config", file);
-  trainer::add_set_option(&app, overrides);
+  cli::add_set_option(&app, overrides);
   app.add_option("--steps", steps);
   app.add_option("--out", out);
   app.add_option("--starve-expert", starve)->expected(1)->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);

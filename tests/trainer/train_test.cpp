@@ -5,7 +5,7 @@
 
 #include <cmath>
 
-#include "configs/loader.h"
+#include "config/loader.h"
 #include "trainer/lr_schedule.h"
 #include "trainer/optimizer.h"
 

@@ -1,4 +1,4 @@
-#include "model/model_spec.h"
+#include "model/param_flops.h"
 
 namespace moetrain::model {
 

@@ -1,9 +1,8 @@
-#include "trainer/version.h"
+#include "cli/version.h"
 
 #include <CLI/Version.hpp>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
-#include <spdlog/version.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
 #include <xxhash.h>
@@ -15,7 +14,7 @@
 #include "parallel/nccl_info.h"
 #endif
 
-namespace moetrain::trainer {
+namespace moetrain::cli {
 
 std::string version_report() {
   std::string out;
@@ -35,7 +34,6 @@ std::string version_report() {
 #endif
   line("CLI11", CLI11_VERSION);
   line("fmt", fmt::format("{}.{}.{}", FMT_VERSION / 10000, FMT_VERSION / 100 % 100, FMT_VERSION % 100));
-  line("spdlog", fmt::format("{}.{}.{}", SPDLOG_VER_MAJOR, SPDLOG_VER_MINOR, SPDLOG_VER_PATCH));
   line("nlohmann-json", fmt::format("{}.{}.{}", NLOHMANN_JSON_VERSION_MAJOR, NLOHMANN_JSON_VERSION_MINOR,
                                     NLOHMANN_JSON_VERSION_PATCH));
   unsigned xxh = XXH_versionNumber();
@@ -43,4 +41,4 @@ std::string version_report() {
   return out;
 }
 
-}  // namespace moetrain::trainer
+}  // namespace moetrain::cli

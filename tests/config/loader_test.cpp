@@ -1,4 +1,4 @@
-#include "configs/loader.h"
+#include "config/loader.h"
 
 #include <gtest/gtest.h>
 
@@ -118,9 +118,49 @@ TEST_F(LoaderTest, OutOfRangeAndChoices) {
   f = write("b.yaml", "train:\n  lr: 0\n");
   EXPECT_EQ(error_of(f), f + ":2: train.lr: 0 is out of range (must be > 0)");
   f = write("c.yaml", "train:\n  adam_beta2: 1.5\n");
-  EXPECT_EQ(error_of(f), f + ":2: train.adam_beta2: 1.5 is out of range (must be between 0 and 1)");
+  EXPECT_EQ(error_of(f), f + ":2: train.adam_beta2: 1.5 is out of range (must be ≥ 0 and < 1)");
   f = write("d.yaml", "precision:\n  mode: fp16\n");
   EXPECT_EQ(error_of(f), f + ":2: precision.mode: 'fp16' is not one of fp32, bf16, fp8");
+  f = write("e.yaml", "data:\n  source: [shards]\n");
+  EXPECT_EQ(error_of(f), f + ":2: data.source: expected one of synthetic, shards, got a list");
+  f = write("f.yaml", "data:\n  valid_fraction: 0.6\n");
+  EXPECT_EQ(error_of(f), f + ":2: data.valid_fraction: 0.6 is out of range (must be ≥ 0 and ≤ 0.5)");
+}
+
+// β = 1 would divide by zero in AdamW's bias correction 1 − β^t: the range is [0, 1).
+TEST_F(LoaderTest, AdamBetasMustBeBelowOne) {
+  std::string f = write("a.yaml", "train:\n  adam_beta1: 1\n");
+  EXPECT_EQ(error_of(f), f + ":2: train.adam_beta1: 1 is out of range (must be ≥ 0 and < 1)");
+  f = write("b.yaml", "train:\n  adam_beta2: 1.0\n");
+  EXPECT_EQ(error_of(f), f + ":2: train.adam_beta2: 1.0 is out of range (must be ≥ 0 and < 1)");
+  EXPECT_EQ(error_of(write("c.yaml", kValid), {{"train.adam_beta2=1"}, 0}),
+            "--set train.adam_beta2=1: train.adam_beta2: 1 is out of range (must be ≥ 0 and < 1)");
+  Config c = load_config(write("d.yaml", std::string(kValid) + "train:\n  adam_beta1: 0\n  adam_beta2: 0.999\n"));
+  EXPECT_DOUBLE_EQ(c.train.adam_beta1, 0);
+  EXPECT_DOUBLE_EQ(c.train.adam_beta2, 0.999);
+}
+
+TEST_F(LoaderTest, ChoicesParseToTheirEnums) {
+  std::string f = write("a.yaml", std::string(kValid) +
+                                      "precision:\n  mode: bf16\n  moment_dtype: bf16\ntrain:\n  device: cuda\n");
+  Config c = load_config(f, {{"model.balance_mode=aux_loss"}, 0});
+  EXPECT_EQ(c.precision.mode, PrecisionMode::kBf16);
+  EXPECT_EQ(c.precision.moment_dtype, MomentDtype::kBf16);
+  EXPECT_EQ(c.train.device, Device::kCuda);
+  EXPECT_EQ(c.model.balance_mode, BalanceMode::kAuxLoss);
+  EXPECT_EQ(c.data.source, DataSource::kSynthetic);  // the default
+  // `config show` writes the names back, and they load again to the same values.
+  std::string yaml = to_yaml(c);
+  EXPECT_NE(yaml.find("  balance_mode: aux_loss\n"), std::string::npos) << yaml;
+  EXPECT_NE(yaml.find("  device: cuda\n"), std::string::npos) << yaml;
+  EXPECT_NE(yaml.find("  mode: bf16\n"), std::string::npos) << yaml;
+  EXPECT_EQ(yaml.find("level"), std::string::npos) << yaml;
+  EXPECT_EQ(to_yaml(load_config(write("b.yaml", yaml))), yaml);
+}
+
+TEST_F(LoaderTest, LoggingLevelIsGone) {
+  std::string f = write("a.yaml", "logging:\n  level: info\n");
+  EXPECT_EQ(error_of(f).rfind(f + ":2: unknown key 'logging.level'", 0), 0u) << error_of(f);
 }
 
 TEST_F(LoaderTest, DuplicateKeyAndSyntaxError) {

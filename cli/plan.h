@@ -8,10 +8,10 @@
 
 #include <nlohmann/json_fwd.hpp>
 
-#include "configs/config.h"
-#include "model/model_spec.h"
+#include "config/config.h"
+#include "model/param_flops.h"
 
-namespace moetrain::trainer {
+namespace moetrain::cli {
 
 struct StagePlan {
   int64_t stage = 0;
@@ -34,4 +34,4 @@ Plan make_plan(const config::Config& config);
 std::string format_plan(const Plan& plan, const config::Config& config);
 nlohmann::json plan_json(const Plan& plan, const config::Config& config);
 
-}  // namespace moetrain::trainer
+}  // namespace moetrain::cli

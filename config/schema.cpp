@@ -1,4 +1,4 @@
-#include "configs/schema.h"
+#include "config/schema.h"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -11,11 +11,12 @@ namespace {
 
 // KEY(model, hidden_size) expands to the key's path and an accessor for its Config member.
 #define KEY(section, name) \
-  #section "." #name, [](Config& c) -> FieldPtr { return &c.section.name; }
+  #section "." #name, [](Config& c) { return field_ptr(&c.section.name); }
 
 constexpr Range at_least(double lo) { return Range{.lo = lo}; }
 constexpr Range positive() { return Range{.lo = 0.0, .lo_open = true}; }
 constexpr Range between(double lo, double hi) { return Range{.lo = lo, .hi = hi}; }
+constexpr Range half_open(double lo, double hi) { return Range{.lo = lo, .hi = hi, .hi_open = true}; }  // [lo, hi)
 
 std::vector<KeySpec> build_schema() {
   return {
@@ -48,9 +49,7 @@ std::vector<KeySpec> build_schema() {
       {KEY(model, tie_embeddings), "Share the token embedding with the output head."},
       {KEY(model, balance_mode),
        "Expert load balancing: aux_free (bias update, DeepSeek-V3), aux_loss (classic auxiliary loss, the "
-       "baseline) or none.",
-       {},
-       {"aux_free", "aux_loss", "none"}},
+       "baseline) or none."},
       {KEY(model, bias_update_rate), "aux_free: bias step u per optimizer step (b_i += u·sign(mean c − c_i)).",
        at_least(0)},
       {KEY(model, aux_loss_alpha), "aux_loss: weight of the classic auxiliary balance loss.", at_least(0)},
@@ -99,24 +98,20 @@ std::vector<KeySpec> build_schema() {
       {KEY(train, constant_steps), "Steps at lr after warmup, before the decay.", at_least(0)},
       {KEY(train, decay_steps), "Cosine decay steps from lr to lr_min; lr_min afterwards.", at_least(0)},
       {KEY(train, weight_decay), "AdamW weight decay (not applied to norms and biases).", at_least(0)},
-      {KEY(train, adam_beta1), "AdamW β1.", between(0, 1)},
-      {KEY(train, adam_beta2), "AdamW β2.", between(0, 1)},
+      {KEY(train, adam_beta1), "AdamW β1 (< 1: the bias correction divides by 1 − β1^t).", half_open(0, 1)},
+      {KEY(train, adam_beta2), "AdamW β2 (< 1: the bias correction divides by 1 − β2^t).", half_open(0, 1)},
       {KEY(train, adam_eps), "AdamW ε.", positive()},
       {KEY(train, grad_clip), "Global gradient-norm clip (0: no clipping).", at_least(0)},
       {KEY(train, eval_interval), "Steps between validation-loss evaluations (0: never).", at_least(0)},
       {KEY(train, eval_batches), "Global batches per validation evaluation.", at_least(1)},
       {KEY(train, device),
        "Where the model runs: cpu (MPI between ranks) or cuda (one GPU per rank, local rank order; NCCL between "
-       "ranks).",
-       {},
-       {"cpu", "cuda"}},
+       "ranks)."},
       {KEY(train, peak_flops),
        "Peak FLOP/s of one rank for MFU (0: measured by a matmul at start-up).", at_least(0)},
 
       // ---- data --------------------------------------------------------------------------------------------
-      {KEY(data, source), "Where batches come from: the built-in synthetic corpus or token shards at path.",
-       {},
-       {"synthetic", "shards"}},
+      {KEY(data, source), "Where batches come from: the built-in synthetic corpus or token shards at path."},
       {KEY(data, path),
        "Token-shard prefix written by `moetrain data build` or `data synth` (data.source = shards), or a weighted "
        "blend of several: PREFIX=WEIGHT,PREFIX=WEIGHT,... (relative weights; each corpus repeats in its own "
@@ -151,17 +146,14 @@ std::vector<KeySpec> build_schema() {
       // ---- precision ---------------------------------------------------------------------------------------
       {KEY(precision, mode),
        "GEMM precision: fp32 (reference), bf16, or fp8 (E4M3, 1×128 activation tiles, 128×128 weight blocks). "
-       "Master weights and gradients are FP32 in every mode.",
-       {},
-       {"fp32", "bf16", "fp8"}},
-      {KEY(precision, moment_dtype), "dtype of the AdamW moments.", {}, {"fp32", "bf16"}},
+       "Master weights and gradients are FP32 in every mode."},
+      {KEY(precision, moment_dtype), "dtype of the AdamW moments."},
 
       // ---- logging -----------------------------------------------------------------------------------------
       {KEY(logging, name), "Run name; the run directory is logging.dir/logging.name."},
       {KEY(logging, dir), "Parent directory of run directories."},
       {KEY(logging, interval), "Steps between progress lines on rank 0 (metrics.jsonl gets every step).",
        at_least(1)},
-      {KEY(logging, level), "Log level.", {}, {"debug", "info", "warn", "error"}},
   };
 }
 #undef KEY
@@ -190,12 +182,18 @@ std::string_view leaf(std::string_view path) {
   return dot == std::string_view::npos ? path : path.substr(dot + 1);
 }
 
-std::string format_number(double v) {
-  if (std::isinf(v)) return v > 0 ? "∞" : "−∞";
-  return fmt::format("{}", v);
+}  // namespace
+
+bool Range::contains(double v) const {
+  return (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
 }
 
-}  // namespace
+std::string Range::describe() const {
+  std::string low = std::isinf(lo) ? "" : fmt::format("{} {}", lo_open ? ">" : "≥", lo);
+  std::string high = std::isinf(hi) ? "" : fmt::format("{} {}", hi_open ? "<" : "≤", hi);
+  if (low.empty() || high.empty()) return low + high;
+  return low + " and " + high;
+}
 
 const std::vector<KeySpec>& schema() {
   static const std::vector<KeySpec> keys = build_schema();
@@ -218,29 +216,37 @@ const KeySpec* find_key(std::string_view path) {
   return nullptr;
 }
 
+std::span<const std::string_view> KeySpec::choices() const {
+  Config probe;
+  FieldPtr f = field(probe);
+  if (const auto* e = std::get_if<EnumRef>(&f)) return e->names;
+  return {};
+}
+
 std::string KeySpec::type_name() const {
   Config probe;
   return std::visit(
-      [&](auto* p) -> std::string {
+      [&](auto p) -> std::string {
         using T = std::remove_pointer_t<decltype(p)>;
         if constexpr (std::is_same_v<T, int64_t>) return "int";
         if constexpr (std::is_same_v<T, double>) return "float";
         if constexpr (std::is_same_v<T, bool>) return "bool";
         if constexpr (std::is_same_v<T, std::vector<int64_t>>) return "list of int";
-        if constexpr (std::is_same_v<T, std::string>)
-          return choices.empty() ? "string" : fmt::format("{}", fmt::join(choices, " \\| "));
+        if constexpr (std::is_same_v<T, std::string>) return "string";
+        if constexpr (std::is_same_v<T, EnumRef>) return fmt::format("{}", fmt::join(p.names, " \\| "));
       },
       field(probe));
 }
 
 std::string value_text(const KeySpec& key, const Config& config) {
   return std::visit(
-      [](auto* p) -> std::string {
+      [](auto p) -> std::string {
         using T = std::remove_pointer_t<decltype(p)>;
         if constexpr (std::is_same_v<T, bool>) return *p ? "true" : "false";
         if constexpr (std::is_same_v<T, std::vector<int64_t>>) return fmt::format("[{}]", fmt::join(*p, ", "));
         if constexpr (std::is_same_v<T, std::string>) return *p;
         if constexpr (std::is_same_v<T, int64_t> || std::is_same_v<T, double>) return fmt::format("{}", *p);
+        if constexpr (std::is_same_v<T, EnumRef>) return std::string(p.name());
       },
       key.field(const_cast<Config&>(config)));
 }
@@ -267,7 +273,7 @@ std::string reference_markdown() {
   static const Config defaults;
   std::string out =
       "# Config reference\n\n"
-      "Generated by `moetrain config reference` from the schema in `configs/schema.cpp`; do not edit by hand.\n"
+      "Generated by `moetrain config reference` from the schema in `config/schema.cpp`; do not edit by hand.\n"
       "Every key is optional; a config file sets the keys that differ from the defaults. `base: other.yaml`\n"
       "composes files (paths relative to the including file); `--set section.key=value` overrides on the\n"
       "command line. Values are YAML scalars (lists as `[1, 2]`).\n";
@@ -275,13 +281,7 @@ std::string reference_markdown() {
     out += fmt::format("\n## {}\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n", section);
     for (const auto& k : schema()) {
       if (k.section() != section) continue;
-      std::string allowed;
-      if (!std::isinf(k.range.lo) || !std::isinf(k.range.hi)) {
-        if (std::isinf(k.range.hi))
-          allowed = fmt::format("{} {}", k.range.lo_open ? ">" : "≥", format_number(k.range.lo));
-        else
-          allowed = fmt::format("{} … {}", format_number(k.range.lo), format_number(k.range.hi));
-      }
+      std::string allowed = k.range.describe();
       std::string def = value_text(k, defaults);
       out += fmt::format("| `{}` | {} | `{}` | {} | {} |\n", k.path, k.type_name(), def.empty() ? "\"\"" : def,
                          allowed, k.doc);

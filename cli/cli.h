@@ -9,7 +9,7 @@ class App;
 class Option;
 }  // namespace CLI
 
-namespace moetrain::trainer {
+namespace moetrain::cli {
 
 // The `--set section.key=value` option of every program that reads a config (repeatable, one override each).
 CLI::Option* add_set_option(CLI::App* app, std::vector<std::string>& overrides);
@@ -18,4 +18,4 @@ CLI::Option* add_set_option(CLI::App* app, std::vector<std::string>& overrides);
 // the process exit code: 0, or non-zero on every rank when any rank failed.
 int run_main(int argc, char** argv);
 
-}  // namespace moetrain::trainer
+}  // namespace moetrain::cli

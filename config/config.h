@@ -1,14 +1,52 @@
 // The typed experiment config: one struct per section, defaults in the member initializers. The schema
-// (configs/schema.cpp) binds every member to its YAML key, type, range and documentation; the loader
-// (configs/loader.cpp) fills a Config from YAML files and --set overrides and validates it.
+// (config/schema.cpp) binds every member to its YAML key, type, range and documentation; the loader
+// (config/loader.cpp) fills a Config from YAML files and --set overrides and validates it.
 #pragma once
 
+#include <array>
+#include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace moetrain::config {
+
+// Keys with a fixed set of values are enums. Each enum's YAML names are declared once, in enumerator order, by a
+// choice_names() overload next to it; the schema's allowed values, the loader's parsing and name() all read them.
+enum class BalanceMode { kAuxFree, kAuxLoss, kNone };
+inline constexpr std::array<std::string_view, 3> kBalanceModeNames{"aux_free", "aux_loss", "none"};
+constexpr const auto& choice_names(BalanceMode) { return kBalanceModeNames; }
+
+enum class Device { kCpu, kCuda };
+inline constexpr std::array<std::string_view, 2> kDeviceNames{"cpu", "cuda"};
+constexpr const auto& choice_names(Device) { return kDeviceNames; }
+
+enum class DataSource { kSynthetic, kShards };
+inline constexpr std::array<std::string_view, 2> kDataSourceNames{"synthetic", "shards"};
+constexpr const auto& choice_names(DataSource) { return kDataSourceNames; }
+
+enum class PrecisionMode { kFp32, kBf16, kFp8 };
+inline constexpr std::array<std::string_view, 3> kPrecisionModeNames{"fp32", "bf16", "fp8"};
+constexpr const auto& choice_names(PrecisionMode) { return kPrecisionModeNames; }
+
+enum class MomentDtype { kFp32, kBf16 };
+inline constexpr std::array<std::string_view, 2> kMomentDtypeNames{"fp32", "bf16"};
+constexpr const auto& choice_names(MomentDtype) { return kMomentDtypeNames; }
+
+template <typename E>
+concept ChoiceEnum = std::is_enum_v<E> && requires(E e) {
+  { choice_names(e)[0] } -> std::convertible_to<std::string_view>;
+};
+
+// The YAML name of a choice, for messages and `config show` ("aux_free", "cuda", "fp8").
+template <ChoiceEnum E>
+constexpr std::string_view name(E e) {
+  return choice_names(e)[static_cast<size_t>(e)];
+}
 
 struct ModelConfig {
   int64_t vocab_size = 32000;
@@ -33,7 +71,7 @@ struct ModelConfig {
   double norm_eps = 1e-6;
   double init_std = 0.006;
   bool tie_embeddings = false;
-  std::string balance_mode = "aux_free";
+  BalanceMode balance_mode = BalanceMode::kAuxFree;
   double bias_update_rate = 1e-3;
   double aux_loss_alpha = 1e-3;
   double seq_balance_alpha = 1e-4;
@@ -74,11 +112,11 @@ struct TrainConfig {
   int64_t eval_interval = 50;
   int64_t eval_batches = 4;
   double peak_flops = 0.0;  // 0: measured at start-up
-  std::string device = "cpu";
+  Device device = Device::kCpu;
 };
 
 struct DataConfig {
-  std::string source = "synthetic";
+  DataSource source = DataSource::kSynthetic;
   std::string path;       // a shard prefix, or a blend "PREFIX=WEIGHT,PREFIX=WEIGHT"
   std::string tokenizer;  // empty: the shards' tokenizer is not checked
   double valid_fraction = 0.01;
@@ -97,15 +135,14 @@ struct CheckpointConfig {
 };
 
 struct PrecisionConfig {
-  std::string mode = "fp32";
-  std::string moment_dtype = "fp32";
+  PrecisionMode mode = PrecisionMode::kFp32;
+  MomentDtype moment_dtype = MomentDtype::kFp32;
 };
 
 struct LoggingConfig {
   std::string name = "run";
   std::string dir = "runs";
   int64_t interval = 10;
-  std::string level = "info";
 };
 
 // Where a value came from: a file and line, a --set override, or the default.

@@ -1,4 +1,4 @@
-#include "configs/schema.h"
+#include "config/schema.h"
 
 #include <gtest/gtest.h>
 
@@ -27,17 +27,14 @@ TEST(Schema, DefaultsAreInsideTheirOwnRanges) {
   Config defaults;
   for (const auto& k : schema()) {
     std::visit(
-        [&](auto* p) {
+        [&](auto p) {
           using T = std::remove_pointer_t<decltype(p)>;
           if constexpr (std::is_same_v<T, int64_t> || std::is_same_v<T, double>) {
-            double v = static_cast<double>(*p);
-            EXPECT_TRUE(k.range.lo_open ? v > k.range.lo : v >= k.range.lo) << k.path;
-            EXPECT_LE(v, k.range.hi) << k.path;
+            EXPECT_TRUE(k.range.contains(static_cast<double>(*p))) << k.path;
           }
-          if constexpr (std::is_same_v<T, std::string>) {
-            if (!k.choices.empty()) {
-              EXPECT_NE(std::find(k.choices.begin(), k.choices.end(), *p), k.choices.end()) << k.path;
-            }
+          if constexpr (std::is_same_v<T, EnumRef>) {
+            EXPECT_GE(p.get(p.p), 0) << k.path;
+            EXPECT_LT(p.get(p.p), static_cast<int>(p.names.size())) << k.path;
           }
         },
         k.field(defaults));
@@ -48,8 +45,52 @@ TEST(Schema, AccessorsBindDistinctMembers) {
   Config c;
   std::set<const void*> addresses;
   for (const auto& k : schema())
-    EXPECT_TRUE(addresses.insert(std::visit([](auto* p) -> const void* { return p; }, k.field(c))).second)
+    EXPECT_TRUE(addresses.insert(std::visit(
+                                     [](auto p) -> const void* {
+                                       if constexpr (std::is_same_v<decltype(p), EnumRef>)
+                                         return p.p;
+                                       else
+                                         return p;
+                                     },
+                                     k.field(c)))
+                    .second)
         << k.path << " shares a member with another key";
+}
+
+TEST(Schema, EnumKeysReadAndWriteTheirMember) {
+  Config c;
+  const KeySpec& mode = *find_key("precision.mode");
+  EXPECT_EQ(value_text(mode, c), "fp32");
+  c.precision.mode = PrecisionMode::kFp8;
+  EXPECT_EQ(value_text(mode, c), "fp8");
+  auto ref = std::get<EnumRef>(mode.field(c));
+  ref.set(ref.p, 1);
+  EXPECT_EQ(c.precision.mode, PrecisionMode::kBf16);
+  EXPECT_EQ(value_text(*find_key("model.balance_mode"), c), "aux_free");
+  EXPECT_EQ(name(BalanceMode::kAuxLoss), "aux_loss");
+  EXPECT_EQ(name(Device::kCuda), "cuda");
+  EXPECT_EQ(name(DataSource::kShards), "shards");
+  EXPECT_EQ(name(MomentDtype::kBf16), "bf16");
+  const auto choices = find_key("train.device")->choices();
+  EXPECT_EQ(std::vector<std::string_view>(choices.begin(), choices.end()),
+            (std::vector<std::string_view>{"cpu", "cuda"}));
+  EXPECT_TRUE(find_key("train.lr")->choices().empty());
+  EXPECT_EQ(find_key("logging.level"), nullptr);  // removed: nothing read it
+}
+
+TEST(Schema, RangeDescribesOpenAndClosedBounds) {
+  EXPECT_EQ((Range{.lo = 1}).describe(), "≥ 1");
+  EXPECT_EQ((Range{.lo = 0, .lo_open = true}).describe(), "> 0");
+  EXPECT_EQ((Range{.lo = 0, .hi = 0.5}).describe(), "≥ 0 and ≤ 0.5");
+  EXPECT_EQ((Range{.lo = 0, .hi = 1, .hi_open = true}).describe(), "≥ 0 and < 1");
+  EXPECT_EQ(Range{}.describe(), "");
+  Range beta{.lo = 0, .hi = 1, .hi_open = true};
+  EXPECT_TRUE(beta.contains(0));
+  EXPECT_TRUE(beta.contains(0.999));
+  EXPECT_FALSE(beta.contains(1));
+  EXPECT_FALSE(beta.contains(-0.1));
+  EXPECT_EQ(find_key("train.adam_beta1")->range.describe(), "≥ 0 and < 1");
+  EXPECT_EQ(find_key("train.adam_beta2")->range.describe(), "≥ 0 and < 1");
 }
 
 TEST(Schema, ClosestKey) {

@@ -1,4 +1,4 @@
-#include "trainer/cli.h"
+#include "cli/cli.h"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -9,15 +9,15 @@
 #include <optional>
 
 #include "checkpoints/checkpoint.h"
-#include "configs/loader.h"
-#include "configs/schema.h"
+#include "config/loader.h"
+#include "config/schema.h"
 #include "data/cli.h"
 #include "parallel/mpi_runtime.h"
-#include "trainer/plan.h"
+#include "cli/plan.h"
 #include "trainer/train.h"
-#include "trainer/version.h"
+#include "cli/version.h"
 
-namespace moetrain::trainer {
+namespace moetrain::cli {
 namespace {
 
 struct ConfigArgs {
@@ -146,7 +146,7 @@ int run_main(int argc, char** argv) {
       config::Config c = load(train_args, mpi);
       std::string run_dir = c.logging.dir + "/" + c.logging.name;
       const std::string resume_dir =
-          resume.empty() ? "" : checkpoints::resolve_resume(checkpoint_root(c, run_dir), resume);
+          resume.empty() ? "" : checkpoints::resolve_resume(checkpoints::checkpoint_root(c, run_dir), resume);
       if (resume_dir.empty() && !overwrite && std::filesystem::exists(run_dir + "/metrics.jsonl"))
         throw std::runtime_error(fmt::format("{}: a run already wrote metrics here; pass --overwrite to replace "
                                              "them or choose another --set logging.name=...",
@@ -154,8 +154,8 @@ int run_main(int argc, char** argv) {
       std::unique_ptr<parallel::ProcessGroups> groups;
       if (mpi.active())
         groups = std::make_unique<parallel::ProcessGroups>(parallel::ProcessGroups::create(
-            c.parallel, c.train.device == "cuda" ? parallel::Backend::kNccl : parallel::Backend::kMpi));
-      Trainer trainer(c, groups.get(), run_dir, mpi.rank() == 0, resume_dir);
+            c.parallel, c.train.device == config::Device::kCuda ? parallel::Backend::kNccl : parallel::Backend::kMpi));
+      trainer::Trainer trainer(c, groups.get(), run_dir, mpi.rank() == 0, resume_dir);
       trainer.run();
     } else if (*ckpt_inspect) {
       emit(mpi, checkpoints::inspect(checkpoints::resolve_resume(ckpt_dir, ckpt_dir)));
@@ -174,4 +174,4 @@ int run_main(int argc, char** argv) {
   return mpi.finish(error);
 }
 
-}  // namespace moetrain::trainer
+}  // namespace moetrain::cli

@@ -1,11 +1,11 @@
-#include "trainer/plan.h"
+#include "cli/plan.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "configs/loader.h"
+#include "config/loader.h"
 
-namespace moetrain::trainer {
+namespace moetrain::cli {
 namespace {
 
 config::Config tiny(std::vector<std::string> overrides) {
@@ -51,8 +51,8 @@ TEST(Plan, MemoryFollowsThePrecisionPolicy) {
   EXPECT_DOUBLE_EQ(fp32.weight_bytes, 4 * p);
   EXPECT_DOUBLE_EQ(fp32.grad_bytes, 4 * p);
   EXPECT_DOUBLE_EQ(fp32.optimizer_bytes, 8 * p);
-  c.precision.mode = "bf16";
-  c.precision.moment_dtype = "bf16";
+  c.precision.mode = config::PrecisionMode::kBf16;
+  c.precision.moment_dtype = config::MomentDtype::kBf16;
   StagePlan bf16 = make_plan(c).stages[0];
   EXPECT_DOUBLE_EQ(bf16.weight_bytes, 6 * p);
   EXPECT_DOUBLE_EQ(bf16.optimizer_bytes, 4 * p);
@@ -84,4 +84,4 @@ TEST(Plan, TextAndJson) {
 }
 
 }  // namespace
-}  // namespace moetrain::trainer
+}  // namespace moetrain::cli

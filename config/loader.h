@@ -5,8 +5,8 @@
 #include <string>
 #include <vector>
 
-#include "configs/config.h"
-#include "configs/error.h"
+#include "config/config.h"
+#include "config/error.h"
 
 namespace moetrain::config {
 

@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "configs/config.h"
+#include "config/config.h"
 
 namespace moetrain::model {
 

@@ -1,4 +1,4 @@
-#include "trainer/plan.h"
+#include "cli/plan.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -8,7 +8,7 @@
 #include "parallel/topology.h"
 #include "precision/policy.h"
 
-namespace moetrain::trainer {
+namespace moetrain::cli {
 namespace {
 
 std::string count(double n) {
@@ -93,8 +93,8 @@ std::string format_plan(const Plan& plan, const config::Config& c) {
   std::string out;
   out += fmt::format("plan for {}\n", c.file);
   out += fmt::format("layout      world {} = pp {} × dp {} (ep {} × edp {}); precision {}, AdamW moments {}\n",
-                     par.world_size, par.pp, par.dp, par.ep, par.dp / par.ep, c.precision.mode,
-                     c.precision.moment_dtype);
+                     par.world_size, par.pp, par.dp, par.ep, par.dp / par.ep, config::name(c.precision.mode),
+                     config::name(c.precision.moment_dtype));
   out += fmt::format("batch       {} tokens/step = seq {} × micro-batch {} × {} micro-batches × dp {}\n\n",
                      plan.tokens_per_step, c.train.seq_len, c.train.micro_batch_size, c.train.micro_batches,
                      par.dp);
@@ -161,4 +161,4 @@ nlohmann::json plan_json(const Plan& plan, const config::Config& c) {
   return j;
 }
 
-}  // namespace moetrain::trainer
+}  // namespace moetrain::cli

@@ -3,8 +3,8 @@
 
 #include <string>
 
-namespace moetrain::trainer {
+namespace moetrain::cli {
 
 std::string version_report();
 
-}  // namespace moetrain::trainer
+}  // namespace moetrain::cli

@@ -1,6 +1,7 @@
-#include "configs/loader.h"
+#include "config/loader.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -13,7 +14,7 @@
 #include <optional>
 #include <set>
 
-#include "configs/schema.h"
+#include "config/schema.h"
 
 namespace moetrain::config {
 namespace fs = std::filesystem;
@@ -192,20 +193,15 @@ std::optional<int64_t> parse_int(const YAML::Node& n) {
 }
 
 void check_range(const KeySpec& key, double v, const std::string& text, const Origin& origin) {
-  const Range& r = key.range;
-  bool low = r.lo_open ? !(v > r.lo) : v < r.lo;
-  if (low || v > r.hi) {
-    std::string allowed = std::isinf(r.hi) ? fmt::format("{} {}", r.lo_open ? ">" : "≥", r.lo)
-                                           : fmt::format("between {} and {}", r.lo, r.hi);
-    fail(origin, fmt::format("{}: {} is out of range (must be {})", key.path, text, allowed));
-  }
+  if (!key.range.contains(v))
+    fail(origin, fmt::format("{}: {} is out of range (must be {})", key.path, text, key.range.describe()));
 }
 
 void assign(const KeySpec& key, const Entry& e, Config& config) {
   const YAML::Node& n = e.value;
   auto bad = [&](const std::string& why) { fail(e.origin, fmt::format("{}: {}", key.path, why)); };
   std::visit(
-      [&](auto* p) {
+      [&](auto p) {
         using T = std::remove_pointer_t<decltype(p)>;
         if constexpr (std::is_same_v<T, int64_t>) {
           auto v = parse_int(n);
@@ -228,13 +224,13 @@ void assign(const KeySpec& key, const Entry& e, Config& config) {
             bad(expected("true or false", n));
         } else if constexpr (std::is_same_v<T, std::string>) {
           if (!n.IsScalar()) bad(expected("a string", n));
-          const std::string& s = n.Scalar();
-          if (!key.choices.empty() && std::find(key.choices.begin(), key.choices.end(), s) == key.choices.end()) {
-            std::string list;
-            for (const auto& c : key.choices) list += (list.empty() ? "" : ", ") + c;
-            bad(fmt::format("'{}' is not one of {}", s, list));
-          }
-          *p = s;
+          *p = n.Scalar();
+        } else if constexpr (std::is_same_v<T, EnumRef>) {
+          const std::string list = fmt::format("{}", fmt::join(p.names, ", "));
+          if (!n.IsScalar()) bad(fmt::format("expected one of {}, got {}", list, node_kind(n)));
+          auto it = std::find(p.names.begin(), p.names.end(), n.Scalar());
+          if (it == p.names.end()) bad(fmt::format("'{}' is not one of {}", n.Scalar(), list));
+          p.set(p.p, static_cast<int>(it - p.names.begin()));
         } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
           if (!n.IsSequence()) bad(expected("a list of integers like [2, 2]", n));
           std::vector<int64_t> out;
@@ -390,7 +386,7 @@ void validate_rest(const Config& c) {
   const TrainConfig& t = c.train;
   if (t.lr_min > t.lr)
     conflict(c, "train.lr_min", fmt::format("train.lr_min = {} exceeds train.lr = {}", t.lr_min, t.lr));
-  if (c.precision.mode == "fp8") {
+  if (c.precision.mode == PrecisionMode::kFp8) {
     const ModelConfig& m = c.model;
     for (auto [key, value] : {std::pair<const char*, int64_t>{"model.hidden_size", m.hidden_size},
                               {"model.moe_inter_dim", m.moe_inter_dim},
@@ -401,11 +397,11 @@ void validate_rest(const Config& c) {
                              "weight blocks); it is {}",
                              key, value));
   }
-  if (c.data.source == "synthetic" && c.data.synthetic_branching > c.model.vocab_size)
+  if (c.data.source == DataSource::kSynthetic && c.data.synthetic_branching > c.model.vocab_size)
     conflict(c, "data.synthetic_branching",
              fmt::format("data.synthetic_branching = {} exceeds model.vocab_size = {}", c.data.synthetic_branching,
                          c.model.vocab_size));
-  if (c.data.source == "shards" && c.data.path.empty())
+  if (c.data.source == DataSource::kShards && c.data.path.empty())
     conflict(c, "data.source", "data.source = shards needs data.path (the token-shard prefix)");
   if (c.checkpoint.interval > 0 && c.checkpoint.dir.empty())
     conflict(c, "checkpoint.dir", "checkpoint.interval > 0 needs checkpoint.dir");
@@ -447,12 +443,12 @@ std::string to_yaml(const Config& config, bool with_origins) {
       if (key.section() != section) continue;
       out << YAML::Key << key.path.substr(section.size() + 1) << YAML::Value;
       std::string text = value_text(key, config);
-      bool is_list = std::holds_alternative<std::vector<int64_t>*>(key.field(const_cast<Config&>(config)));
-      if (is_list) {
+      const FieldPtr field = key.field(const_cast<Config&>(config));
+      if (const auto* list = std::get_if<std::vector<int64_t>*>(&field)) {
         out << YAML::Flow << YAML::BeginSeq;
-        for (int64_t v : *std::get<std::vector<int64_t>*>(key.field(const_cast<Config&>(config)))) out << v;
+        for (int64_t v : **list) out << v;
         out << YAML::EndSeq;
-      } else if (std::holds_alternative<std::string*>(key.field(const_cast<Config&>(config)))) {
+      } else if (std::holds_alternative<std::string*>(field) || std::holds_alternative<EnumRef>(field)) {
         out << text;  // the emitter quotes strings that would otherwise read as another type
       } else {
         out << YAML::Node(text);  // numbers and booleans as plain scalars in their shortest exact form

@@ -1,8 +1,8 @@
-#include "model/model_spec.h"
+#include "model/param_flops.h"
 
 #include <gtest/gtest.h>
 
-#include "configs/loader.h"
+#include "config/loader.h"
 
 namespace moetrain::model {
 namespace {

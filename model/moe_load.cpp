@@ -1,0 +1,85 @@
+#include "model/moe_load.h"
+
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
+#include <fmt/format.h>
+
+#include "model/balancer.h"
+#include "model/param_flops.h"
+
+namespace moetrain::model {
+
+std::vector<std::string> moe_layer_names(const config::ModelConfig& m) {
+  std::vector<std::string> names;
+  for (int64_t l = 0; l < m.num_layers; ++l)
+    if (is_moe_layer(m, l)) names.push_back(fmt::format("layers.{}", l));
+  for (int64_t k = 0; mtp_is_moe(m) && k < m.mtp_depth; ++k) names.push_back(fmt::format("mtp.{}", k));
+  return names;
+}
+
+std::vector<MoeRouterRef> moe_routers(TransformerImpl& model) {
+  const config::ModelConfig& m = model.config();
+  int64_t main_moe_layers = 0, before_stage = 0;
+  for (int64_t l = 0; l < m.num_layers; ++l) {
+    if (!is_moe_layer(m, l)) continue;
+    ++main_moe_layers;
+    if (l < model.stage().first_layer) ++before_stage;
+  }
+  std::vector<MoeRouterRef> out;
+  for (const auto& block : model.layers)
+    if (block->moe) out.push_back({before_stage++, block->moe->router});
+  for (size_t k = 0; k < model.mtp.size(); ++k)
+    if (model.mtp[k]->block->moe)
+      out.push_back({main_moe_layers + static_cast<int64_t>(k), model.mtp[k]->block->moe->router});
+  return out;
+}
+
+MoeLoadTracker::MoeLoadTracker(TransformerImpl& model)
+    : routers_(moe_routers(model)),
+      names_(moe_layer_names(model.config())),
+      n_experts_(model.config().n_routed_experts) {
+  reset();
+}
+
+void MoeLoadTracker::reset() { loads_ = at::zeros({static_cast<int64_t>(routers_.size()), n_experts_}, at::kLong); }
+
+void MoeLoadTracker::add(const std::vector<MoeStats>& stats) {
+  if (stats.size() != routers_.size())
+    throw std::logic_error(fmt::format("MoE loads: {} layers reported, {} held", stats.size(), routers_.size()));
+  for (size_t i = 0; i < stats.size(); ++i) loads_[static_cast<int64_t>(i)] += stats[i].counts;
+}
+
+void MoeLoadTracker::reduce(const std::function<void(at::Tensor&)>& sum_over_dp) {
+  if (!routers_.empty()) sum_over_dp(loads_);
+}
+
+void MoeLoadTracker::update_biases(double rate) {
+  if (routers_.empty()) return;
+  const at::Tensor loads = loads_.to(routers_[0].router->bias.device());  // one copy for all layers
+  for (size_t i = 0; i < routers_.size(); ++i)
+    update_bias(routers_[i].router->bias, loads[static_cast<int64_t>(i)], rate);
+}
+
+at::Tensor MoeLoadTracker::layer_table(bool fill) const {
+  at::Tensor table = at::zeros({static_cast<int64_t>(names_.size()), kColumns}, at::kDouble);
+  if (!fill || routers_.empty()) return table;
+  // The biases' minima and maxima in one copy from the device.
+  std::vector<at::Tensor> biases;
+  for (const auto& r : routers_) biases.push_back(r.router->bias);
+  auto [lo, hi] = at::aminmax(at::stack(biases), /*dim=*/1);
+  const at::Tensor bias_range = at::stack({lo, hi}, 1).to(at::kDouble).to(at::kCPU);
+  auto* out = table.data_ptr<double>();
+  for (size_t i = 0; i < routers_.size(); ++i) {
+    const at::Tensor load = loads_[static_cast<int64_t>(i)];
+    double* row = out + routers_[i].layer * kColumns;
+    row[kMaxVio] = max_violation(load);
+    row[kMinLoad] = static_cast<double>(load.min().item<int64_t>());
+    row[kMaxLoad] = static_cast<double>(load.max().item<int64_t>());
+    row[kBiasMin] = bias_range[static_cast<int64_t>(i)][0].item<double>();
+    row[kBiasMax] = bias_range[static_cast<int64_t>(i)][1].item<double>();
+  }
+  return table;
+}
+
+}  // namespace moetrain::model

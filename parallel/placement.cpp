@@ -1,0 +1,39 @@
+#include "parallel/placement.h"
+
+#include <fmt/format.h>
+#include <torch/cuda.h>
+
+#include "parallel/topology.h"
+
+namespace moetrain::parallel {
+
+model::StageSpec stage_spec(const ProcessGroups* groups, const config::Config& c) {
+  model::StageSpec stage = model::StageSpec::whole(c.model);
+  if (!groups) {
+    if (c.parallel.world_size != 1)
+      throw std::runtime_error(fmt::format("{}the layout pp {} × dp {} needs {} ranks: launch with mpirun -np {}",
+                                           c.where("parallel.pp"), c.parallel.pp, c.parallel.dp,
+                                           c.parallel.world_size, c.parallel.world_size));
+    return stage;
+  }
+  const Coords& coords = groups->coords;
+  const auto counts = stage_layer_counts(c.model.num_layers, c.parallel.pp, c.parallel.stage_layers);
+  stage.first_layer = stage_first_layers(counts)[static_cast<size_t>(coords.pp)];
+  stage.num_layers = counts[static_cast<size_t>(coords.pp)];
+  stage.first = coords.pp == 0;
+  stage.last = coords.pp == c.parallel.pp - 1;
+  stage.shard = model::ExpertShard{coords.ep, c.parallel.ep};
+  return stage;
+}
+
+c10::Device local_device(const ProcessGroups* groups, const config::Config& c) {
+  if (c.train.device != config::Device::kCuda) return c10::Device(c10::kCPU);
+  if (!torch::cuda::is_available())
+    throw std::runtime_error(fmt::format("{}train.device = cuda but no CUDA device is visible",
+                                         c.where("train.device")));
+  const int64_t local_rank = groups ? groups->local_rank : 0;
+  return c10::Device(c10::kCUDA,
+                     static_cast<c10::DeviceIndex>(local_rank % static_cast<int64_t>(torch::cuda::device_count())));
+}
+
+}  // namespace moetrain::parallel

@@ -1,0 +1,20 @@
+// Where this rank's work goes: the part of the model it holds (its pipeline stage's layers and its expert-parallel
+// shard of the routed experts) and the device it computes on.
+#pragma once
+
+#include <c10/core/Device.h>
+
+#include "config/config.h"
+#include "model/transformer.h"
+#include "parallel/process_groups.h"
+
+namespace moetrain::parallel {
+
+// groups: the job's communicators, nullptr for one process (the whole model; throws unless the layout is one rank).
+model::StageSpec stage_spec(const ProcessGroups* groups, const config::Config& c);
+
+// train.device = cpu: the CPU. cuda: GPU local_rank mod the visible devices, local_rank being this rank's index
+// among the ranks of its node (ProcessGroups::local_rank; 0 for one process). Throws when no GPU is visible.
+c10::Device local_device(const ProcessGroups* groups, const config::Config& c);
+
+}  // namespace moetrain::parallel

@@ -1,0 +1,122 @@
+// The trainer's components: progress lines after a resume, the peak FLOP/s on the trained device, evaluation
+// intervals, what a save copies to the host, and the device choice.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "checkpoints/checkpointer.h"
+#include "config/loader.h"
+#include "model/param_roles.h"
+#include "parallel/placement.h"
+#include "trainer/metrics.h"
+#include "trainer/train.h"
+
+namespace moetrain::trainer {
+namespace {
+namespace fs = std::filesystem;
+
+config::Config tiny(std::vector<std::string> extra = {}) {
+  std::vector<std::string> o{"parallel.pp=1", "parallel.dp=1", "parallel.ep=1", "train.peak_flops=1e9"};
+  o.insert(o.end(), extra.begin(), extra.end());
+  return config::load_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/tiny.yaml", {o, 0});
+}
+
+fs::path temp_dir(const std::string& what) {
+  fs::path d = fs::temp_directory_path() / ("moetrain-" + what + "-" + std::to_string(::getpid()));
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+// A process resumed at step 40 of 100 (logging every 25): its first step prints, and the ETA extrapolates from the
+// steps this process trained, not from the absolute step.
+TEST(Progress, AfterAResume) {
+  config::Config c = tiny({"train.steps=100", "logging.interval=25"});
+  const Progress p(c, /*first_step=*/40);
+  EXPECT_TRUE(p.due(41));  // the first step of this process
+  EXPECT_FALSE(p.due(42));
+  EXPECT_TRUE(p.due(50));
+  EXPECT_TRUE(p.due(100));
+  EXPECT_DOUBLE_EQ(p.eta_s(50, 20.0), 2.0 * 50);  // 10 steps in 20 s, 50 to go
+  EXPECT_LT(p.eta_s(40, 0.0), 0);                 // nothing trained yet: unknown
+  const Progress fresh(c, 0);
+  EXPECT_TRUE(fresh.due(1));
+  EXPECT_DOUBLE_EQ(fresh.eta_s(50, 20.0), 20.0);
+}
+
+// The peak is measured on the device asked for: a meta-device matmul does no arithmetic, so its "peak" is far
+// above the CPU's; a CPU-only measurement would give the same figure for both.
+TEST(PeakFlops, MeasuredOnTheGivenDevice) {
+  const double cpu = measure_peak_flops(c10::Device(c10::kCPU));
+  EXPECT_GT(cpu, 0);
+  EXPECT_GT(measure_peak_flops(c10::Device(c10::kMeta)), 100 * cpu);
+}
+
+TEST(Placement, CudaWithoutAGpuIsAClearError) {
+  config::Config c = tiny({"train.device=cuda"});
+  if (torch::cuda::is_available()) {
+    EXPECT_TRUE(parallel::local_device(nullptr, c).is_cuda());
+    return;
+  }
+  try {
+    parallel::local_device(nullptr, c);
+    FAIL() << "no error";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("train.device = cuda but no CUDA device is visible"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_TRUE(parallel::local_device(nullptr, tiny()).is_cpu());
+}
+
+// train.eval_interval 0 means never, the last step included.
+TEST(Trainer, EvalIntervalZeroNeverEvaluates) {
+  const fs::path dir = temp_dir("eval0");
+  for (const std::string interval : {"0", "2"}) {
+    Trainer t(tiny({"train.steps=2", "train.eval_interval=" + interval, "train.eval_batches=1"}), nullptr,
+              (dir / interval).string(), /*main=*/true);
+    t.run();
+    std::ifstream in(dir / interval / "metrics.jsonl");
+    int evals = 0;
+    for (std::string line; std::getline(in, line);) evals += line.find("val_loss") != std::string::npos;
+    EXPECT_EQ(evals, interval == "0" ? 0 : 1) << "eval_interval " << interval;
+  }
+  fs::remove_all(dir);
+}
+
+// A rank copies to the host only the tensors it writes: here dp rank 1 of 2 (one process standing in for it),
+// which writes about half of the replicated tensors.
+TEST(Checkpointer, CopiesOnlyWhatThisRankWrites) {
+  const fs::path dir = temp_dir("ckpt-copy");
+  config::Config c = tiny({"checkpoint.async=true"});
+  model::Transformer m(c.model, model::StageSpec::whole(c.model));
+  std::vector<checkpoints::StateTensor> state;
+  int64_t total = 0;
+  for (const auto& p : model::parameter_roles(*m)) {
+    state.push_back({"model/", p, p.tensor});
+    total += static_cast<int64_t>(p.tensor.nbytes());
+  }
+  parallel::ControlPlane one;
+  checkpoints::TrainerState s;
+  checkpoints::Checkpointer all(c, (dir / "all").string(), one, nullptr, state, false);
+  all.save(s);
+  all.settle();
+  EXPECT_EQ(all.last_save().host_bytes_copied, all.last_save().bytes_written);
+  EXPECT_GT(all.last_save().bytes_written, total);  // everything, plus the RNG state and the step
+
+  c.parallel.dp = 2;
+  c.parallel.world_size = 2;
+  const parallel::Coords second{0, 1, 1, 0};  // pp 0, dp 1, edp 1, ep 0
+  checkpoints::Checkpointer half(c, (dir / "half").string(), one, &second, state, false);
+  half.save(s);
+  half.settle();
+  EXPECT_EQ(half.last_save().host_bytes_copied, half.last_save().bytes_written);
+  EXPECT_GT(half.last_save().bytes_written, 0);
+  EXPECT_LT(half.last_save().bytes_written, total);
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace moetrain::trainer

@@ -1,3 +1,0 @@
-#include "trainer/cli.h"
-
-int main(int argc, char** argv) { return moetrain::trainer::run_main(argc, argv); }

@@ -1,0 +1,47 @@
+#include "trainer/preemption.h"
+
+#include <atomic>
+#include <csignal>
+
+namespace moetrain::trainer {
+namespace {
+
+std::atomic<int> stop_signal{0};
+extern "C" void record_stop_signal(int sig) { stop_signal.store(sig); }
+
+}  // namespace
+
+struct StopSignals::Saved {
+  struct sigaction term = {}, usr1 = {};
+};
+
+StopSignals::StopSignals(bool on) {
+  if (!on) return;
+  saved_ = std::make_unique<Saved>();
+  stop_signal.store(0);
+  struct sigaction sa = {};
+  sa.sa_handler = record_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &sa, &saved_->term);
+  sigaction(SIGUSR1, &sa, &saved_->usr1);
+}
+
+StopSignals::~StopSignals() {
+  if (!saved_) return;
+  sigaction(SIGTERM, &saved_->term, nullptr);
+  sigaction(SIGUSR1, &saved_->usr1, nullptr);
+}
+
+int StopSignals::received() { return stop_signal.load(); }
+
+const char* StopSignals::name(int signal) {
+  return signal == SIGTERM ? "SIGTERM" : signal == SIGUSR1 ? "SIGUSR1" : "a signal to another rank";
+}
+
+StepVote vote(parallel::ControlPlane& control, bool stop_here, bool writer_busy_here) {
+  const std::vector<bool> any = control.any({stop_here, writer_busy_here});
+  return {any[0], !any[1]};
+}
+
+}  // namespace moetrain::trainer
