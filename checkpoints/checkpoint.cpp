@@ -57,34 +57,267 @@ std::vector<int64_t> committed_steps(const fs::path& root) {
   return steps;
 }
 
-int64_t rows_of(const nlohmann::json& entry) {
-  const auto& shape = entry.at("shape");
-  return shape.empty() ? 1 : shape[0].get<int64_t>();
+using json = nlohmann::json;
+
+// A value of index.json as an error shows it: on one line, short.
+std::string shown(const json& v) {
+  const std::string s = v.dump(-1, ' ', /*ensure_ascii=*/true);
+  return s.size() > 60 ? s.substr(0, 57) + "..." : s;
 }
 
-// A tensor's parts must tile its rows: [0, rows) without gaps or overlaps, each holding every other dimension whole.
-void check_parts(const std::string& name, const nlohmann::json& entry) {
-  std::vector<std::pair<int64_t, int64_t>> ranges;
+// What a key of index.json must hold.
+enum class Kind { kObject, kArray, kString, kCount, kPositive, kUnsigned, kCounts, kSlice };
+
+bool is_count(const json& v) {  // an int64 >= 0
+  return v.is_number_unsigned() ? v.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX)
+                                : v.is_number_integer() && v.get<int64_t>() >= 0;
+}
+
+bool has_kind(const json& v, Kind kind) {
+  switch (kind) {
+    case Kind::kObject: return v.is_object();
+    case Kind::kArray: return v.is_array();
+    case Kind::kString: return v.is_string();
+    case Kind::kCount: return is_count(v);
+    case Kind::kPositive: return is_count(v) && v.get<int64_t>() > 0;
+    case Kind::kUnsigned: return v.is_number_unsigned() || (v.is_number_integer() && v.get<int64_t>() >= 0);
+    case Kind::kCounts: return v.is_array() && std::all_of(v.begin(), v.end(), is_count);
+    case Kind::kSlice:
+      return v.is_array() && std::all_of(v.begin(), v.end(), [](const json& d) {
+               return d.is_array() && d.size() == 2 && is_count(d[0]) && is_count(d[1]);
+             });
+  }
+  return false;
+}
+
+const char* kind_name(Kind kind) {
+  switch (kind) {
+    case Kind::kObject: return "an object";
+    case Kind::kArray: return "an array";
+    case Kind::kString: return "a string";
+    case Kind::kCount: return "a non-negative integer";
+    case Kind::kPositive: return "a positive integer";
+    case Kind::kUnsigned: return "a non-negative integer";
+    case Kind::kCounts: return "an array of non-negative integers";
+    case Kind::kSlice: return "an array of [begin, end] pairs of non-negative integers";
+  }
+  return "";
+}
+
+// Where in index.json a check looks, for its errors: "<dir>/index.json: tensor model/w, part 0: `file` is missing".
+struct Place {
+  std::string file;     // the index
+  std::string context;  // "" or "tensor model/w: " or "tensor model/w, part 0: "
+  std::string path;     // the keys of the enclosing object: "" or "meta.trainer."
+
+  [[noreturn]] void fail(const std::string& what) const {
+    throw std::runtime_error(fmt::format("{}: {}{}", file, context, what));
+  }
+  std::string key(const std::string& k) const { return fmt::format("`{}{}`", path, k); }
+  // obj[k], which must be there and be of `kind`.
+  const json& need(const json& obj, const std::string& k, Kind kind) const {
+    const auto it = obj.find(k);
+    if (it == obj.end()) fail(key(k) + " is missing");
+    if (!has_kind(*it, kind)) fail(fmt::format("{} must be {}, not {}", key(k), kind_name(kind), shown(*it)));
+    return *it;
+  }
+  Place in(const std::string& k) const { return {file, context, path + k + "."}; }
+};
+
+// A tensor's parts must tile its rows: [0, rows) without gaps or overlaps, each inside the shape and holding every
+// other dimension whole. Returns what is wrong ("" if nothing); the entry's keys have their types.
+std::string parts_problem(const std::string& name, const json& entry) {
   const auto shape = entry.at("shape").get<std::vector<int64_t>>();
-  for (const auto& p : entry.at("parts")) {
-    const auto slice = p.at("slice").get<std::vector<std::vector<int64_t>>>();
+  const auto& parts = entry.at("parts");
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const auto slice = parts[i].at("slice").get<std::vector<std::vector<int64_t>>>();
+    const std::string part = fmt::format("tensor {}, part {}: `slice` {}", name, i, shown(parts[i].at("slice")));
     if (slice.size() != shape.size())
-      throw std::runtime_error(fmt::format("checkpoint: a part of {} has a slice of another rank", name));
-    for (size_t d = 1; d < shape.size(); ++d)
-      if (slice[d] != std::vector<int64_t>{0, shape[d]})
-        throw std::runtime_error(fmt::format("checkpoint: a part of {} does not hold dimension {} whole", name, d));
+      return fmt::format("{} has {} dimensions, `shape` {} has {}", part, slice.size(), shown(entry.at("shape")),
+                         shape.size());
+    for (size_t d = 0; d < shape.size(); ++d) {
+      if (slice[d][0] > slice[d][1] || slice[d][1] > shape[d])
+        return fmt::format("{} does not fit in `shape` {}", part, shown(entry.at("shape")));
+      if (d > 0 && (slice[d][0] != 0 || slice[d][1] != shape[d]))
+        return fmt::format("{} does not hold dimension {} whole", part, d);
+    }
     ranges.emplace_back(shape.empty() ? 0 : slice[0][0], shape.empty() ? 1 : slice[0][1]);
   }
   std::sort(ranges.begin(), ranges.end());
   int64_t at = 0;
   for (const auto& [b, e] : ranges) {
     if (b != at)
-      throw std::runtime_error(fmt::format("checkpoint: tensor {}: {} at row {}", name,
-                                           b < at ? "two ranks wrote the rows" : "no rank wrote the rows", std::min(b, at)));
+      return fmt::format("tensor {}: {} at row {}", name,
+                         b < at ? "two ranks wrote the rows" : "no rank wrote the rows", std::min(b, at));
     at = e;
   }
-  if (at != rows_of(entry))
-    throw std::runtime_error(fmt::format("checkpoint: tensor {}: no rank wrote rows {} to {}", name, at, rows_of(entry)));
+  const int64_t rows = shape.empty() ? 1 : shape[0];
+  if (at != rows) return fmt::format("tensor {}: no rank wrote rows {} to {}", name, at, rows);
+  return "";
+}
+
+// "shard_00003.h5" with 3 below `shards`, as write_shard names them: a file of this checkpoint's directory.
+bool is_shard_file(const std::string& f, int64_t shards) {
+  if (f.size() < 14 || f.rfind("shard_", 0) != 0 || f.compare(f.size() - 3, 3, ".h5") != 0) return false;
+  const std::string digits = f.substr(6, f.size() - 9);
+  if (digits.size() > 12 || digits.find_first_not_of("0123456789") != std::string::npos) return false;
+  const int64_t n = std::stoll(digits);
+  return n < shards && f == fmt::format("shard_{:05}.h5", n);
+}
+
+bool is_known_dtype(const std::string& name) {
+  try {
+    dtype_from_name(name, "");
+    return true;
+  } catch (const std::runtime_error&) {
+    return false;
+  }
+}
+
+// The index's structure: what every read of it relies on.
+void check_index(const json& index, const std::string& file) {
+  const Place top{file, "", ""};
+  if (!index.is_object()) top.fail(fmt::format("the index must be a JSON object, not {}", shown(index)));
+  const json& format = top.need(index, "format", Kind::kString);
+  if (format != kFormat) top.fail(fmt::format("not a {} index (`format` is {})", kFormat, shown(format)));
+  top.need(index, "step", Kind::kCount);
+  const int64_t shards = top.need(index, "shards", Kind::kPositive).get<int64_t>();
+  top.need(index, "meta", Kind::kObject);
+  for (const auto& [name, entry] : top.need(index, "tensors", Kind::kObject).items()) {
+    const Place t{file, fmt::format("tensor {}: ", name), ""};
+    if (!entry.is_object()) t.fail(fmt::format("its entry must be an object, not {}", shown(entry)));
+    t.need(entry, "shape", Kind::kCounts);
+    const json& dtype = t.need(entry, "dtype", Kind::kString);
+    if (!is_known_dtype(dtype)) t.fail(fmt::format("`dtype` {} is not a dtype a checkpoint holds", shown(dtype)));
+    const json& parts = t.need(entry, "parts", Kind::kArray);
+    if (parts.empty()) t.fail("`parts` is empty (no shard holds it)");
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const Place p{file, fmt::format("tensor {}, part {}: ", name, i), ""};
+      const json& part = parts[i];
+      if (!part.is_object()) p.fail(fmt::format("the part must be an object, not {}", shown(part)));
+      const json& shard = p.need(part, "file", Kind::kString);
+      if (!is_shard_file(shard, shards))
+        p.fail(fmt::format("`file` must be a shard of this checkpoint (shard_NNNNN.h5, NNNNN below {}), not {}", shards,
+                           shown(shard)));
+      const json& dataset = p.need(part, "dataset", Kind::kString);
+      if (dataset.get_ref<const std::string&>().rfind('/', 0) != 0)
+        p.fail(fmt::format("`dataset` must be an HDF5 path starting with /, not {}", shown(dataset)));
+      p.need(part, "slice", Kind::kSlice);
+      const std::string& sum = p.need(part, "xxh64", Kind::kString).get_ref<const std::string&>();
+      if (sum.size() != 16 || sum.find_first_not_of("0123456789abcdef") != std::string::npos)
+        p.fail(fmt::format("`xxh64` must be 16 hexadecimal digits, not {}", shown(part["xxh64"])));
+    }
+    if (const std::string problem = parts_problem(name, entry); !problem.empty()) top.fail(problem);
+  }
+}
+
+// meta as the trainer writes it (Checkpointer::save) and reads it back (Checkpointer::load).
+void check_meta(const json& index, const std::string& file) {
+  const Place m = Place{file, "", ""}.in("meta");
+  const json& meta = index.at("meta");
+  m.need(meta, "config", Kind::kString);
+  const Place l = m.in("layout");
+  const json& layout = m.need(meta, "layout", Kind::kObject);
+  for (const char* k : {"pp", "dp", "ep", "world_size"}) l.need(layout, k, Kind::kPositive);
+  const Place t = m.in("trainer");
+  const json& trainer = m.need(meta, "trainer", Kind::kObject);
+  const int64_t step = t.need(trainer, "step", Kind::kCount).get<int64_t>();
+  if (step != index.at("step").get<int64_t>())
+    t.fail(fmt::format("{} is {} but `step` is {}", t.key("step"), step, index.at("step").get<int64_t>()));
+  for (const char* k : {"samples_consumed", "tokens_seen"})  // optional: a resume takes 0 for one missing
+    if (trainer.contains(k)) t.need(trainer, k, Kind::kCount);
+  // The fields data::data_state_from_json reads.
+  const Place d = t.in("data");
+  const json& data = t.need(trainer, "data", Kind::kObject);
+  d.need(data, "step", Kind::kCount);
+  d.need(data, "samples_consumed", Kind::kCount);
+  const size_t epochs = d.need(data, "epochs", Kind::kCounts).size();
+  const size_t in_epoch = d.need(data, "samples_in_epoch", Kind::kCounts).size();
+  if (epochs != in_epoch)  // one of each per dataset
+    d.fail(fmt::format("{} and {} differ in length ({} and {})", d.key("epochs"), d.key("samples_in_epoch"), epochs,
+                       in_epoch));
+  d.need(data, "seed", Kind::kUnsigned);
+  d.need(data, "fingerprint", Kind::kUnsigned);
+}
+
+// The tensors every trainer checkpoint holds (see check_complete).
+void check_tensors(const json& index, const std::string& file) {
+  const Place top{file, "", ""};
+  const json& tensors = index.at("tensors");
+  auto find = [&](const std::string& name) -> const json* {
+    const auto it = tensors.find(name);
+    return it == tensors.end() ? nullptr : &*it;
+  };
+  auto missing = [](const std::string& name, const std::string& why) {
+    return fmt::format("tensor {} is missing ({})", name, why);
+  };
+  const json* step = find("optim/step");
+  if (!step) top.fail(missing("optim/step", "AdamW's step count"));
+  if (!step->at("shape").empty() || step->at("dtype") != "int64")
+    top.fail(fmt::format("tensor optim/step must be an int64 scalar, not {} of shape {}",
+                         step->at("dtype").get<std::string>(), shown(step->at("shape"))));
+  const int64_t shards = index.at("shards").get<int64_t>();
+  for (int64_t r = 0; r < shards; ++r)
+    if (!find(fmt::format("rng/{}", r)))
+      top.fail(missing(fmt::format("rng/{}", r), fmt::format("the RNG state of rank {} of {}", r, shards)));
+  const std::string avg = "optim/exp_avg/", avg_sq = "optim/exp_avg_sq/";
+  for (const auto& [name, entry] : tensors.items()) {
+    if (name.rfind("model/", 0) == 0 || name == "optim/step") continue;
+    if (name.rfind("rng/", 0) == 0) {
+      const std::string r = name.substr(4);
+      if (r.empty() || r.size() > 12 || r.find_first_not_of("0123456789") != std::string::npos ||
+          std::stoll(r) >= shards)
+        top.fail(fmt::format("tensor {}: not the RNG state of one of the {} ranks that saved the checkpoint", name,
+                             shards));
+      continue;
+    }
+    // AdamW's moments come in pairs, each of its parameter's shape; a model/ tensor without them is a buffer.
+    const bool first = name.rfind(avg, 0) == 0;
+    if (!first && name.rfind(avg_sq, 0) != 0)
+      top.fail(fmt::format("tensor {}: not a tensor a checkpoint holds (model/…, optim/exp_avg/…, "
+                           "optim/exp_avg_sq/…, optim/step, rng/<rank>)",
+                           name));
+    const std::string param = name.substr(first ? avg.size() : avg_sq.size());
+    const std::string pair = (first ? avg_sq : avg) + param;
+    const json* model = find("model/" + param);
+    if (!model) top.fail(missing("model/" + param, fmt::format("{} is there", name)));
+    const json* other = find(pair);
+    if (!other) top.fail(missing(pair, fmt::format("{} is there", name)));
+    if (entry.at("shape") != model->at("shape"))
+      top.fail(fmt::format("tensor {} has shape {} but model/{} has {}", name, shown(entry.at("shape")), param,
+                           shown(model->at("shape"))));
+    if (entry.at("dtype") != other->at("dtype"))
+      top.fail(fmt::format("tensors {} and {} differ in dtype ({} and {})", first ? name : pair, first ? pair : name,
+                           (first ? entry : *other).at("dtype").get<std::string>(),
+                           (first ? *other : entry).at("dtype").get<std::string>()));
+    if (!at::isFloatingType(dtype_from_name(entry.at("dtype"), name)))
+      top.fail(fmt::format("tensor {}: an AdamW moment of dtype {}", name, entry.at("dtype").get<std::string>()));
+  }
+}
+
+// step_N.tmp (a save that did not finish) and step_N.deleting-… (set aside for deletion) are never loaded: why, or
+// "" for any other name.
+std::string never_loaded(const std::string& name) {
+  if (name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0)
+    return "an uncommitted checkpoint (a save that did not finish), never loaded";
+  if (name.find(".deleting-") != std::string::npos)
+    return "a checkpoint set aside for deletion (pruned or replaced), never loaded";
+  return "";
+}
+
+// "x/step_1.tmp/" and "x/./step_1.tmp/." as "x/step_1.tmp": whose file name is the directory's.
+fs::path normalized(const fs::path& p) {
+  fs::path n = p.lexically_normal();
+  if (!n.has_filename() && n.has_parent_path() && n != n.root_path()) n = n.parent_path();
+  return n;
+}
+
+// Whether `path` is `dir` or inside it, both made absolute with symbolic links resolved.
+bool within(const fs::path& path, const fs::path& dir) {
+  const fs::path p = fs::weakly_canonical(fs::absolute(path)), d = fs::weakly_canonical(fs::absolute(dir));
+  const fs::path rel = p.lexically_relative(d);
+  return !rel.empty() && *rel.begin() != "..";
 }
 
 }  // namespace
@@ -272,7 +505,9 @@ std::string commit(const SaveRequest& req, const ShardResult& mine, parallel::Co
           for (auto& p : entry["parts"]) have["parts"].push_back(std::move(p));
         }
       }
-      for (auto& [name, entry] : tensors.items()) check_parts(name, entry);
+      for (auto& [name, entry] : tensors.items())
+        if (const std::string problem = parts_problem(name, entry); !problem.empty())
+          throw std::runtime_error("checkpoint: " + problem);
       // Shards a crashed earlier save left in the .tmp directory (another layout) are not part of this one.
       for (const auto& e : fs::directory_iterator(tmp)) {
         const std::string n = e.path().filename().string();
@@ -310,39 +545,42 @@ std::string resolve_resume(const std::string& root, const std::string& what) {
   fs::path dir;
   if (what == "auto") {
     if (!fs::exists(fs::path(root) / "latest")) return "";
-    dir = fs::path(root);
+    dir = normalized(root);
   } else {
-    dir = fs::path(what);
+    dir = normalized(what);
   }
   if (fs::exists(dir / "latest")) {
     std::ifstream f(dir / "latest");
     std::string name;
     f >> name;
+    if (const std::string why = never_loaded(name); !why.empty())
+      throw std::runtime_error(fmt::format("{}: `latest` names '{}': {}", (dir / "latest").string(), name, why));
     if (name.empty() || !fs::exists(dir / name / "index.json"))
       throw std::runtime_error(fmt::format("{}: `latest` names '{}', which is not a committed checkpoint",
                                            (dir / "latest").string(), name));
     return (dir / name).string();
   }
-  if (dir.extension() == ".tmp")
-    throw std::runtime_error(fmt::format("{}: an uncommitted checkpoint (a save that did not finish)", dir.string()));
+  if (const std::string why = never_loaded(dir.filename().string()); !why.empty())
+    throw std::runtime_error(fmt::format("{}: {}", dir.string(), why));
   if (!fs::exists(dir / "index.json"))
     throw std::runtime_error(fmt::format("{}: not a checkpoint (no index.json and no `latest`)", dir.string()));
   return dir.string();
 }
 
 Checkpoint::Checkpoint(std::string dir) : dir_(std::move(dir)) {
-  const fs::path index_path = fs::path(dir_) / "index.json";
-  std::ifstream f(index_path);
-  if (!f) throw std::runtime_error(fmt::format("{}: missing checkpoint index", index_path.string()));
+  const std::string file = index_file();
+  std::ifstream f(file);
+  if (!f) throw std::runtime_error(fmt::format("{}: missing checkpoint index", file));
   try {
     index_ = nlohmann::json::parse(f);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(fmt::format("{}: corrupt checkpoint index: {}", index_path.string(), e.what()));
+  } catch (const nlohmann::json::parse_error& e) {
+    throw std::runtime_error(fmt::format("{}: not valid JSON (a syntax error at byte {}); the index is corrupt", file,
+                                         e.byte));
   }
-  if (index_.value("format", "") != kFormat)
-    throw std::runtime_error(fmt::format("{}: not a {} index (format '{}')", index_path.string(), kFormat,
-                                         index_.value("format", "")));
+  check_index(index_, file);
 }
+
+std::string Checkpoint::index_file() const { return (fs::path(dir_) / "index.json").string(); }
 
 H5File& Checkpoint::shard(const std::string& file) {
   auto it = shards_.find(file);
@@ -425,8 +663,14 @@ std::string inspect(const std::string& dir) {
   return out;
 }
 
+void check_complete(const Checkpoint& ck) {
+  check_meta(ck.index(), ck.index_file());
+  check_tensors(ck.index(), ck.index_file());
+}
+
 std::string verify(const std::string& dir) {
   Checkpoint ck(dir);
+  check_complete(ck);
   int64_t bytes = 0;
   std::set<std::string> files;
   for (const auto& name : ck.names()) {
@@ -438,15 +682,46 @@ std::string verify(const std::string& dir) {
 }
 
 std::string export_weights(const std::string& dir, const std::string& out) {
+  // Never into a checkpoint: the export would truncate a shard it is reading, or leave a stray file where the
+  // checkpoints' own files live.
+  const fs::path step = fs::absolute(normalized(dir)), target = fs::absolute(normalized(out));
+  const fs::path root = step.parent_path(), out_dir = target.parent_path();
+  if (within(target, step))
+    throw std::runtime_error(fmt::format("{}: inside the checkpoint {}; write the export outside it", out, dir));
+  if (fs::exists(root / "latest") && within(target, root))
+    throw std::runtime_error(fmt::format("{}: inside {}, the checkpoint directory holding {}; write the export "
+                                         "outside it",
+                                         out, root.string(), dir));
+  if (fs::exists(out_dir / "index.json"))
+    throw std::runtime_error(fmt::format("{}: inside the checkpoint {}; write the export outside it", out,
+                                         out_dir.string()));
+  if (fs::exists(out_dir / "latest"))
+    throw std::runtime_error(fmt::format("{}: inside the checkpoint directory {}; write the export outside it", out,
+                                         out_dir.string()));
+  if (fs::is_directory(target))
+    throw std::runtime_error(fmt::format("{}: a directory; --out names the HDF5 file to write", out));
+  if (!fs::is_directory(out_dir))
+    throw std::runtime_error(fmt::format("{}: no directory {} to write it in", out, out_dir.string()));
   Checkpoint ck(dir);
-  H5File file = H5File::create(out);
+  // Written beside `out` and renamed over it once complete: a failed export leaves whatever was there before.
+  fs::path tmp = target;
+  tmp += fmt::format(".tmp-{}", ::getpid());
   int64_t n = 0;
-  for (const auto& name : ck.names()) {
-    if (name.rfind("model/", 0) != 0) continue;
-    file.write("/" + name.substr(6), ck.read(name));
-    ++n;
+  try {
+    H5File file = H5File::create(tmp.string());
+    for (const auto& name : ck.names()) {
+      if (name.rfind("model/", 0) != 0) continue;
+      file.write("/" + name.substr(6), ck.read(name));
+      ++n;
+    }
+    file.close_durably();
+    fs::rename(tmp, target);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    throw;
   }
-  file.close_durably();
+  fsync_path(out_dir.string());
   return fmt::format("{}: {} model tensors from {}", out, n, dir);
 }
 

@@ -82,14 +82,18 @@ std::string commit(const SaveRequest& request, const ShardResult& mine, parallel
 std::string step_dir_name(int64_t step);  // "step_0000010"
 
 // --resume: "auto" -> root/latest if it exists, else "" (start fresh); otherwise a step directory or a checkpoint
-// root with a `latest` file. Throws if what is named is not a committed checkpoint.
+// root with a `latest` file. Throws if what is named is not a committed checkpoint: a save that did not finish
+// (step_N.tmp) and a checkpoint set aside for deletion (step_N.deleting-…) are refused by name, also through `latest`.
 std::string resolve_resume(const std::string& root, const std::string& what);
 
-// A committed checkpoint opened for reading.
+// A committed checkpoint opened for reading. The constructor checks the index's structure: every key with its type,
+// shapes, known dtypes, parts in shards of this checkpoint whose slices tile the tensor; an error names
+// "<dir>/index.json" and the tensor, part or key.
 class Checkpoint {
  public:
   explicit Checkpoint(std::string dir);
   const nlohmann::json& index() const { return index_; }
+  std::string index_file() const;  // "<dir>/index.json"
   const nlohmann::json& meta() const { return index_.at("meta"); }
   bool has(const std::string& name) const { return index_.at("tensors").contains(name); }
   // Reads a tensor and checks its checksums; the error names the shard and the dataset.
@@ -107,11 +111,20 @@ class Checkpoint {
   std::map<std::string, std::unique_ptr<H5File>> shards_;
 };
 
+// What a checkpoint the trainer saves (checkpoints::Checkpointer) holds beyond a well-formed index: optim/step; for
+// every parameter both AdamW moments, of its shape and of one dtype (a model/ tensor without moments is a buffer,
+// such as a router bias); rng/<r> for every shard; and in meta the config, the layout and the trainer state with
+// its data position. Reads no shard. Throws "<dir>/index.json: ..." naming the tensor or key.
+void check_complete(const Checkpoint& ck);
+
 // `moetrain ckpt ...`
 std::string inspect(const std::string& dir);  // a table of tensors
-// Reads every tensor and checks every checksum; returns a one-line summary, throws on the first problem.
+// check_complete, then reads every tensor and checks every checksum; returns a one-line summary, throws on the
+// first problem.
 std::string verify(const std::string& dir);
-// One HDF5 file of the model weights under their global names (no optimizer state).
+// One HDF5 file of the model weights under their global names (no optimizer state), written to a temporary file
+// renamed into place. Refuses an `out` inside the checkpoint or the checkpoint directory holding it, or over a file
+// of any checkpoint.
 std::string export_weights(const std::string& dir, const std::string& out);
 
 uint64_t checksum(const at::Tensor& t);

@@ -1,7 +1,9 @@
 #include "checkpoints/checkpointer.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/stack.h>
 #include <fmt/format.h>
 #include <xxhash.h>
 
@@ -57,8 +59,39 @@ bool Checkpointer::writes(const model::ParamInfo& info) const {
 
 bool Checkpointer::busy() const { return pending_ && !pending_->written.load(); }
 
+std::string Checkpointer::first_nonfinite() const {
+  std::vector<at::Tensor> finite;
+  std::vector<const StateTensor*> which;
+  for (const StateTensor& st : state_)
+    if (at::isFloatingType(st.tensor.scalar_type())) {
+      finite.push_back(at::isfinite(st.tensor).all());
+      which.push_back(&st);
+    }
+  if (finite.empty()) return "";
+  const at::Tensor ok = at::stack(finite).to(at::kCPU);  // one copy from the device
+  for (size_t i = 0; i < which.size(); ++i)
+    if (!ok[static_cast<int64_t>(i)].item<bool>()) return which[i]->prefix + which[i]->info.name;
+  return "";
+}
+
 void Checkpointer::save(const TrainerState& s) {
   commit();
+  // A checkpoint of a diverged state would become `latest` and let keep_last prune the good ones: every rank
+  // checks what it holds, and all agree, before anything is written.
+  const std::string bad = first_nonfinite();
+  std::string where = bad.empty() ? "" : fmt::format("{} on rank {}", bad, control_.rank());
+  const std::vector<std::string> all = control_.gather(where);  // rank 0 names the first rank's tensor
+  if (control_.any(!bad.empty())) {
+    for (const auto& a : all)
+      if (!a.empty()) {
+        where = a;
+        break;
+      }
+    throw std::runtime_error(fmt::format(
+        "checkpoint of step {} refused: tensor {} is not finite (NaN or inf); the previous checkpoint in {} stays "
+        "current",
+        s.step, where.empty() ? "(of another rank)" : where, root_));
+  }
   auto pending = std::make_unique<Pending>();
   SaveRequest& r = pending->request;
   r.root = root_;
@@ -164,6 +197,9 @@ void Checkpointer::settle() {
 
 TrainerState Checkpointer::load(const std::string& dir) {
   Checkpoint ck(dir);
+  // Every key and tensor of the index read below is checked first, so that an error names <dir>/index.json and
+  // the key rather than surfacing from the JSON library.
+  check_complete(ck);
   auto mismatch = [&](const std::string& name, const std::vector<int64_t>& theirs, const std::vector<int64_t>& ours) {
     return std::runtime_error(fmt::format("{}: tensor {} has shape {} in the checkpoint but {} in this model (a "
                                           "checkpoint of another model shape)",

@@ -57,7 +57,7 @@ class Checkpointer {
   Checkpointer(const Checkpointer&) = delete;
   Checkpointer& operator=(const Checkpointer&) = delete;
 
-  // Collective. Saves the state of step s.step. With checkpoint.async the shard is written on a background thread
+  // Collective. Saves the state of step s.step; refuses (on every rank, before writing) a state with a NaN or inf. With checkpoint.async the shard is written on a background thread
   // from host copies and committed by commit() once every rank's writer is done (the trainer agrees on that in its
   // per-step vote), by the next save, or by settle().
   void save(const TrainerState& s);
@@ -75,6 +75,7 @@ class Checkpointer {
  private:
   struct Pending;
   bool writes(const model::ParamInfo& info) const;
+  std::string first_nonfinite() const;  // the first state tensor of this rank with a NaN or inf, or ""
 
   config::Config c_;
   std::string config_yaml_;  // c_ resolved, as YAML: every checkpoint's record of the config

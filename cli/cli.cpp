@@ -1,9 +1,11 @@
 #include "cli/cli.h"
 
 #include <CLI/CLI.hpp>
+#include <c10/util/Exception.h>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <optional>
@@ -34,7 +36,32 @@ config::Config load(const ConfigArgs& args, const parallel::MpiRuntime& mpi) {
   config::LoadOptions options;
   options.overrides = args.overrides;
   options.launch_world_size = mpi.active() ? mpi.size() : 0;
-  return config::load_config(args.file, options);
+  config::Config c = config::load_config(args.file, options);
+  check_plan_counts(c);  // parameter counts are the model's formulas, which config/ cannot call
+  return c;
+}
+
+// CLI11 takes an unknown command for a stray positional ("a subcommand is required") and answers
+// `moetrain eval --help` with the main help; name it instead: the first non-option word at each level that has
+// commands must be one of them.
+void check_command_names(const CLI::App& app, int argc, char** argv) {
+  const CLI::App* level = &app;
+  std::string words;  // the commands so far: "", "config", "ckpt"
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const auto subs = level->get_subcommands([](const CLI::App*) { return true; });
+    if (subs.empty() || arg.rfind('-', 0) == 0) return;
+    auto it = std::find_if(subs.begin(), subs.end(), [&](const CLI::App* s) { return s->get_name() == arg; });
+    const std::string prefix = words.empty() ? "" : words + " ";
+    if (it == subs.end()) {
+      std::string names;
+      for (const CLI::App* s : subs) names += (names.empty() ? "" : ", ") + s->get_name();
+      throw std::runtime_error(fmt::format("unknown command '{}{}'; {}commands: {} (see moetrain {}--help)", prefix,
+                                           arg, prefix, names, prefix));
+    }
+    level = *it;
+    words = prefix + arg;
+  }
 }
 
 // Output of a command: printed once, by rank 0.
@@ -112,6 +139,7 @@ int run_main(int argc, char** argv) {
   std::optional<std::string> error;
   try {
     try {
+      check_command_names(app, argc, argv);
       app.parse(argc, argv);
     } catch (const CLI::CallForHelp&) {
       emit(mpi, app.help());
@@ -144,10 +172,15 @@ int run_main(int argc, char** argv) {
       emit(mpi, version_report());
     } else if (*train_cmd) {
       config::Config c = load(train_args, mpi);
+      check_fits_in_ram(make_plan(c), c, physical_ram_bytes());
       std::string run_dir = c.logging.dir + "/" + c.logging.name;
       const std::string resume_dir =
           resume.empty() ? "" : checkpoints::resolve_resume(checkpoints::checkpoint_root(c, run_dir), resume);
-      if (resume_dir.empty() && !overwrite && std::filesystem::exists(run_dir + "/metrics.jsonl"))
+      // --resume auto without a checkpoint is a fresh start (a requeued job that failed before its first save).
+      if (resume == "auto" && resume_dir.empty())
+        emit(mpi, fmt::format("--resume auto: no checkpoint in {} yet; starting fresh\n",
+                              checkpoints::checkpoint_root(c, run_dir)));
+      if (resume_dir.empty() && resume != "auto" && !overwrite && std::filesystem::exists(run_dir + "/metrics.jsonl"))
         throw std::runtime_error(fmt::format("{}: a run already wrote metrics here; pass --overwrite to replace "
                                              "them or choose another --set logging.name=...",
                                              run_dir));
@@ -166,6 +199,10 @@ int run_main(int argc, char** argv) {
     } else if (data_cmds.selected()) {
       if (mpi.rank() == 0) data::run_data_command(data_cmds);  // one writer of the files
     }
+  } catch (const c10::Error& e) {
+    // LibTorch's what() carries a C++ backtrace; the message is its first line.
+    const std::string what = e.what_without_backtrace();
+    error = what.substr(0, what.find('\n'));
   } catch (const std::exception& e) {
     error = e.what();
   } catch (...) {

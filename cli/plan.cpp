@@ -3,8 +3,12 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
 #include <algorithm>
 
+#include "config/count.h"
+#include "config/loader.h"
 #include "parallel/topology.h"
 #include "precision/policy.h"
 
@@ -19,6 +23,10 @@ std::string count(double n) {
 }
 
 std::string bytes(double b) {
+  constexpr double kTiB = 1024.0 * 1024 * 1024 * 1024;
+  if (b >= 1024 * 1024 * kTiB) return fmt::format("{:.3g} EiB", b / (1024 * 1024 * kTiB));
+  if (b >= 1024 * kTiB) return fmt::format("{:.2f} PiB", b / (1024 * kTiB));
+  if (b >= kTiB) return fmt::format("{:.2f} TiB", b / kTiB);
   if (b >= 1024.0 * 1024 * 1024) return fmt::format("{:.2f} GiB", b / (1024.0 * 1024 * 1024));
   if (b >= 1024.0 * 1024) return fmt::format("{:.2f} MiB", b / (1024.0 * 1024));
   return fmt::format("{:.1f} KiB", b / 1024.0);
@@ -35,9 +43,16 @@ int64_t block_local_params(const model::BlockParams& b, int64_t ep) {
   return b.total() - b.routed_experts + b.routed_experts / ep;
 }
 
+model::ActivationElems times(model::ActivationElems a, int64_t n) {
+  const double k = static_cast<double>(n);
+  return {a.elems * k, a.fp32_elems * k};
+}
+
 }  // namespace
 
 Plan make_plan(const config::Config& c) {
+  using config::Count;
+  constexpr const char* kStageParams = "the parameters one rank of a pipeline stage holds";
   const config::ModelConfig& m = c.model;
   const int64_t pp = c.parallel.pp, ep = c.parallel.ep;
   const precision::Policy policy = precision::policy_for(c.precision);
@@ -45,7 +60,8 @@ Plan make_plan(const config::Config& c) {
   Plan plan;
   plan.params = model::model_params(m);
   plan.flops = model::flops_per_token(m, c.train.seq_len);
-  plan.tokens_per_step = c.train.seq_len * c.train.micro_batch_size * c.train.micro_batches * c.parallel.dp;
+  plan.tokens_per_step = (Count(c.train.seq_len) * c.train.micro_batch_size * c.train.micro_batches * c.parallel.dp)
+                             .value("the tokens of one step");
 
   const auto counts = parallel::stage_layer_counts(m.num_layers, pp, c.parallel.stage_layers);
   const auto firsts = parallel::stage_first_layers(counts);
@@ -56,25 +72,32 @@ Plan make_plan(const config::Config& c) {
     st.stage = s;
     st.first_layer = firsts[s];
     st.layers = counts[s];
+    // The stage's dense layers come first (layers < n_dense_layers), then its MoE layers: counted per kind.
+    const int64_t dense = std::clamp<int64_t>(m.n_dense_layers - st.first_layer, 0, st.layers);
+    Count params;
     model::ActivationElems a;
-    for (int64_t l = st.first_layer; l < st.first_layer + st.layers; ++l) {
-      st.params += block_local_params(model::block_params(m, l), ep);
-      a += model::block_activations(m, model::is_moe_layer(m, l));
+    for (auto [n, layer] : {std::pair{dense, st.first_layer}, std::pair{st.layers - dense, st.first_layer + dense}}) {
+      if (n == 0) continue;
+      params += Count(n) * block_local_params(model::block_params(m, layer), ep);
+      a += times(model::block_activations(m, model::is_moe_layer(m, layer)), n);
     }
     const bool first = s == 0, last = s == pp - 1;
-    if (first) st.params += plan.params.embedding;
+    if (first) params += plan.params.embedding;
     if (last) {
-      st.params += plan.params.final_norm;
+      params += plan.params.final_norm;
       // The head weight; a tied head on a separate stage is a copy of the embedding kept identical.
-      if (!m.tie_embeddings || !first) st.params += m.vocab_size * m.hidden_size;
-      const int64_t mtp_module = block_local_params(model::mtp_block_params(m), ep) +
+      if (!m.tie_embeddings || !first) params += Count(m.vocab_size) * m.hidden_size;
+      if (m.mtp_depth > 0) {
+        const Count mtp_module = Count(block_local_params(model::mtp_block_params(m), ep)) +
                                  model::mtp_module_extra_params(m);
-      st.params += m.mtp_depth * mtp_module;
+        params += mtp_module * m.mtp_depth;
+      }
       // MTP embeds future tokens with the shared embedding: the last stage keeps a copy when it is not stage 0.
-      if (m.mtp_depth > 0 && !first && !m.tie_embeddings) st.params += plan.params.embedding;
+      if (m.mtp_depth > 0 && !first && !m.tie_embeddings) params += plan.params.embedding;
       a += model::head_activations(m);
-      for (int64_t k = 0; k < m.mtp_depth; ++k) a += model::mtp_module_activations(m);
+      a += times(model::mtp_module_activations(m), m.mtp_depth);
     }
+    st.params = params.value(kStageParams);
     st.in_flight_micro_batches = std::min<int64_t>(pp - s, c.train.micro_batches);
     const double p = static_cast<double>(st.params);
     st.weight_bytes = p * static_cast<double>(policy.weight_bytes_per_param());
@@ -85,6 +108,32 @@ Plan make_plan(const config::Config& c) {
     plan.stages.push_back(st);
   }
   return plan;
+}
+
+void check_plan_counts(const config::Config& config) {
+  config::check_counts(config, [](const config::Config& c) { make_plan(c); });
+}
+
+double physical_ram_bytes() {
+  return static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE));
+}
+
+void check_fits_in_ram(const Plan& plan, const config::Config& c, double ram_bytes) {
+  if (c.train.device != config::Device::kCpu) return;
+  const std::string where = c.where("train.device").empty() ? c.file + ": " : c.where("train.device");
+  for (const StagePlan& s : plan.stages) {
+    const double state = s.weight_bytes + s.grad_bytes + s.optimizer_bytes;  // allocated for the whole run
+    if (state > ram_bytes)
+      throw config::ConfigError(fmt::format(
+          "{}train.device = cpu: the plan's weights, gradients and optimizer state take {} per rank on stage {}, "
+          "more than this machine's {} of RAM; shrink the model (`moetrain plan` shows the estimate)",
+          where, bytes(state), s.stage, bytes(ram_bytes)));
+    if (s.total_bytes() > kRamOvercommit * ram_bytes)
+      throw config::ConfigError(fmt::format(
+          "{}train.device = cpu: the plan estimates {} per rank on stage {} ({} of activations), over {:.0f} × this "
+          "machine's {} of RAM; shrink the model or the batch (`moetrain plan` shows the estimate)",
+          where, bytes(s.total_bytes()), s.stage, bytes(s.activation_bytes), kRamOvercommit, bytes(ram_bytes)));
+  }
 }
 
 std::string format_plan(const Plan& plan, const config::Config& c) {

@@ -30,7 +30,21 @@ struct Plan {
   std::vector<StagePlan> stages;
 };
 
+// Throws config::CountOverflow when a count does not fit 64 bits; check_plan_counts first turns that into an error
+// naming the key.
 Plan make_plan(const config::Config& config);
+
+// Throws a ConfigError naming the key when a count the plan forms (parameters per block, per stage and in total)
+// overflows 64 bits. `config check`, `config show`, `plan` and `train` run it after loading.
+void check_plan_counts(const config::Config& config);
+
+// Training on the CPU refuses, before anything is allocated, a config whose plan needs on one rank more than the
+// machine's RAM for weights, gradients and optimizer state (held all run long), or more than kRamOvercommit × the
+// RAM in all (activations are estimated without recomputation, so only the hopeless are stopped). GPU configs
+// (train.device = cuda) are not checked against host RAM; `config check` and `plan` do not run it.
+inline constexpr double kRamOvercommit = 64;
+double physical_ram_bytes();
+void check_fits_in_ram(const Plan& plan, const config::Config& config, double ram_bytes);
 std::string format_plan(const Plan& plan, const config::Config& config);
 nlohmann::json plan_json(const Plan& plan, const config::Config& config);
 

@@ -109,6 +109,7 @@ struct TrainConfig {
   double adam_beta2 = 0.95;
   double adam_eps = 1e-8;
   double grad_clip = 1.0;
+  int64_t skip_nonfinite_steps = 0;
   int64_t eval_interval = 50;
   int64_t eval_batches = 4;
   double peak_flops = 0.0;  // 0: measured at start-up

@@ -13,7 +13,9 @@
 #include <fstream>
 #include <optional>
 #include <set>
+#include <sstream>
 
+#include "config/count.h"
 #include "config/schema.h"
 
 namespace moetrain::config {
@@ -110,14 +112,37 @@ void flatten(const YAML::Node& map, const std::string& prefix, const std::string
   }
 }
 
+// The 1-based line of the `---` (or `...`) that starts the document whose first node is on 0-based `line`.
+int document_start_line(const std::string& text, int line) {
+  std::vector<std::string> lines;
+  std::istringstream in(text);
+  for (std::string l; std::getline(in, l);) lines.push_back(l);
+  for (int i = std::min<int>(line, static_cast<int>(lines.size()) - 1); i >= 0; --i)
+    if (lines[i].rfind("---", 0) == 0 || lines[i].rfind("...", 0) == 0) return i + 1;
+  return line + 1;
+}
+
 YAML::Node parse_file(const std::string& file) {
+  std::error_code ec;
+  if (fs::is_directory(file, ec)) throw ConfigError(fmt::format("{}: is a directory, expected a YAML file", file));
   std::ifstream in(file);
   if (!in) throw ConfigError(fmt::format("{}: cannot open config file: {}", file, std::strerror(errno)));
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) throw ConfigError(fmt::format("{}: cannot read config file: {}", file, std::strerror(errno)));
+  std::vector<YAML::Node> documents;
   try {
-    return YAML::Load(in);
+    documents = YAML::LoadAll(text.str());
   } catch (const YAML::ParserException& e) {
     throw ConfigError(fmt::format("{}:{}:{}: invalid YAML: {}", file, e.mark.line + 1, e.mark.column + 1, e.msg));
   }
+  // yaml-cpp's Load would read the first document and drop the rest without a word; an empty one (a trailing
+  // `---`) drops nothing.
+  for (size_t i = 1; i < documents.size(); ++i)
+    if (!documents[i].IsNull())
+      throw ConfigError(fmt::format("{}:{}: a second YAML document; one config per file", file,
+                                    document_start_line(text.str(), documents[i].Mark().line)));
+  return documents.empty() ? YAML::Node() : documents[0];
 }
 
 // Reads `file` and, first, the chain of files it names with `base:`.
@@ -144,6 +169,9 @@ void read_file(const std::string& file, std::vector<std::string>& chain, Entries
     if (base_path.is_relative()) base_path = fs::path(file).parent_path() / base_path;
     if (!fs::exists(base_path))
       fail(origin, fmt::format("base: file '{}' does not exist", base_path.lexically_normal().string()));
+    if (fs::is_directory(base_path))
+      fail(origin,
+           fmt::format("base: '{}' is a directory, expected a YAML file", base_path.lexically_normal().string()));
     read_file(base_path.lexically_normal().string(), chain, out);
   }
   flatten(root, "", file, out);
@@ -156,6 +184,11 @@ Entry parse_override(const std::string& text) {
   if (eq == std::string::npos || eq == 0) fail(origin, "expected section.key=value");
   std::string path = text.substr(0, eq);
   if (path == "base") fail(origin, "`base` cannot be overridden; name the config file instead");
+  if (std::find(sections().begin(), sections().end(), path) != sections().end()) {
+    auto first = std::find_if(schema().begin(), schema().end(), [&](const KeySpec& k) { return k.section() == path; });
+    fail(origin, fmt::format("'{}' is a section; --set needs section.key=value (e.g. --set {}={})", path,
+                             first->path, value_text(*first, Config{})));
+  }
   if (!find_key(path)) fail(origin, unknown_key_message(path));
   YAML::Node value;
   try {
@@ -291,6 +324,29 @@ void validate_model(const Config& c) {
                          m.top_k, m.topk_group * per_group, m.topk_group, per_group));
 }
 
+// The layout, batch and activation counts the loader, the data loader and the trainer form from the sizes; each
+// must fit 64 bits (check_counts names the key when one does not). One micro-batch's activations: its tokens
+// times each width a layer materializes per token.
+void batch_counts(const Config& c) {
+  const ModelConfig& m = c.model;
+  const TrainConfig& t = c.train;
+  const int64_t dp = c.parallel.dp;
+  (Count(c.parallel.pp) * dp).value("the world size (parallel.pp · parallel.dp)");
+  const Count sequences = Count(t.micro_batch_size) * t.micro_batches * dp;
+  sequences.value("the global batch (train.micro_batch_size · train.micro_batches · dp sequences)");
+  (sequences * t.seq_len).value("the tokens of one step (global batch · train.seq_len)");
+  (Count(t.global_batch_size) * t.seq_len).value("the tokens of one step (train.global_batch_size · train.seq_len)");
+  const Count window = Count(t.seq_len) + 1 + m.mtp_depth;  // a sample: inputs, the next token, MTP's targets
+  const Count tokens = Count(t.micro_batch_size) * window;
+  tokens.value("the tokens of one micro-batch (train.micro_batch_size · (train.seq_len + 1 + model.mtp_depth))");
+  const Count qk = Count(m.qk_nope_head_dim) + m.qk_rope_head_dim;
+  for (Count width : {Count(m.hidden_size), Count(m.vocab_size), Count(m.dense_inter_dim),
+                      Count(m.top_k) * m.moe_inter_dim, Count(m.top_k) * m.hidden_size, Count(m.n_routed_experts),
+                      Count(m.num_heads) * qk, Count(m.num_heads) * m.v_head_dim,
+                      Count(m.kv_lora_rank) + m.qk_rope_head_dim, Count(m.q_lora_rank)})
+    (tokens * width).value("the activations of one micro-batch (its tokens × a layer's width)");
+}
+
 void validate_parallel(Config& c, int launch_world_size) {
   ParallelConfig& p = c.parallel;
   const ModelConfig& m = c.model;
@@ -313,6 +369,7 @@ void validate_parallel(Config& c, int launch_world_size) {
     p.dp = world / p.pp;
     c.origins["parallel.dp"] = Origin{.note = "derived: world size / pp"};
   }
+  check_counts(c, batch_counts);  // before the products below are formed
   if (world != 0 && world != p.pp * p.dp) {
     std::string key = p.world_size != 0 ? "parallel.world_size" : "parallel.dp";
     conflict(c, key,
@@ -349,6 +406,9 @@ void validate_parallel(Config& c, int launch_world_size) {
         conflict(c, "parallel.stage_layers",
                  fmt::format("parallel.stage_layers[{}] = {}: every stage needs at least one layer", s,
                              p.stage_layers[s]));
+      if (p.stage_layers[s] > m.num_layers - sum)  // sum ≤ num_layers so far: the subtraction cannot overflow
+        conflict(c, "parallel.stage_layers",
+                 fmt::format("parallel.stage_layers sums to more than model.num_layers = {}", m.num_layers));
       sum += p.stage_layers[s];
     }
     if (sum != m.num_layers)
@@ -411,6 +471,57 @@ void validate_rest(const Config& c) {
 }
 
 }  // namespace
+
+void check_counts(const Config& config, const std::function<void(const Config&)>& derive) {
+  std::string what;
+  try {
+    derive(config);
+    return;
+  } catch (const CountOverflow& e) {
+    what = e.what();
+  }
+  // The candidates: integer keys set above their defaults (derived ones are not the user's doing), furthest
+  // above first. The culprit is the first whose default lets derive() finish; if none does alone, the first.
+  static const Config defaults;
+  Config probe = config;
+  struct Candidate {
+    const KeySpec* key;
+    int64_t* value;
+    int64_t fallback;
+    double ratio;
+  };
+  std::vector<Candidate> candidates;
+  for (const auto& key : schema()) {
+    const FieldPtr field = key.field(probe);
+    int64_t* const* p = std::get_if<int64_t*>(&field);
+    if (!p) continue;
+    const int64_t def = *std::get<int64_t*>(key.field(const_cast<Config&>(defaults)));
+    auto it = config.origins.find(key.path);
+    if (**p <= def || (it != config.origins.end() && !it->second.note.empty())) continue;
+    candidates.push_back({&key, *p, def, static_cast<double>(**p) / static_cast<double>(std::max<int64_t>(def, 1))});
+  }
+  std::stable_sort(candidates.begin(), candidates.end(),
+                   [](const Candidate& a, const Candidate& b) { return a.ratio > b.ratio; });
+  if (candidates.empty()) throw ConfigError(fmt::format("{}: {} overflows 64 bits", config.file, what));
+  const Candidate* culprit = &candidates.front();
+  for (const auto& cand : candidates) {
+    const int64_t value = *cand.value;
+    *cand.value = cand.fallback;
+    bool fits = false;
+    try {
+      derive(probe);
+      fits = true;
+    } catch (const std::exception&) {  // still overflows, or the default makes the config inconsistent
+    }
+    *cand.value = value;
+    if (fits) {
+      culprit = &cand;
+      break;
+    }
+  }
+  const std::string& key = culprit->key->path;
+  throw ConfigError(fmt::format("{}{}: {} makes {} overflow 64 bits", config.where(key), key, *culprit->value, what));
+}
 
 void validate(Config& config, int launch_world_size) {
   validate_model(config);

@@ -2,6 +2,7 @@
 // cross-field checks of the parallel layout and the model. Every problem throws ConfigError naming where it is.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,12 @@ Config load_config(const std::string& file, const LoadOptions& options = {});
 
 // Cross-field checks; resolves parallel.dp and parallel.world_size. load_config calls it.
 void validate(Config& config, int launch_world_size);
+
+// Runs `derive`, which computes counts from the config with config::Count (count.h). When one overflows 64 bits,
+// throws a ConfigError naming the integer key that makes it overflow, where that key was set and the quantity:
+// "configs/x.yaml:7: model.hidden_size: 4611686018427387904 makes the model's parameter count overflow 64 bits".
+// The key named is the one furthest above its default whose default lets `derive` finish.
+void check_counts(const Config& config, const std::function<void(const Config&)>& derive);
 
 // The resolved config as YAML, every key, in schema order; with_origins adds a comment with where each value
 // came from.

@@ -17,6 +17,7 @@ constexpr Range at_least(double lo) { return Range{.lo = lo}; }
 constexpr Range positive() { return Range{.lo = 0.0, .lo_open = true}; }
 constexpr Range between(double lo, double hi) { return Range{.lo = lo, .hi = hi}; }
 constexpr Range half_open(double lo, double hi) { return Range{.lo = lo, .hi = hi, .hi_open = true}; }  // [lo, hi)
+constexpr Range positive_up_to(double hi) { return Range{.lo = 0.0, .hi = hi, .lo_open = true}; }       // (0, hi]
 
 std::vector<KeySpec> build_schema() {
   return {
@@ -66,7 +67,7 @@ std::vector<KeySpec> build_schema() {
       // ---- parallel ----------------------------------------------------------------------------------------
       {KEY(parallel, world_size),
        "Ranks in the job (0: pp·dp). When launched, the launch's rank count must equal pp·dp.", at_least(0)},
-      {KEY(parallel, pp), "Pipeline-parallel stages.", at_least(1)},
+      {KEY(parallel, pp), "Pipeline-parallel stages.", between(1, 1024)},
       {KEY(parallel, dp), "Data-parallel replicas per stage (0: world_size / pp).", at_least(0)},
       {KEY(parallel, ep), "Expert-parallel size, carved out of dp (dp = ep·edp); routed experts are sharded "
                           "over it.",
@@ -74,7 +75,7 @@ std::vector<KeySpec> build_schema() {
       {KEY(parallel, stage_layers),
        "Layers per pipeline stage, one entry per stage summing to num_layers (empty: even split, the first "
        "stages taking the remainder)."},
-      {KEY(parallel, intra_op_threads), "LibTorch intra-op threads per rank.", at_least(1)},
+      {KEY(parallel, intra_op_threads), "LibTorch intra-op threads per rank.", between(1, 1024)},
       {KEY(parallel, comm_timeout_s), "A collective not finished after this many seconds aborts the job.",
        positive()},
       {KEY(parallel, bucket_size_mb), "Data-parallel gradient reduction bucket size in MiB.", positive()},
@@ -92,7 +93,8 @@ std::vector<KeySpec> build_schema() {
        "Sequences per optimizer step over all dp ranks (0: micro_batch_size · micro_batches · dp). When set, "
        "micro_batches = global_batch_size / (micro_batch_size · dp), so the batch stays the same on any layout.",
        at_least(0)},
-      {KEY(train, lr), "Peak learning rate (after warmup).", positive()},
+      {KEY(train, lr), "Peak learning rate (after warmup); the bound keeps the optimizer's float32 steps finite.",
+       positive_up_to(1e3)},
       {KEY(train, lr_min), "Final learning rate (after the cosine decay).", at_least(0)},
       {KEY(train, warmup_steps), "Linear warmup steps from 0 to lr.", at_least(0)},
       {KEY(train, constant_steps), "Steps at lr after warmup, before the decay.", at_least(0)},
@@ -102,6 +104,10 @@ std::vector<KeySpec> build_schema() {
       {KEY(train, adam_beta2), "AdamW β2 (< 1: the bias correction divides by 1 − β2^t).", half_open(0, 1)},
       {KEY(train, adam_eps), "AdamW ε.", positive()},
       {KEY(train, grad_clip), "Global gradient-norm clip (0: no clipping).", at_least(0)},
+      {KEY(train, skip_nonfinite_steps),
+       "A step whose loss or gradient norm is NaN or inf is never applied; up to this many such steps in a row are "
+       "skipped, then (0: at the first) the run stops with an error naming the step.",
+       at_least(0)},
       {KEY(train, eval_interval), "Steps between validation-loss evaluations (0: never).", at_least(0)},
       {KEY(train, eval_batches), "Global batches per validation evaluation.", at_least(1)},
       {KEY(train, device),

@@ -1,23 +1,43 @@
 #!/usr/bin/env bash
 # mpirun with what moetrain needs on one machine or many:
 #   launch/mpirun.sh -np N [mpirun options...] -- moetrain ARGS...
-# (-q: the ranks report errors themselves, as one line; mpirun's own abort banner would repeat it.)
 # Adds --oversubscribe when N exceeds the cores here, lets root run (containers), binds nothing (ranks set their
-# own LibTorch threads from parallel.intra_op_threads) and exports OMP_NUM_THREADS=1 to every rank.
+# own LibTorch threads from parallel.intra_op_threads) and exports OMP_NUM_THREADS=1 to every rank. mpirun runs
+# quiet (-q: the ranks report their own errors, as one line; mpirun's abort banner would repeat it), so a rank that
+# dies without a word — killed by a signal, e.g. by the kernel when memory runs out — is reported here. SIGTERM,
+# SIGUSR1, SIGUSR2, SIGINT and SIGHUP sent to this script are passed to mpirun, which forwards them to the ranks.
 set -euo pipefail
+usage="usage: launch/mpirun.sh -np N [mpirun options...] -- moetrain ARGS..."
 np=""
 opts=()
 while (($#)); do
   case "$1" in
     --) shift; break ;;
-    -np|-n) np="$2"; opts+=("$1" "$2"); shift 2 ;;
+    -np|-n|--np)
+      if [ -n "$np" ]; then
+        echo "launch/mpirun.sh: -np given twice ($np and ${2:-}); moetrain runs one program on every rank: give one -np" >&2
+        exit 2
+      fi
+      np="${2:-}"; opts+=("$1" "$np"); shift 2 || shift ;;
+    :) echo "launch/mpirun.sh: ':' (several programs, MPMD) is not supported; moetrain runs one program on every rank" >&2
+       exit 2 ;;
     *) opts+=("$1"); shift ;;
   esac
 done
 if [ -z "$np" ] || [ $# -eq 0 ]; then
-  echo "usage: launch/mpirun.sh -np N [mpirun options...] -- moetrain ARGS..." >&2
+  echo "$usage" >&2
   exit 2
 fi
+if ! [[ "$np" =~ ^[1-9][0-9]*$ ]]; then
+  echo "launch/mpirun.sh: -np '$np' is not a positive number of ranks" >&2
+  exit 2
+fi
+for a in "$@"; do
+  if [ "$a" = ":" ]; then
+    echo "launch/mpirun.sh: ':' (several programs, MPMD) is not supported; moetrain runs one program on every rank" >&2
+    exit 2
+  fi
+done
 if [ "$(id -u)" -eq 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
@@ -25,4 +45,22 @@ extra=(-q --bind-to none -x OMP_NUM_THREADS=1)
 if [ "$np" -gt "$(nproc)" ]; then
   extra+=(--oversubscribe)
 fi
-exec mpirun "${extra[@]}" "${opts[@]}" "$@"
+
+mpirun "${extra[@]}" "${opts[@]}" "$@" &
+child=$!
+for sig in TERM USR1 USR2 INT HUP; do
+  trap "kill -$sig $child 2>/dev/null || true" "$sig"
+done
+rc=0
+while :; do
+  rc=0
+  wait "$child" || rc=$?
+  kill -0 "$child" 2>/dev/null || break  # still running: the wait was cut short by a signal passed on
+done
+if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then
+  sig=$(kill -l "$((rc - 128))" 2>/dev/null || echo "$((rc - 128))")
+  hint=""
+  [ "$sig" = KILL ] && hint=" (SIGKILL from the system usually means a rank ran out of memory: see dmesg or the job's memory limit)"
+  echo "moetrain: a rank ended by SIG$sig without a message$hint; the job stopped with exit status $rc" >&2
+fi
+exit "$rc"

@@ -1,40 +1,61 @@
 #include "model/param_flops.h"
 
+#include <algorithm>
+
+#include "config/count.h"
+
 namespace moetrain::model {
 
-int64_t mla_params(const config::ModelConfig& m) {
-  const int64_t d = m.hidden_size, h = m.num_heads;
-  const int64_t qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
-  int64_t q = m.q_lora_rank > 0 ? d * m.q_lora_rank + m.q_lora_rank /* q_norm */ + m.q_lora_rank * h * qk
-                                : d * h * qk;
-  int64_t kv = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank /* kv_norm */ +
-               m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim);
-  int64_t out = h * m.v_head_dim * d;
+using config::Count;
+
+namespace {
+// Every count here is formed with config::Count, so absurd sizes raise CountOverflow instead of wrapping.
+constexpr const char* kParams = "the model's parameter count";
+
+Count mla(const config::ModelConfig& m) {
+  const Count d = m.hidden_size, h = m.num_heads;
+  const Count qk = Count(m.qk_nope_head_dim) + m.qk_rope_head_dim;
+  Count q = m.q_lora_rank > 0 ? d * m.q_lora_rank + m.q_lora_rank /* q_norm */ + Count(m.q_lora_rank) * h * qk
+                              : d * h * qk;
+  Count kv = d * (Count(m.kv_lora_rank) + m.qk_rope_head_dim) + m.kv_lora_rank /* kv_norm */ +
+             Count(m.kv_lora_rank) * h * (Count(m.qk_nope_head_dim) + m.v_head_dim);
+  Count out = h * m.v_head_dim * d;
   return q + kv + out;
 }
 
-bool is_moe_layer(const config::ModelConfig& m, int64_t layer) { return layer >= m.n_dense_layers; }
-bool mtp_is_moe(const config::ModelConfig& m) { return m.n_dense_layers < m.num_layers; }
+Count swiglu_params(int64_t d, int64_t inter) { return 3 * Count(d) * inter; }  // gate, up, down
 
-namespace {
-int64_t swiglu_params(int64_t d, int64_t inter) { return 3 * d * inter; }  // gate, up, down
+// A block's total and activated parameters, checked (BlockParams::total() adds unchecked).
+Count total(const BlockParams& b) {
+  return Count(b.attention) + b.norms + b.dense_mlp + b.shared_experts + b.routed_experts + b.router;
+}
+Count active(const BlockParams& b) {
+  return Count(b.attention) + b.norms + b.dense_mlp + b.shared_experts + b.routed_active + b.router;
+}
 
 BlockParams block_with_ffn(const config::ModelConfig& m, bool moe) {
   BlockParams b;
-  b.attention = mla_params(m);
-  b.norms = 2 * m.hidden_size;
+  b.attention = mla(m).value(kParams);
+  b.norms = (2 * Count(m.hidden_size)).value(kParams);
   if (moe) {
-    const int64_t expert = swiglu_params(m.hidden_size, m.moe_inter_dim);
-    b.shared_experts = m.n_shared_experts * expert;
-    b.routed_experts = m.n_routed_experts * expert;
-    b.routed_active = m.top_k * expert;
-    b.router = m.n_routed_experts * m.hidden_size;
+    const Count expert = swiglu_params(m.hidden_size, m.moe_inter_dim);
+    b.shared_experts = (expert * m.n_shared_experts).value(kParams);
+    b.routed_experts = (expert * m.n_routed_experts).value(kParams);
+    b.routed_active = (expert * m.top_k).value(kParams);
+    b.router = (Count(m.n_routed_experts) * m.hidden_size).value(kParams);
   } else {
-    b.dense_mlp = swiglu_params(m.hidden_size, m.dense_inter_dim);
+    b.dense_mlp = swiglu_params(m.hidden_size, m.dense_inter_dim).value(kParams);
   }
+  total(b).value(kParams);  // so that b.total() fits
   return b;
 }
+
 }  // namespace
+
+int64_t mla_params(const config::ModelConfig& m) { return mla(m).value(kParams); }
+
+bool is_moe_layer(const config::ModelConfig& m, int64_t layer) { return layer >= m.n_dense_layers; }
+bool mtp_is_moe(const config::ModelConfig& m) { return m.n_dense_layers < m.num_layers; }
 
 BlockParams block_params(const config::ModelConfig& m, int64_t layer) {
   return block_with_ffn(m, is_moe_layer(m, layer));
@@ -46,24 +67,38 @@ BlockParams mtp_block_params(const config::ModelConfig& m) {
 }
 
 int64_t mtp_module_extra_params(const config::ModelConfig& m) {
-  const int64_t d = m.hidden_size;
-  return 2 * d * d /* M_k */ + 2 * d /* norms of h and Emb(t) */ + d /* output norm */;
+  const Count d = m.hidden_size;
+  return (2 * d * d /* M_k */ + 2 * d /* norms of h and Emb(t) */ + d /* output norm */).value(kParams);
 }
 
 ModelParams model_params(const config::ModelConfig& m) {
   ModelParams p;
-  p.embedding = m.vocab_size * m.hidden_size;
-  p.head = m.tie_embeddings ? 0 : m.vocab_size * m.hidden_size;
+  const Count embedding = Count(m.vocab_size) * m.hidden_size;
+  p.embedding = embedding.value(kParams);
+  p.head = m.tie_embeddings ? 0 : p.embedding;
   p.final_norm = m.hidden_size;
-  for (int64_t l = 0; l < m.num_layers; ++l) {
-    BlockParams b = block_params(m, l);
-    p.layers_total += b.total();
-    p.layers_active += b.active();
+  // Layers [0, n_dense_layers) are dense, the rest MoE: counted per kind, not per layer (num_layers may be huge).
+  const int64_t dense = std::clamp<int64_t>(m.n_dense_layers, 0, m.num_layers), moe = m.num_layers - dense;
+  Count layers_total, layers_active;
+  for (auto [n, is_moe] : {std::pair{dense, false}, std::pair{moe, true}}) {
+    if (n == 0) continue;
+    const BlockParams b = block_with_ffn(m, is_moe);
+    layers_total += total(b) * n;
+    layers_active += active(b) * n;
   }
-  BlockParams mb = mtp_block_params(m);
+  p.layers_total = layers_total.value(kParams);
+  p.layers_active = layers_active.value(kParams);
   p.mtp_depth = m.mtp_depth;
-  p.mtp_module_total = mb.total() + mtp_module_extra_params(m);
-  p.mtp_module_active = mb.active() + mtp_module_extra_params(m);
+  if (m.mtp_depth > 0) {  // without MTP its module is not counted, so its sizes need not fit
+    const BlockParams mb = mtp_block_params(m);
+    p.mtp_module_total = (total(mb) + mtp_module_extra_params(m)).value(kParams);
+    p.mtp_module_active = (active(mb) + mtp_module_extra_params(m)).value(kParams);
+  }
+  // The largest sum the accessors (and `moetrain plan`) form: everything, MTP with its own embedding and head, and
+  // a pipeline stage's copy of the embedding. With it every smaller sum fits too.
+  (Count(p.embedding) + p.head + p.final_norm + p.layers_total + Count(p.mtp_depth) * p.mtp_module_total +
+   Count(p.mtp_depth) * (Count(p.embedding) + (p.head ? p.head : p.embedding)) + p.embedding)
+      .value(kParams);
   return p;
 }
 

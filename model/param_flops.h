@@ -1,6 +1,7 @@
 // What a model config amounts to before any tensor exists: parameter counts per component (total and activated
 // per token) and training FLOPs per token. `moetrain plan` prints these; the model's tests check that the built
-// modules hold exactly these parameter counts.
+// modules hold exactly these parameter counts. Counts that do not fit 64 bits throw config::CountOverflow
+// (config/count.h); config::check_counts turns that into an error naming the key.
 #pragma once
 
 #include <cstdint>
@@ -30,7 +31,7 @@ struct ModelParams {
   int64_t layers_total = 0;
   int64_t layers_active = 0;
   // One MTP module: projection M_k, its two input norms, its block and its output norm; it shares embedding and
-  // head with the main model.
+  // head with the main model. 0 when mtp_depth is 0.
   int64_t mtp_module_total = 0;
   int64_t mtp_module_active = 0;
   int64_t mtp_depth = 0;

@@ -17,7 +17,7 @@
 
 namespace moetrain::trainer {
 
-MetricsWriter::MetricsWriter(const std::string& path, bool append) {
+MetricsWriter::MetricsWriter(const std::string& path, bool append) : path_(path) {
   if (path.empty()) return;
   out_.open(path, std::ios::out | (append ? std::ios::app : std::ios::trunc));
   if (!out_) throw std::runtime_error(fmt::format("{}: cannot write metrics: {}", path, std::strerror(errno)));
@@ -25,8 +25,12 @@ MetricsWriter::MetricsWriter(const std::string& path, bool append) {
 
 void MetricsWriter::write(const nlohmann::json& record) {
   if (!out_.is_open()) return;
+  errno = 0;
   out_ << record.dump() << '\n';
   out_.flush();
+  if (!out_)
+    throw std::runtime_error(fmt::format("{}: cannot write metrics: {}", path_,
+                                         errno ? std::strerror(errno) : "write failed"));
 }
 
 std::vector<MoeLayerMetrics> moe_layer_metrics(const at::Tensor& table, const std::vector<std::string>& names) {
@@ -47,6 +51,7 @@ nlohmann::json step_record(const StepResult& r) {
                       {"mtp_loss", r.mtp_loss},      {"balance_loss", r.balance_loss},
                       {"grad_norm", r.grad_norm},    {"lr", r.lr},             {"tokens_per_s", r.tokens_per_s},
                       {"step_time_s", r.step_time_s}, {"mfu", r.mfu}};
+  if (r.skipped) j["skipped"] = true;
   for (const auto& l : r.moe)
     j["moe"].push_back({{"layer", l.layer},
                         {"max_vio", l.max_vio},

@@ -34,6 +34,7 @@ struct StepResult {
   std::vector<double> max_vio;        // per MoE layer of the whole model (main layers, then MTP)
   std::vector<MoeLayerMetrics> moe;   // the same layers in full
   bool stop = false;                  // a stop signal reached some rank during the step (save_on_signal)
+  bool skipped = false;               // not applied: the loss or gradient norm was not finite (trainer/divergence.h)
 };
 
 struct EvalResult {
@@ -46,9 +47,11 @@ class MetricsWriter {
  public:
   // Opens `path` for writing, or for appending when a run resumes.
   explicit MetricsWriter(const std::string& path, bool append = false);
+  // Throws when the line cannot be written whole (a full disk): a metric is never dropped in silence.
   void write(const nlohmann::json& record);
 
  private:
+  std::string path_;
   std::ofstream out_;
 };
 

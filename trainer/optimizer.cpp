@@ -42,6 +42,18 @@ void AdamW::zero_grad() {
     if (p.param.grad().defined()) p.param.mutable_grad() = at::Tensor();
 }
 
+std::vector<checkpoints::StateTensor> checkpoint_state(const std::vector<model::ParamInfo>& params, AdamW& optimizer,
+                                                       const std::vector<model::ParamInfo>& buffers) {
+  std::vector<checkpoints::StateTensor> out;
+  for (size_t i = 0; i < params.size(); ++i) {
+    out.push_back({"model/", params[i], params[i].tensor});
+    out.push_back({"optim/exp_avg/", params[i], optimizer.exp_avg_mut(i)});
+    out.push_back({"optim/exp_avg_sq/", params[i], optimizer.exp_avg_sq_mut(i)});
+  }
+  for (const auto& b : buffers) out.push_back({"model/", b, b.tensor});
+  return out;
+}
+
 double grad_norm(const std::vector<NamedParam>& params) {
   // Summed on the device, one host read per step.
   at::Tensor sum;

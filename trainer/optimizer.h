@@ -8,7 +8,9 @@
 #include <string>
 #include <vector>
 
+#include "checkpoints/checkpointer.h"
 #include "config/config.h"
+#include "model/param_roles.h"
 
 namespace moetrain::trainer {
 
@@ -42,6 +44,11 @@ class AdamW {
   double beta1_, beta2_, eps_, weight_decay_;
   int64_t step_ = 0;
 };
+
+// What a checkpoint saves and restores in place: each parameter (`params`, in the optimizer's order) with its
+// two AdamW moments, then the buffers.
+std::vector<checkpoints::StateTensor> checkpoint_state(const std::vector<model::ParamInfo>& params, AdamW& optimizer,
+                                                       const std::vector<model::ParamInfo>& buffers);
 
 // The L2 norm of all gradients (missing gradients count as zero).
 double grad_norm(const std::vector<NamedParam>& params);

@@ -5,9 +5,10 @@
 #include <fmt/format.h>
 #include <xxhash.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <cstdlib>
-#include <filesystem>
 
 #include "config/loader.h"
 #include "model/param_flops.h"
@@ -15,6 +16,7 @@
 #include "parallel/expert_exchange.h"
 #include "parallel/placement.h"
 #include "precision/policy.h"
+#include "trainer/divergence.h"
 #include "trainer/lr_schedule.h"
 #include "trainer/preemption.h"
 
@@ -34,26 +36,14 @@ void maybe_inject_failure(int64_t step, int64_t rank) {
   throw std::runtime_error(fmt::format("injected failure at step {} on rank {} (MOETRAIN_TEST_FAIL_STEP)", step, rank));
 }
 
-// What a checkpoint saves and restores: each parameter with its two AdamW moments, then the buffers.
-std::vector<checkpoints::StateTensor> state_tensors(const std::vector<model::ParamInfo>& params, AdamW& optimizer,
-                                                    const std::vector<model::ParamInfo>& buffers) {
-  std::vector<checkpoints::StateTensor> out;
-  for (size_t i = 0; i < params.size(); ++i) {
-    out.push_back({"model/", params[i], params[i].tensor});
-    out.push_back({"optim/exp_avg/", params[i], optimizer.exp_avg_mut(i)});
-    out.push_back({"optim/exp_avg_sq/", params[i], optimizer.exp_avg_sq_mut(i)});
-  }
-  for (const auto& b : buffers) out.push_back({"model/", b, b.tensor});
-  return out;
-}
-
 }  // namespace
 
 Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, std::string run_dir, bool main,
                  const std::string& resume)
-    : c_(config), groups_(groups), run_dir_(std::move(run_dir)), verbose_(main),
+    : c_(config), groups_(groups), verbose_(main),
       own_control_(groups ? nullptr : std::make_unique<parallel::ControlPlane>()),
-      control_(groups ? *groups->control : *own_control_) {
+      control_(groups ? *groups->control : *own_control_),
+      run_dir_(std::move(run_dir), main, control_) {
   const model::StageSpec stage = parallel::stage_spec(groups_, c_);  // checks the layout against the launch
   at::set_num_threads(static_cast<int>(c_.parallel.intra_op_threads));
   device_ = parallel::local_device(groups_, c_);
@@ -85,8 +75,8 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   loads_ = std::make_unique<model::MoeLoadTracker>(*model_);
   batches_ = data::make_batch_source(c_);
   checkpointer_ = std::make_unique<checkpoints::Checkpointer>(
-      c_, checkpoints::checkpoint_root(c_, run_dir_), control_, groups_ ? &groups_->coords : nullptr,
-      state_tensors(params, *optimizer_, model::buffer_roles(*model_)), verbose_);
+      c_, checkpoints::checkpoint_root(c_, run_dir_.path()), control_, groups_ ? &groups_->coords : nullptr,
+      checkpoint_state(params, *optimizer_, model::buffer_roles(*model_)), verbose_);
 
   flops_per_token_ = model::flops_per_token(c_.model, c_.train.seq_len).total();
   // MFU against the device trained on, in the GEMMs' precision there.
@@ -99,11 +89,7 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
     step_ = s.step;
     batches_->resume(s.data);  // the data order continues where the saved run stood, on any dp size
   }
-  if (!run_dir_.empty() && verbose_) {
-    std::filesystem::create_directories(run_dir_);
-    config::write_resolved(c_, run_dir_ + "/config.yaml");
-    metrics_ = std::make_unique<MetricsWriter>(run_dir_ + "/metrics.jsonl", /*append=*/!resume.empty());
-  }
+  run_dir_.start(c_, /*resumed=*/!resume.empty());
 }
 
 Trainer::~Trainer() = default;
@@ -111,7 +97,8 @@ Trainer::~Trainer() = default;
 void Trainer::say(const std::string& line) const {
   if (!verbose_) return;
   fmt::print("{}", line);
-  std::fflush(stdout);
+  if (std::fflush(stdout) != 0 || std::ferror(stdout))
+    throw std::runtime_error(fmt::format("cannot write progress to stdout: {}", std::strerror(errno)));
 }
 
 void Trainer::save_checkpoint() {
@@ -210,29 +197,38 @@ StepResult Trainer::step() {
 
   if (grad_sync_) grad_sync_->reduce();
   r.grad_norm = grad_sync_ ? grad_sync_->global_norm() : grad_norm(optimizer_->params());
-  clip_grads(optimizer_->params(), r.grad_norm, c_.train.grad_clip);
-  optimizer_->step(r.lr);
-
-  // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
-  if (groups_) loads_->reduce([&](at::Tensor& t) { reduce(t, groups_->dp.get()); });
-  if (c_.model.balance_mode == config::BalanceMode::kAuxFree) loads_->update_biases(c_.model.bias_update_rate);
-  ++step_;
-
-  // Global means: the last stage holds the LM and MTP sums, every stage its balance terms.
+  // Global means (the last stage holds the LM and MTP sums, every stage its balance terms), before the update: a
+  // step whose loss or gradient norm is not finite is not applied (trainer/divergence.h).
   if (groups_) reduce(sums, groups_->world.get());  // on the device; then one copy to the host
   const at::Tensor host = sums.to(at::kCPU);
-  const double lambda = mtp_weight((step_ - 1) * sequences * c_.train.seq_len);
+  const double lambda = mtp_weight(step_ * sequences * c_.train.seq_len);
   r.lm_loss = host[0].item<double>() / tokens;
   r.mtp_loss = depth > 0 ? host[1].item<double>() / tokens / static_cast<double>(depth) : 0.0;
   r.balance_loss = host[2].item<double>() / static_cast<double>(sequences);
   r.loss = r.lm_loss + lambda * r.mtp_loss + r.balance_loss;
+  const auto verdict = divergence_.judge(r, optimizer_->params(), control_);
+  if (verdict == DivergenceGuard::Verdict::kStop) {
+    checkpointer_->commit();  // a pending save of an earlier, finite step
+    throw std::runtime_error(divergence_.message());
+  }
+  r.skipped = verdict == DivergenceGuard::Verdict::kSkip;
+  if (r.skipped) say("warning: " + divergence_.message() + "\n");
+  if (!r.skipped) {
+    clip_grads(optimizer_->params(), r.grad_norm, c_.train.grad_clip);
+    optimizer_->step(r.lr);
+  }
+  // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
+  if (groups_) loads_->reduce([&](at::Tensor& t) { reduce(t, groups_->dp.get()); });
+  if (c_.model.balance_mode == config::BalanceMode::kAuxFree && !r.skipped)
+    loads_->update_biases(c_.model.bias_update_rate);
+  ++step_;
   r.moe = moe_metrics();
   for (const auto& l : r.moe) r.max_vio.push_back(l.max_vio);
 
   r.step_time_s = seconds_since(t0);
   r.tokens_per_s = tokens / r.step_time_s;
   r.mfu = flops_per_token_ * r.tokens_per_s / (peak_flops_ * static_cast<double>(c_.parallel.world_size));
-  if (metrics_) metrics_->write(step_record(r));
+  if (run_dir_.metrics()) run_dir_.metrics()->write(step_record(r));
 
   // One agreement per step (identical on every rank whether it is needed): a stop signal anywhere, and whether
   // every rank's asynchronous checkpoint writer is done, so that they commit together.
@@ -268,7 +264,7 @@ EvalResult Trainer::evaluate() {
   r.loss = sums.to(at::kCPU)[0].item<double>() / tokens;
   const std::vector<MoeLayerMetrics> moe = moe_metrics();
   for (const auto& l : moe) r.max_vio += l.max_vio / static_cast<double>(moe.size());
-  if (metrics_) metrics_->write(eval_record(step_, r));
+  if (run_dir_.metrics()) run_dir_.metrics()->write(eval_record(step_, r));
   return r;
 }
 

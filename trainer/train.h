@@ -20,8 +20,10 @@
 #include "parallel/grad_sync.h"
 #include "parallel/pipeline.h"
 #include "parallel/process_groups.h"
+#include "trainer/divergence.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
+#include "trainer/run_dir.h"
 
 namespace moetrain::trainer {
 
@@ -65,10 +67,10 @@ class Trainer {
 
   config::Config c_;
   parallel::ProcessGroups* groups_;
-  std::string run_dir_;
   bool verbose_;
   std::unique_ptr<parallel::ControlPlane> own_control_;  // one process
   parallel::ControlPlane& control_;
+  RunDirectory run_dir_;  // locked for the trainer's lifetime
   at::Device device_{at::kCPU};
   int64_t dp_rank_ = 0;
   bool first_stage_ = true, last_stage_ = true;
@@ -79,8 +81,8 @@ class Trainer {
   std::unique_ptr<parallel::GradSync> grad_sync_;
   std::unique_ptr<model::MoeLoadTracker> loads_;
   std::unique_ptr<checkpoints::Checkpointer> checkpointer_;
-  std::unique_ptr<MetricsWriter> metrics_;
   parallel::ScheduleTrace trace_;
+  DivergenceGuard divergence_{c_.train.skip_nonfinite_steps};
   double flops_per_token_ = 0, peak_flops_ = 0;
   int64_t step_ = 0;
 };

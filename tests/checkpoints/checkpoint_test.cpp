@@ -10,8 +10,12 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
+#include "checkpoints/checkpointer.h"
 #include "checkpoints/hdf5_file.h"
+#include "config/loader.h"
+#include "model/param_roles.h"
 
 namespace moetrain::checkpoints {
 namespace {
@@ -74,12 +78,23 @@ TEST_F(CheckpointDir, ShardWriterRejectsRowsOfDifferentShapes) {
   EXPECT_THROW(w.add_stacked("/x", {torch::zeros({2, 3}), torch::zeros({3, 2})}), std::runtime_error);
 }
 
+// A checkpoint as the trainer writes one (checkpoints::Checkpointer), in small: a parameter with its two moments, a
+// buffer (no moments), AdamW's step, the RNG state of the one rank, and the config, layout and trainer state.
 SaveRequest request(const fs::path& root, int64_t step) {
   SaveRequest r;
   r.root = root.string();
   r.step = step;
-  r.meta = {{"note", "test"}};
+  r.meta = {{"config", "model: {}\n"},
+            {"layout", {{"pp", 1}, {"dp", 1}, {"ep", 1}, {"world_size", 1}}},
+            {"trainer", {{"step", step}, {"samples_consumed", 8 * step}, {"tokens_seen", 64 * step},
+                         {"data", {{"step", step}, {"samples_consumed", 8 * step}, {"epochs", {0}},
+                                   {"samples_in_epoch", {8 * step}}, {"seed", 1}, {"fingerprint", 2}}}}}};
   r.tensors.push_back({"model/w", torch::arange(12, at::kFloat).reshape({3, 4})});
+  r.tensors.push_back({"optim/exp_avg/w", torch::zeros({3, 4})});
+  r.tensors.push_back({"optim/exp_avg_sq/w", torch::zeros({3, 4})});
+  r.tensors.push_back({"model/router.bias", torch::zeros({4})});
+  r.tensors.push_back({"optim/step", at::scalar_tensor(step, at::kLong)});
+  r.tensors.push_back({"rng/0", torch::zeros({16}, at::kByte)});
   return r;
 }
 
@@ -221,6 +236,299 @@ TEST_F(CheckpointDir, EmptyTensorReadsBack) {
   Checkpoint ck(dir);
   EXPECT_EQ(ck.read("model/none").sizes(), (std::vector<int64_t>{0, 5}));
   EXPECT_NE(verify(dir).find("every checksum matches"), std::string::npos);
+}
+
+using json = nlohmann::json;
+
+json read_index(const fs::path& dir) {
+  std::ifstream f(dir / "index.json");
+  return json::parse(f);
+}
+
+void write_index(const fs::path& dir, const json& index) {
+  std::ofstream(dir / "index.json", std::ios::trunc) << index.dump(1);
+}
+
+std::string slurp(const fs::path& file) {
+  std::ifstream f(file, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), {}};
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+struct Corruption {
+  std::function<void(json&)> edit;
+  std::string error;  // after "<dir>/index.json: "
+};
+
+// A parseable index with a key missing or of the wrong type, a bad shape, slice, dtype or file name: opening the
+// checkpoint fails with one line naming index.json and the tensor, part or key.
+TEST_F(CheckpointDir, MalformedIndexNamesTheFileAndTheKey) {
+  SaveRequest r = request(dir_, 1);
+  const fs::path dir = commit(r, write_shard(r, 0), one_process);
+  const json good = read_index(dir);
+  const std::string at = (dir / "index.json").string() + ": ";
+  auto w = [](json& j) -> json& { return j["tensors"]["model/w"]; };
+  auto part = [&](json& j) -> json& { return w(j)["parts"][0]; };
+  const std::vector<Corruption> cases = {
+      {[](json& j) { j.erase("format"); }, "`format` is missing"},
+      {[](json& j) { j["format"] = 2; }, "`format` must be a string, not 2"},
+      {[](json& j) { j["format"] = "moetrain-checkpoint-1"; },
+       "not a moetrain-checkpoint-2 index (`format` is \"moetrain-checkpoint-1\")"},
+      {[](json& j) { j.erase("step"); }, "`step` is missing"},
+      {[](json& j) { j["step"] = "1"; }, "`step` must be a non-negative integer, not \"1\""},
+      {[](json& j) { j.erase("shards"); }, "`shards` is missing"},
+      {[](json& j) { j["shards"] = 0; }, "`shards` must be a positive integer, not 0"},
+      {[](json& j) { j.erase("meta"); }, "`meta` is missing"},
+      {[](json& j) { j["meta"] = json::array(); }, "`meta` must be an object, not []"},
+      {[](json& j) { j.erase("tensors"); }, "`tensors` is missing"},
+      {[&](json& j) { w(j) = 5; }, "tensor model/w: its entry must be an object, not 5"},
+      {[&](json& j) { w(j).erase("shape"); }, "tensor model/w: `shape` is missing"},
+      {[&](json& j) { w(j)["shape"] = {3, -4}; },
+       "tensor model/w: `shape` must be an array of non-negative integers, not [3,-4]"},
+      {[&](json& j) { w(j).erase("dtype"); }, "tensor model/w: `dtype` is missing"},
+      {[&](json& j) { w(j)["dtype"] = "float33"; },
+       "tensor model/w: `dtype` \"float33\" is not a dtype a checkpoint holds"},
+      {[&](json& j) { w(j).erase("parts"); }, "tensor model/w: `parts` is missing"},
+      {[&](json& j) { w(j)["parts"] = json::array(); }, "tensor model/w: `parts` is empty (no shard holds it)"},
+      {[&](json& j) { part(j).erase("file"); }, "tensor model/w, part 0: `file` is missing"},
+      {[&](json& j) { part(j)["file"] = "../step_0000002/shard_00000.h5"; },
+       "tensor model/w, part 0: `file` must be a shard of this checkpoint (shard_NNNNN.h5, NNNNN below 1), not "
+       "\"../step_0000002/shard_00000.h5\""},
+      {[&](json& j) { part(j)["file"] = "shard_00001.h5"; },
+       "tensor model/w, part 0: `file` must be a shard of this checkpoint (shard_NNNNN.h5, NNNNN below 1), not "
+       "\"shard_00001.h5\""},
+      {[&](json& j) { part(j).erase("dataset"); }, "tensor model/w, part 0: `dataset` is missing"},
+      {[&](json& j) { part(j)["dataset"] = "model/w"; },
+       "tensor model/w, part 0: `dataset` must be an HDF5 path starting with /, not \"model/w\""},
+      {[&](json& j) { part(j).erase("slice"); }, "tensor model/w, part 0: `slice` is missing"},
+      {[&](json& j) { part(j)["slice"] = "x"; },
+       "tensor model/w, part 0: `slice` must be an array of [begin, end] pairs of non-negative integers, not \"x\""},
+      {[&](json& j) { part(j)["slice"] = {{0, 3}}; },
+       "tensor model/w, part 0: `slice` [[0,3]] has 1 dimensions, `shape` [3,4] has 2"},
+      {[&](json& j) { part(j)["slice"] = {{0, 3}, {0, 5}}; },
+       "tensor model/w, part 0: `slice` [[0,3],[0,5]] does not fit in `shape` [3,4]"},
+      {[&](json& j) { part(j)["slice"] = {{0, 3}, {1, 4}}; },
+       "tensor model/w, part 0: `slice` [[0,3],[1,4]] does not hold dimension 1 whole"},
+      {[&](json& j) { part(j)["slice"] = {{0, 2}, {0, 4}}; }, "tensor model/w: no rank wrote rows 2 to 3"},
+      {[&](json& j) { part(j).erase("xxh64"); }, "tensor model/w, part 0: `xxh64` is missing"},
+      {[&](json& j) { part(j)["xxh64"] = "abc"; },
+       "tensor model/w, part 0: `xxh64` must be 16 hexadecimal digits, not \"abc\""},
+  };
+  for (const auto& c : cases) {
+    json j = good;
+    c.edit(j);
+    write_index(dir, j);
+    EXPECT_EQ(error_of([&] { Checkpoint ck(dir.string()); }), at + c.error);
+    EXPECT_EQ(error_of([&] { verify(dir.string()); }), at + c.error);
+  }
+  std::ofstream(dir / "index.json", std::ios::trunc) << R"({"format": "moetrain-checkpoint-2", "step": )";
+  const std::string unparseable = error_of([&] { Checkpoint ck(dir.string()); });
+  EXPECT_EQ(unparseable.rfind(at + "not valid JSON (a syntax error at byte ", 0), 0u) << unparseable;
+  EXPECT_EQ(unparseable.find("json.exception"), std::string::npos) << unparseable;
+  write_index(dir, good);
+  EXPECT_NE(verify(dir.string()).find("every checksum matches"), std::string::npos);
+}
+
+// An index that opens but lacks what a trainer checkpoint holds (a tensor dropped, a moment without its pair or
+// its parameter, an RNG state, the config, layout or trainer state): verify names the tensor or key.
+TEST_F(CheckpointDir, VerifyChecksEveryTensorAndTheTrainerState) {
+  SaveRequest r = request(dir_, 1);
+  const fs::path dir = commit(r, write_shard(r, 0), one_process);
+  const json good = read_index(dir);
+  const std::string at = (dir / "index.json").string() + ": ";
+  auto tensors = [](json& j) -> json& { return j["tensors"]; };
+  auto meta = [](json& j) -> json& { return j["meta"]; };
+  const std::vector<Corruption> cases = {
+      {[&](json& j) { tensors(j).erase("optim/exp_avg_sq/w"); },
+       "tensor optim/exp_avg_sq/w is missing (optim/exp_avg/w is there)"},
+      {[&](json& j) { tensors(j).erase("optim/exp_avg/w"); },
+       "tensor optim/exp_avg/w is missing (optim/exp_avg_sq/w is there)"},
+      {[&](json& j) { tensors(j).erase("model/w"); }, "tensor model/w is missing (optim/exp_avg/w is there)"},
+      {[&](json& j) { tensors(j).erase("optim/step"); }, "tensor optim/step is missing (AdamW's step count)"},
+      {[&](json& j) { tensors(j)["optim/step"]["dtype"] = "float32"; },
+       "tensor optim/step must be an int64 scalar, not float32 of shape []"},
+      {[&](json& j) { tensors(j).erase("rng/0"); }, "tensor rng/0 is missing (the RNG state of rank 0 of 1)"},
+      {[&](json& j) {
+         tensors(j)["optim/exp_avgX/w"] = tensors(j)["optim/exp_avg/w"];
+         tensors(j).erase("optim/exp_avg/w");
+       },
+       "tensor optim/exp_avgX/w: not a tensor a checkpoint holds (model/…, optim/exp_avg/…, optim/exp_avg_sq/…, "
+       "optim/step, rng/<rank>)"},
+      {[&](json& j) {
+         tensors(j)["optim/exp_avg/w"]["shape"] = {4, 3};
+         tensors(j)["optim/exp_avg/w"]["parts"][0]["slice"] = {{0, 4}, {0, 3}};
+       },
+       "tensor optim/exp_avg/w has shape [4,3] but model/w has [3,4]"},
+      {[&](json& j) { tensors(j)["optim/exp_avg_sq/w"]["dtype"] = "bfloat16"; },
+       "tensors optim/exp_avg/w and optim/exp_avg_sq/w differ in dtype (float32 and bfloat16)"},
+      {[&](json& j) { meta(j).erase("config"); }, "`meta.config` is missing"},
+      {[&](json& j) { meta(j).erase("layout"); }, "`meta.layout` is missing"},
+      {[&](json& j) { meta(j)["layout"]["dp"] = "1"; }, "`meta.layout.dp` must be a positive integer, not \"1\""},
+      {[&](json& j) { meta(j)["layout"]["ep"] = 0; }, "`meta.layout.ep` must be a positive integer, not 0"},
+      {[&](json& j) { meta(j).erase("trainer"); }, "`meta.trainer` is missing"},
+      {[&](json& j) { meta(j)["trainer"].erase("step"); }, "`meta.trainer.step` is missing"},
+      {[&](json& j) { meta(j)["trainer"]["step"] = 2; }, "`meta.trainer.step` is 2 but `step` is 1"},
+      {[&](json& j) { meta(j)["trainer"]["tokens_seen"] = -1; },
+       "`meta.trainer.tokens_seen` must be a non-negative integer, not -1"},
+      {[&](json& j) { meta(j)["trainer"]["data"] = "x"; }, "`meta.trainer.data` must be an object, not \"x\""},
+      {[&](json& j) { meta(j)["trainer"]["data"].erase("seed"); }, "`meta.trainer.data.seed` is missing"},
+      {[&](json& j) { meta(j)["trainer"]["data"]["epochs"] = {0, 1}; },
+       "`meta.trainer.data.epochs` and `meta.trainer.data.samples_in_epoch` differ in length (2 and 1)"},
+  };
+  for (const auto& c : cases) {
+    json j = good;
+    c.edit(j);
+    write_index(dir, j);
+    EXPECT_EQ(error_of([&] { verify(dir.string()); }), at + c.error);
+  }
+  json two_shards = good;
+  two_shards["shards"] = 2;
+  write_index(dir, two_shards);
+  EXPECT_EQ(error_of([&] { verify(dir.string()); }), at + "tensor rng/1 is missing (the RNG state of rank 1 of 2)");
+  write_index(dir, good);
+  EXPECT_NE(verify(dir.string()).find("every checksum matches"), std::string::npos);
+}
+
+// A trainer's checkpoint (parameters with moments, router biases without) verifies; a moment dropped fails verify
+// and a resume, and a trainer state without a key stops the resume naming index.json and the key.
+TEST_F(CheckpointDir, TrainerCheckpointVerifiesAndABadIndexStopsTheResume) {
+  config::Config c = config::load_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/tiny.yaml",
+                                         {{"parallel.pp=1", "parallel.dp=1", "parallel.ep=1"}, 0});
+  model::Transformer m(c.model, model::StageSpec::whole(c.model));
+  model::init_parameters(*m, 1, c.model.init_std);
+  std::vector<StateTensor> state;
+  std::string router_weight;
+  for (const auto& p : model::parameter_roles(*m)) {
+    state.push_back({"model/", p, p.tensor});
+    state.push_back({"optim/exp_avg/", p, torch::zeros_like(p.tensor)});
+    state.push_back({"optim/exp_avg_sq/", p, torch::zeros_like(p.tensor)});
+    if (p.name.find("router.weight") != std::string::npos) router_weight = p.name;
+  }
+  ASSERT_FALSE(router_weight.empty());
+  const auto buffers = model::buffer_roles(*m);
+  ASSERT_FALSE(buffers.empty());  // the router biases: saved without moments
+  for (const auto& b : buffers) state.push_back({"model/", b, b.tensor});
+  parallel::ControlPlane one;
+  Checkpointer checkpointer(c, dir_.string(), one, nullptr, state, false);
+  TrainerState s;
+  s.step = s.optimizer_steps = 3;
+  s.data.epochs = {0};
+  s.data.samples_in_epoch = {24};
+  checkpointer.save(s);
+  checkpointer.settle();
+  const fs::path dir = resolve_resume(dir_.string(), "auto");
+  EXPECT_NE(verify(dir.string()).find("every checksum matches"), std::string::npos);
+  const json good = read_index(dir);
+  const std::string at = (dir / "index.json").string() + ": ";
+
+  json j = good;
+  j["tensors"].erase("optim/exp_avg_sq/" + router_weight);
+  write_index(dir, j);
+  const std::string dropped = fmt::format("tensor optim/exp_avg_sq/{0} is missing (optim/exp_avg/{0} is there)",
+                                          router_weight);
+  EXPECT_EQ(error_of([&] { verify(dir.string()); }), at + dropped);
+  EXPECT_EQ(error_of([&] { checkpointer.load(dir.string()); }), at + dropped);
+
+  j = good;
+  j["meta"]["trainer"]["data"].erase("seed");
+  write_index(dir, j);
+  EXPECT_EQ(error_of([&] { checkpointer.load(dir.string()); }), at + "`meta.trainer.data.seed` is missing");
+  j = good;
+  j["meta"]["layout"].erase("pp");
+  write_index(dir, j);
+  EXPECT_EQ(error_of([&] { checkpointer.load(dir.string()); }), at + "`meta.layout.pp` is missing");
+
+  write_index(dir, good);
+  EXPECT_EQ(checkpointer.load(dir.string()).step, 3);
+}
+
+// `ckpt export` never writes into a checkpoint: not into the one it exports (whose shard it would truncate), not
+// into the directory holding it, not over a file of another checkpoint; a failed export leaves no partial file.
+TEST_F(CheckpointDir, ExportNeverWritesIntoACheckpoint) {
+  SaveRequest r = request(dir_, 1);
+  const fs::path ck = commit(r, write_shard(r, 0), one_process);
+  const fs::path other_root = dir_.parent_path() / (dir_.filename().string() + "-other");  // another run's
+  fs::remove_all(other_root);
+  SaveRequest o = request(other_root, 2);
+  const fs::path other = commit(o, write_shard(o, 0), one_process);
+  const std::string shard = slurp(ck / "shard_00000.h5");
+  const std::string inside = fmt::format(": inside the checkpoint {}; write the export outside it", ck.string());
+  const std::string in_root = fmt::format(
+      ": inside {}, the checkpoint directory holding {}; write the export outside it", dir_.string(), ck.string());
+  const std::vector<std::pair<fs::path, std::string>> cases = {
+      {ck / "shard_00000.h5", inside},
+      {ck / "model.h5", inside},
+      {ck / "." / "sub" / ".." / "shard_00000.h5", inside},
+      {ck, inside},
+      {dir_ / "model.h5", in_root},
+      {dir_ / "latest", in_root},
+      {other / "shard_00000.h5",
+       fmt::format(": inside the checkpoint {}; write the export outside it", other.string())},
+      {dir_ / ".." / "no-such-dir" / "model.h5",
+       fmt::format(": no directory {} to write it in", (dir_.parent_path() / "no-such-dir").string())},
+      {other_root / "model.h5",
+       fmt::format(": inside the checkpoint directory {}; write the export outside it", other_root.string())},
+  };
+  for (const auto& [out, error] : cases) {
+    EXPECT_EQ(error_of([&] { export_weights(ck.string(), out.string()); }), out.string() + error);
+  }
+  EXPECT_EQ(slurp(ck / "shard_00000.h5"), shard);
+  EXPECT_FALSE(fs::exists(ck / "model.h5"));
+  EXPECT_FALSE(fs::exists(dir_ / "model.h5"));
+  EXPECT_NE(verify(ck.string()).find("every checksum matches"), std::string::npos);
+  EXPECT_NE(verify(other.string()).find("every checksum matches"), std::string::npos);
+
+  const fs::path out_dir = dir_ / ".." / (dir_.filename().string() + "-export");
+  fs::remove_all(out_dir);
+  fs::create_directories(out_dir);
+  const fs::path out = out_dir / "model.h5";
+  export_weights(ck.string(), out.string());
+  EXPECT_TRUE(same(H5File::open(out.string()).read("/w"), torch::arange(12, at::kFloat).reshape({3, 4})));
+  const std::string exported = slurp(out);
+  // A failed export (a corrupt checkpoint) leaves the earlier export as it was, and no partial file beside it.
+  json index = read_index(ck);
+  index["tensors"]["model/w"]["parts"][0]["xxh64"] = "0000000000000000";
+  write_index(ck, index);
+  EXPECT_NE(error_of([&] { export_weights(ck.string(), out.string()); }).find("checksum mismatch"), std::string::npos);
+  EXPECT_EQ(slurp(out), exported);
+  std::vector<std::string> left;
+  for (const auto& e : fs::directory_iterator(out_dir)) left.push_back(e.path().filename().string());
+  EXPECT_EQ(left, std::vector<std::string>{"model.h5"});
+  fs::remove_all(out_dir);
+  fs::remove_all(other_root);
+}
+
+// A save that did not finish (step_N.tmp, also written with a trailing slash) and a checkpoint set aside for
+// deletion are never resumed from, whether named directly or by `latest`.
+TEST_F(CheckpointDir, ResumeRefusesUncommittedCheckpoints) {
+  SaveRequest r = request(dir_, 1);
+  const std::string ck = commit(r, write_shard(r, 0), one_process);
+  fs::copy(ck, dir_ / "step_0000002.tmp", fs::copy_options::recursive);  // its index written, not yet renamed
+  fs::copy(ck, dir_ / "step_0000000.deleting-1-2-0", fs::copy_options::recursive);
+  EXPECT_EQ(resolve_resume(dir_.string(), ck + "/"), ck);
+  const std::string tmp = (dir_ / "step_0000002.tmp").string(), aside = (dir_ / "step_0000000.deleting-1-2-0").string();
+  const std::string unfinished = ": an uncommitted checkpoint (a save that did not finish), never loaded";
+  const std::string doomed = ": a checkpoint set aside for deletion (pruned or replaced), never loaded";
+  for (const std::string& what : {tmp, tmp + "/", tmp + "//", tmp + "/."})
+    EXPECT_EQ(error_of([&] { resolve_resume(dir_.string(), what); }), tmp + unfinished) << what;
+  EXPECT_EQ(error_of([&] { resolve_resume(dir_.string(), aside + "/"); }), aside + doomed);
+  const std::string latest = (dir_ / "latest").string();
+  for (const std::string name : {"step_0000002.tmp", "step_0000000.deleting-1-2-0"}) {
+    std::ofstream(dir_ / "latest", std::ios::trunc) << name << "\n";
+    const std::string why = name == std::string("step_0000002.tmp") ? unfinished : doomed;
+    EXPECT_EQ(error_of([&] { resolve_resume(dir_.string(), "auto"); }),
+              fmt::format("{}: `latest` names '{}'{}", latest, name, why));
+    EXPECT_EQ(error_of([&] { resolve_resume(dir_.string(), dir_.string() + "/"); }),
+              fmt::format("{}: `latest` names '{}'{}", latest, name, why));
+  }
 }
 
 }  // namespace

@@ -136,11 +136,14 @@ run mpi -np 1 "$bin" train "${base[@]}" --set logging.name=split111 --set train.
 [ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "checksum mismatch in dataset /model/layers.0.attn.wo" ||
   fail "--resume from a corrupt shard: rc $rc: $err"
 
-# A checkpoint of another model shape, and a `latest` pointing nowhere.
+# A checkpoint of another model shape (the failed resume leaves the run's config.yaml as it was), and a `latest`
+# pointing nowhere.
+cp "$dir/split111/config.yaml" "$dir/config-before.yaml"
 run mpi -np 1 "$bin" train "${base[@]}" --set logging.name=split111 --set parallel.pp=1 --set parallel.ep=1 \
   --set model.hidden_size=32 --set train.steps=25 --resume "$ck/step_0000010"
 [ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "has shape \[256,64\] in the checkpoint but \[256,32\] in this model" ||
   fail "another model shape: $err"
+cmp -s "$dir/config-before.yaml" "$dir/split111/config.yaml" || fail "a failed resume rewrote config.yaml"
 echo step_0000099 > "$ck/latest"
 run "$bin" ckpt verify "$ck"
 [ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "latest. names 'step_0000099', which is not a committed checkpoint" ||

@@ -50,4 +50,48 @@ for args in "" "frobnicate" "config check" "plan configs/tiny.yaml --set" "plan 
   [ "$(printf '%s\n' "$err" | wc -l)" -eq 1 ] || fail "'moetrain $args': expected one stderr line, got: $err"
   case "$err" in "moetrain: error: "*) ;; *) fail "'moetrain $args': $err" ;; esac
 done
+
+# expect_error WANT CMD...: CMD exits non-zero within 30 s, prints nothing on stdout and one stderr line,
+# "moetrain: error: ..." matching WANT (an extended regex), with no LibTorch backtrace ("frame #").
+expect_error() {
+  local want=$1; shift
+  run timeout 30 "$@" </dev/null
+  [ "$rc" -ne 0 ] || fail "'$*' exited 0"
+  [ "$rc" -ne 124 ] || fail "'$*' did not finish within 30 s"
+  [ "$rc" -lt 128 ] || fail "'$*' died of signal $((rc - 128))"
+  [ -z "$out" ] || fail "'$*' printed to stdout: $out"
+  [ "$(printf '%s\n' "$err" | wc -l)" -eq 1 ] || fail "'$*': expected one stderr line, got: $err"
+  case "$err" in *"frame #"*|*"Exception raised from"*) fail "'$*' printed a backtrace: $err" ;; esac
+  case "$err" in "moetrain: error: "*) ;; *) fail "'$*': $err" ;; esac
+  printf '%s' "$err" | grep -Eq -- "$want" || fail "'$*': '$err' does not match /$want/"
+}
+
+# Unknown commands are named, also with --help (CLI11 alone printed the main help and exited 0).
+expect_error "unknown command 'eval'; commands: config, plan, version, train, ckpt, data" "$bin" eval
+expect_error "unknown command 'eval'" "$bin" eval --help
+expect_error "unknown command 'config frob'; config commands: check, show, reference" "$bin" config frob
+# A directory for a config file; a section for --set.
+expect_error "^moetrain: error: configs: is a directory, expected a YAML file$" "$bin" config check configs
+expect_error "'model' is a section; --set needs section.key=value" "$bin" plan configs/tiny.yaml --set model=1
+# Absurd sizes: `plan` once printed negative counts or looped for ever, `train` died with LibTorch backtraces.
+expect_error "model.num_layers: 1000000000000000000 makes the model's parameter count overflow 64 bits" \
+  "$bin" plan configs/tiny.yaml --set model.num_layers=1e18
+expect_error "model.hidden_size: 4611686018427387904 makes .* overflow 64 bits" \
+  "$bin" plan configs/small-cpu.yaml --set model.hidden_size=4611686018427387904 --json
+runs=$(mktemp -d)
+state="train.device = cpu: the plan's weights, gradients and optimizer state take .* per rank on stage 0, more than \
+this machine's .* of RAM"
+while IFS='|' read -r sizes want; do
+  # shellcheck disable=SC2086  # sizes holds further --set arguments
+  expect_error "$want" "$bin" train --config configs/small-cpu.yaml --set logging.dir="$runs" --set $sizes
+done <<EOF
+model.hidden_size=4611686018427387904|model.hidden_size: 4611686018427387904 makes .* overflow 64 bits
+model.num_layers=1e18|model.num_layers: 1000000000000000000 makes the model's parameter count overflow 64 bits
+model.n_routed_experts=1099511627776|$state
+model.vocab_size=1099511627776|$state
+model.num_layers=10000000 --set model.n_dense_layers=10000000|$state
+train.global_batch_size=0 --set train.micro_batch_size=1000000|the plan estimates .* per rank on stage 0 \(.* of activations\), over 64 × this machine's .* of RAM
+EOF
+[ -z "$(ls -A "$runs")" ] || fail "a refused train wrote into its run directory: $(ls -A "$runs")"
+rm -rf "$runs"
 finish

@@ -52,6 +52,11 @@ run mpi -np 4 "$bin" train --config configs/tiny.yaml --set train.steps=3 --set 
 grep -q '^  pp: 2' "$runs/tiny/config.yaml" || fail "resolved config not written"
 run mpi -np 4 "$bin" train --config configs/tiny.yaml --set train.steps=1 --set logging.dir="$runs"
 [ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "pass --overwrite" || fail "an existing run must not be overwritten: $err"
+# --resume auto on a run with metrics but no checkpoint (a requeued job that failed early) starts fresh.
+run mpi -np 4 "$bin" train --config configs/tiny.yaml --set train.steps=2 --set logging.dir="$runs" --resume auto
+[ "$rc" -eq 0 ] && grep -q "^--resume auto: no checkpoint in $runs/tiny/checkpoints yet; starting fresh" <<<"$out" ||
+  fail "--resume auto without a checkpoint: rc $rc: $out $err"
+[ "$(grep -c '"lm_loss"' "$runs/tiny/metrics.jsonl")" -eq 2 ] || fail "--resume auto fresh start: 2 steps expected"
 
 # A rank that throws at step 2: every rank exits non-zero within 30 s and the message names the rank.
 start=$(date +%s)

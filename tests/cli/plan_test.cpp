@@ -1,8 +1,10 @@
 #include "cli/plan.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "config/count.h"
 #include "config/loader.h"
 
 namespace moetrain::cli {
@@ -69,6 +71,59 @@ TEST(Plan, OneFOneBKeepsPpMinusStageMicroBatchesInFlight) {
   EXPECT_EQ(in_flight, (std::vector<int64_t>{4, 3, 2, 1}));
   // Same layers on stages 1 and 2: activations in proportion to the micro-batches in flight.
   EXPECT_DOUBLE_EQ(plan.stages[1].activation_bytes / 3, plan.stages[2].activation_bytes / 2);
+}
+
+// Counts that overflow 64 bits raise CountOverflow instead of wrapping; check_plan_counts names the key.
+TEST(Plan, CountsThatOverflowNameTheKey) {
+  config::Config c = tiny({"model.num_layers=1e18"});  // the loader's batch and layout products all fit
+  EXPECT_THROW(make_plan(c), config::CountOverflow);
+  try {
+    check_plan_counts(c);
+    ADD_FAILURE() << "no ConfigError";
+  } catch (const config::ConfigError& e) {
+    EXPECT_STREQ(e.what(), "--set model.num_layers=1e18: model.num_layers: 1000000000000000000 makes the model's "
+                           "parameter count overflow 64 bits");
+  }
+  c = tiny({"model.n_routed_experts=1125899906842624"});  // 2^50 experts in each MoE block
+  EXPECT_THROW(check_plan_counts(c), config::ConfigError);
+  EXPECT_NO_THROW(check_plan_counts(tiny({})));
+}
+
+// Parameters and activations are counted per kind of layer, not per layer: a trillion layers plan at once.
+TEST(Plan, LayersAreCountedPerKind) {
+  const int64_t layers = 1'000'000'000'000;
+  config::Config c =
+      tiny({"parallel.pp=1", "parallel.dp=1", "parallel.ep=1", fmt::format("model.num_layers={}", layers)});
+  Plan plan = make_plan(c);
+  const auto dense = model::block_params(c.model, 0), moe = model::block_params(c.model, 1);
+  EXPECT_EQ(plan.params.layers_total, dense.total() + (layers - 1) * moe.total());
+  EXPECT_EQ(plan.stages[0].params, plan.params.main_total() + plan.params.mtp_total());
+}
+
+TEST(Plan, CpuTrainingMustFitThisMachine) {
+  config::Config c = tiny({"parallel.pp=1", "parallel.dp=1", "parallel.ep=1"});
+  const StagePlan s = make_plan(c).stages[0];
+  const double state = s.weight_bytes + s.grad_bytes + s.optimizer_bytes;
+  EXPECT_NO_THROW(check_fits_in_ram(make_plan(c), c, state));
+  try {
+    check_fits_in_ram(make_plan(c), c, state / 2);
+    ADD_FAILURE() << "no ConfigError";
+  } catch (const config::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("train.device = cpu: the plan's weights, gradients and optimizer state "
+                                         "take "),
+              std::string::npos)
+        << e.what();
+  }
+  // Activations are estimated without recomputation: only beyond kRamOvercommit × RAM are they refused.
+  c = tiny({"parallel.pp=1", "parallel.dp=1", "parallel.ep=1", "train.global_batch_size=0",
+            "train.micro_batch_size=100000"});
+  const StagePlan big = make_plan(c).stages[0];
+  EXPECT_NO_THROW(check_fits_in_ram(make_plan(c), c, big.total_bytes() / kRamOvercommit));
+  EXPECT_THROW(check_fits_in_ram(make_plan(c), c, big.total_bytes() / kRamOvercommit / 2), config::ConfigError);
+  // A GPU config is not held against host RAM.
+  c.train.device = config::Device::kCuda;
+  EXPECT_NO_THROW(check_fits_in_ram(make_plan(c), c, 1.0));
+  EXPECT_GT(physical_ram_bytes(), 0.0);
 }
 
 TEST(Plan, TextAndJson) {

@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include "config/count.h"
+
 namespace moetrain::config {
 namespace {
 namespace fs = std::filesystem;
@@ -116,7 +118,7 @@ TEST_F(LoaderTest, OutOfRangeAndChoices) {
   std::string f = write("a.yaml", "model:\n  num_layers: 0\n");
   EXPECT_EQ(error_of(f), f + ":2: model.num_layers: 0 is out of range (must be ≥ 1)");
   f = write("b.yaml", "train:\n  lr: 0\n");
-  EXPECT_EQ(error_of(f), f + ":2: train.lr: 0 is out of range (must be > 0)");
+  EXPECT_EQ(error_of(f), f + ":2: train.lr: 0 is out of range (must be > 0 and ≤ 1000)");
   f = write("c.yaml", "train:\n  adam_beta2: 1.5\n");
   EXPECT_EQ(error_of(f), f + ":2: train.adam_beta2: 1.5 is out of range (must be ≥ 0 and < 1)");
   f = write("d.yaml", "precision:\n  mode: fp16\n");
@@ -169,6 +171,101 @@ TEST_F(LoaderTest, DuplicateKeyAndSyntaxError) {
   f = write("b.yaml", "model:\n  top_k: [2\n");
   EXPECT_NE(error_of(f).find(f + ":3:"), std::string::npos) << error_of(f);
   EXPECT_NE(error_of(f).find("invalid YAML"), std::string::npos);
+}
+
+TEST_F(LoaderTest, DirectoryAndSecondDocument) {
+  EXPECT_EQ(error_of(dir_.string()), dir_.string() + ": is a directory, expected a YAML file");
+  std::string base_dir = write("base_dir.yaml", "base: .\n");
+  EXPECT_EQ(error_of(base_dir),
+            base_dir + ":1: base: '" + (dir_ / "").string() + "' is a directory, expected a YAML file");
+  // yaml-cpp reads the first document only: a second one would be dropped without a word.
+  std::string two = write("two.yaml", std::string(kValid) + "---\nmodel:\n  top_k: 3\n");
+  EXPECT_EQ(error_of(two), two + ":8: a second YAML document; one config per file");
+  std::string after_end = write("end.yaml", std::string(kValid) + "...\nmodel:\n  top_k: 3\n");
+  EXPECT_EQ(error_of(after_end), after_end + ":8: a second YAML document; one config per file");
+  // Document markers around the one document are fine.
+  EXPECT_EQ(error_of(write("marked.yaml", "---\n" + std::string(kValid) + "---\n")), "");
+}
+
+TEST_F(LoaderTest, SetOfASection) {
+  EXPECT_EQ(error_of(write("a.yaml", kValid), {{"model=1"}, 0}),
+            "--set model=1: 'model' is a section; --set needs section.key=value (e.g. --set model.vocab_size=32000)");
+}
+
+TEST_F(LoaderTest, UpperBounds) {
+  std::string f = write("a.yaml", kValid);
+  EXPECT_EQ(error_of(f, {{"train.lr=1e308"}, 0}),
+            "--set train.lr=1e308: train.lr: 1e308 is out of range (must be > 0 and ≤ 1000)");
+  EXPECT_EQ(error_of(f, {{"parallel.intra_op_threads=100000"}, 0}),
+            "--set parallel.intra_op_threads=100000: parallel.intra_op_threads: 100000 is out of range (must be ≥ 1 "
+            "and ≤ 1024)");
+  EXPECT_EQ(error_of(f, {{"train.lr=1000", "parallel.intra_op_threads=1024"}, 0}), "");
+}
+
+TEST(Count, OverflowIsRememberedNotWrapped) {
+  EXPECT_EQ((3 * Count(4) + 5).value("x"), 17);
+  const Count two_to_63 = Count(int64_t{1} << 62) * 2;
+  EXPECT_TRUE(two_to_63.overflowed());
+  EXPECT_TRUE((two_to_63 * 0).overflowed());  // once over, always over: plain int64_t could wrap back to 0
+  EXPECT_TRUE((Count(INT64_MAX) + 1).overflowed());
+  EXPECT_FALSE((Count(INT64_MAX) + 0).overflowed());
+  try {
+    two_to_63.value("the thing");
+    ADD_FAILURE() << "no CountOverflow";
+  } catch (const CountOverflow& e) {
+    EXPECT_STREQ(e.what(), "the thing");
+  }
+}
+
+// Products of sizes are formed in 64 bits with overflow checks before anything divides by them or allocates; the
+// error names the key that makes one overflow, and where it was set.
+TEST_F(LoaderTest, SizeProductsThatOverflowNameTheirKey) {
+  std::string f = write("a.yaml", kValid);
+  // micro_batch_size · dp wraps to exactly 0 in int64_t: the divisibility check by it once died of SIGFPE.
+  EXPECT_EQ(error_of(f, {{"parallel.dp=4", "train.global_batch_size=16", "train.micro_batch_size=4611686018427387904"},
+                        0}),
+            "--set train.micro_batch_size=4611686018427387904: train.micro_batch_size: 4611686018427387904 makes the "
+            "global batch (train.micro_batch_size · train.micro_batches · dp sequences) overflow 64 bits");
+  EXPECT_EQ(error_of(f, {{"parallel.pp=4", "train.micro_batches=4", "parallel.dp=4611686018427387904"}, 0}),
+            "--set parallel.dp=4611686018427387904: parallel.dp: 4611686018427387904 makes the world size "
+            "(parallel.pp · parallel.dp) overflow 64 bits");
+  EXPECT_EQ(error_of(f, {{"train.global_batch_size=4611686018427387904"}, 0}),
+            "--set train.global_batch_size=4611686018427387904: train.global_batch_size: 4611686018427387904 makes "
+            "the tokens of one step (train.global_batch_size · train.seq_len) overflow 64 bits");
+  EXPECT_EQ(error_of(f, {{"model.vocab_size=1152921504606846976"}, 0}),
+            "--set model.vocab_size=1152921504606846976: model.vocab_size: 1152921504606846976 makes the "
+            "activations of one micro-batch (its tokens × a layer's width) overflow 64 bits");
+  // Two sizes far above their defaults: the one further above is named.
+  EXPECT_EQ(error_of(f, {{"train.seq_len=4294967296", "train.micro_batch_size=4294967296"}, 0}),
+            "--set train.micro_batch_size=4294967296: train.micro_batch_size: 4294967296 makes the tokens of one "
+            "step (global batch · train.seq_len) overflow 64 bits");
+  // In a file: its line.
+  std::string g = write("b.yaml", std::string(kValid) + "train:\n  micro_batch_size: 4611686018427387904\n");
+  EXPECT_EQ(error_of(g), g + ":9: train.micro_batch_size: 4611686018427387904 makes the tokens of one step "
+                             "(global batch · train.seq_len) overflow 64 bits");
+  // A stage_layers sum that would overflow.
+  EXPECT_EQ(error_of(f, {{"parallel.pp=2", "train.micro_batches=2", "parallel.stage_layers=[1, 9223372036854775807]"},
+                        0}),
+            "--set parallel.stage_layers=[1, 9223372036854775807]: parallel.stage_layers sums to more than "
+            "model.num_layers = 4");
+}
+
+TEST(CheckCounts, NamesTheKeyWhoseDefaultLetsTheCountFit) {
+  Config c;
+  c.model.hidden_size = int64_t{1} << 40;  // 2^32 × its default: the candidate tried first
+  c.model.num_layers = int64_t{1} << 30;   // 2^28 × its default
+  auto cube_of_layers = [](const Config& c) {
+    (Count(c.model.num_layers) * c.model.num_layers * c.model.num_layers).value("the thing");
+  };
+  try {
+    check_counts(c, cube_of_layers);
+    ADD_FAILURE() << "no ConfigError";
+  } catch (const ConfigError& e) {
+    // hidden_size's default does not help; num_layers' does. Defaults have no file position.
+    EXPECT_STREQ(e.what(), "model.num_layers: 1073741824 makes the thing overflow 64 bits");
+  }
+  c.model.num_layers = 4;
+  EXPECT_NO_THROW(check_counts(c, cube_of_layers));
 }
 
 TEST_F(LoaderTest, MissingAndEmptyFiles) {

@@ -4,6 +4,9 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <fmt/format.h>
+
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -12,6 +15,7 @@
 #include "model/param_roles.h"
 #include "parallel/placement.h"
 #include "trainer/metrics.h"
+#include "trainer/run_dir.h"
 #include "trainer/train.h"
 
 namespace moetrain::trainer {
@@ -92,6 +96,7 @@ TEST(Checkpointer, CopiesOnlyWhatThisRankWrites) {
   const fs::path dir = temp_dir("ckpt-copy");
   config::Config c = tiny({"checkpoint.async=true"});
   model::Transformer m(c.model, model::StageSpec::whole(c.model));
+  model::init_parameters(*m, 1, c.model.init_std);
   std::vector<checkpoints::StateTensor> state;
   int64_t total = 0;
   for (const auto& p : model::parameter_roles(*m)) {
@@ -115,6 +120,132 @@ TEST(Checkpointer, CopiesOnlyWhatThisRankWrites) {
   EXPECT_EQ(half.last_save().host_bytes_copied, half.last_save().bytes_written);
   EXPECT_GT(half.last_save().bytes_written, 0);
   EXPECT_LT(half.last_save().bytes_written, total);
+  fs::remove_all(dir);
+}
+
+
+// A full disk: the metrics line is not dropped in silence.
+TEST(MetricsWriter, AFailedWriteIsAnError) {
+  MetricsWriter w("/dev/full");
+  try {
+    w.write({{"step", 1}});
+    FAIL() << "no error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_EQ(std::string(e.what()), "/dev/full: cannot write metrics: No space left on device");
+  }
+}
+
+bool all_finite(Trainer& t) {
+  for (const auto& p : t.model()->parameters())
+    if (!at::isfinite(p).all().item<bool>()) return false;
+  for (const auto& b : t.model()->buffers())
+    if (!at::isfinite(b).all().item<bool>()) return false;
+  return true;
+}
+
+// A learning rate of 1e3 without clipping drives the gradient norm to NaN within a few steps: the run stops there
+// with the step named, and the update is never applied.
+TEST(Divergence, ANonFiniteStepStopsTheRunBeforeItsUpdate) {
+  Trainer t(tiny({"train.lr=1e3", "train.grad_clip=0", "train.warmup_steps=0", "train.steps=20"}), nullptr, "", false);
+  std::string error;
+  int64_t steps = 0;
+  try {
+    for (; steps < 20; ++steps) t.step();
+  } catch (const std::runtime_error& e) {
+    error = e.what();
+  }
+  ASSERT_LT(steps, 20) << "the run did not diverge";
+  EXPECT_EQ(error.rfind(fmt::format("step {}: the ", steps + 1), 0), 0u) << error;
+  EXPECT_NE(error.find("is not finite"), std::string::npos) << error;
+  EXPECT_NE(error.find("first non-finite gradient: "), std::string::npos) << error;
+  EXPECT_NE(error.find("train.skip_nonfinite_steps = 0"), std::string::npos) << error;
+  EXPECT_TRUE(all_finite(t));
+  EXPECT_EQ(t.steps_done(), steps);
+}
+
+TEST(Divergence, SkipsUpToTheLimitInARow) {
+  Trainer t(tiny({"train.lr=1e3", "train.grad_clip=0", "train.warmup_steps=0", "train.steps=40",
+                  "train.skip_nonfinite_steps=2"}),
+            nullptr, "", false);
+  int skipped_in_a_row = 0, most = 0;
+  std::string error;
+  try {
+    for (int s = 0; s < 40; ++s) {
+      const StepResult r = t.step();
+      skipped_in_a_row = r.skipped ? skipped_in_a_row + 1 : 0;
+      most = std::max(most, skipped_in_a_row);
+      EXPECT_EQ(r.skipped, !std::isfinite(r.loss) || !std::isfinite(r.grad_norm)) << "step " << s;
+    }
+  } catch (const std::runtime_error& e) {
+    error = e.what();
+  }
+  EXPECT_GE(most, 1);
+  EXPECT_LE(most, 2);
+  if (!error.empty()) {
+    EXPECT_EQ(most, 2);
+    EXPECT_NE(error.find("after 3 such steps in a row (train.skip_nonfinite_steps = 2)"), std::string::npos) << error;
+  }
+  EXPECT_TRUE(all_finite(t));
+}
+
+// A state with a NaN is never saved: the save fails on every rank before writing, and nothing becomes `latest`.
+TEST(Checkpointer, RefusesANonFiniteState) {
+  const fs::path dir = temp_dir("ckpt-nan");
+  config::Config c = tiny();
+  model::Transformer m(c.model, model::StageSpec::whole(c.model));
+  model::init_parameters(*m, 1, c.model.init_std);
+  std::vector<checkpoints::StateTensor> state;
+  for (const auto& p : model::parameter_roles(*m)) state.push_back({"model/", p, p.tensor});
+  {
+    at::NoGradGuard g;
+    m->layers[1]->attn_norm->weight[3] = std::nan("");
+  }
+  parallel::ControlPlane one;
+  checkpoints::Checkpointer ck(c, (dir / "ck").string(), one, nullptr, state, false);
+  checkpoints::TrainerState s;
+  s.step = 7;
+  try {
+    ck.save(s);
+    FAIL() << "no error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_EQ(std::string(e.what()), "checkpoint of step 7 refused: tensor model/layers.1.attn_norm.weight on rank 0 "
+                                     "is not finite (NaN or inf); the previous checkpoint in " +
+                                         (dir / "ck").string() + " stays current");
+  }
+  EXPECT_FALSE(fs::exists(dir / "ck" / "latest"));
+  fs::remove_all(dir);
+}
+
+
+// Two jobs never share a run directory; the lock goes with the process that held it.
+TEST(RunDirectory, OneJobAtATime) {
+  const fs::path dir = temp_dir("lock");
+  parallel::ControlPlane one;
+  {
+    RunDirectory a((dir / "run").string(), /*main=*/true, one);
+    try {
+      RunDirectory b((dir / "run").string(), true, one);
+      FAIL() << "a second job took the lock";
+    } catch (const std::runtime_error& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(fmt::format("{}: the run directory is in use by another job (pid {} on ",
+                                                        (dir / "run").string(), ::getpid()),
+                                            0),
+                0u)
+          << e.what();
+    }
+  }
+  RunDirectory again((dir / "run").string(), true, one);
+  EXPECT_EQ(again.stale_holder(), "");
+  fs::remove_all(dir);
+}
+
+TEST(RunDirectory, NamesALockLeftByADeadProcess) {
+  const fs::path dir = temp_dir("stale");
+  fs::create_directories(dir / "run");
+  std::ofstream(dir / "run" / ".lock") << "pid 999999 on elsewhere\n";
+  parallel::ControlPlane one;
+  RunDirectory r((dir / "run").string(), true, one);
+  EXPECT_EQ(r.stale_holder(), "pid 999999 on elsewhere");
   fs::remove_all(dir);
 }
 

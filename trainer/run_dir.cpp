@@ -1,0 +1,82 @@
+#include "trainer/run_dir.h"
+
+#include <fmt/format.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <stdexcept>
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include "config/loader.h"
+
+namespace moetrain::trainer {
+namespace {
+
+std::string holder_of(int fd) {
+  char buf[256] = {};
+  const ssize_t n = ::pread(fd, buf, sizeof(buf) - 1, 0);
+  std::string s(buf, n > 0 ? static_cast<size_t>(n) : 0);
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  return s;
+}
+
+}  // namespace
+
+RunDirectory::RunDirectory(std::string dir, bool main, parallel::ControlPlane& control)
+    : dir_(std::move(dir)), main_(main) {
+  if (dir_.empty()) return;
+  std::string error;
+  if (main_) {
+    try {
+      std::filesystem::create_directories(dir_);
+      const std::string path = dir_ + "/.lock";
+      fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+      if (fd_ < 0) throw std::runtime_error(fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
+      const std::string before = holder_of(fd_);
+      if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+        const int err = errno;
+        throw std::runtime_error(
+            err == EWOULDBLOCK
+                ? fmt::format("{}: the run directory is in use by another job ({}); wait for it to end or choose "
+                              "another logging.name",
+                              dir_, before.empty() ? "holder unknown" : before)
+                : fmt::format("{}: cannot lock: {}", path, std::strerror(err)));
+      }
+      stale_ = before;  // a holder that still ran would have kept the lock
+      char host[256] = {};
+      ::gethostname(host, sizeof(host) - 1);
+      const std::string me = fmt::format("pid {} on {}\n", ::getpid(), host);
+      if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, me.data(), me.size(), 0) != static_cast<ssize_t>(me.size()))
+        throw std::runtime_error(fmt::format("{}: cannot write: {}", path, std::strerror(errno)));
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  if (control.any(!error.empty()))
+    throw std::runtime_error(error.empty() ? "rank 0 could not take the run directory's lock" : error);
+}
+
+RunDirectory::~RunDirectory() {
+  if (fd_ < 0) return;
+  // Emptied on a clean end: a holder left in the file means its process ended without releasing it.
+  if (::ftruncate(fd_, 0) != 0) {
+  }
+  ::flock(fd_, LOCK_UN);
+  ::close(fd_);
+}
+
+void RunDirectory::start(const config::Config& c, bool resumed) {
+  if (dir_.empty() || !main_) return;
+  config::write_resolved(c, dir_ + "/config.yaml");
+  metrics_ = std::make_unique<MetricsWriter>(dir_ + "/metrics.jsonl", /*append=*/resumed);
+  if (!stale_.empty()) {
+    fmt::print("{}: took over the lock left by {}, which ended without releasing it\n", dir_, stale_);
+    std::fflush(stdout);
+  }
+}
+
+}  // namespace moetrain::trainer

@@ -1,0 +1,40 @@
+// The run directory (logging.dir/logging.name) of a training job: a lock, so that two jobs never write into one
+// run (checkpoints, `latest`, metrics.jsonl), the resolved config.yaml and metrics.jsonl. Rank 0 holds the lock,
+// for the job's lifetime; the ranks agree on it, so a refused job ends on every rank at once.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "config/config.h"
+#include "parallel/control_plane.h"
+#include "trainer/metrics.h"
+
+namespace moetrain::trainer {
+
+class RunDirectory {
+ public:
+  // Collective over the control plane. dir "": no files (tests, benchmarks). main: this rank creates the
+  // directory and takes the lock (<dir>/.lock, an flock: released by the kernel when the process ends, however it
+  // ends). Throws on every rank when the lock is held by another job, naming its process and host.
+  RunDirectory(std::string dir, bool main, parallel::ControlPlane& control);
+  ~RunDirectory();
+  RunDirectory(const RunDirectory&) = delete;
+  RunDirectory& operator=(const RunDirectory&) = delete;
+
+  // After a successful start (a resume loaded): config.yaml written, metrics.jsonl opened (appended on a resume).
+  void start(const config::Config& c, bool resumed);
+  MetricsWriter* metrics() { return metrics_.get(); }
+  const std::string& path() const { return dir_; }
+  // "pid N on HOST": the holder of a lock left behind by a process that ended without releasing it, or "".
+  const std::string& stale_holder() const { return stale_; }
+
+ private:
+  std::string dir_;
+  bool main_;
+  int fd_ = -1;
+  std::string stale_;
+  std::unique_ptr<MetricsWriter> metrics_;
+};
+
+}  // namespace moetrain::trainer
