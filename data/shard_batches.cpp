@@ -44,6 +44,7 @@ ShardBatches::ShardBatches(const config::Config& c)
   std::optional<uint64_t> tokenizer;
   if (!c.data.tokenizer.empty()) tokenizer = file_checksum(c.data.tokenizer);
   std::vector<uint64_t> facts;  // what the fingerprint covers
+  std::string first_idx;
   for (const BlendEntry& e : entries(c)) {
     auto set = std::make_shared<const ShardSet>(e.prefix);
     const std::string idx = shard_path(e.prefix, 0, "idx");
@@ -52,6 +53,24 @@ ShardBatches::ShardBatches(const config::Config& c)
                                            "{}{}",
                                            idx, set->vocab_size(), c.model.vocab_size, set_at(c, "model.vocab_size")));
     if (tokenizer) set->check_tokenizer(*tokenizer, c.data.tokenizer);
+    // The corpora of a blend must speak one vocabulary: the same ids mean the same pieces, one end token.
+    if (datasets_.empty()) {
+      first_idx = idx;
+    } else {
+      const ShardSet& first = datasets_.front()->shards();
+      auto differ = [&](const char* what, const std::string& theirs, const std::string& ours) {
+        return std::runtime_error(fmt::format("data.path: {} has {} {} but {} has {}; the corpora of a blend must come "
+                                              "from one tokenizer (rebuild one with the other's)",
+                                              idx, what, theirs, first_idx, ours));
+      };
+      if (set->tokenizer_checksum() != first.tokenizer_checksum())
+        throw differ("tokenizer checksum", fmt::format("{:016x}", set->tokenizer_checksum()),
+                     fmt::format("{:016x}", first.tokenizer_checksum()));
+      if (set->vocab_size() != first.vocab_size())
+        throw differ("vocabulary", std::to_string(set->vocab_size()), std::to_string(first.vocab_size()));
+      if (set->eos_id() != first.eos_id())
+        throw differ("end-of-document id", std::to_string(set->eos_id()), std::to_string(first.eos_id()));
+    }
     for (const auto& s : set->shards())
       facts.insert(facts.end(), {s.header.data_checksum, s.header.offsets_checksum, s.header.tokens});
     datasets_.push_back(std::make_unique<Dataset>(set, c.data.valid_fraction, shape_.window, c.train.seq_len));

@@ -438,3 +438,44 @@ TEST(Prefetch, SameBatchesInOrderOrNotAndErrorsArriveWithTheirBatch) {
 
 }  // namespace
 }  // namespace moetrain::data
+
+namespace moetrain::data {
+namespace {
+
+// A blend of corpora built with different tokenizers, vocabularies or end tokens is refused, naming both files.
+TEST(ShardBatches, BlendCorporaMustShareOneTokenizer) {
+  ScratchDir dir;
+  write_counting_corpus(dir / "a", {300, 300, 300}, 1000);
+  write_counting_corpus(dir / "b", {300, 300, 300}, 1000);
+  write_counting_corpus(dir / "v", {300, 300, 300}, 2000);
+  {
+    TokenShardWriter w(dir / "t", 1000, 999, /*tokenizer_checksum=*/0x1234);
+    for (int d = 0; d < 3; ++d) {
+      w.append(std::vector<int32_t>(300, 5));
+      w.end_document();
+    }
+    w.finish();
+  }
+  {
+    TokenShardWriter w(dir / "e", 1000, 2, 0);  // end token 2, like a SentencePiece corpus
+    for (int d = 0; d < 3; ++d) {
+      w.append(std::vector<int32_t>(300, 5));
+      w.end_document();
+    }
+    w.finish();
+  }
+  EXPECT_NO_THROW(ShardBatches(shard_config(dir / "a," + dir / "b", 1, 2, 1, 7, 2000)));
+  const std::string a_idx = dir / "a.00000.idx";
+  EXPECT_EQ(error_of([&] { ShardBatches(shard_config(dir / "a," + dir / "v", 1, 2, 1, 7, 2000)); }),
+            "data.path: " + dir / "v.00000.idx" + " has vocabulary 2000 but " + a_idx +
+                " has 1000; the corpora of a blend must come from one tokenizer (rebuild one with the other's)");
+  EXPECT_NE(error_of([&] { ShardBatches(shard_config(dir / "a," + dir / "t", 1, 2, 1, 7, 2000)); })
+                .find("has tokenizer checksum 0000000000001234 but " + a_idx + " has 0000000000000000"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { ShardBatches(shard_config(dir / "a," + dir / "e", 1, 2, 1, 7, 2000)); })
+                .find("has end-of-document id 2 but " + a_idx + " has 999"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace moetrain::data
