@@ -485,8 +485,17 @@ std::string commit(const SaveRequest& req, const ShardResult& mine, parallel::Co
   const fs::path tmp = root / (step_dir_name(req.step) + ".tmp");
   std::string error = mine.error;
 
-  // Rank 0 gathers the entries and writes the index; every rank must have succeeded.
-  std::vector<std::string> all = coll.gather(mine.entries.dump());
+  // Rank 0 gathers the entries (or a rank's error: the first one is what rank 0 reports) and writes the index;
+  // every rank must have succeeded.
+  std::vector<std::string> all =
+      coll.gather(mine.error.empty() ? mine.entries.dump() : nlohmann::json{{"error", mine.error}}.dump());
+  if (coll.rank() == 0 && error.empty()) {
+    for (size_t r = 0; r < all.size() && error.empty(); ++r) {
+      const nlohmann::json part = nlohmann::json::parse(all[r]);
+      if (part.is_object() && part.contains("error") && part["error"].is_string())
+        error = fmt::format("rank {}: {}", r, part["error"].get<std::string>());
+    }
+  }
   if (coll.rank() == 0 && error.empty()) {
     try {
       nlohmann::json index = {{"format", kFormat}, {"step", req.step}, {"meta", req.meta},

@@ -115,7 +115,7 @@ H5File::H5File(H5File&& o) noexcept : id_(o.id_), path_(std::move(o.path_)) { o.
 
 H5File& H5File::operator=(H5File&& o) noexcept {
   if (this != &o) {
-    if (id_ >= 0) H5Fclose(id_);
+    if (id_ >= 0) H5Fclose(static_cast<hid_t>(id_));
     id_ = o.id_;
     path_ = std::move(o.path_);
     o.id_ = -1;
@@ -123,8 +123,21 @@ H5File& H5File::operator=(H5File&& o) noexcept {
   return *this;
 }
 
+namespace {
+// Closes an HDF5 file; returns 0 or the errno of a failed close. A close that fails (a full disk: the metadata
+// cannot be written) leaves the file in HDF5's tables, and HDF5's own teardown at exit (or MPI_Finalize) then
+// crashes on it. So the file's bytes, worthless once a close failed, are freed and the close tried again.
+int close_file(hid_t id, const std::string& path) {
+  errno = 0;
+  if (H5Fclose(id) >= 0) return 0;
+  const int err = errno ? errno : EIO;
+  if (::truncate(path.c_str(), 0) == 0) H5Fclose(id);
+  return err;
+}
+}  // namespace
+
 H5File::~H5File() {
-  if (id_ >= 0) H5Fclose(id_);
+  if (id_ >= 0) close_file(static_cast<hid_t>(id_), path_);
 }
 
 namespace {
@@ -236,9 +249,9 @@ at::Tensor H5File::read(const std::string& name) const {
 
 void H5File::close_durably() {
   if (id_ < 0) return;
-  if (H5Fclose(static_cast<hid_t>(id_)) < 0) {  // closing flushes every buffer to the file
+  if (const int err = close_file(static_cast<hid_t>(id_), path_)) {  // closing flushes every buffer to the file
     id_ = -1;
-    fail(path_, "cannot flush the HDF5 file");
+    fail(path_, fmt::format("cannot flush the HDF5 file: {}", std::strerror(err)));
   }
   id_ = -1;
   fsync_path(path_);
@@ -340,7 +353,14 @@ CheckpointShardWriter::~CheckpointShardWriter() {
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
   stop_kicker();
-  if (fd_ >= 0) ::close(fd_);
+  if (fd_ >= 0) {
+    // An abandoned shard (a failed write, e.g. a full disk): its bytes are worthless, and freeing them lets HDF5
+    // write its metadata and close the file. A file HDF5 failed to close would stay in its tables and crash the
+    // library's own teardown at exit (or MPI_Finalize) after the error was reported.
+    if (::ftruncate(fd_, 0) != 0) {
+    }
+    ::close(fd_);
+  }
   for (auto& [index, state] : states_) XXH64_freeState(static_cast<XXH64_state_t*>(state));
 }
 
