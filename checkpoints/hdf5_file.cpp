@@ -124,15 +124,21 @@ H5File& H5File::operator=(H5File&& o) noexcept {
 }
 
 namespace {
-// Closes an HDF5 file; returns 0 or the errno of a failed close. A close that fails (a full disk: the metadata
-// cannot be written) leaves the file in HDF5's tables, and HDF5's own teardown at exit (or MPI_Finalize) then
-// crashes on it. So the file's bytes, worthless once a close failed, are freed and the close tried again.
+// Closes an HDF5 file; returns 0 or the errno of the failure. A close that fails (a full disk: the metadata
+// cannot be written) would leave the file half-closed in HDF5's tables, and HDF5's own teardown at exit (or
+// MPI_Finalize) then crashes on it. So the metadata is flushed first, where a failure is safe: the file is then
+// worthless, its bytes are freed, and the close has room for what HDF5 still writes.
 int close_file(hid_t id, const std::string& path) {
   errno = 0;
-  if (H5Fclose(id) >= 0) return 0;
-  const int err = errno ? errno : EIO;
-  if (::truncate(path.c_str(), 0) == 0) H5Fclose(id);
-  return err;
+  if (H5Fflush(id, H5F_SCOPE_LOCAL) < 0) {
+    const int err = errno ? errno : EIO;
+    if (::truncate(path.c_str(), 0) != 0) {
+    }
+    H5Fclose(id);
+    return err;
+  }
+  errno = 0;
+  return H5Fclose(id) >= 0 ? 0 : (errno ? errno : EIO);
 }
 }  // namespace
 
@@ -510,6 +516,11 @@ std::vector<uint64_t> CheckpointShardWriter::finish() {
   if (rc != 0) fail(file_.path(), fmt::format("close failed: {}", std::strerror(errno)));
   file_.close_durably();
   return sums_;
+}
+
+void start_hdf5_without_teardown() {
+  H5dont_atexit();
+  H5open();
 }
 
 void fsync_path(const std::string& path) {

@@ -112,4 +112,9 @@ uint64_t checksum_bytes(const void* data, size_t bytes);
 // fsync a file or directory by path.
 void fsync_path(const std::string& path);
 
+// Called first thing in main(), before MPI_Init: HDF5 starts without its teardown at exit (and, being started
+// before MPI, without its teardown hooked to MPI_Finalize). Every file is closed explicitly; the teardown would
+// only revisit a file whose close failed (a full disk), and HDF5 1.10 crashes there after the error was reported.
+void start_hdf5_without_teardown();
+
 }  // namespace moetrain::checkpoints
