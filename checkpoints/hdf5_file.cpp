@@ -98,8 +98,10 @@ H5File H5File::create(const std::string& path) {
   H5Pset_libver_bounds(fapl.id, H5F_LIBVER_LATEST, H5F_LIBVER_LATEST);
   // Metadata in 64 KiB blocks rather than 2 KiB ones: the datasets' bytes lie in long contiguous runs between them.
   H5Pset_meta_block_size(fapl.id, 64 << 10);
+  errno = 0;
   hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.id);
-  if (id < 0) fail(path, "cannot create the HDF5 file");
+  if (id < 0)
+    fail(path, errno ? fmt::format("cannot create the HDF5 file: {}", std::strerror(errno)) : "cannot create the HDF5 file");
   return H5File(id, path);
 }
 
