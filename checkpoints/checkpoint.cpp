@@ -489,11 +489,12 @@ std::string commit(const SaveRequest& req, const ShardResult& mine, parallel::Co
   // every rank must have succeeded.
   std::vector<std::string> all =
       coll.gather(mine.error.empty() ? mine.entries.dump() : nlohmann::json{{"error", mine.error}}.dump());
+  std::vector<nlohmann::json> parts;  // each rank's, parsed once
   if (coll.rank() == 0 && error.empty()) {
     for (size_t r = 0; r < all.size() && error.empty(); ++r) {
-      const nlohmann::json part = nlohmann::json::parse(all[r]);
-      if (part.is_object() && part.contains("error") && part["error"].is_string())
-        error = fmt::format("rank {}: {}", r, part["error"].get<std::string>());
+      parts.push_back(nlohmann::json::parse(all[r]));
+      if (parts.back().contains("error") && parts.back()["error"].is_string())
+        error = fmt::format("rank {}: {}", r, parts.back()["error"].get<std::string>());
     }
   }
   if (coll.rank() == 0 && error.empty()) {
@@ -501,8 +502,7 @@ std::string commit(const SaveRequest& req, const ShardResult& mine, parallel::Co
       nlohmann::json index = {{"format", kFormat}, {"step", req.step}, {"meta", req.meta},
                               {"shards", coll.size()}, {"tensors", nlohmann::json::object()}};
       nlohmann::json& tensors = index["tensors"];
-      for (const auto& part : all) {
-        nlohmann::json entries = nlohmann::json::parse(part);
+      for (auto& entries : parts) {
         for (auto& [name, entry] : entries.items()) {
           if (!tensors.contains(name)) {
             tensors[name] = std::move(entry);
