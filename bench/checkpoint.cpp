@@ -15,6 +15,7 @@
 
 #include "bench/timing.h"
 #include "checkpoints/checkpoint.h"
+#include "checkpoints/hdf5_file.h"
 #include "config/loader.h"
 #include "cli/cli.h"
 #include "trainer/train.h"
@@ -67,6 +68,7 @@ void quiesce(const fs::path& dir) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  moetrain::checkpoints::start_hdf5_without_teardown();  // before MPI_Init (checkpoints/hdf5_file.h)
   CLI::App app{"Checkpoint save throughput against raw durable writes; async save overhead on step time"};
   std::string file = "configs/small-cpu.yaml", dir = "runs/bench-checkpoint";
   int repeats = 15, steps = 6;

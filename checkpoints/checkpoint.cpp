@@ -565,8 +565,11 @@ std::string resolve_resume(const std::string& root, const std::string& what) {
     if (const std::string why = never_loaded(name); !why.empty())
       throw std::runtime_error(fmt::format("{}: `latest` names '{}': {}", (dir / "latest").string(), name, why));
     if (name.empty() || !fs::exists(dir / name / "index.json"))
-      throw std::runtime_error(fmt::format("{}: `latest` names '{}', which is not a committed checkpoint",
-                                           (dir / "latest").string(), name));
+      throw std::runtime_error(fmt::format(
+          "{}: `latest` names '{}', which is not a committed checkpoint ({})", (dir / "latest").string(), name,
+          name.empty()            ? "the file is empty"
+          : !fs::exists(dir / name) ? fmt::format("no directory {}", (dir / name).string())
+                                    : fmt::format("{} is missing", (dir / name / "index.json").string())));
     return (dir / name).string();
   }
   if (const std::string why = never_loaded(dir.filename().string()); !why.empty())

@@ -38,6 +38,7 @@ config::Config load(const ConfigArgs& args, const parallel::MpiRuntime& mpi) {
   options.launch_world_size = mpi.active() ? mpi.size() : 0;
   config::Config c = config::load_config(args.file, options);
   check_plan_counts(c);  // parameter counts are the model's formulas, which config/ cannot call
+  check_memory_budget(make_plan(c), c);
   return c;
 }
 
@@ -174,6 +175,7 @@ int run_main(int argc, char** argv) {
       config::Config c = load(train_args, mpi);
       check_fits_in_ram(make_plan(c), c, physical_ram_bytes());
       std::string run_dir = c.logging.dir + "/" + c.logging.name;
+      trainer::RunDirectory::refuse_if_in_use(run_dir);  // before judging what a running job has written there
       const std::string resume_dir =
           resume.empty() ? "" : checkpoints::resolve_resume(checkpoints::checkpoint_root(c, run_dir), resume);
       // --resume auto without a checkpoint is a fresh start (a requeued job that failed before its first save).

@@ -136,6 +136,34 @@ void check_fits_in_ram(const Plan& plan, const config::Config& c, double ram_byt
   }
 }
 
+void check_memory_budget(const Plan& plan, const config::Config& c) {
+  if (c.train.memory_budget_gib <= 0) return;
+  const double budget = c.train.memory_budget_gib * 1024.0 * 1024 * 1024;
+  for (const StagePlan& s : plan.stages) {
+    if (s.total_bytes() <= budget) continue;
+    struct Part {
+      const char* name;
+      double bytes;
+      const char* remedy;
+    };
+    const Part parts[] = {
+        {"weights", s.weight_bytes, "more pipeline stages (parallel.pp) or expert parallelism (parallel.ep)"},
+        {"gradients", s.grad_bytes, "more pipeline stages (parallel.pp) or expert parallelism (parallel.ep)"},
+        {"optimizer state", s.optimizer_bytes,
+         "BF16 moments (precision.moment_dtype: bf16), more pipeline stages or expert parallelism"},
+        {"activations", s.activation_bytes,
+         "a smaller train.micro_batch_size or train.seq_len, or fewer in-flight micro-batches"}};
+    const Part& top = *std::max_element(std::begin(parts), std::end(parts),
+                                        [](const Part& a, const Part& b) { return a.bytes < b.bytes; });
+    throw config::ConfigError(fmt::format(
+        "{}train.memory_budget_gib = {:g}: stage {} needs {} per rank, over the budget; its largest part is {} "
+        "({}): try {} (`moetrain plan` shows every stage)",
+        c.where("train.memory_budget_gib").empty() ? c.file + ": " : c.where("train.memory_budget_gib"),
+        c.train.memory_budget_gib, s.stage, bytes(s.total_bytes()), top.name,
+        bytes(top.bytes), top.remedy));
+  }
+}
+
 std::string format_plan(const Plan& plan, const config::Config& c) {
   const auto& p = plan.params;
   const auto& par = c.parallel;

@@ -45,6 +45,9 @@ void check_plan_counts(const config::Config& config);
 inline constexpr double kRamOvercommit = 64;
 double physical_ram_bytes();
 void check_fits_in_ram(const Plan& plan, const config::Config& config, double ram_bytes);
+// train.memory_budget_gib > 0: a ConfigError naming the first stage whose estimate (weights + gradients +
+// optimizer state + in-flight activations) exceeds the budget, with its largest part and what shrinks that part.
+void check_memory_budget(const Plan& plan, const config::Config& config);
 std::string format_plan(const Plan& plan, const config::Config& config);
 nlohmann::json plan_json(const Plan& plan, const config::Config& config);
 

@@ -6,6 +6,7 @@
 # quiet (-q: the ranks report their own errors, as one line; mpirun's abort banner would repeat it), so a rank that
 # dies without a word — killed by a signal, e.g. by the kernel when memory runs out — is reported here. SIGTERM,
 # SIGUSR1, SIGUSR2, SIGINT and SIGHUP sent to this script are passed to mpirun, which forwards them to the ranks.
+# Open MPI's own echo of a vanished peer ("Read -1, expected …, errno = 3") is filtered out of the ranks' stderr.
 set -euo pipefail
 usage="usage: launch/mpirun.sh -np N [mpirun options...] -- moetrain ARGS..."
 np=""
@@ -46,6 +47,12 @@ if [ "$np" -gt "$(nproc)" ]; then
   extra+=(--oversubscribe)
 fi
 
+# Open MPI's shared-memory transport prints "[host:pid] Read -1, expected N, errno = 3" on the surviving ranks when
+# a peer process vanished mid-transfer (errno 3, ESRCH: no such process). The dead rank is reported below; that
+# line only repeats it in Open MPI's words, so it is dropped (every other line passes through as it comes).
+exec 4>&2
+exec 2> >(grep --line-buffered -vE '^\[[^]]*\] Read -?[0-9]+, expected [0-9]+, errno = 3$' >&4)
+filter=$!
 mpirun "${extra[@]}" "${opts[@]}" "$@" &
 child=$!
 for sig in TERM USR1 USR2 INT HUP; do
@@ -57,6 +64,8 @@ while :; do
   wait "$child" || rc=$?
   kill -0 "$child" 2>/dev/null || break  # still running: the wait was cut short by a signal passed on
 done
+exec 2>&4 4>&-  # the ranks' stderr ends here: let the filter pass on what is left before this script speaks
+wait "$filter" 2>/dev/null || true
 if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then
   sig=$(kill -l "$((rc - 128))" 2>/dev/null || echo "$((rc - 128))")
   hint=""

@@ -51,8 +51,11 @@ at::Tensor MLAImpl::forward(const at::Tensor& x) {
   at::Tensor kf = at::cat({k_nope, k_rope.expand({B, T, H, rope_})}, -1).transpose(1, 2);  // [B, H, T, qk]
   at::Tensor vf = v.transpose(1, 2);                                                       // [B, H, T, v]
   const double scale = 1.0 / std::sqrt(static_cast<double>(nope_ + rope_));
-  at::Tensor o = at::scaled_dot_product_attention(qf, kf, vf, /*attn_mask=*/{}, /*dropout_p=*/0.0,
-                                                  /*is_causal=*/true, scale);
+  // In bf16 and fp8 modes attention runs in BF16 (the fused kernels' dtype on GPUs), in FP32 in fp32 mode.
+  const auto attn_dtype = mode_ == Mode::kFp32 ? qf.scalar_type() : at::kBFloat16;
+  at::Tensor o = at::scaled_dot_product_attention(qf.to(attn_dtype), kf.to(attn_dtype), vf.to(attn_dtype),
+                                                  /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale)
+                     .to(x.scalar_type());
   return gemm(o.transpose(1, 2).reshape({B, T, H * v_dim_}), wo, mode_);
 }
 

@@ -1,12 +1,17 @@
 #include "model/moe.h"
 
+#include <ATen/ops/_grouped_mm.h>
 #include <ATen/ops/argsort.h>
-#include <ATen/ops/bincount.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+
+#include "model/device_copy.h"
 
 namespace moetrain::model {
 
@@ -14,7 +19,8 @@ MoEImpl::MoEImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode)
     : n_experts_(m.n_routed_experts),
       top_k_(m.top_k),
       aux_alpha_(m.balance_mode == config::BalanceMode::kAuxLoss ? m.aux_loss_alpha : 0.0),
-      seq_alpha_(m.seq_balance_alpha) {
+      seq_alpha_(m.seq_balance_alpha),
+      mode_(mode) {
   router = register_module("router", Router(m));
   if (m.n_shared_experts > 0)
     shared = register_module("shared", SwiGLU(m.hidden_size, m.n_shared_experts * m.moe_inter_dim, mode));
@@ -34,23 +40,15 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
   at::Tensor expert_of = r.indices.reshape({N * top_k_});
   at::Tensor order = at::argsort(expert_of, /*stable=*/true);
   at::Tensor token_of = at::floor_divide(order, top_k_);
-  at::Tensor counts = at::bincount(expert_of, /*weights=*/{}, n_experts_);
-  // On the host: the split sizes of the exchange need them, and so do the balancer and the metrics.
+  // Counted on the device without a host round trip (bincount would read the maximum first).
+  at::Tensor counts = at::zeros({n_experts_}, expert_of.options()).scatter_add_(0, expert_of, at::ones_like(expert_of));
+  // On the host: the split sizes of the exchange need them, and so do the balancer and the metrics. The one host
+  // synchronisation of the layer per micro-batch.
   at::Tensor counts_cpu = counts.to(at::kCPU).contiguous();
   std::vector<int64_t> counts_host(counts_cpu.data_ptr<int64_t>(), counts_cpu.data_ptr<int64_t>() + n_experts_);
 
   Dispatched in = exchange.dispatch(flat.index_select(0, token_of), counts_host);
-  std::vector<at::Tensor> outs;
-  int64_t offset = 0;
-  for (size_t e = 0; e < local_experts.size(); ++e) {
-    const int64_t n = in.local_counts[e];
-    if (n == 0) continue;  // no tokens: no compute, and the expert's gradient stays zero
-    outs.push_back(local_experts[e](in.tokens.narrow(0, offset, n)));
-    offset += n;
-  }
-  // With no token for any local expert the output is still computed from the received tokens (zero rows), so
-  // the backward pass reaches the dispatch exchange and this rank takes part in its reverse all-to-all.
-  at::Tensor local_out = outs.empty() ? in.tokens.narrow(0, 0, 0) : at::cat(outs, 0);
+  at::Tensor local_out = run_experts(in.tokens, in.local_counts, grouped_expert_gemm(in.tokens));
   at::Tensor routed = exchange.combine(local_out, in);  // [N·k, d] in sorted order
 
   at::Tensor gate = r.gates.reshape({N * top_k_}).index_select(0, order).unsqueeze(1).to(x.scalar_type());
@@ -59,6 +57,44 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
 
   stats.push_back({counts_cpu, balance_loss_sum(r, B, T, top_k_, seq_alpha_, aux_alpha_)});
   return out.view({B, T, d});
+}
+
+bool MoEImpl::grouped_expert_gemm(const at::Tensor& tokens) const {
+  return tokens.is_cuda() && mode_ == Mode::kBf16 && !local_experts.empty() &&
+         local_experts[0]->w_gate.size(0) % 8 == 0 && local_experts[0]->w_gate.size(1) % 8 == 0;
+}
+
+at::Tensor MoEImpl::run_experts(const at::Tensor& tokens, const std::vector<int64_t>& counts, bool grouped) {
+  if (!grouped) {
+    std::vector<at::Tensor> outs;
+    int64_t offset = 0;
+    for (size_t e = 0; e < local_experts.size(); ++e) {
+      const int64_t n = counts[e];
+      if (n == 0) continue;  // no tokens: no compute, and the expert's gradient stays zero
+      outs.push_back(local_experts[e](tokens.narrow(0, offset, n)));
+      offset += n;
+    }
+    // With no token for any local expert the output is still computed from the received tokens (zero rows), so
+    // the backward pass reaches the dispatch exchange and this rank takes part in its reverse all-to-all.
+    return outs.empty() ? tokens.narrow(0, 0, 0) : at::cat(outs, 0);
+  }
+  // Group ends (int32, cumulative), written on the host and copied without blocking it.
+  at::Tensor ends = at::empty({static_cast<int64_t>(counts.size())}, at::kInt);
+  int32_t* end = ends.data_ptr<int32_t>();
+  int64_t total = 0;
+  for (size_t e = 0; e < counts.size(); ++e) end[e] = static_cast<int32_t>(total += counts[e]);
+  const at::Tensor offs = to_device(ends, tokens.device());
+  // The GEMM dtype: BF16 in bf16 mode, else the activations' own (the CPU test path, FP32).
+  const auto dtype = mode_ == Mode::kBf16 ? at::kBFloat16 : tokens.scalar_type();
+  auto stacked = [&](at::Tensor SwiGLUImpl::*w) {  // [E, out, in] -> the [E, in, out] operand, column-major
+    std::vector<at::Tensor> ws;
+    for (const auto& e : local_experts) ws.push_back((*e).*w);
+    return at::stack(ws).to(dtype).transpose(1, 2);
+  };
+  const at::Tensor x = tokens.to(dtype);
+  const at::Tensor h = at::silu(at::_grouped_mm(x, stacked(&SwiGLUImpl::w_gate), offs)) *
+                       at::_grouped_mm(x, stacked(&SwiGLUImpl::w_up), offs);
+  return at::_grouped_mm(h, stacked(&SwiGLUImpl::w_down), offs).to(tokens.scalar_type());
 }
 
 at::Tensor balance_loss_sum(const Routing& r, int64_t batch, int64_t seq, int64_t top_k, double seq_alpha,

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "model/balancer.h"
+#include "model/device_copy.h"
 #include "model/param_flops.h"
 
 namespace moetrain::model {
@@ -56,7 +57,7 @@ void MoeLoadTracker::reduce(const std::function<void(at::Tensor&)>& sum_over_dp)
 
 void MoeLoadTracker::update_biases(double rate) {
   if (routers_.empty()) return;
-  const at::Tensor loads = loads_.to(routers_[0].router->bias.device());  // one copy for all layers
+  const at::Tensor loads = to_device(loads_, routers_[0].router->bias.device());  // one copy for all layers
   for (size_t i = 0; i < routers_.size(); ++i)
     update_bias(routers_[i].router->bias, loads[static_cast<int64_t>(i)], rate);
 }

@@ -61,7 +61,9 @@ at::Tensor ce_sum(const at::Tensor& logits, const at::Tensor& targets) {
 void TransformerImpl::head_losses(const at::Tensor& h, const at::Tensor& window, ExpertExchange& exchange,
                                   LossSums& out) {
   const int64_t T = h.size(1);
-  out.lm = ce_sum(at::linear(norm(h), head_weight()), window.narrow(1, 1, T));
+  // The output head in BF16 in the bf16 and fp8 modes (DeepSeek-V3 keeps it out of FP8), FP32 in fp32 mode.
+  const Mode head = mode_ == Mode::kFp32 ? Mode::kFp32 : Mode::kBf16;
+  out.lm = ce_sum(gemm(norm(h), head_weight(), head), window.narrow(1, 1, T));
   at::Tensor prev = h;
   for (size_t k = 0; k < mtp.size(); ++k) {
     const int64_t depth = static_cast<int64_t>(k) + 1;
@@ -69,7 +71,7 @@ void TransformerImpl::head_losses(const at::Tensor& h, const at::Tensor& window,
     at::Tensor e = at::embedding(embed, window.narrow(1, depth, T));
     at::Tensor hk = gemm(at::cat({mod->hnorm(prev), mod->enorm(e)}, -1), mod->proj, mode_);
     hk = mod->block->forward(hk, exchange, out.moe);
-    out.mtp.push_back(ce_sum(at::linear(mod->norm(hk), head_weight()), window.narrow(1, depth + 1, T)));
+    out.mtp.push_back(ce_sum(gemm(mod->norm(hk), head_weight(), head), window.narrow(1, depth + 1, T)));
     prev = hk;
   }
 }

@@ -1,6 +1,8 @@
 #include "parallel/grad_sync.h"
 
+#include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
@@ -54,7 +56,9 @@ void GradSync::reduce() {
   reduce_buckets(embedding_, g_.embedding.get());
 }
 
-double GradSync::global_norm() {
+double GradSync::global_norm() { return std::sqrt(global_norm_sq().item<double>()); }
+
+at::Tensor GradSync::global_norm_sq() {
   at::NoGradGuard no_grad;
   const bool last_not_first = g_.topology.last_stage(g_.rank) && !g_.topology.first_stage(g_.rank);
   const auto opts = at::TensorOptions()
@@ -62,18 +66,31 @@ double GradSync::global_norm() {
                         .device(params_.empty() ? at::Device(at::kCPU) : params_[0].tensor.device());
   // Sums of squares stay on the device: one host read per step whatever the model size.
   at::Tensor dense = at::zeros({1}, opts), expert = at::zeros({1}, opts);
+  std::vector<at::Tensor> on_gpu[2];  // dense, routed
   for (const auto& info : params_) {
     const at::Tensor& p = info.tensor;
     if (!p.grad().defined()) continue;
     // The last stage's embedding is a copy of the first stage's: counted there.
     if (info.shared_embedding && last_not_first) continue;
-    (info.routed() ? expert : dense).add_(p.grad().to(at::kDouble).pow(2).sum());
+    if (p.is_cuda())
+      on_gpu[info.routed() ? 1 : 0].push_back(p.grad());
+    else
+      (info.routed() ? expert : dense).add_(p.grad().to(at::kDouble).pow(2).sum());
   }
+  if (!on_gpu[0].empty()) dense.add_(squared_norm(on_gpu[0]));
+  if (!on_gpu[1].empty()) expert.add_(squared_norm(on_gpu[1]));
   // Expert shards differ over ep; stages differ over pp; replicas (dp, edp) hold the same values: counted once.
   if (g_.ep && g_.ep->size() > 1) g_.ep->all_reduce(expert, ReduceOp::kSum);
   at::Tensor total = dense + expert;
   if (g_.pp && g_.pp->size() > 1) g_.pp->all_reduce(total, ReduceOp::kSum);
-  return std::sqrt(total.item<double>());
+  return total;
+}
+
+at::Tensor squared_norm(const std::vector<at::Tensor>& grads) {
+  at::NoGradGuard no_grad;
+  if (grads.empty()) return at::zeros({1}, at::kDouble);
+  const std::vector<at::Tensor> norms = at::_foreach_norm(grads, 2);
+  return at::stack(norms).to(at::kDouble).pow(2).sum().reshape({1});
 }
 
 }  // namespace moetrain::parallel

@@ -26,6 +26,8 @@ class GradSync {
   // The L2 norm over every unique parameter of the model once (stages, expert shards and replicas accounted for);
   // the same value on every rank.
   double global_norm();
+  // The same squared, on the device ([1], double), for a caller that reads it with other values in one copy.
+  at::Tensor global_norm_sq();
 
  private:
   void reduce_buckets(const std::vector<size_t>& which, Communicator* comm);
@@ -35,5 +37,9 @@ class GradSync {
   std::vector<size_t> dense_, expert_, embedding_;
   int64_t bucket_bytes_;
 };
+
+// Σ‖g‖² over tensors on a GPU ([1], double on the device): one multi-tensor pass (per-tensor norms in FP32,
+// squared and summed in double), instead of a double copy of every gradient. Empty: zero, on the CPU.
+at::Tensor squared_norm(const std::vector<at::Tensor>& grads);
 
 }  // namespace moetrain::parallel

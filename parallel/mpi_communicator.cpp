@@ -3,6 +3,8 @@
 #include <ATen/ops/empty.h>
 #include <fmt/format.h>
 
+#include "parallel/liveness.h"
+
 #include <algorithm>
 #include <chrono>
 #include <thread>
@@ -80,9 +82,13 @@ void MpiCommunicator::wait(MPI_Request& request, const char* op) {
     if (done) return;
     if (std::chrono::steady_clock::now() > deadline)
       throw CommError(fmt::format("{} on group {} (rank {} of {}, world rank {}) did not finish within {:.0f} s "
-                                  "(parallel.comm_timeout_s); a peer rank failed or hangs",
-                                  op, name_, rank_, size_, world_rank_, timeout_s_));
-    if (spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(50));
+                                  "(parallel.comm_timeout_s){}",
+                                  op, name_, rank_, size_, world_rank_, timeout_s_,
+                                  liveness::explain_timeout(std::min(10.0, timeout_s_))));
+    if (spins > 1000) {
+      liveness::answer();  // a peer that timed out asks who is alive
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
   }
 }
 

@@ -3,11 +3,15 @@
 #include <fmt/format.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
+#include <vector>
+
+#include "parallel/liveness.h"
 
 namespace moetrain::parallel {
 
@@ -34,6 +38,7 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
   MPI_Comm_size(MPI_COMM_WORLD, &size_);
+  liveness::start();
   active_ = true;
 }
 
@@ -74,11 +79,25 @@ int MpiRuntime::finish(const std::optional<std::string>& error, double error_tim
   int done = 0;
   while (MPI_Test(&request, &done, MPI_STATUS_IGNORE) == MPI_SUCCESS && !done) {
     if (std::chrono::steady_clock::now() > deadline) {
+      // A rank that stopped never arrives. When this rank's error found which ones (a collective timed out and
+      // liveness named the silent ranks), the lowest rank that answered reports and aborts the job; the others
+      // wait for that abort (still answering) rather than repeat the same line, reporting only if it never comes.
+      const std::vector<int> silent = liveness::silent_ranks_seen();
+      int reporter = 0;
+      while (std::find(silent.begin(), silent.end(), reporter) != silent.end()) ++reporter;
+      if (error && !silent.empty() && reporter != rank_) {
+        const auto wait_for_abort = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        while (std::chrono::steady_clock::now() < wait_for_abort) {
+          liveness::answer();
+          std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        }
+      }
       print_error(error ? *error
                         : fmt::format("ranks did not finish within {:.0f} s of this one; aborting the job",
                                       done_timeout_s));
       abort(1);
     }
+    liveness::answer();
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   if (error && lowest == rank_) print_error(*error);

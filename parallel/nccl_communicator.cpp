@@ -7,6 +7,9 @@
 #include <fmt/format.h>
 #include <nccl.h>
 
+#include "parallel/liveness.h"
+
+#include <algorithm>
 #include <chrono>
 #include <thread>
 
@@ -87,10 +90,11 @@ void NcclCommunicator::finish(const char* op) {
       state_->comm = nullptr;
       throw CommError(fmt::format("{} on group {} (rank {} of {}, world rank {}) {}", op, name_, rank_, size_,
                                   world_rank_,
-                                  late ? fmt::format("did not finish within {:.0f} s (parallel.comm_timeout_s)",
-                                                     timeout_s_)
+                                  late ? fmt::format("did not finish within {:.0f} s (parallel.comm_timeout_s){}",
+                                                     timeout_s_, liveness::explain_timeout(std::min(10.0, timeout_s_)))
                                        : fmt::format("failed: {}", ncclGetErrorString(async))));
     }
+    liveness::answer();  // a peer that timed out asks who is alive
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
 }

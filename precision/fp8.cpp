@@ -1,54 +1,170 @@
 #include "precision/fp8.h"
 
+#include <ATen/ops/_scaled_mm.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/where.h>
 #include <torch/autograd.h>
+
+#include <atomic>
+#include <cstdio>
+
+#include "moetrain/build_info.h"
+#include "precision/weight_cache.h"
+#if MOETRAIN_WITH_CUDA
+#include <ATen/cuda/CUDAContextLight.h>
+#endif
 
 namespace moetrain::precision {
 namespace {
 
-int64_t round_up(int64_t n) { return (n + kTile - 1) / kTile * kTile; }
+std::atomic<bool> g_force_emulation{false};
+// cuBLAS's 128×128 weight-block layout is tried first; a build that refuses it gets the same scales repeated per
+// row (1×128 tiles on both operands: the same numbers, another kernel), once and for all.
+std::atomic<bool> g_blocks_refused{false};
 
-// q = E4M3(v / s) · s with s = amax / 448 over the reduced dims (all-zero tiles keep scale 1).
-at::Tensor qdq(const at::Tensor& v, at::IntArrayRef dims) {
-  at::Tensor amax = v.abs().amax(dims, /*keepdim=*/true);
-  at::Tensor scale = at::where(amax > 0, amax / kE4M3Max, at::ones_like(amax));
-  return (v / scale).to(at::kFloat8_e4m3fn).to(v.scalar_type()) * scale;
+int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+at::Tensor scales_from(const at::Tensor& amax) {
+  return at::where(amax > 0, amax / kE4M3Max, at::ones_like(amax));
 }
+
+// A block scale [⌈O/128⌉, ⌈K/128⌉] as one scale per row tile [O, ⌈K/128⌉].
+at::Tensor rows_of_blocks(const at::Tensor& scale, int64_t rows) {
+  return scale.repeat_interleave(kTile, 0).narrow(0, 0, rows);
+}
+
+at::Tensor pad_rows(const at::Tensor& t, int64_t to) {
+  const int64_t r = t.size(0), rp = round_up(r, to);
+  return rp == r ? t : at::constant_pad_nd(t, {0, 0, 0, rp - r});
+}
+
+#if MOETRAIN_WITH_CUDA
+at::Tensor scaled_mm(const Fp8Tensor& a, const Fp8Tensor& b) {
+  // Rows padded to a whole tile of 128 (the zero rows add nothing): cuBLAS's blockwise-scaled kernels were seen
+  // failing on an H200 for 1440 rows (CUBLAS_STATUS_EXECUTION_FAILED, then an illegal address) and working for
+  // multiples of 128.
+  const int64_t M = a.data.size(0);
+  const at::Tensor ad = pad_rows(a.data, kTile);
+  const at::Tensor as = pad_rows(a.scale, kTile);
+  const at::Tensor sa = as.t().contiguous().t();  // [M, K/128], outer-dim-major
+  auto run = [&](const at::Tensor& sb) {
+    return at::_scaled_mm(ad, b.data.t(), sa, sb, /*bias=*/std::nullopt, /*scale_result=*/std::nullopt,
+                          at::kBFloat16, /*use_fast_accum=*/false)
+        .narrow(0, 0, M);
+  };
+  if (!b.blocks) return run(b.scale.t().contiguous());
+  if (!g_blocks_refused.load()) {
+    try {
+      return run(b.scale.t());  // [K/128, N/128], the transpose of the contiguous block grid
+    } catch (const c10::Error& e) {
+      g_blocks_refused.store(true);
+      std::fprintf(stderr, "moetrain: FP8 128x128 weight scales refused by this build (%s); using per-row tiles\n",
+                   e.what_without_backtrace());
+    }
+  }
+  return run(rows_of_blocks(b.scale, b.data.size(0)).t().contiguous());
+}
+#endif
 
 struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
-    at::Tensor xq = fake_quant_tiles(x), wq = fake_quant_blocks(w);
-    ctx->save_for_backward({xq, wq});
-    return at::matmul(xq, wq.t());
+    const int64_t K = x.size(-1);
+    std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+    out_shape.back() = w.size(0);
+    const Fp8Tensor xq = quantize_tiles(x.reshape({-1, K}));
+    const Fp8Weight wq = fp8_weight(w);
+    ctx->save_for_backward({xq.data, xq.scale, w});
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    return fp8_mm_nt(xq, wq.rows, x.scalar_type()).view(out_shape);
   }
+
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const at::Tensor& xq = saved[0];
-    const at::Tensor& wq = saved[1];
-    at::Tensor dyq = fake_quant_tiles(grads[0]);
-    at::Tensor dx = at::matmul(dyq, wq);
-    at::Tensor dw = at::matmul(dyq.reshape({-1, dyq.size(-1)}).t(), xq.reshape({-1, xq.size(-1)}));
+    const auto saved = ctx->get_saved_variables();
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    const Fp8Tensor xq{saved[0], saved[1], false};
+    const at::Tensor& w = saved[2];
+    const Fp8Weight wq = fp8_weight(w);
+    const at::Tensor& dy = grads[0];
+    const int64_t O = dy.size(-1), K = xq.data.size(1);
+    const Fp8Tensor dyq = quantize_tiles(dy.reshape({-1, O}));
+    std::vector<int64_t> dx_shape(dy.sizes().begin(), dy.sizes().end());
+    dx_shape.back() = K;
+    at::Tensor dx = fp8_mm_nt(dyq, wq.cols, dtype).view(dx_shape);
+    // wgrad over the tokens: both operands re-quantized in tiles along the token dimension (padded to whole tiles
+    // of 128 tokens: zero tokens add nothing and leave every tile's amax as it is).
+    const at::Tensor dyt = pad_rows(dequantize(dyq, at::kFloat), kTile).t();
+    const at::Tensor xt = pad_rows(dequantize(xq, at::kFloat), kTile).t();
+    at::Tensor dw = fp8_mm_nt(quantize_tiles(dyt), quantize_tiles(xt), w.scalar_type());
     return {dx, dw};
   }
 };
 
 }  // namespace
 
-at::Tensor fake_quant_tiles(const at::Tensor& x) {
-  const int64_t K = x.size(-1), Kp = round_up(K);
-  at::Tensor flat = x.reshape({-1, K});
-  if (Kp != K) flat = at::constant_pad_nd(flat, {0, Kp - K});
-  at::Tensor q = qdq(flat.view({flat.size(0), Kp / kTile, kTile}), {2}).view({-1, Kp});
-  return q.narrow(1, 0, K).reshape(x.sizes());
+Fp8Tensor quantize_tiles(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "quantize_tiles expects [M, K], got ", x.sizes());
+  at::NoGradGuard no_grad;
+  const int64_t M = x.size(0), K = x.size(1), Kp = round_up(K, kTile);
+  at::Tensor v = x.to(at::kFloat).contiguous();
+  if (Kp != K) v = at::constant_pad_nd(v, {0, Kp - K});
+  v = v.view({M, Kp / kTile, kTile});
+  at::Tensor scale = scales_from(v.abs().amax({2}));  // [M, Kp/128]
+  at::Tensor q = (v / scale.unsqueeze(2)).to(at::kFloat8_e4m3fn).view({M, Kp});
+  if (Kp != K) q = q.narrow(1, 0, K).contiguous();
+  return {q, scale, false};
 }
 
-at::Tensor fake_quant_blocks(const at::Tensor& w) {
-  const int64_t O = w.size(0), K = w.size(1), Op = round_up(O), Kp = round_up(K);
-  at::Tensor p = (Op != O || Kp != K) ? at::constant_pad_nd(w, {0, Kp - K, 0, Op - O}) : w;
-  at::Tensor q = qdq(p.view({Op / kTile, kTile, Kp / kTile, kTile}), {1, 3}).view({Op, Kp});
-  return q.narrow(0, 0, O).narrow(1, 0, K);
+Fp8Tensor quantize_blocks(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "quantize_blocks expects [O, K], got ", w.sizes());
+  at::NoGradGuard no_grad;
+  const int64_t O = w.size(0), K = w.size(1), Op = round_up(O, kTile), Kp = round_up(K, kTile);
+  at::Tensor v = w.to(at::kFloat).contiguous();
+  if (Op != O || Kp != K) v = at::constant_pad_nd(v, {0, Kp - K, 0, Op - O});
+  v = v.view({Op / kTile, kTile, Kp / kTile, kTile});
+  at::Tensor scale = scales_from(v.abs().amax({1, 3}));  // [Op/128, Kp/128]
+  at::Tensor q = (v / scale.view({Op / kTile, 1, Kp / kTile, 1})).to(at::kFloat8_e4m3fn).view({Op, Kp});
+  if (Op != O || Kp != K) q = q.narrow(0, 0, O).narrow(1, 0, K).contiguous();
+  return {q, scale, true};
+}
+
+at::Tensor dequantize(const Fp8Tensor& q, at::ScalarType dtype) {
+  at::NoGradGuard no_grad;
+  const int64_t M = q.data.size(0), K = q.data.size(1);
+  at::Tensor s = q.blocks ? rows_of_blocks(q.scale, M) : q.scale;
+  s = s.repeat_interleave(kTile, 1).narrow(1, 0, K);
+  return (q.data.to(at::kFloat) * s).to(dtype);
+}
+
+at::Tensor fake_quant_tiles(const at::Tensor& x) {
+  return dequantize(quantize_tiles(x.reshape({-1, x.size(-1)})), x.scalar_type()).view(x.sizes());
+}
+
+at::Tensor fake_quant_blocks(const at::Tensor& w) { return dequantize(quantize_blocks(w), w.scalar_type()); }
+
+bool fp8_gemm_on_device(const c10::Device& device) {
+#if MOETRAIN_WITH_CUDA
+  if (!device.is_cuda() || g_force_emulation.load()) return false;
+  return at::cuda::getDeviceProperties(device.index() < 0 ? 0 : device.index())->major == 9;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+void set_fp8_emulation(bool on) { g_force_emulation.store(on); }
+
+at::Tensor fp8_mm_nt(const Fp8Tensor& a, const Fp8Tensor& b, at::ScalarType out) {
+  TORCH_CHECK(a.data.size(1) == b.data.size(1), "fp8_mm_nt: contraction dims differ: ", a.data.sizes(), " and ",
+              b.data.sizes());
+#if MOETRAIN_WITH_CUDA
+  // cuBLAS takes K and N in multiples of 16; other shapes are emulated (the same numbers, FP32 arithmetic).
+  if (fp8_gemm_on_device(a.data.device()) && a.data.size(1) % 16 == 0 && b.data.size(0) % 16 == 0)
+    return scaled_mm(a, b).to(out);
+#endif
+  return at::matmul(dequantize(a, at::kFloat), dequantize(b, at::kFloat).t()).to(out);
 }
 
 at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& w) { return Fp8Linear::apply(x, w); }

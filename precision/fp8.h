@@ -1,7 +1,15 @@
-// FP8 (E4M3, max 448) with DeepSeek-V3's fine-grained scaling: activations (and output gradients) per 1×128 tile
+// FP8 (E4M3, max 448) with DeepSeek-V3's fine-grained scaling: activations and output gradients per 1×128 tile
 // along the contraction dimension, weights per 128×128 block, scale = amax / 448 from the current values (no
-// delayed scaling). Quantize -> dequantize -> FP32 GEMM: the numerics of an FP8 GEMM with FP32 accumulation, on
-// any device (partial tiles at the edges are scaled on their own).
+// delayed scaling); partial tiles at the edges are scaled on their own.
+//
+// The three GEMMs of a linear layer y = x · wᵀ:
+//   fprop  y  = Q₁ₓ₁₂₈(x)  · Q₁₂₈ₓ₁₂₈(w)ᵀ
+//   dgrad  dx = Q₁ₓ₁₂₈(dy) · Q₁₂₈ₓ₁₂₈(w)        (dy tiled along the output channels)
+//   wgrad  dw = Q(dq(dy)ᵀ) · Q(dq(x)ᵀ)ᵀ         (both operands dequantized, transposed and re-quantized in
+//                                                 128×1 tiles along the token dimension, as DeepSeek-V3 does)
+// On a CUDA device of compute capability 9.0 the GEMMs run in FP8 on the tensor cores (at::_scaled_mm with
+// blockwise scales, FP32 accumulation, BF16 output); everywhere else the same quantized values are dequantized and
+// multiplied in FP32: the emulation, which is the CPU path and the GPU path's reference.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,12 +19,33 @@ namespace moetrain::precision {
 constexpr double kE4M3Max = 448.0;
 constexpr int64_t kTile = 128;
 
-// x [..., K] through E4M3 with one scale per 1×128 tile of the last dimension.
-at::Tensor fake_quant_tiles(const at::Tensor& x);
-// w [O, K] through E4M3 with one scale per 128×128 block.
+// E4M3 values and their FP32 scales: value ≈ data · scale per tile or block.
+struct Fp8Tensor {
+  at::Tensor data;   // Float8_e4m3fn, [M, K] row-major
+  at::Tensor scale;  // float; tiles: [M, ⌈K/128⌉]; blocks: [⌈M/128⌉, ⌈K/128⌉]
+  bool blocks = false;
+};
+
+// x [M, K] with one scale per 1×128 tile of each row.
+Fp8Tensor quantize_tiles(const at::Tensor& x);
+// w [O, K] with one scale per 128×128 block.
+Fp8Tensor quantize_blocks(const at::Tensor& w);
+at::Tensor dequantize(const Fp8Tensor& q, at::ScalarType dtype);
+
+// Round trips through E4M3 (the values an FP8 GEMM sees), in the input's dtype and shape.
+at::Tensor fake_quant_tiles(const at::Tensor& x);  // x [..., K]
 at::Tensor fake_quant_blocks(const at::Tensor& w);
 
-// y = x · wᵀ with all three GEMMs in FP8: fprop Q(x)·Q(w)ᵀ, dgrad Q(dy)·Q(w), wgrad Q(dy)ᵀ·Q(x).
+// a · bᵀ for a [M, K] (1×128 tiles) and b [N, K] (tiles or blocks): the FP8 GEMM on SM90, else the emulation.
+// `out` is the dtype of the result; on the GPU the product is formed in BF16 and converted.
+at::Tensor fp8_mm_nt(const Fp8Tensor& a, const Fp8Tensor& b, at::ScalarType out);
+// Whether fp8_mm_nt runs on the tensor cores for operands on `device` (CUDA, compute capability 9.x).
+bool fp8_gemm_on_device(const c10::Device& device);
+// For tests and benchmarks: force the emulation even where the device could run the FP8 GEMM.
+void set_fp8_emulation(bool on);
+
+// y = x · wᵀ with all three GEMMs in FP8 as above; w's quantized copy is made once per change of w
+// (precision/weight_cache.h), x is saved for the backward pass in FP8 with its tile scales.
 at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& w);
 
 }  // namespace moetrain::precision

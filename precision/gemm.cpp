@@ -1,19 +1,49 @@
 #include "precision/gemm.h"
 
 #include <ATen/ops/linear.h>
+#include <ATen/ops/matmul.h>
+#include <torch/autograd.h>
 
 #include "precision/fp8.h"
+#include "precision/weight_cache.h"
 
 namespace moetrain::precision {
+namespace {
+
+// y = x · wᵀ in BF16 with w's BF16 copy made once per change of w (precision/weight_cache.h); x is saved for the
+// backward pass in BF16. dgrad in BF16; wgrad in BF16 on BF16 operands, returned in w's dtype (FP32) and
+// accumulated there: the numbers of casting x and w per call, without the per-call cast of w.
+struct Bf16Linear : public torch::autograd::Function<Bf16Linear> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
+    const at::Tensor xb = x.to(at::kBFloat16);
+    ctx->save_for_backward({xb, w});
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    return at::linear(xb, bf16_weight(w)).to(x.scalar_type());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& xb = saved[0];
+    const at::Tensor& w = saved[1];
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    const at::Tensor dy = grads[0].to(at::kBFloat16);
+    at::Tensor dx = at::matmul(dy, bf16_weight(w)).to(dtype);
+    at::Tensor dw = at::matmul(dy.reshape({-1, dy.size(-1)}).t(), xb.reshape({-1, xb.size(-1)})).to(w.scalar_type());
+    return {dx, dw};
+  }
+};
+
+}  // namespace
 
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, Mode mode) {
   switch (mode) {
     case Mode::kFp32:
       return at::linear(x, weight);
     case Mode::kBf16:
-      return at::linear(x.to(at::kBFloat16), weight.to(at::kBFloat16)).to(x.scalar_type());
+      return Bf16Linear::apply(x, weight);
     case Mode::kFp8:
-      return fp8_linear(x, weight).to(x.scalar_type());
+      return fp8_linear(x, weight);
   }
   return at::linear(x, weight);
 }

@@ -1,10 +1,9 @@
 // The precision policy: the mode precision.mode selects, the AdamW moment dtype, and the bytes per parameter and
 // per activation that `moetrain plan` budgets for them.
-// Weights and gradients are stored only in FP32 (the master weights the optimizer updates), in every mode; no
-// low-precision copy of the weights is kept. precision::gemm converts per call: bf16 casts the GEMM's input and
-// weight to BF16; fp8 rounds them through E4M3 with a scale per 1×128 input tile and 128×128 weight block and
-// multiplies the dequantized values in the input's dtype. The converted operands live only in the micro-batch's
-// autograd graph until its backward.
+// Master weights and gradients are FP32 (what the optimizer updates), in every mode. The GEMMs use a low-precision
+// copy of each weight made once per optimizer step (precision/weight_cache.h): BF16 in bf16 mode, E4M3 with
+// 128×128 block scales (w and wᵀ) in fp8 mode. A GEMM's input is saved for the backward pass in BF16 (bf16) or
+// E4M3 with 1×128 tile scales (fp8).
 #pragma once
 
 #include <cstdint>
@@ -19,7 +18,7 @@ using Mode = config::PrecisionMode;
 struct Policy {
   Mode mode = Mode::kFp32;
   int master_weight_bytes = 4;   // FP32 master weights, what the optimizer updates
-  int compute_weight_bytes = 0;  // a budget for the BF16 weight operands gemm makes per call (not a stored copy)
+  int compute_weight_bytes = 0;  // the GEMM copy of the weights (BF16, or E4M3 w and wᵀ)
   int grad_bytes = 4;            // gradients are accumulated and reduced in FP32
   int moment_bytes = 4;          // each of AdamW's two moments
   int activation_bytes = 4;      // activations saved for backward

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Installs what moetrain needs and is missing; idempotent (a second run installs nothing).
 #   apt: OpenMPI, parallel HDF5, yaml-cpp, GoogleTest, SentencePiece, CLI11, nlohmann-json, fmt, xxHash,
-#        ninja, ccache, hdf5-tools
+#        ninja, ccache, hdf5-tools, patchelf (scripts/gpu-bundle.sh)
 #   PyPI: torch==2.11.0 (LibTorch) in a virtual environment in a cache directory outside the clone, shared by
-#         every clone on this machine.
+#         every clone on this machine; transformers and tensorboard (pinned) in the same venv, for bench/gpu_peer.py
+#         and for reading training logs.
 # Prints what it installed and, last, the environment the build scripts use.
 set -euo pipefail
 
 TORCH_VERSION="${MOETRAIN_TORCH_VERSION:-2.11.0}"
 CACHE_DIR="${MOETRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moetrain}"
 VENV="$CACHE_DIR/torch-$TORCH_VERSION"
+TRANSFORMERS_VERSION="${MOETRAIN_TRANSFORMERS_VERSION:-5.17.0}"
+TENSORBOARD_VERSION="${MOETRAIN_TENSORBOARD_VERSION:-2.21.0}"
 
 APT_PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config
@@ -19,6 +22,7 @@ APT_PACKAGES=(
   libgtest-dev libgmock-dev
   libsentencepiece-dev sentencepiece
   libcli11-dev nlohmann-json3-dev libfmt-dev libxxhash-dev
+  patchelf
 )
 
 installed=()
@@ -55,6 +59,29 @@ if ! have_torch; then
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check --progress-bar off "torch==$TORCH_VERSION"
     installed+=("pip: torch==$TORCH_VERSION in $VENV")
+  fi
+  flock -u 9
+fi
+
+# --- transformers and tensorboard into the same venv (torch held at its pin) ----------------------------------------
+have_pip() {  # have_pip NAME VERSION
+  [ "$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null)" = "$2" ]
+}
+missing_pip() {
+  pip_missing=()
+  have_pip transformers "$TRANSFORMERS_VERSION" || pip_missing+=("transformers==$TRANSFORMERS_VERSION")
+  have_pip tensorboard "$TENSORBOARD_VERSION" || pip_missing+=("tensorboard==$TENSORBOARD_VERSION")
+  ((${#pip_missing[@]}))
+}
+if missing_pip; then
+  log "pip: installing ${pip_missing[*]} into $VENV"
+  mkdir -p "$CACHE_DIR"
+  exec 9>"$CACHE_DIR/.lock"
+  flock 9
+  if missing_pip; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --progress-bar off \
+      "torch==$TORCH_VERSION" "${pip_missing[@]}"
+    installed+=("pip: ${pip_missing[*]} in $VENV")
   fi
   flock -u 9
 fi

@@ -52,6 +52,7 @@ nlohmann::json step_record(const StepResult& r) {
                       {"grad_norm", r.grad_norm},    {"lr", r.lr},             {"tokens_per_s", r.tokens_per_s},
                       {"step_time_s", r.step_time_s}, {"mfu", r.mfu}};
   if (r.skipped) j["skipped"] = true;
+  if (!r.peak_memory_bytes.empty()) j["peak_mem_bytes"] = r.peak_memory_bytes;
   for (const auto& l : r.moe)
     j["moe"].push_back({{"layer", l.layer},
                         {"max_vio", l.max_vio},
@@ -81,12 +82,19 @@ double Progress::eta_s(int64_t steps_done, double elapsed_s) const {
 
 std::string Progress::line(const StepResult& r, double elapsed_s) const {
   const int64_t done = r.step + 1;
+  // The first line of a run also gives the most memory a rank's live tensors took during the step.
+  std::string memory;
+  if (done == first_step_ + 1 && !r.peak_memory_bytes.empty()) {
+    const auto top = std::max_element(r.peak_memory_bytes.begin(), r.peak_memory_bytes.end());
+    memory = fmt::format(" | peak mem {:.1f} MiB (rank {})", *top / (1024.0 * 1024.0),
+                         top - r.peak_memory_bytes.begin());
+  }
   return fmt::format(
       "step {:>{}}/{} | loss {:.4f} | lm {:.4f} | mtp {:.4f} | grad {:.3f} | lr {:.2e} | {:.0f} tok/s | MFU {:.1f}% | "
-      "max-vio {:.2f} | ETA {}\n",
+      "max-vio {:.2f} | ETA {}{}\n",
       done, fmt::formatted_size("{}", steps_), steps_, r.loss, r.lm_loss, r.mtp_loss, r.grad_norm, r.lr,
       r.tokens_per_s, 100 * r.mfu, r.max_vio.empty() ? 0.0 : *std::max_element(r.max_vio.begin(), r.max_vio.end()),
-      format_duration(eta_s(done, elapsed_s)));
+      format_duration(eta_s(done, elapsed_s)), memory);
 }
 
 std::string run_header(const config::Config& c, int64_t tokens_per_step, double peak_flops, double entropy_rate) {

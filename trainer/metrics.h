@@ -35,6 +35,7 @@ struct StepResult {
   std::vector<MoeLayerMetrics> moe;   // the same layers in full
   bool stop = false;                  // a stop signal reached some rank during the step (save_on_signal)
   bool skipped = false;               // not applied: the loss or gradient norm was not finite (trainer/divergence.h)
+  std::vector<double> peak_memory_bytes;  // per rank (world order): peak live tensor bytes over the step
 };
 
 struct EvalResult {

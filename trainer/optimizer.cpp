@@ -1,8 +1,14 @@
 #include "trainer/optimizer.h"
 
+#include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
 #include <cmath>
+#include <optional>
+
+#include "parallel/grad_sync.h"
 
 namespace moetrain::trainer {
 
@@ -18,9 +24,11 @@ AdamW::AdamW(std::vector<NamedParam> params, const config::TrainConfig& t, c10::
   }
 }
 
-void AdamW::step(double lr) {
+void AdamW::step(double lr, double grad_scale) {
   at::NoGradGuard no_grad;
   ++step_;
+  if (fused_step(lr, grad_scale)) return;
+  scale_grads(params_, grad_scale);
   const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(step_));
   const double bc2 = 1.0 - std::pow(beta2_, static_cast<double>(step_));
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -35,6 +43,33 @@ void AdamW::step(double lr) {
     m_[i].copy_(m);
     v_[i].copy_(v);
   }
+}
+
+bool AdamW::fused_step(double lr, double grad_scale) {
+  if (params_.empty() || !params_[0].param.is_cuda()) return false;
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (m_[i].scalar_type() != at::kFloat || params_[i].param.scalar_type() != at::kFloat) return false;
+  if (steps_.empty())
+    for (const auto& p : params_) steps_.push_back(at::zeros({}, p.param.options().dtype(at::kFloat)));
+  // Two groups: matrices with weight decay, the rest without.
+  std::vector<at::Tensor> p[2], g[2], m[2], v[2], s[2];
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const int k = weight_decay_ > 0 && decays(params_[i]) ? 1 : 0;
+    at::Tensor& param = params_[i].param;
+    p[k].push_back(param);
+    g[k].push_back(param.grad().defined() ? param.grad() : at::zeros_like(param));
+    m[k].push_back(m_[i]);
+    v[k].push_back(v_[i]);
+    s[k].push_back(steps_[i].fill_(static_cast<double>(step_)));
+  }
+  // The kernel divides the gradients by grad_scale (the AMP scaler's convention): clipping rides along.
+  std::optional<at::Tensor> divide_by;
+  if (grad_scale != 1.0) divide_by = at::full({}, 1.0 / grad_scale, params_[0].param.options());
+  for (int k = 0; k < 2; ++k)
+    if (!p[k].empty())
+      at::_fused_adamw_(p[k], g[k], m[k], v[k], /*max_exp_avg_sqs=*/{}, s[k], lr, beta1_, beta2_,
+                        k == 1 ? weight_decay_ : 0.0, eps_, /*amsgrad=*/false, /*maximize=*/false, divide_by);
+  return true;
 }
 
 void AdamW::zero_grad() {
@@ -54,23 +89,38 @@ std::vector<checkpoints::StateTensor> checkpoint_state(const std::vector<model::
   return out;
 }
 
-double grad_norm(const std::vector<NamedParam>& params) {
-  // Summed on the device, one host read per step.
+at::Tensor grad_norm_sq(const std::vector<NamedParam>& params) {
+  at::NoGradGuard no_grad;
+  if (!params.empty() && params[0].param.is_cuda()) {
+    std::vector<at::Tensor> grads;
+    for (const auto& p : params)
+      if (p.param.grad().defined()) grads.push_back(p.param.grad());
+    return parallel::squared_norm(grads);
+  }
   at::Tensor sum;
   for (const auto& p : params) {
     if (!p.param.grad().defined()) continue;
-    at::Tensor sq = p.param.grad().to(at::kDouble).pow(2).sum();
+    at::Tensor sq = p.param.grad().to(at::kDouble).pow(2).sum().reshape({1});
     sum = sum.defined() ? sum + sq : sq;
   }
-  return sum.defined() ? std::sqrt(sum.item<double>()) : 0.0;
+  return sum.defined() ? sum : at::zeros({1}, at::kDouble);
 }
 
-void clip_grads(const std::vector<NamedParam>& params, double norm, double max_norm) {
-  if (max_norm <= 0 || norm <= max_norm) return;
-  const double scale = max_norm / (norm + 1e-6);
+double grad_norm(const std::vector<NamedParam>& params) { return std::sqrt(grad_norm_sq(params).item<double>()); }
+
+double clip_factor(double norm, double max_norm) {
+  return max_norm <= 0 || norm <= max_norm ? 1.0 : max_norm / (norm + 1e-6);
+}
+
+void scale_grads(const std::vector<NamedParam>& params, double scale) {
+  if (scale == 1.0) return;
   at::NoGradGuard no_grad;
   for (const auto& p : params)
     if (p.param.grad().defined()) p.param.grad().mul_(scale);
+}
+
+void clip_grads(const std::vector<NamedParam>& params, double norm, double max_norm) {
+  scale_grads(params, clip_factor(norm, max_norm));
 }
 
 }  // namespace moetrain::trainer

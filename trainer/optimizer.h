@@ -24,8 +24,12 @@ class AdamW {
   AdamW(std::vector<NamedParam> params, const config::TrainConfig& t, c10::ScalarType moment_dtype);
 
   // One update at learning rate lr. Parameters without a gradient (an expert that saw no token) count as zero
-  // gradient: their moments decay and weight decay still applies, as on every other replica.
-  void step(double lr);
+  // gradient: their moments decay and weight decay still applies, as on every other replica. On a GPU with FP32
+  // moments the update is LibTorch's fused AdamW kernel (one pass over each parameter, the same formula); else
+  // the per-tensor operations below.
+  // grad_scale multiplies every gradient first (gradient clipping, clip_factor): a pass of its own on the CPU,
+  // folded into the fused kernel on a GPU.
+  void step(double lr, double grad_scale = 1.0);
   void zero_grad();
 
   int64_t steps_taken() const { return step_; }
@@ -40,7 +44,10 @@ class AdamW {
 
  private:
   std::vector<NamedParam> params_;
+  bool fused_step(double lr, double grad_scale);
+
   std::vector<at::Tensor> m_, v_;
+  std::vector<at::Tensor> steps_;  // the fused kernel's step counts, one per parameter, on the device
   double beta1_, beta2_, eps_, weight_decay_;
   int64_t step_ = 0;
 };
@@ -50,9 +57,16 @@ class AdamW {
 std::vector<checkpoints::StateTensor> checkpoint_state(const std::vector<model::ParamInfo>& params, AdamW& optimizer,
                                                        const std::vector<model::ParamInfo>& buffers);
 
-// The L2 norm of all gradients (missing gradients count as zero).
+// The squared L2 norm of all gradients (missing gradients count as zero), summed on their device ([1], double):
+// no host read. grad_norm is its square root on the host.
+at::Tensor grad_norm_sq(const std::vector<NamedParam>& params);
 double grad_norm(const std::vector<NamedParam>& params);
-// Scales all gradients by max_norm / norm when norm > max_norm (max_norm 0: no clipping).
+// The factor gradient clipping scales all gradients by: max_norm / (norm + 1e-6) when norm > max_norm, else 1
+// (max_norm 0: no clipping).
+double clip_factor(double norm, double max_norm);
+// Multiplies every defined gradient by scale (nothing to do at 1).
+void scale_grads(const std::vector<NamedParam>& params, double scale);
+// Scales all gradients by clip_factor(norm, max_norm).
 void clip_grads(const std::vector<NamedParam>& params, double norm, double max_norm);
 
 }  // namespace moetrain::trainer

@@ -1,7 +1,11 @@
 #include "trainer/preemption.h"
 
+#include <fmt/format.h>
+
 #include <atomic>
 #include <csignal>
+#include <cstdlib>
+#include <stdexcept>
 
 namespace moetrain::trainer {
 namespace {
@@ -42,6 +46,14 @@ const char* StopSignals::name(int signal) {
 StepVote vote(parallel::ControlPlane& control, bool stop_here, bool writer_busy_here) {
   const std::vector<bool> any = control.any({stop_here, writer_busy_here});
   return {any[0], !any[1]};
+}
+
+void maybe_inject_failure(int64_t step, int64_t rank) {
+  const char* at_step = std::getenv("MOETRAIN_TEST_FAIL_STEP");
+  if (!at_step || std::atoll(at_step) != step) return;
+  const char* on_rank = std::getenv("MOETRAIN_TEST_FAIL_RANK");
+  if (on_rank && std::atoll(on_rank) != rank) return;
+  throw std::runtime_error(fmt::format("injected failure at step {} on rank {} (MOETRAIN_TEST_FAIL_STEP)", step, rank));
 }
 
 }  // namespace moetrain::trainer

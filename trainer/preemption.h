@@ -36,4 +36,7 @@ struct StepVote {
 // pending (both the same on every rank).
 StepVote vote(parallel::ControlPlane& control, bool stop_here, bool writer_busy_here);
 
+// Test-only fault injection: MOETRAIN_TEST_FAIL_STEP=k [MOETRAIN_TEST_FAIL_RANK=r] makes rank r throw at step k.
+void maybe_inject_failure(int64_t step, int64_t rank);
+
 }  // namespace moetrain::trainer

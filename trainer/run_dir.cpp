@@ -3,9 +3,11 @@
 #include <fmt/format.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <stdexcept>
+#include <thread>
 
 #include <fcntl.h>
 #include <sys/file.h>
@@ -24,7 +26,23 @@ std::string holder_of(int fd) {
   return s;
 }
 
+std::string in_use(const std::string& dir, const std::string& holder) {
+  return fmt::format("{}: the run directory is in use by another job ({}); wait for it to end or choose another "
+                     "logging.name",
+                     dir, holder.empty() ? "holder unknown" : holder);
+}
+
 }  // namespace
+
+void RunDirectory::refuse_if_in_use(const std::string& dir) {
+  const std::string path = dir + "/.lock";
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;  // no lock file: never used, or not readable (the real lock attempt will say so)
+  const bool busy = ::flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+  const std::string holder = busy ? holder_of(fd) : "";
+  ::close(fd);  // releases the shared lock this look may have taken
+  if (busy) throw std::runtime_error(in_use(dir, holder));
+}
 
 RunDirectory::RunDirectory(std::string dir, bool main, parallel::ControlPlane& control)
     : dir_(std::move(dir)), main_(main) {
@@ -37,14 +55,16 @@ RunDirectory::RunDirectory(std::string dir, bool main, parallel::ControlPlane& c
       fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
       if (fd_ < 0) throw std::runtime_error(fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
       const std::string before = holder_of(fd_);
-      if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      // A few tries over a second: refuse_if_in_use() of a starting job's ranks holds the lock shared for an
+      // instant; a running job holds it for its lifetime.
+      int rc = -1;
+      for (int tries = 0; tries < 100 && (rc = ::flock(fd_, LOCK_EX | LOCK_NB)) != 0 && errno == EWOULDBLOCK; ++tries)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      if (rc != 0) {
         const int err = errno;
         throw std::runtime_error(
-            err == EWOULDBLOCK
-                ? fmt::format("{}: the run directory is in use by another job ({}); wait for it to end or choose "
-                              "another logging.name",
-                              dir_, before.empty() ? "holder unknown" : before)
-                : fmt::format("{}: cannot lock: {}", path, std::strerror(err)));
+            err == EWOULDBLOCK ? in_use(dir_, before)
+                               : fmt::format("{}: cannot lock: {}", path, std::strerror(err)));
       }
       stale_ = before;  // a holder that still ran would have kept the lock
       char host[256] = {};

@@ -28,6 +28,9 @@ class RunDirectory {
   const std::string& path() const { return dir_; }
   // "pid N on HOST": the holder of a lock left behind by a process that ended without releasing it, or "".
   const std::string& stale_holder() const { return stale_; }
+  // Throws the in-use error above if another job holds dir's lock now (a look, local to this rank: nothing is
+  // taken or created). Lets a command refuse a busy run directory before anything else about it.
+  static void refuse_if_in_use(const std::string& dir);
 
  private:
   std::string dir_;

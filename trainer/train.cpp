@@ -1,16 +1,19 @@
 #include "trainer/train.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/zeros.h>
 #include <fmt/format.h>
 #include <xxhash.h>
 
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <cstdlib>
 
 #include "config/loader.h"
+#include "model/device_copy.h"
 #include "model/param_flops.h"
 #include "model/param_roles.h"
 #include "parallel/expert_exchange.h"
@@ -18,6 +21,7 @@
 #include "precision/policy.h"
 #include "trainer/divergence.h"
 #include "trainer/lr_schedule.h"
+#include "trainer/memory_meter.h"
 #include "trainer/preemption.h"
 
 namespace moetrain::trainer {
@@ -27,15 +31,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// Test-only fault injection: MOETRAIN_TEST_FAIL_STEP=k [MOETRAIN_TEST_FAIL_RANK=r] makes rank r throw at step k.
-void maybe_inject_failure(int64_t step, int64_t rank) {
-  const char* at_step = std::getenv("MOETRAIN_TEST_FAIL_STEP");
-  if (!at_step || std::atoll(at_step) != step) return;
-  const char* on_rank = std::getenv("MOETRAIN_TEST_FAIL_RANK");
-  if (on_rank && std::atoll(on_rank) != rank) return;
-  throw std::runtime_error(fmt::format("injected failure at step {} on rank {} (MOETRAIN_TEST_FAIL_STEP)", step, rank));
-}
-
 }  // namespace
 
 Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, std::string run_dir, bool main,
@@ -44,6 +39,7 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
       own_control_(groups ? nullptr : std::make_unique<parallel::ControlPlane>()),
       control_(groups ? *groups->control : *own_control_),
       run_dir_(std::move(run_dir), main, control_) {
+  count_cpu_tensors();  // before the model: its storages and all that follow are counted (trainer/memory_meter.h)
   const model::StageSpec stage = parallel::stage_spec(groups_, c_);  // checks the layout against the launch
   at::set_num_threads(static_cast<int>(c_.parallel.intra_op_threads));
   device_ = parallel::local_device(groups_, c_);
@@ -186,7 +182,7 @@ StepResult Trainer::step() {
   loads_->reset();
   at::Tensor sums = at::zeros({3}, at::TensorOptions().dtype(at::kDouble).device(device_));
   auto forward = [&](int64_t mb, const at::Tensor& input) {
-    return stage_forward(input, batches_->train(step_, dp_rank_, mb).to(device_), sums, /*training=*/true);
+    return stage_forward(input, model::to_device(batches_->train(step_, dp_rank_, mb), device_), sums, true);
   };
   trace_.clear();
   if (c_.parallel.pp == 1) {
@@ -196,11 +192,12 @@ StepResult Trainer::step() {
   }
 
   if (grad_sync_) grad_sync_->reduce();
-  r.grad_norm = grad_sync_ ? grad_sync_->global_norm() : grad_norm(optimizer_->params());
+  const at::Tensor norm_sq = grad_sync_ ? grad_sync_->global_norm_sq() : grad_norm_sq(optimizer_->params());
   // Global means (the last stage holds the LM and MTP sums, every stage its balance terms), before the update: a
   // step whose loss or gradient norm is not finite is not applied (trainer/divergence.h).
-  if (groups_) reduce(sums, groups_->world.get());  // on the device; then one copy to the host
-  const at::Tensor host = sums.to(at::kCPU);
+  if (groups_) reduce(sums, groups_->world.get());  // on the device; then one copy to the host, with the norm
+  const at::Tensor host = at::cat({sums, norm_sq.to(sums.device())}).to(at::kCPU);
+  r.grad_norm = std::sqrt(host[3].item<double>());
   const double lambda = mtp_weight(step_ * sequences * c_.train.seq_len);
   r.lm_loss = host[0].item<double>() / tokens;
   r.mtp_loss = depth > 0 ? host[1].item<double>() / tokens / static_cast<double>(depth) : 0.0;
@@ -214,14 +211,15 @@ StepResult Trainer::step() {
   r.skipped = verdict == DivergenceGuard::Verdict::kSkip;
   if (r.skipped) say("warning: " + divergence_.message() + "\n");
   if (!r.skipped) {
-    clip_grads(optimizer_->params(), r.grad_norm, c_.train.grad_clip);
-    optimizer_->step(r.lr);
+    optimizer_->step(r.lr, clip_factor(r.grad_norm, c_.train.grad_clip));
   }
   // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
   if (groups_) loads_->reduce([&](at::Tensor& t) { reduce(t, groups_->dp.get()); });
   if (c_.model.balance_mode == config::BalanceMode::kAuxFree && !r.skipped)
     loads_->update_biases(c_.model.bias_update_rate);
   ++step_;
+  r.peak_memory_bytes = peak_bytes_per_rank(device_, groups_ ? groups_->rank : 0, c_.parallel.world_size,
+                                            [&](at::Tensor& t) { reduce(t, groups_ ? groups_->world.get() : nullptr); });
   r.moe = moe_metrics();
   for (const auto& l : r.moe) r.max_vio.push_back(l.max_vio);
 
@@ -246,7 +244,7 @@ EvalResult Trainer::evaluate() {
   at::Tensor sums = at::zeros({3}, at::TensorOptions().dtype(at::kDouble).device(device_));
   for (int64_t i = 0; i < c_.train.eval_batches; ++i) {
     auto forward = [&](int64_t mb, const at::Tensor& input) {
-      return stage_forward(input, batches_->validation(i, dp_rank_, mb).to(device_), sums, /*training=*/false);
+      return stage_forward(input, model::to_device(batches_->validation(i, dp_rank_, mb), device_), sums, false);
     };
     if (c_.parallel.pp == 1) {
       for (int64_t mb = 0; mb < c_.train.micro_batches; ++mb) forward(mb, {});

@@ -126,6 +126,31 @@ TEST(Plan, CpuTrainingMustFitThisMachine) {
   EXPECT_GT(physical_ram_bytes(), 0.0);
 }
 
+// train.memory_budget_gib: the first stage over the budget is named with its largest part and a remedy for it.
+TEST(Plan, MemoryBudget) {
+  config::Config c = tiny({"parallel.pp=1", "parallel.dp=1", "parallel.ep=1"});
+  const Plan plan = make_plan(c);
+  const double total = plan.stages[0].total_bytes();
+  c.train.memory_budget_gib = 0;  // no budget
+  EXPECT_NO_THROW(check_memory_budget(plan, c));
+  c.train.memory_budget_gib = total / (1024.0 * 1024 * 1024) * 1.01;
+  EXPECT_NO_THROW(check_memory_budget(plan, c));
+  c.train.memory_budget_gib = total / (1024.0 * 1024 * 1024) * 0.99;
+  try {
+    check_memory_budget(plan, c);
+    ADD_FAILURE() << "no ConfigError";
+  } catch (const config::ConfigError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("stage 0 needs"), std::string::npos) << what;
+    EXPECT_NE(what.find("its largest part is activations"), std::string::npos) << what;  // tiny: activations lead
+    EXPECT_NE(what.find("train.micro_batch_size"), std::string::npos) << what;
+  }
+  // DeepSeek-V3 as shipped (FP32 master weights and moments on every rank, no recomputation) is over 80 GiB.
+  config::Config v3 = config::load_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/deepseek-v3-671b.yaml",
+                                          {{"train.memory_budget_gib=80"}, 0});
+  EXPECT_THROW(check_memory_budget(make_plan(v3), v3), config::ConfigError);
+}
+
 TEST(Plan, TextAndJson) {
   config::Config c = config::load_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/deepseek-v3-671b.yaml");
   Plan plan = make_plan(c);

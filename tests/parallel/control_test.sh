@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # control_test.sh PROBE: the control plane's agreements over 3 ranks (the per-step vote, the config-hash check, the
 # gather a checkpoint commit uses), the node-local rank from MPI_COMM_TYPE_SHARED even when the launcher's
-# variable says otherwise, and a rank that never arrives at the vote: the others end within the timeout.
+# variable says otherwise, and a rank that never arrives at the vote: the others end within the timeout, and one
+# of them names it.
 . "$(dirname "$0")/../cli/lib.sh"
 probe=$1
 
@@ -21,5 +22,9 @@ elapsed=$(($(date +%s) - start))
 [ "$rc" -ne 0 ] || fail "hang: a missing rank went unnoticed"
 [ "$rc" -ne 124 ] || fail "hang: the job hung"
 grep -q "group control" <<<"$err" || fail "hang: the error does not name the control group: $err"
+# The rank that never arrived is named (the others answer a liveness ping), once, by the lowest rank that answered.
+grep -q "^moetrain: error: .* world rank 2 did not answer within 3 s: stopped or hung$" <<<"$err" ||
+  fail "hang: the silent rank is not named: $err"
+[ "$(grep -c . <<<"$err")" -eq 1 ] || fail "hang: expected one error line: $err"
 [ "$elapsed" -lt 40 ] || fail "hang: took ${elapsed} s"
 finish

@@ -15,6 +15,7 @@
 #include <map>
 #include <optional>
 
+#include "checkpoints/hdf5_file.h"
 #include "config/loader.h"
 #include "cli/cli.h"
 #include "parallel/mpi_runtime.h"
@@ -101,6 +102,7 @@ int compare(const fs::path& ref, const fs::path& dir) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  moetrain::checkpoints::start_hdf5_without_teardown();  // before MPI_Init (checkpoints/hdf5_file.h)
   parallel::MpiRuntime mpi(&argc, &argv);
   CLI::App app{"parallel equivalence test program"};
   std::string file, out, ref_dir;

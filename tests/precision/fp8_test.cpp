@@ -1,7 +1,11 @@
 #include "precision/fp8.h"
+#include "precision/weight_cache.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
 
 #include "precision/gemm.h"
 
@@ -59,7 +63,93 @@ TEST(Fp8, LinearUsesQuantizedOperandsInAllThreeGemms) {
   y.backward(dy);
   at::Tensor dyq = fake_quant_tiles(dy);
   EXPECT_TRUE(torch::allclose(x.grad(), torch::matmul(dyq, wq), 1e-5, 1e-4));
-  EXPECT_TRUE(torch::allclose(w.grad(), torch::matmul(dyq.reshape({-1, 64}).t(), xq.reshape({-1, 256})), 1e-4, 1e-3));
+  // wgrad: both operands re-quantized along the tokens (their transposes in 1×128 tiles): tested below by hand.
+  at::Tensor dyt = fake_quant_tiles(dyq.reshape({-1, 64}).t().contiguous());
+  at::Tensor xt = fake_quant_tiles(xq.reshape({-1, 256}).t().contiguous());
+  EXPECT_TRUE(torch::allclose(w.grad(), torch::matmul(dyt, xt.t()), 1e-4, 1e-3));
+}
+
+// E4M3 of one value by hand: the nearest of the representable numbers (3 mantissa bits, exponent ≥ -6, subnormals
+// below 2^-6 in steps of 2^-9), ties to even, saturating nothing (|v| ≤ 448 here by construction).
+double e4m3_by_hand(double v) {
+  const double a = std::abs(v);
+  if (a == 0) return 0;
+  int e = static_cast<int>(std::floor(std::log2(a)));
+  e = std::max(e, -6);
+  const double step = std::ldexp(1.0, e - 3);
+  double q = std::nearbyint(a / step) * step;  // round half to even (default rounding mode)
+  return std::copysign(q, v);
+}
+
+// The wgrad operands as DeepSeek-V3 forms them, from the definitions: per output channel, tiles of 128 tokens.
+TEST(Fp8, WgradRequantizesAlongTokensByHand) {
+  torch::manual_seed(3);
+  const int64_t N = 200, O = 16, K = 32;  // 200 tokens: one full tile and a partial one of 72
+  at::Tensor x = torch::randn({N, K}) * 3;
+  at::Tensor w = torch::randn({O, K}, torch::requires_grad());
+  at::Tensor dy = torch::randn({N, O});
+  fp8_linear(x, w).backward(dy);
+  // Forward and dgrad operands, then the token-dimension tiles of their transposes, all by hand.
+  auto tiles_by_hand = [](const at::Tensor& m) {  // rows of m, 1×128 tiles along the columns
+    at::Tensor out = torch::empty_like(m);
+    auto a = m.accessor<float, 2>();
+    auto o = out.accessor<float, 2>();
+    for (int64_t r = 0; r < m.size(0); ++r)
+      for (int64_t t0 = 0; t0 < m.size(1); t0 += 128) {
+        const int64_t t1 = std::min<int64_t>(m.size(1), t0 + 128);
+        double amax = 0;
+        for (int64_t c = t0; c < t1; ++c) amax = std::max(amax, std::abs(static_cast<double>(a[r][c])));
+        const float scale = amax > 0 ? static_cast<float>(amax / 448.0) : 1.0f;
+        for (int64_t c = t0; c < t1; ++c)
+          o[r][c] = static_cast<float>(e4m3_by_hand(static_cast<double>(a[r][c] / scale))) * scale;
+      }
+    return out;
+  };
+  at::Tensor xq = tiles_by_hand(x.detach());      // forward: x in tiles along K
+  at::Tensor dyq = tiles_by_hand(dy);              // dgrad: dy in tiles along O
+  at::Tensor dyt = tiles_by_hand(dyq.t().contiguous());  // [O, N]: tiles of 128 tokens
+  at::Tensor xt = tiles_by_hand(xq.t().contiguous());    // [K, N]: tiles of 128 tokens
+  at::Tensor want = torch::matmul(dyt.to(torch::kDouble), xt.t().to(torch::kDouble)).to(torch::kFloat);
+  EXPECT_TRUE(torch::allclose(w.grad(), want, 1e-5, 1e-4)) << (w.grad() - want).abs().max();
+  // Scaling along the channels instead (the old emulation) gives other numbers.
+  at::Tensor channels = torch::matmul(dyq.t(), xq);
+  EXPECT_GT((w.grad() - channels).abs().max().item<double>(), 1e-3);
+}
+
+TEST(Fp8, QuantizedTensorsRoundTrip) {
+  torch::manual_seed(4);
+  at::Tensor x = torch::randn({5, 300});
+  Fp8Tensor q = quantize_tiles(x);
+  EXPECT_EQ(q.data.scalar_type(), at::kFloat8_e4m3fn);
+  EXPECT_EQ(q.scale.sizes(), (at::IntArrayRef{5, 3}));
+  EXPECT_TRUE(torch::equal(dequantize(q, at::kFloat), fake_quant_tiles(x)));
+  at::Tensor w = torch::randn({130, 260});
+  Fp8Tensor b = quantize_blocks(w);
+  EXPECT_EQ(b.scale.sizes(), (at::IntArrayRef{2, 3}));
+  EXPECT_TRUE(torch::equal(dequantize(b, at::kFloat), fake_quant_blocks(w)));
+  // a · bᵀ: the emulated FP8 GEMM on the dequantized operands.
+  at::Tensor a = torch::randn({7, 260});
+  at::Tensor got = fp8_mm_nt(quantize_tiles(a), b, at::kFloat);
+  EXPECT_TRUE(torch::allclose(got, torch::matmul(fake_quant_tiles(a), fake_quant_blocks(w).t()), 1e-5, 1e-4));
+}
+
+TEST(WeightCache, OneCopyPerChangeOfTheWeight) {
+  torch::manual_seed(5);
+  at::Tensor w = torch::randn({32, 64}, torch::requires_grad());
+  at::Tensor x = torch::randn({4, 64});
+  const int64_t before = weight_copies_made();
+  for (Mode mode : {Mode::kBf16, Mode::kFp8}) {
+    for (int i = 0; i < 3; ++i) gemm(x, w, mode).sum().backward();  // three micro-batches: one copy
+  }
+  EXPECT_EQ(weight_copies_made() - before, 2);
+  // An optimizer-style in-place update makes the next call copy again, and the copy holds the new values.
+  {
+    at::NoGradGuard no_grad;
+    w.mul_(2);
+  }
+  at::Tensor y = gemm(x, w, Mode::kBf16);
+  EXPECT_EQ(weight_copies_made() - before, 3);
+  EXPECT_TRUE(torch::equal(y, at::linear(x.to(at::kBFloat16), w.detach().to(at::kBFloat16)).to(at::kFloat)));
 }
 
 TEST(Gemm, Bf16ComputeKeepsFp32MasterGradients) {

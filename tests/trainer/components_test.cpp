@@ -2,9 +2,11 @@
 // intervals, what a save copies to the host, and the device choice.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <c10/core/CPUAllocator.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <filesystem>
@@ -14,6 +16,8 @@
 #include "config/loader.h"
 #include "model/param_roles.h"
 #include "parallel/placement.h"
+#include "precision/weight_cache.h"
+#include "trainer/memory_meter.h"
 #include "trainer/metrics.h"
 #include "trainer/run_dir.h"
 #include "trainer/train.h"
@@ -87,6 +91,69 @@ TEST(Trainer, EvalIntervalZeroNeverEvaluates) {
     for (std::string line; std::getline(in, line);) evals += line.find("val_loss") != std::string::npos;
     EXPECT_EQ(evals, interval == "0" ? 0 : 1) << "eval_interval " << interval;
   }
+  fs::remove_all(dir);
+}
+
+// The counting CPU allocator: a tensor's bytes are live until it is freed, the peak keeps the most, a reset starts
+// a new peak at what is live.
+TEST(MemoryMeter, CountsLiveTensorBytesAndTheirPeak) {
+  count_cpu_tensors();
+  ASSERT_TRUE(cpu_tensors_counted());
+  const c10::Device cpu(c10::kCPU);
+  reset_tensor_memory_peak(cpu);
+  const int64_t before = tensor_memory(cpu).live_bytes;
+  {
+    at::Tensor a = at::empty({1000}, at::kFloat);
+    at::Tensor b = at::empty({500}, at::kDouble);
+    EXPECT_EQ(tensor_memory(cpu).live_bytes, before + 4000 + 4000);
+  }
+  EXPECT_EQ(tensor_memory(cpu).live_bytes, before);
+  EXPECT_EQ(tensor_memory(cpu).peak_bytes, before + 8000);
+  // The raw interface (oneDNN's BF16 GEMMs use it) is counted too, and frees through the same deleter.
+  c10::Allocator* alloc = c10::GetCPUAllocator();
+  void* raw = alloc->raw_allocate(300);
+  EXPECT_EQ(tensor_memory(cpu).live_bytes, before + 300);
+  alloc->raw_deallocate(raw);
+  EXPECT_EQ(tensor_memory(cpu).live_bytes, before);
+  {
+    const at::Tensor x = at::randn({64, 64}).to(at::kBFloat16);
+    EXPECT_TRUE(at::matmul(x, x).to(at::kFloat).isfinite().all().item<bool>());
+  }
+  reset_tensor_memory_peak(cpu);
+  EXPECT_EQ(tensor_memory(cpu).peak_bytes, before);
+  const std::vector<double> peaks = peak_bytes_per_rank(cpu, 0, 1, [](at::Tensor&) {});
+  ASSERT_EQ(peaks.size(), 1u);
+  EXPECT_EQ(peaks[0], static_cast<double>(before));
+}
+
+// Every step records each rank's peak of live tensor bytes; at least the weights, their gradients and AdamW's two
+// moments (4 × 4 bytes per parameter in FP32) are live at once, and the first progress line shows it.
+TEST(Trainer, RecordsThePeakMemoryOfEachStep) {
+  const fs::path dir = temp_dir("peakmem");
+  config::Config c = tiny({"train.steps=2", "train.eval_interval=0"});
+  Trainer t(c, nullptr, (dir / "r").string(), /*main=*/true);
+  t.run();
+  std::ifstream in(dir / "r" / "metrics.jsonl");
+  int64_t params = 0;
+  for (const auto& p : t.model()->parameters()) params += p.numel();
+  int steps = 0;
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    ASSERT_TRUE(j.contains("peak_mem_bytes")) << line;
+    ASSERT_EQ(j["peak_mem_bytes"].size(), 1u);
+    const double peak = j["peak_mem_bytes"][0].get<double>();
+    if (j["step"] == 2) {
+      EXPECT_GE(peak, 16.0 * static_cast<double>(params));
+    }
+    EXPECT_LT(peak, 64.0 * 1024 * 1024) << "a tiny model's step";
+    ++steps;
+  }
+  EXPECT_EQ(steps, 2);
+  StepResult r;
+  r.peak_memory_bytes = {1024.0 * 1024.0, 3 * 1024.0 * 1024.0};
+  EXPECT_NE(Progress(c, 0).line(r, 1.0).find("| peak mem 3.0 MiB (rank 1)"), std::string::npos);
+  r.step = 1;
+  EXPECT_EQ(Progress(c, 0).line(r, 1.0).find("peak mem"), std::string::npos) << "only on the first line";
   fs::remove_all(dir);
 }
 
@@ -247,6 +314,25 @@ TEST(RunDirectory, NamesALockLeftByADeadProcess) {
   RunDirectory r((dir / "run").string(), true, one);
   EXPECT_EQ(r.stale_holder(), "pid 999999 on elsewhere");
   fs::remove_all(dir);
+}
+
+// The BF16 and FP8 copies of the weights are made once per optimizer step, however many micro-batches use them.
+TEST(Trainer, LowPrecisionWeightCopiesOncePerStep) {
+  for (const std::string mode : {"bf16", "fp8"}) {
+    std::vector<int64_t> copies;
+    for (const std::string micro : {"16", "4"}) {  // 1 and 4 micro-batches of the 16 sequences
+      Trainer t(tiny({"precision.mode=" + mode, "train.micro_batch_size=" + micro, "model.moe_inter_dim=128",
+                      "model.dense_inter_dim=128", "model.hidden_size=128", "model.num_layers=2", "model.mtp_depth=0",
+                      "train.seq_len=16"}),
+                nullptr, "", false);
+      t.step();
+      const int64_t before = precision::weight_copies_made();
+      t.step();
+      copies.push_back(precision::weight_copies_made() - before);
+    }
+    EXPECT_GT(copies[0], 0) << mode;
+    EXPECT_EQ(copies[0], copies[1]) << mode;
+  }
 }
 
 }  // namespace

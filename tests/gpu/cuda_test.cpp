@@ -1,0 +1,157 @@
+// The CUDA path, run where a GPU is visible (the lent H200's check script, scripts/gpu-check.sh); without one each
+// test says so and skips. Training on the GPU against the CPU, the FP8 GEMMs against their emulation, the grouped
+// expert GEMM against the loop, and the host synchronisations of one training step.
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+#include <torch/torch.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "config/loader.h"
+#include "model/moe.h"
+#include "model/moe_load.h"
+#include "moetrain/build_info.h"
+#include "precision/fp8.h"
+#include "precision/weight_cache.h"
+#include "tests/model/test_models.h"
+#include "trainer/train.h"
+#if MOETRAIN_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/util/Exception.h>
+#endif
+
+namespace moetrain {
+namespace {
+
+#define REQUIRE_CUDA() \
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible"
+
+config::Config tiny_on(const std::string& device, std::vector<std::string> extra = {}) {
+  std::vector<std::string> o{"parallel.pp=1", "parallel.dp=1", "parallel.ep=1", "train.device=" + device,
+                             "train.peak_flops=1e12"};
+  o.insert(o.end(), extra.begin(), extra.end());
+  return config::load_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/tiny.yaml", {o, 0});
+}
+
+double rel_err(const at::Tensor& got, const at::Tensor& want) {
+  const at::Tensor g = got.to(at::kDouble).cpu(), w = want.to(at::kDouble).cpu();
+  return ((g - w).norm() / w.norm()).item<double>();
+}
+
+TEST(Cuda, TrainingMatchesTheCpuInFp32) {
+  REQUIRE_CUDA();
+  trainer::Trainer gpu(tiny_on("cuda"), nullptr, "", false), cpu(tiny_on("cpu"), nullptr, "", false);
+  for (int s = 0; s < 20; ++s) {
+    const trainer::StepResult g = gpu.step(), c = cpu.step();
+    EXPECT_NEAR(g.loss, c.loss, 1e-3) << "step " << s + 1;
+    EXPECT_NEAR(g.grad_norm, c.grad_norm, 1e-3 * std::max(1.0, c.grad_norm)) << "step " << s + 1;
+  }
+}
+
+TEST(Cuda, Fp8GemmsMatchTheEmulation) {
+  REQUIRE_CUDA();
+  using namespace precision;
+  const c10::Device d(c10::kCUDA, 0);
+  ASSERT_TRUE(fp8_gemm_on_device(d)) << "FP8 GEMMs need compute capability 9.x";
+  torch::manual_seed(11);
+  const auto opts = at::TensorOptions().device(d);
+  // Token counts that are no multiple of 128 or 16 (an expert's share): the padded edges too.
+  for (const auto& [T, K, N] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1000, 7168, 2048}, {1440, 2048, 7168}, {37, 7168, 2048}}) {
+    const at::Tensor x = at::randn({T, K}, opts), w = at::randn({N, K}, opts) * 0.02, dy = at::randn({T, N}, opts);
+    const Fp8Weight wq = fp8_weight(w);
+    const Fp8Tensor xq = quantize_tiles(x), dyq = quantize_tiles(dy);
+    const int64_t Tp = (T + 127) / 128 * 128;  // wgrad: tokens padded to whole tiles, as fp8_linear does
+    auto tokens_t = [&](const Fp8Tensor& q) {
+      return quantize_tiles(at::constant_pad_nd(dequantize(q, at::kFloat), {0, 0, 0, Tp - T}).t());
+    };
+    const std::vector<std::pair<Fp8Tensor, Fp8Tensor>> gemms{{xq, wq.rows}, {dyq, wq.cols}, {tokens_t(dyq), tokens_t(xq)}};
+    const char* names[] = {"fprop", "dgrad", "wgrad"};
+    for (size_t i = 0; i < gemms.size(); ++i) {
+      const at::Tensor got = fp8_mm_nt(gemms[i].first, gemms[i].second, at::kFloat);
+      set_fp8_emulation(true);
+      const at::Tensor want = fp8_mm_nt(gemms[i].first, gemms[i].second, at::kFloat);
+      set_fp8_emulation(false);
+      const double e = rel_err(got, want);
+      std::printf("FP8 %s %ldx%ldx%ld: relative error against the emulation %.3e\n", names[i], static_cast<long>(T),
+                  static_cast<long>(K), static_cast<long>(N), e);
+      EXPECT_LE(e, 1e-2) << names[i] << " " << T << "x" << K << "x" << N;
+      EXPECT_GT(e, 0.0) << names[i] << ": the tensor cores and the emulation accumulate differently";
+    }
+  }
+  const at::Tensor x = at::randn({300, 7168}, opts), w = at::randn({2048, 7168}, opts) * 0.02;
+  // The whole linear layer, GPU against CPU emulation: forward and both gradients.
+  at::Tensor xg = x.clone().requires_grad_(true), wg = w.clone().requires_grad_(true);
+  at::Tensor xc = xg.detach().cpu().requires_grad_(true), wc = wg.detach().cpu().requires_grad_(true);
+  at::Tensor yg = fp8_linear(xg, wg), yc = fp8_linear(xc, wc);
+  const at::Tensor g = at::randn(yc.sizes());
+  yg.backward(g.to(d));
+  yc.backward(g);
+  EXPECT_LE(rel_err(yg, yc), 1e-2);
+  EXPECT_LE(rel_err(xg.grad(), xc.grad()), 1e-2);
+  EXPECT_LE(rel_err(wg.grad(), wc.grad()), 1e-2);
+}
+
+TEST(Cuda, GroupedExpertGemmMatchesTheLoopInBf16) {
+  REQUIRE_CUDA();
+  config::ModelConfig m = testing::tiny_model();
+  m.hidden_size = 256;
+  m.moe_inter_dim = 128;
+  m.n_routed_experts = 8;
+  torch::manual_seed(12);
+  model::MoE moe(m, model::ExpertShard{0, 1}, precision::Mode::kBf16);
+  moe->to(c10::Device(c10::kCUDA, 0));
+  for (auto& p : moe->parameters()) {
+    at::NoGradGuard no_grad;
+    p.normal_(0, 0.05);
+  }
+  const std::vector<int64_t> counts{100, 0, 37, 250, 1, 64, 0, 90};
+  const at::Tensor tokens = at::randn({542, 256}, at::TensorOptions().device(at::kCUDA));
+  ASSERT_TRUE(moe->grouped_expert_gemm(tokens));
+  auto run = [&](bool grouped) {
+    moe->zero_grad();
+    at::Tensor x = tokens.clone().requires_grad_(true);
+    at::Tensor y = moe->run_experts(x, counts, grouped);
+    y.sum().backward();
+    return std::vector<at::Tensor>{y.detach(), x.grad(), moe->local_experts[3]->w_up.grad().clone()};
+  };
+  const auto loop = run(false), grouped = run(true);
+  for (size_t i = 0; i < loop.size(); ++i) EXPECT_LE(rel_err(grouped[i], loop[i]), 1e-2) << "tensor " << i;
+}
+
+#if MOETRAIN_WITH_CUDA
+// Counts the warnings of LibTorch's CUDA sync debug mode: one per host synchronisation.
+struct SyncCounter : c10::WarningHandler {
+  int64_t count = 0;
+  void process(const c10::Warning& w) override {
+    if (w.msg().find("synchroniz") != std::string::npos) ++count;
+  }
+};
+#endif
+
+TEST(Cuda, HostSynchronisationsPerStep) {
+  REQUIRE_CUDA();
+#if MOETRAIN_WITH_CUDA
+  const config::Config c = tiny_on("cuda", {"precision.mode=bf16"});
+  trainer::Trainer t(c, nullptr, "", false);
+  t.step();  // the first step's one-time work (allocations, peak FLOP/s measured already) is not counted
+  const auto moe_layers = static_cast<int64_t>(model::moe_layer_names(c.model).size());
+  const int64_t micro = c.train.micro_batches;
+  SyncCounter counter;
+  {
+    c10::WarningUtils::WarningHandlerGuard guard(&counter);
+    c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_WARN);
+    t.step();
+    c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+  }
+  std::printf("host synchronisations in one step: %ld (%ld MoE layers x %ld micro-batches)\n",
+              static_cast<long>(counter.count), static_cast<long>(moe_layers), static_cast<long>(micro));
+  // One per MoE layer and micro-batch (the expert split sizes); per step one for the losses and the gradient
+  // norm together and one for the metrics' router-bias ranges.
+  EXPECT_LE(counter.count, moe_layers * micro + 2);
+#endif
+}
+
+}  // namespace
+}  // namespace moetrain
