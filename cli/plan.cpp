@@ -75,11 +75,19 @@ Plan make_plan(const config::Config& c) {
     // The stage's dense layers come first (layers < n_dense_layers), then its MoE layers: counted per kind.
     const int64_t dense = std::clamp<int64_t>(m.n_dense_layers - st.first_layer, 0, st.layers);
     Count params;
-    model::ActivationElems a;
+    // Per in-flight micro-batch; and once, the largest block being recomputed (full recomputation), which happens
+    // after the output heads' backward pass has freed what they kept.
+    model::ActivationElems a, heads;
+    double transient = 0;
+    auto recomputed = [&](bool moe) {
+      const model::ActivationElems t = model::recompute_transient(m, moe);
+      transient = std::max(transient, t.elems * act + t.fp32_elems * 4.0);
+    };
     for (auto [n, layer] : {std::pair{dense, st.first_layer}, std::pair{st.layers - dense, st.first_layer + dense}}) {
       if (n == 0) continue;
       params += Count(n) * block_local_params(model::block_params(m, layer), ep);
       a += times(model::block_activations(m, model::is_moe_layer(m, layer)), n);
+      recomputed(model::is_moe_layer(m, layer));
     }
     const bool first = s == 0, last = s == pp - 1;
     if (first) params += plan.params.embedding;
@@ -94,8 +102,10 @@ Plan make_plan(const config::Config& c) {
       }
       // MTP embeds future tokens with the shared embedding: the last stage keeps a copy when it is not stage 0.
       if (m.mtp_depth > 0 && !first && !m.tie_embeddings) params += plan.params.embedding;
+      heads = times(model::head_activations(m), 1 + m.mtp_depth);
       a += model::head_activations(m);
       a += times(model::mtp_module_activations(m), m.mtp_depth);
+      if (m.mtp_depth > 0) recomputed(model::mtp_is_moe(m));
     }
     st.params = params.value(kStageParams);
     st.in_flight_micro_batches = std::min<int64_t>(pp - s, c.train.micro_batches);
@@ -103,8 +113,10 @@ Plan make_plan(const config::Config& c) {
     st.weight_bytes = p * static_cast<double>(policy.weight_bytes_per_param());
     st.grad_bytes = p * policy.grad_bytes;
     st.optimizer_bytes = p * static_cast<double>(policy.optimizer_bytes_per_param());
-    st.activation_bytes = (a.elems * act + a.fp32_elems * 4.0) * tokens_per_micro_batch *
-                          static_cast<double>(st.in_flight_micro_batches);
+    const double kept = a.elems * act + a.fp32_elems * 4.0;
+    const double freed = heads.elems * act + heads.fp32_elems * 4.0;
+    st.activation_bytes = (kept * static_cast<double>(st.in_flight_micro_batches) + std::max(0.0, transient - freed)) *
+                          tokens_per_micro_batch;
     plan.stages.push_back(st);
   }
   return plan;
@@ -152,7 +164,8 @@ void check_memory_budget(const Plan& plan, const config::Config& c) {
         {"optimizer state", s.optimizer_bytes,
          "BF16 moments (precision.moment_dtype: bf16), more pipeline stages or expert parallelism"},
         {"activations", s.activation_bytes,
-         "a smaller train.micro_batch_size or train.seq_len, or fewer in-flight micro-batches"}};
+         "activation recomputation (model.recompute: selective or full), a smaller train.micro_batch_size or "
+         "train.seq_len, or fewer in-flight micro-batches"}};
     const Part& top = *std::max_element(std::begin(parts), std::end(parts),
                                         [](const Part& a, const Part& b) { return a.bytes < b.bytes; });
     throw config::ConfigError(fmt::format(
@@ -194,8 +207,8 @@ std::string format_plan(const Plan& plan, const config::Config& c) {
                      c.train.seq_len, flops(plan.flops.main), flops(plan.flops.mtp), flops(plan.flops.total()),
                      plan.flops.total() * static_cast<double>(plan.tokens_per_step));
 
-  out += fmt::format("\nmemory per rank (no activation recomputation; activations of the in-flight 1F1B "
-                     "micro-batches)\n");
+  out += fmt::format("\nmemory per rank (activation recomputation: {}; activations of the in-flight 1F1B "
+                     "micro-batches)\n", config::name(c.model.recompute));
   out += fmt::format("{:>5} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>12}\n", "stage", "layers",
                      "params", "weights", "grads", "optimizer", "activations", "in-flight", "total");
   for (const auto& s : plan.stages) {

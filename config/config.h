@@ -33,6 +33,11 @@ enum class PrecisionMode { kFp32, kBf16, kFp8 };
 inline constexpr std::array<std::string_view, 3> kPrecisionModeNames{"fp32", "bf16", "fp8"};
 constexpr const auto& choice_names(PrecisionMode) { return kPrecisionModeNames; }
 
+// Activation recomputation (Megatron-Core's recompute_granularity, torchtitan's activation_checkpoint.mode).
+enum class Recompute { kNone, kSelective, kFull };
+inline constexpr std::array<std::string_view, 3> kRecomputeNames{"none", "selective", "full"};
+constexpr const auto& choice_names(Recompute) { return kRecomputeNames; }
+
 enum class MomentDtype { kFp32, kBf16 };
 inline constexpr std::array<std::string_view, 2> kMomentDtypeNames{"fp32", "bf16"};
 constexpr const auto& choice_names(MomentDtype) { return kMomentDtypeNames; }
@@ -79,6 +84,7 @@ struct ModelConfig {
   double mtp_loss_weight = 0.3;
   double mtp_loss_weight_final = 0.1;
   int64_t mtp_loss_weight_switch_tokens = 0;
+  Recompute recompute = Recompute::kNone;
 };
 
 struct ParallelConfig {

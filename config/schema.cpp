@@ -64,6 +64,13 @@ std::vector<KeySpec> build_schema() {
       {KEY(model, mtp_loss_weight_switch_tokens),
        "Tokens trained after which λ drops to mtp_loss_weight_final (0: never).", at_least(0)},
 
+      {KEY(model, recompute),
+       "Activation recomputation in the backward pass: none (every activation kept), selective (DeepSeek-V3's: "
+       "attention's RMSNorm outputs, the q and kv latents and their up-projections, and the SwiGLU activations are "
+       "recomputed from what the block keeps) or full (each block keeps only its input and is run again in the "
+       "backward pass). Losses and gradients are the same; memory drops, compute grows (full: one more forward "
+       "pass of the blocks)."},
+
       // ---- parallel ----------------------------------------------------------------------------------------
       {KEY(parallel, world_size),
        "Ranks in the job (0: pp·dp). When launched, the launch's rank count must equal pp·dp.", at_least(0)},

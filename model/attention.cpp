@@ -1,6 +1,7 @@
 #include "model/attention.h"
 
 #include <ATen/ops/cat.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 
@@ -32,6 +33,11 @@ MLAImpl::MLAImpl(const config::ModelConfig& m, Mode mode)
 }
 
 at::Tensor MLAImpl::forward(const at::Tensor& x) {
+  std::vector<at::Tensor> qkv = project(x);
+  return attend(qkv[0], qkv[1], qkv[2], x.scalar_type());
+}
+
+std::vector<at::Tensor> MLAImpl::project(const at::Tensor& x) {
   const int64_t B = x.size(0), T = x.size(1), H = heads_;
   at::Tensor q = q_lora_rank_ > 0 ? gemm(q_norm(gemm(x, wq_a, mode_)), wq_b, mode_) : gemm(x, wq, mode_);
   q = q.view({B, T, H, nope_ + rope_});
@@ -50,13 +56,23 @@ at::Tensor MLAImpl::forward(const at::Tensor& x) {
   at::Tensor qf = at::cat({q_nope, q_rope}, -1).transpose(1, 2);                           // [B, H, T, qk]
   at::Tensor kf = at::cat({k_nope, k_rope.expand({B, T, H, rope_})}, -1).transpose(1, 2);  // [B, H, T, qk]
   at::Tensor vf = v.transpose(1, 2);                                                       // [B, H, T, v]
-  const double scale = 1.0 / std::sqrt(static_cast<double>(nope_ + rope_));
   // In bf16 and fp8 modes attention runs in BF16 (the fused kernels' dtype on GPUs), in FP32 in fp32 mode.
   const auto attn_dtype = mode_ == Mode::kFp32 ? qf.scalar_type() : at::kBFloat16;
-  at::Tensor o = at::scaled_dot_product_attention(qf.to(attn_dtype), kf.to(attn_dtype), vf.to(attn_dtype),
-                                                  /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale)
-                     .to(x.scalar_type());
-  return gemm(o.transpose(1, 2).reshape({B, T, H * v_dim_}), wo, mode_);
+  // v padded with zeros to the q/k head dim (as transformers does for flash attention): the fused kernels need
+  // equal head dims, without them the CPU takes the math path, which keeps the H·T attention probabilities of every
+  // token for the backward pass. A copy either way: attention then keeps v alone, not the k_nope|v projection.
+  if (v_dim_ < nope_ + rope_) vf = at::constant_pad_nd(vf, {0, nope_ + rope_ - v_dim_});
+  return {qf.to(attn_dtype), kf.to(attn_dtype),
+          vf.to(attn_dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous)};
+}
+
+at::Tensor MLAImpl::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype) {
+  const int64_t B = q.size(0), T = q.size(2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(nope_ + rope_));
+  at::Tensor o = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
+                                                  scale);
+  o = o.narrow(-1, 0, v_dim_).to(dtype);  // the padding's columns are zero
+  return gemm(o.transpose(1, 2).reshape({B, T, heads_ * v_dim_}), wo, mode_);
 }
 
 }  // namespace moetrain::model

@@ -7,6 +7,8 @@
 
 #include <torch/nn/module.h>
 
+#include <vector>
+
 #include "config/config.h"
 #include "model/layers.h"
 
@@ -15,7 +17,14 @@ namespace moetrain::model {
 class MLAImpl : public torch::nn::Module {
  public:
   MLAImpl(const config::ModelConfig& m, Mode mode = Mode::kFp32);
-  at::Tensor forward(const at::Tensor& x);  // [B, T, d] -> [B, T, d]
+  at::Tensor forward(const at::Tensor& x);  // [B, T, d] -> [B, T, d]: attend(project(x))
+
+  // The two halves of forward, apart so that selective recomputation can drop project's intermediates (the latent
+  // norms, the q and kv up-projections, RoPE) and keep only what attention itself saves:
+  // project: x -> {q, k, v} [B, H, T, ·] in the attention dtype (BF16 in the bf16 and fp8 modes, else x's);
+  // attend: causal attention and the output projection -> [B, T, d] in `dtype`.
+  std::vector<at::Tensor> project(const at::Tensor& x);
+  at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype);
 
   at::Tensor wq_a, wq_b, wq, wkv_a, wkv_b, wo;
   RMSNorm q_norm{nullptr}, kv_norm{nullptr};

@@ -1,21 +1,61 @@
 #include "model/block.h"
 
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/zeros.h>
+
+#include <memory>
+
+#include "model/recompute.h"
+
 namespace moetrain::model {
 
-BlockImpl::BlockImpl(const config::ModelConfig& m, bool is_moe, ExpertShard shard, Mode mode) {
+BlockImpl::BlockImpl(const config::ModelConfig& m, bool is_moe, ExpertShard shard, Mode mode)
+    : recompute_(m.recompute) {
   attn_norm = register_module("attn_norm", RMSNorm(m.hidden_size, m.norm_eps));
   attn = register_module("attn", MLA(m, mode));
   ffn_norm = register_module("ffn_norm", RMSNorm(m.hidden_size, m.norm_eps));
   if (is_moe)
     moe = register_module("moe", MoE(m, shard, mode));
   else
-    mlp = register_module("mlp", SwiGLU(m.hidden_size, m.dense_inter_dim, mode));
+    mlp = register_module("mlp",
+                          SwiGLU(m.hidden_size, m.dense_inter_dim, mode, m.recompute == config::Recompute::kSelective));
 }
 
 at::Tensor BlockImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats) {
-  at::Tensor h = x + attn(attn_norm(x));
-  at::Tensor f = ffn_norm(h);
+  if (recompute_ == config::Recompute::kFull && at::GradMode::is_enabled())
+    return forward_recomputed(x, exchange, stats);
+  return forward_saved(x, exchange, stats);
+}
+
+at::Tensor BlockImpl::forward_saved(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats) {
+  // Selective: attention keeps x and what it saves itself (q, k, v and its output); the norms, the latents and the
+  // q/k/v projections are recomputed in the backward pass.
+  const bool selective = recompute_ == config::Recompute::kSelective;
+  auto project = [this](const std::vector<at::Tensor>& in) { return attn->project(attn_norm(in[0])); };
+  const std::vector<at::Tensor> qkv = selective ? recompute(project, {x}) : project({x});
+  at::Tensor h = x + attn->attend(qkv[0], qkv[1], qkv[2], x.scalar_type());
+  at::Tensor f = ffn_norm(h);  // keeps only h and 1/rms (model/layers.h): nothing to recompute
   return h + (moe ? moe->forward(f, exchange, stats) : mlp(f));
+}
+
+at::Tensor BlockImpl::forward_recomputed(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats) {
+  // The block's balance loss leaves the segment as a second output so that its gradient reaches the router. The
+  // MoE statistics of the first run (this forward pass) are handed on; those of the recomputation are dropped.
+  auto sink = std::make_shared<std::vector<MoeStats>*>(&stats);
+  const std::vector<at::Tensor> outs = recompute(
+      [this, &exchange, sink](const std::vector<at::Tensor>& in) {
+        std::vector<MoeStats> local;
+        at::Tensor y = forward_saved(in[0], exchange, local);
+        at::Tensor balance = local.empty() ? at::zeros({}, y.options().dtype(at::kFloat)) : local[0].balance_loss;
+        if (*sink) {
+          for (auto& s : local) (*sink)->push_back(std::move(s));
+          *sink = nullptr;
+        }
+        return std::vector<at::Tensor>{y, balance};
+      },
+      {x});
+  if (moe) stats.back().balance_loss = outs[1];
+  return outs[0];
 }
 
 }  // namespace moetrain::model

@@ -14,12 +14,20 @@ namespace moetrain::model {
 class BlockImpl : public torch::nn::Module {
  public:
   BlockImpl(const config::ModelConfig& m, bool moe, ExpertShard shard, Mode mode = Mode::kFp32);
+  // Under model.recompute = full the whole block is recomputed from x in the backward pass; under selective
+  // attention's norm, latents and q/k/v projections, and the SwiGLU activations are (model/recompute.h).
   at::Tensor forward(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats);
 
   RMSNorm attn_norm{nullptr}, ffn_norm{nullptr};
   MLA attn{nullptr};
   SwiGLU mlp{nullptr};  // dense blocks
   MoE moe{nullptr};     // MoE blocks
+
+ private:
+  at::Tensor forward_saved(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats);
+  at::Tensor forward_recomputed(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats);
+
+  config::Recompute recompute_;
 };
 TORCH_MODULE(Block);
 

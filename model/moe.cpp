@@ -1,15 +1,15 @@
 #include "model/moe.h"
 
 #include <ATen/ops/_grouped_mm.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/argsort.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/ones_like.h>
-#include <ATen/ops/silu.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
+#include <ATen/ops/empty_like.h>
 
 #include "model/device_copy.h"
 
@@ -20,15 +20,18 @@ MoEImpl::MoEImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode)
       top_k_(m.top_k),
       aux_alpha_(m.balance_mode == config::BalanceMode::kAuxLoss ? m.aux_loss_alpha : 0.0),
       seq_alpha_(m.seq_balance_alpha),
-      mode_(mode) {
+      mode_(mode),
+      recompute_activation_(m.recompute == config::Recompute::kSelective) {
   router = register_module("router", Router(m));
   if (m.n_shared_experts > 0)
-    shared = register_module("shared", SwiGLU(m.hidden_size, m.n_shared_experts * m.moe_inter_dim, mode));
+    shared = register_module("shared", SwiGLU(m.hidden_size, m.n_shared_experts * m.moe_inter_dim, mode,
+                                              recompute_activation_));
   auto holder = register_module("experts", std::make_shared<torch::nn::Module>());
   const int64_t first = shard.first_expert(n_experts_);
   for (int64_t e = 0; e < shard.local_count(n_experts_); ++e)
     local_experts.push_back(
-        holder->register_module(std::to_string(first + e), SwiGLU(m.hidden_size, m.moe_inter_dim, mode)));
+        holder->register_module(std::to_string(first + e),
+                                SwiGLU(m.hidden_size, m.moe_inter_dim, mode, recompute_activation_)));
 }
 
 at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats) {
@@ -51,8 +54,12 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
   at::Tensor local_out = run_experts(in.tokens, in.local_counts, grouped_expert_gemm(in.tokens));
   at::Tensor routed = exchange.combine(local_out, in);  // [N·k, d] in sorted order
 
-  at::Tensor gate = r.gates.reshape({N * top_k_}).index_select(0, order).unsqueeze(1).to(x.scalar_type());
-  at::Tensor out = at::zeros_like(flat).index_add(0, token_of, routed * gate);
+  // Back in token order ([N, k, d], copy j of token t at row t·k + j), weighted by the gates and summed: the backward
+  // pass keeps the copies and the gates only (an index_add of the products would keep the products too), and the sum
+  // over k is deterministic on GPUs, where index_add's atomics are not.
+  at::Tensor slot_of = at::empty_like(order).scatter_(0, order, at::arange(N * top_k_, order.options()));
+  at::Tensor copies = routed.index_select(0, slot_of).view({N, top_k_, d});
+  at::Tensor out = (copies * r.gates.unsqueeze(-1).to(x.scalar_type())).sum(1);
   if (shared) out = out + shared(flat);
 
   stats.push_back({counts_cpu, balance_loss_sum(r, B, T, top_k_, seq_alpha_, aux_alpha_)});
@@ -92,8 +99,8 @@ at::Tensor MoEImpl::run_experts(const at::Tensor& tokens, const std::vector<int6
     return at::stack(ws).to(dtype).transpose(1, 2);
   };
   const at::Tensor x = tokens.to(dtype);
-  const at::Tensor h = at::silu(at::_grouped_mm(x, stacked(&SwiGLUImpl::w_gate), offs)) *
-                       at::_grouped_mm(x, stacked(&SwiGLUImpl::w_up), offs);
+  const at::Tensor h = swiglu_activation(at::_grouped_mm(x, stacked(&SwiGLUImpl::w_gate), offs),
+                                         at::_grouped_mm(x, stacked(&SwiGLUImpl::w_up), offs), recompute_activation_);
   return at::_grouped_mm(h, stacked(&SwiGLUImpl::w_down), offs).to(tokens.scalar_type());
 }
 

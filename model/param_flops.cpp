@@ -124,38 +124,70 @@ FlopsPerToken flops_per_token(const config::ModelConfig& m, int64_t seq_len) {
 
 namespace moetrain::model {
 
-ActivationElems block_activations(const config::ModelConfig& m, bool moe) {
-  const double d = static_cast<double>(m.hidden_size), h = static_cast<double>(m.num_heads);
+namespace {
+
+// One block's saved activations under `r` (none or selective; full is handled by the callers).
+ActivationElems block_saved(const config::ModelConfig& m, bool moe, config::Recompute r) {
+  const bool selective = r == config::Recompute::kSelective;
+  const double d = static_cast<double>(m.hidden_size), H = static_cast<double>(m.num_heads);
   const double dqk = static_cast<double>(m.qk_nope_head_dim + m.qk_rope_head_dim);
-  const double dv = static_cast<double>(m.v_head_dim);
+  const double dv = static_cast<double>(m.v_head_dim), ql = static_cast<double>(m.q_lora_rank);
+  const double kvl = static_cast<double>(m.kv_lora_rank), rope = static_cast<double>(m.qk_rope_head_dim);
   ActivationElems a;
-  // Attention: block input and its norm, the query latent and its norm, q, the KV latent (+ rope key) and its
-  // norm, k, v and the attention output.
-  a.elems += 2 * d + (m.q_lora_rank > 0 ? 2.0 * static_cast<double>(m.q_lora_rank) : 0.0) + h * dqk +
-             static_cast<double>(m.kv_lora_rank + m.qk_rope_head_dim) + static_cast<double>(m.kv_lora_rank) +
-             h * dqk + 2 * h * dv;
+  // Attention keeps q, k, v and its output (v padded to the q/k head dim, model/attention.cpp), the output
+  // projection's input (+ the log-sum-exp per head).
+  a.elems += 2 * H * dqk + 2 * H * std::max(dqk, dv) + H * dv;
+  a.fp32_elems += H;
+  // The block input; without recomputation also the norm's output, the query latent and its norm's output, the KV
+  // latent (+ rope key) and its norm's output (selective recomputes them from the input). Each RMSNorm keeps its
+  // input and 1/rms per token (model/layers.cpp).
+  a.elems += d;
+  if (!selective) {
+    a.elems += d + (ql > 0 ? 2 * ql : 0.0) + (kvl + rope) + kvl;
+    a.fp32_elems += ql > 0 ? 3 : 2;
+  }
+  // The FFN norm: its input and output.
+  a.elems += 2 * d;
+  a.fp32_elems += 1;
+  // A SwiGLU keeps gate, up and their product (+ silu(gate) without recomputation) per token it sees.
+  const double swiglu = selective ? 3.0 : 4.0;
   if (moe) {
-    const double inter = static_cast<double>(m.moe_inter_dim), k = static_cast<double>(m.top_k);
-    // The FFN input and its norm; per routed copy: the dispatched input, gate, up, their product and the output;
-    // the shared experts' gate, up and product; router scores in FP32.
-    a.elems += 2 * d + k * (2 * d + 3 * inter) + static_cast<double>(m.n_shared_experts) * 3 * inter;
-    a.fp32_elems += static_cast<double>(m.n_routed_experts);
+    const double k = static_cast<double>(m.top_k), inter = static_cast<double>(m.moe_inter_dim);
+    // Per routed copy: the dispatched input, the expert's SwiGLU, the expert output (kept for the gate product).
+    a.elems += k * (2 * d + swiglu * inter) + static_cast<double>(m.n_shared_experts) * swiglu * inter;
+    // Router scores, the selected scores and gates, and the int64 indices of the sort and the combine.
+    a.fp32_elems += static_cast<double>(m.n_routed_experts) + 2 * k + 3 * 2 * k;
   } else {
-    a.elems += 2 * d + 3 * static_cast<double>(m.dense_inter_dim);
+    a.elems += swiglu * static_cast<double>(m.dense_inter_dim);
   }
   return a;
 }
 
+}  // namespace
+
+ActivationElems block_activations(const config::ModelConfig& m, bool moe) {
+  if (m.recompute == config::Recompute::kFull) return {static_cast<double>(m.hidden_size), 0.0};
+  return block_saved(m, moe, m.recompute);
+}
+
+ActivationElems recompute_transient(const config::ModelConfig& m, bool moe) {
+  if (m.recompute != config::Recompute::kFull) return {};
+  return block_saved(m, moe, config::Recompute::kNone);
+}
+
 ActivationElems head_activations(const config::ModelConfig& m) {
   ActivationElems a;
-  a.elems = 2.0 * static_cast<double>(m.hidden_size);
-  a.fp32_elems = static_cast<double>(m.vocab_size);
+  a.elems = 2.0 * static_cast<double>(m.hidden_size);   // the last hidden state and the final norm's output
+  a.fp32_elems = static_cast<double>(m.vocab_size) + 1;  // the log-probabilities of the cross-entropy, 1/rms
   return a;
 }
 
 ActivationElems mtp_module_activations(const config::ModelConfig& m) {
   ActivationElems a;
-  a.elems = 4.0 * static_cast<double>(m.hidden_size);  // both inputs, their norms (the concat feeds M_k)
+  // The embedded future token and the concatenation of both norms' outputs fed to M_k (the hidden input is the
+  // previous head's), 1/rms of both norms.
+  a.elems = 3.0 * static_cast<double>(m.hidden_size);
+  a.fp32_elems = 2;
   a += block_activations(m, mtp_is_moe(m));
   a += head_activations(m);
   return a;

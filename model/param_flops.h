@@ -66,8 +66,10 @@ FlopsPerToken flops_per_token(const config::ModelConfig& m, int64_t seq_len);
 
 namespace moetrain::model {
 
-// Activations one token leaves saved for backward in one block (no recomputation): elements stored in the
-// activation dtype, plus elements kept in FP32 (router scores, logits). An estimate for `moetrain plan`.
+// Activations one token leaves saved for the backward pass in one block under model.recompute: elements stored in
+// the activation dtype, plus elements kept in FP32 or as int64 indices (router scores, gates, logits; an int64
+// counts as two). An estimate for `moetrain plan`, written from what each op of the forward pass saves (the
+// memory bench holds it against measurement).
 struct ActivationElems {
   double elems = 0;
   double fp32_elems = 0;
@@ -77,8 +79,12 @@ struct ActivationElems {
     return *this;
   }
 };
+// Held from a block's forward pass to its backward pass (full recomputation: the block's input only).
 ActivationElems block_activations(const config::ModelConfig& m, bool moe);
-ActivationElems head_activations(const config::ModelConfig& m);        // final norm + FP32 logits
+// Held for the backward pass of the block being recomputed (full recomputation; else nothing): one block's
+// activations without recomputation, once per stage whatever the micro-batches in flight.
+ActivationElems recompute_transient(const config::ModelConfig& m, bool moe);
+ActivationElems head_activations(const config::ModelConfig& m);        // final norm + FP32 log-probabilities
 ActivationElems mtp_module_activations(const config::ModelConfig& m);  // one MTP module, its head included
 
 }  // namespace moetrain::model

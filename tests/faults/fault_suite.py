@@ -46,6 +46,17 @@ ONE_RANK = ["--set", "parallel.pp=1", "--set", "parallel.dp=1", "--set", "parall
 QUIET = ["--set", "train.eval_interval=0", "--set", "train.peak_flops=1e9"]
 
 
+
+def flip_bit(suite, path):
+    """Flips one random bit of the file at a random offset; returns the offset."""
+    at = suite.rng.randrange(os.path.getsize(path))
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        b = fh.read(1)[0]
+        fh.seek(at)
+        fh.write(bytes([b ^ (1 << suite.rng.randrange(8))]))
+    return at
+
 class Result:
     def __init__(self, rc, out, err, elapsed):
         self.rc, self.out, self.err, self.elapsed = rc, out, err, elapsed
@@ -304,13 +315,7 @@ def kind_data(suite, cases):
         if kind.startswith("truncate"):
             os.truncate(target, suite.rng.randrange(size))
         elif kind.startswith("flip"):
-            at = suite.rng.randrange(size)
-            with open(target, "r+b") as f:
-                f.seek(at)
-                b = f.read(1)[0]
-                f.seek(at)
-                f.write(bytes([b ^ (1 << suite.rng.randrange(8))]))
-            kind += f"@{at}"
+            kind += f"@{flip_bit(suite, target)}"
         elif kind.startswith("delete"):
             os.remove(target)
         elif kind == "empty_bin":
@@ -408,14 +413,7 @@ def kind_checkpoint(suite, cases):
         f = suite.rng.choice(files)
         path = os.path.join(sd, f)
         if kind == "flip":
-            size = os.path.getsize(path)
-            at = suite.rng.randrange(size)
-            with open(path, "r+b") as fh:
-                fh.seek(at)
-                b = fh.read(1)[0]
-                fh.seek(at)
-                fh.write(bytes([b ^ (1 << suite.rng.randrange(8))]))
-            what = f"flip {f}@{at}"
+            what = f"flip {f}@{flip_bit(suite, path)}"
         elif kind == "index":
             path = os.path.join(sd, "index.json")
             index = json.load(open(path))

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # equivalence_test.sh PROGRAM: the same global batch trained on every layout (pp, dp, ep) gives the losses of
 # each of 10 steps, the validation loss and the final parameters of the single-process run within 1e-5 relative
-# (FP32). Then a starved expert: no hang, zero gradient.
+# (FP32); so do two layouts with activation recomputation (full, selective). Then a starved expert: no hang, zero
+# gradient.
 . "$(dirname "$0")/../cli/lib.sh"
 prog=$1
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 common=(--config configs/tiny.yaml --set train.micro_batch_size=2 --set train.global_batch_size=16
         --set train.eval_batches=1 --set train.peak_flops=1e9 --set parallel.dp=0)
-run_layout() {  # pp dp ep
-  local pp=$1 dp=$2 ep=$3 np=$(($1 * $2))
-  run mpi -np "$np" "$prog" "${common[@]}" --steps 10 --set parallel.pp="$pp" --set parallel.ep="$ep" --out "$dir/$pp-$dp-$ep"
-  [ "$rc" -eq 0 ] || fail "layout pp $pp dp $dp ep $ep: rc $rc: $err"
+run_layout() {  # pp dp ep [recompute]
+  local pp=$1 dp=$2 ep=$3 np=$(($1 * $2)) recompute=${4:-none}
+  run mpi -np "$np" "$prog" "${common[@]}" --steps 10 --set parallel.pp="$pp" --set parallel.ep="$ep" \
+      --set model.recompute="$recompute" --out "$dir/$pp-$dp-$ep${4:+-$4}"
+  [ "$rc" -eq 0 ] || fail "layout pp $pp dp $dp ep $ep recompute $recompute: rc $rc: $err"
 }
 run_layout 1 1 1
 for layout in "1 2 1" "1 2 2" "2 1 1" "2 2 2" "1 4 4" "2 4 2"; do
@@ -20,6 +22,16 @@ for layout in "1 2 1" "1 2 2" "2 1 1" "2 2 2" "1 4 4" "2 4 2"; do
   run "$prog" --compare "$dir/1-1-1" "$dir/$1-$2-$3"
   echo "$out"
   [ "$rc" -eq 0 ] || fail "layout pp $1 dp $2 ep $3 differs from one process: $out"
+done
+
+# Activation recomputation on parallel layouts (the expert all-to-alls and the stage's blocks run again in the
+# backward pass): the numbers of one process without it.
+for layout in "2 2 2 full" "1 2 2 selective"; do
+  set -- $layout
+  run_layout "$1" "$2" "$3" "$4"
+  run "$prog" --compare "$dir/1-1-1" "$dir/$1-$2-$3-$4"
+  echo "$out"
+  [ "$rc" -eq 0 ] || fail "layout pp $1 dp $2 ep $3 with recompute $4 differs from one process: $out"
 done
 
 # An expert the router never picks: every rank still takes part in every exchange, its gradient stays zero.
