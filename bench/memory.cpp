@@ -14,7 +14,6 @@
 #include <fmt/format.h>
 
 #include <cstdio>
-#include <sstream>
 
 #include "cli/cli.h"
 #include "cli/plan.h"
@@ -24,13 +23,6 @@
 #include "trainer/train.h"
 
 namespace {
-
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream in(s);
-  for (std::string item; std::getline(in, item, ',');) out.push_back(item);
-  return out;
-}
 
 double mib(double bytes) {
   return bytes / (1024.0 * 1024.0);
@@ -43,12 +35,13 @@ int main(int argc, char** argv) {
   CLI::App app{
       "Measured memory per rank against moetrain plan, per recompute "
       "mode and precision"};
-  std::string file = "configs/small-cpu.yaml", recompute = "none,selective,full", precision = "fp32,bf16,fp8";
+  std::string file = "configs/small-cpu.yaml";
+  std::vector<std::string> recompute{"none", "selective", "full"}, precision{"fp32", "bf16", "fp8"};
   int64_t steps = 3;
   std::vector<std::string> overrides;
   app.add_option("--config", file, "Config (default configs/small-cpu.yaml)");
-  app.add_option("--recompute", recompute, "model.recompute values, comma-separated");
-  app.add_option("--precision", precision, "precision.mode values, comma-separated");
+  app.add_option("--recompute", recompute, "model.recompute values, comma-separated")->delimiter(',');
+  app.add_option("--precision", precision, "precision.mode values, comma-separated")->delimiter(',');
   app.add_option("--steps", steps, "Steps per case (the last is measured; at least 2)")->check(CLI::Range(2, 1000));
   cli::add_set_option(&app, overrides);
   CLI11_PARSE(app, argc, argv);
@@ -60,8 +53,8 @@ int main(int argc, char** argv) {
   };
   std::vector<Row> rows;
   try {
-    for (const std::string& r : split(recompute))
-      for (const std::string& p : split(precision)) {
+    for (const std::string& r : recompute)
+      for (const std::string& p : precision) {
         std::vector<std::string> o = overrides;
         o.push_back("model.recompute=" + r);
         o.push_back("precision.mode=" + p);
