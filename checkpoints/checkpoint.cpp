@@ -124,13 +124,31 @@ struct Place {
   Place in(const std::string& k) const { return {file, context, path + k + "."}; }
 };
 
-// A tensor's parts must tile its rows: [0, rows) without gaps or overlaps, each inside the shape and holding every
-// other dimension whole. Returns what is wrong ("" if nothing); the entry's keys have their types.
+// A tensor's parts must tile it: row slices ([0, rows) without gaps or overlaps, each inside the shape and holding
+// every other dimension whole) or, where any part is an element range ("flat"), the flattened tensor's elements
+// [0, numel) likewise. Returns what is wrong ("" if nothing); the entry's keys have their types.
 std::string parts_problem(const std::string& name, const json& entry) {
   const auto shape = entry.at("shape").get<std::vector<int64_t>>();
   const auto& parts = entry.at("parts");
+  int64_t row = 1, numel = 1;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    numel *= shape[d];
+    if (d > 0) row *= shape[d];
+  }
+  bool flat = false;
+  for (const auto& p : parts) flat = flat || p.contains("flat");
+  const char* unit = flat ? "elements" : "rows";
   std::vector<std::pair<int64_t, int64_t>> ranges;
   for (size_t i = 0; i < parts.size(); ++i) {
+    if (parts[i].contains("flat")) {
+      const auto r = parts[i].at("flat").get<std::vector<int64_t>>();
+      const std::string part = fmt::format("tensor {}, part {}: `flat` {}", name, i, shown(parts[i].at("flat")));
+      if (r.size() != 2) return fmt::format("{} must be one [begin, end] pair", part);
+      if (r[0] > r[1] || r[1] > numel)
+        return fmt::format("{} does not fit in the {} elements of `shape` {}", part, numel, shown(entry.at("shape")));
+      ranges.emplace_back(r[0], r[1]);
+      continue;
+    }
     const auto slice = parts[i].at("slice").get<std::vector<std::vector<int64_t>>>();
     const std::string part = fmt::format("tensor {}, part {}: `slice` {}", name, i, shown(parts[i].at("slice")));
     if (slice.size() != shape.size())
@@ -142,18 +160,20 @@ std::string parts_problem(const std::string& name, const json& entry) {
       if (d > 0 && (slice[d][0] != 0 || slice[d][1] != shape[d]))
         return fmt::format("{} does not hold dimension {} whole", part, d);
     }
-    ranges.emplace_back(shape.empty() ? 0 : slice[0][0], shape.empty() ? 1 : slice[0][1]);
+    const int64_t b = shape.empty() ? 0 : slice[0][0], e = shape.empty() ? 1 : slice[0][1];
+    ranges.emplace_back(flat ? b * row : b, flat ? e * row : e);
   }
   std::sort(ranges.begin(), ranges.end());
   int64_t at = 0;
   for (const auto& [b, e] : ranges) {
     if (b != at)
-      return fmt::format("tensor {}: {} at row {}", name,
-                         b < at ? "two ranks wrote the rows" : "no rank wrote the rows", std::min(b, at));
+      return fmt::format("tensor {}: {} at {} {}", name,
+                         b < at ? fmt::format("two ranks wrote the {}", unit) : fmt::format("no rank wrote the {}", unit),
+                         flat ? "element" : "row", std::min(b, at));
     at = e;
   }
-  const int64_t rows = shape.empty() ? 1 : shape[0];
-  if (at != rows) return fmt::format("tensor {}: no rank wrote rows {} to {}", name, at, rows);
+  const int64_t total = flat ? numel : shape.empty() ? 1 : shape[0];
+  if (at != total) return fmt::format("tensor {}: no rank wrote {} {} to {}", name, unit, at, total);
   return "";
 }
 
@@ -203,7 +223,10 @@ void check_index(const json& index, const std::string& file) {
       const json& dataset = p.need(part, "dataset", Kind::kString);
       if (dataset.get_ref<const std::string&>().rfind('/', 0) != 0)
         p.fail(fmt::format("`dataset` must be an HDF5 path starting with /, not {}", shown(dataset)));
-      p.need(part, "slice", Kind::kSlice);
+      if (part.contains("flat"))
+        p.need(part, "flat", Kind::kCounts);
+      else
+        p.need(part, "slice", Kind::kSlice);
       const std::string& sum = p.need(part, "xxh64", Kind::kString).get_ref<const std::string&>();
       if (sum.size() != 16 || sum.find_first_not_of("0123456789abcdef") != std::string::npos)
         p.fail(fmt::format("`xxh64` must be 16 hexadecimal digits, not {}", shown(part["xxh64"])));
@@ -341,6 +364,8 @@ ShardResult write_shard(const SaveRequest& req, int rank) {
       std::vector<int64_t> shape, global;  // this part's shape and the whole tensor's
       c10::ScalarType dtype;
       int64_t row_begin;
+      int64_t flat_begin = -1;  // an element range: [flat_begin, flat_begin + shape[0])
+      std::string dataset;
     };
     std::vector<Written> written;
     auto host = [](const at::Tensor& t) { return t.detach().to(at::kCPU).contiguous(); };  // the writer holds it
@@ -357,10 +382,17 @@ ShardResult write_shard(const SaveRequest& req, int rank) {
                      [&](const TensorEntry* a, const TensorEntry* b) { return bytes(a) > bytes(b); });
     for (const TensorEntry* ep : order) {
       const TensorEntry& e = *ep;
+      if (e.flat_begin >= 0) {  // one rank may hold several ranges of a tensor: a dataset for each
+        at::Tensor t = host(e.tensor).view({-1});
+        const std::string dataset = fmt::format("/{}@{}", e.name, e.flat_begin);
+        file.add(dataset, t);
+        written.push_back({e.name, t.sizes().vec(), e.global_shape, t.scalar_type(), 0, e.flat_begin, dataset});
+        continue;
+      }
       if (e.rows.empty()) {
         at::Tensor t = host(e.tensor);
         file.add("/" + e.name, t);
-        written.push_back({e.name, t.sizes().vec(), t.sizes().vec(), t.scalar_type(), 0});
+        written.push_back({e.name, t.sizes().vec(), t.sizes().vec(), t.scalar_type(), 0, -1, "/" + e.name});
         continue;
       }
       std::vector<at::Tensor> rows;
@@ -370,20 +402,27 @@ ShardResult write_shard(const SaveRequest& req, int rank) {
       shape.insert(shape.begin(), static_cast<int64_t>(rows.size()));
       std::vector<int64_t> global = shape;
       global[0] = e.rows_total;
-      written.push_back({e.name, shape, global, rows[0].scalar_type(), e.row_begin});
+      written.push_back({e.name, shape, global, rows[0].scalar_type(), e.row_begin, -1, "/" + e.name});
     }
     const std::vector<uint64_t> sums = file.finish();
     for (size_t i = 0; i < written.size(); ++i) {
       const Written& w = written[i];
-      nlohmann::json slice = nlohmann::json::array();
-      for (size_t d = 0; d < w.shape.size(); ++d) {
-        const int64_t b = d == 0 ? w.row_begin : 0;
-        slice.push_back({b, b + w.shape[d]});
+      nlohmann::json part = {{"file", shard}, {"dataset", w.dataset}, {"xxh64", hex(sums[i])}};
+      if (w.flat_begin >= 0) {
+        part["flat"] = {w.flat_begin, w.flat_begin + w.shape[0]};
+      } else {
+        nlohmann::json slice = nlohmann::json::array();
+        for (size_t d = 0; d < w.shape.size(); ++d) {
+          const int64_t b = d == 0 ? w.row_begin : 0;
+          slice.push_back({b, b + w.shape[d]});
+        }
+        part["slice"] = slice;
       }
-      out.entries[w.name] = {
-          {"shape", w.global},
-          {"dtype", dtype_name(w.dtype)},
-          {"parts", {{{"file", shard}, {"dataset", "/" + w.name}, {"slice", slice}, {"xxh64", hex(sums[i])}}}}};
+      if (out.entries.contains(w.name)) {
+        out.entries[w.name]["parts"].push_back(std::move(part));
+      } else {
+        out.entries[w.name] = {{"shape", w.global}, {"dtype", dtype_name(w.dtype)}, {"parts", {std::move(part)}}};
+      }
     }
   } catch (const std::exception& ex) {
     out.error = ex.what();
@@ -611,38 +650,72 @@ at::Tensor Checkpoint::read(const std::string& name) {
   return read_rows(name, 0, s.empty() ? 1 : s[0]);
 }
 
+at::Tensor Checkpoint::read_part(const nlohmann::json& part, const std::vector<int64_t>& extent) {
+  const std::string file = part.at("file"), dataset = part.at("dataset");
+  const std::string key = file + ":" + dataset;
+  if (key == last_part_) return last_read_;  // consecutive pieces of one part: read and checked once
+  at::Tensor t = shard(file).read(dataset);
+  if (t.sizes().vec() != extent)
+    throw std::runtime_error(fmt::format("{}/{}: dataset {} has shape {} but the index says {}", dir_, file, dataset,
+                                         nlohmann::json(t.sizes().vec()).dump(), nlohmann::json(extent).dump()));
+  if (hex(checksum(t)) != part.at("xxh64").get<std::string>())
+    throw std::runtime_error(fmt::format("{}/{}: checksum mismatch in dataset {} (the shard is corrupt)", dir_, file,
+                                         dataset));
+  last_part_ = key;
+  last_read_ = t;
+  return t;
+}
+
 at::Tensor Checkpoint::read_rows(const std::string& name, int64_t begin, int64_t end) {
   std::vector<int64_t> want = shape(name);
-  const auto& e = index_["tensors"][name];
   const bool scalar = want.empty();
   const int64_t rows = scalar ? 1 : want[0];
   if (begin < 0 || end > rows || begin > end)
     throw std::runtime_error(fmt::format("{}: tensor {} has {} rows; rows {} to {} asked for", dir_, name, rows, begin,
                                          end));
+  int64_t row = 1;
+  for (size_t d = 1; d < want.size(); ++d) row *= want[d];
   if (!scalar) want[0] = end - begin;
-  at::Tensor out = at::empty(want, at::TensorOptions().dtype(dtype_from_name(e.at("dtype"), dir_ + ": " + name)));
+  return read_elements(name, begin * row, end * row).view(want);
+}
+
+at::Tensor Checkpoint::read_elements(const std::string& name, int64_t begin, int64_t end) {
+  const std::vector<int64_t> whole = shape(name);
+  const auto& e = index_["tensors"][name];
+  int64_t numel = 1, row = 1;
+  for (size_t d = 0; d < whole.size(); ++d) {
+    numel *= whole[d];
+    if (d > 0) row *= whole[d];
+  }
+  if (begin < 0 || end > numel || begin > end)
+    throw std::runtime_error(fmt::format("{}: tensor {} has {} elements; elements {} to {} asked for", dir_, name,
+                                         numel, begin, end));
+  at::Tensor out =
+      at::empty({end - begin}, at::TensorOptions().dtype(dtype_from_name(e.at("dtype"), dir_ + ": " + name)));
   int64_t covered = 0;
   for (const auto& p : e.at("parts")) {
-    const auto slice = p.at("slice").get<std::vector<std::vector<int64_t>>>();
-    const int64_t b = scalar ? 0 : slice.at(0).at(0), pe = scalar ? 1 : slice.at(0).at(1);
-    if (pe <= begin || b >= end) continue;
-    const std::string file = p.at("file"), dataset = p.at("dataset");
-    at::Tensor t = shard(file).read(dataset);
+    int64_t b = 0, pe = 0;
     std::vector<int64_t> extent;
-    for (const auto& d : slice) extent.push_back(d.at(1) - d.at(0));
-    if (t.sizes().vec() != extent)
-      throw std::runtime_error(fmt::format("{}/{}: dataset {} has shape {} but the index says {}", dir_, file, dataset,
-                                           nlohmann::json(t.sizes().vec()).dump(), nlohmann::json(extent).dump()));
-    if (hex(checksum(t)) != p.at("xxh64").get<std::string>())
-      throw std::runtime_error(fmt::format("{}/{}: checksum mismatch in dataset {} (the shard is corrupt)", dir_, file,
-                                           dataset));
-    if (b == begin && pe == end) return t;  // one part holds exactly the rows asked for (a scalar too)
+    if (p.contains("flat")) {
+      b = p.at("flat").at(0).get<int64_t>();
+      pe = p.at("flat").at(1).get<int64_t>();
+      extent = {pe - b};
+    } else {
+      const auto slice = p.at("slice").get<std::vector<std::vector<int64_t>>>();
+      b = whole.empty() ? 0 : slice.at(0).at(0) * row;
+      pe = whole.empty() ? 1 : slice.at(0).at(1) * row;
+      for (const auto& d : slice) extent.push_back(d.at(1) - d.at(0));
+    }
+    if (pe <= begin || b >= end) continue;
+    const at::Tensor t = read_part(p, extent).reshape({-1});
+    if (b == begin && pe == end) return t;  // one part holds exactly the elements asked for (a scalar too)
     const int64_t from = std::max(b, begin), to = std::min(pe, end);
     out.narrow(0, from - begin, to - from).copy_(t.narrow(0, from - b, to - from));
     covered += to - from;
   }
   if (covered != end - begin)
-    throw std::runtime_error(fmt::format("{}: the parts of tensor {} do not hold rows {} to {}", dir_, name, begin, end));
+    throw std::runtime_error(
+        fmt::format("{}: the parts of tensor {} do not hold elements {} to {}", dir_, name, begin, end));
   return out;
 }
 

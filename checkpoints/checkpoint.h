@@ -1,7 +1,8 @@
 // Sharded checkpoints: a directory step_NNNNNNN/ with one HDF5 shard per rank (shard_RRRRR.h5, holding the
 // tensors that rank writes) and index.json: the resolved config, the layout it was saved with, the trainer state,
 // and for every tensor its global name, global shape and dtype, and its parts: the shard and dataset holding each,
-// the slice of the global tensor it holds and an xxHash64 checksum. Most tensors are one part; a tensor spread over
+// the slice of the global tensor it holds ("slice": a range of rows, every other dimension whole; or "flat": a range
+// of elements of the row-major flattened tensor) and an xxHash64 checksum. Most tensors are one part; a tensor spread over
 // ranks (the routed experts of a layer, stacked, rows split over the EP ranks) has one part per writer. Every unique
 // tensor is written once (the caller picks one writer among the replicas), so a checkpoint saved on one layout loads
 // on any other: each rank reads the rows it needs from whichever shards hold them.
@@ -35,6 +36,10 @@ struct TensorEntry {
   std::vector<at::Tensor> rows;
   int64_t row_begin = 0;
   int64_t rows_total = 0;
+  // A part given as an element range: `tensor` (flat) is elements [flat_begin, flat_begin + numel) of the
+  // row-major flattened global tensor `name` of shape `global_shape` (ZeRO-1's optimizer pieces). -1: not one.
+  int64_t flat_begin = -1;
+  std::vector<int64_t> global_shape;
 };
 
 struct SaveRequest {
@@ -100,13 +105,18 @@ class Checkpoint {
   at::Tensor read(const std::string& name);
   // Rows [begin, end) of a tensor's first dimension, read from the parts that hold them (each checked whole).
   at::Tensor read_rows(const std::string& name, int64_t begin, int64_t end);
+  // Elements [begin, end) of the row-major flattened tensor, as a flat tensor, from whichever parts hold them.
+  at::Tensor read_elements(const std::string& name, int64_t begin, int64_t end);
   std::vector<int64_t> shape(const std::string& name) const;
   std::vector<std::string> names() const;
   const std::string& dir() const { return dir_; }
 
  private:
   H5File& shard(const std::string& file);
+  at::Tensor read_part(const nlohmann::json& part, const std::vector<int64_t>& extent);  // checked; the last kept
   std::string dir_;
+  std::string last_part_;  // "file:dataset" of last_read_
+  at::Tensor last_read_;
   nlohmann::json index_;
   std::map<std::string, std::unique_ptr<H5File>> shards_;
 };

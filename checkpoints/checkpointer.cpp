@@ -57,6 +57,28 @@ bool Checkpointer::writes(const model::ParamInfo& info) const {
   return static_cast<int64_t>(h % static_cast<uint64_t>(c_.parallel.dp)) == coords_->dp;
 }
 
+bool Checkpointer::writes_piece(const model::ParamInfo& info) const {
+  const bool last_not_first = coords_ && coords_->pp == c_.parallel.pp - 1 && coords_->pp != 0;
+  return !(info.shared_embedding && last_not_first);
+}
+
+namespace {
+
+std::string global_name(const model::ParamInfo& info) { return info.routed() ? info.stacked_name : info.name; }
+
+std::vector<int64_t> global_shape(const model::ParamInfo& info) {
+  std::vector<int64_t> shape = info.tensor.sizes().vec();
+  if (info.routed()) shape.insert(shape.begin(), info.expert_rows);
+  return shape;
+}
+
+// Where a piece's first element sits in the flattened global tensor (a routed expert: in its row of the stack).
+int64_t global_offset(const StateTensor& st) {
+  return (st.info.routed() ? st.info.expert_row * st.info.tensor.numel() : 0) + st.offset;
+}
+
+}  // namespace
+
 bool Checkpointer::busy() const { return pending_ && !pending_->written.load(); }
 
 std::string Checkpointer::first_nonfinite() const {
@@ -132,6 +154,14 @@ void Checkpointer::save(const TrainerState& s) {
   };
   std::map<std::string, size_t> stacked;  // stacked expert tensor -> its entry in r.tensors
   for (const StateTensor& st : state_) {
+    if (st.offset >= 0) {  // a ZeRO-1 piece: saved by the rank holding it (the first stage for the embedding)
+      if (!writes_piece(st.info)) continue;
+      TensorEntry e{st.prefix + global_name(st.info), snap(st.tensor)};
+      e.flat_begin = global_offset(st);
+      e.global_shape = global_shape(st.info);
+      r.tensors.push_back(std::move(e));
+      continue;
+    }
     if (!writes(st.info)) continue;
     if (!st.info.routed()) {
       r.tensors.push_back({st.prefix + st.info.name, snap(st.tensor)});
@@ -214,7 +244,7 @@ TrainerState Checkpointer::load(const std::string& dir) {
   // A stacked expert tensor is read once per rank: the rows of this rank's experts.
   std::map<std::string, std::pair<int64_t, int64_t>> wanted_rows;
   for (const StateTensor& st : state_) {
-    if (!st.info.routed()) continue;
+    if (!st.info.routed() || st.offset >= 0) continue;
     const int64_t row = st.info.expert_row;
     auto [it, fresh] = wanted_rows.emplace(st.prefix + st.info.stacked_name, std::make_pair(row, row + 1));
     it->second = {std::min(it->second.first, row), std::max(it->second.second, row + 1)};
@@ -222,7 +252,12 @@ TrainerState Checkpointer::load(const std::string& dir) {
   std::map<std::string, at::Tensor> rows_read;
   for (const StateTensor& st : state_) {
     at::Tensor t;
-    if (st.info.routed()) {
+    if (st.offset >= 0) {  // a ZeRO-1 piece: its elements, from whichever parts hold them
+      const std::string global = st.prefix + global_name(st.info);
+      if (need(global) != global_shape(st.info)) throw mismatch(global, ck.shape(global), global_shape(st.info));
+      const int64_t begin = global_offset(st);
+      t = ck.read_elements(global, begin, begin + st.tensor.numel());
+    } else if (st.info.routed()) {
       const std::string global = st.prefix + st.info.stacked_name;
       std::vector<int64_t> ours = st.tensor.sizes().vec();
       ours.insert(ours.begin(), st.info.expert_rows);

@@ -7,6 +7,9 @@
 // are stored stacked (model/param_roles.h). Each unique tensor is written by exactly one rank, so a save moves
 // each byte once: a dense tensor by the dp replica a hash of its name picks (spreading the writes), a routed
 // expert's rows by the edp replica a hash of the stacked name picks, the shared embedding by the first stage.
+// ZeRO-1's optimizer state is saved by the rank that holds each piece, as element ranges of the global tensor
+// ("flat" parts); a restore reads whatever ranges it needs, so a checkpoint re-partitions onto any dp, ep or pp and
+// onto ZeRO-1 on or off.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -30,6 +33,9 @@ struct StateTensor {
   std::string prefix;     // "model/", "optim/exp_avg/", "optim/exp_avg_sq/"
   model::ParamInfo info;  // the parameter or buffer it belongs to: its name and role
   at::Tensor tensor;      // the live tensor
+  // -1: the whole of info.tensor's shape. Else (ZeRO-1's optimizer pieces) `tensor` is flat and holds elements
+  // [offset, offset + numel) of the parameter, flattened; every rank saves and restores its own pieces.
+  int64_t offset = -1;
 };
 
 // The scalars saved with the tensors.
@@ -75,6 +81,7 @@ class Checkpointer {
  private:
   struct Pending;
   bool writes(const model::ParamInfo& info) const;
+  bool writes_piece(const model::ParamInfo& info) const;  // a ZeRO-1 piece of this rank
   std::string first_nonfinite() const;  // the first state tensor of this rank with a NaN or inf, or ""
 
   config::Config c_;

@@ -74,7 +74,7 @@ Plan make_plan(const config::Config& c) {
     st.layers = counts[s];
     // The stage's dense layers come first (layers < n_dense_layers), then its MoE layers: counted per kind.
     const int64_t dense = std::clamp<int64_t>(m.n_dense_layers - st.first_layer, 0, st.layers);
-    Count params;
+    Count params, routed;  // routed: the routed experts' share of params
     // Per in-flight micro-batch; and once, the largest block being recomputed (full recomputation), which happens
     // after the output heads' backward pass has freed what they kept.
     model::ActivationElems a, heads;
@@ -86,6 +86,7 @@ Plan make_plan(const config::Config& c) {
     for (auto [n, layer] : {std::pair{dense, st.first_layer}, std::pair{st.layers - dense, st.first_layer + dense}}) {
       if (n == 0) continue;
       params += Count(n) * block_local_params(model::block_params(m, layer), ep);
+      routed += Count(n) * (model::block_params(m, layer).routed_experts / ep);
       a += times(model::block_activations(m, model::is_moe_layer(m, layer)), n);
       recomputed(model::is_moe_layer(m, layer));
     }
@@ -99,6 +100,7 @@ Plan make_plan(const config::Config& c) {
         const Count mtp_module = Count(block_local_params(model::mtp_block_params(m), ep)) +
                                  model::mtp_module_extra_params(m);
         params += mtp_module * m.mtp_depth;
+        routed += Count(model::mtp_block_params(m).routed_experts / ep) * m.mtp_depth;
       }
       // MTP embeds future tokens with the shared embedding: the last stage keeps a copy when it is not stage 0.
       if (m.mtp_depth > 0 && !first && !m.tie_embeddings) params += plan.params.embedding;
@@ -112,7 +114,12 @@ Plan make_plan(const config::Config& c) {
     const double p = static_cast<double>(st.params);
     st.weight_bytes = p * static_cast<double>(policy.weight_bytes_per_param());
     st.grad_bytes = p * policy.grad_bytes;
-    st.optimizer_bytes = p * static_cast<double>(policy.optimizer_bytes_per_param());
+    // ZeRO-1 partitions the moments over dp (dense) and edp (routed experts); buckets are padded to a multiple of
+    // the group size, a few elements per bucket (not counted).
+    const double r = static_cast<double>(routed.value(kStageParams));
+    const bool zero = c.parallel.distributed_optimizer && c.parallel.dp > 1;
+    const double dp = zero ? static_cast<double>(c.parallel.dp) : 1.0, edp = zero ? dp / static_cast<double>(ep) : 1.0;
+    st.optimizer_bytes = ((p - r) / dp + r / edp) * static_cast<double>(policy.optimizer_bytes_per_param());
     const double kept = a.elems * act + a.fp32_elems * 4.0;
     const double freed = heads.elems * act + heads.fp32_elems * 4.0;
     st.activation_bytes = (kept * static_cast<double>(st.in_flight_micro_batches) + std::max(0.0, transient - freed)) *

@@ -19,6 +19,7 @@ struct StagePlan {
   int64_t layers = 0;
   int64_t params = 0;                 // parameters held by one rank of this stage (routed experts: 1/ep of them)
   int64_t in_flight_micro_batches = 0;  // 1F1B keeps min(pp − stage, micro_batches) forward passes alive
+  // optimizer_bytes: the AdamW moments this rank holds (with ZeRO-1: its dp / edp part of them).
   double weight_bytes = 0, grad_bytes = 0, optimizer_bytes = 0, activation_bytes = 0;
   double total_bytes() const { return weight_bytes + grad_bytes + optimizer_bytes + activation_bytes; }
 };

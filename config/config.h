@@ -96,6 +96,7 @@ struct ParallelConfig {
   int64_t intra_op_threads = 1;
   double comm_timeout_s = 300.0;
   double bucket_size_mb = 25.0;
+  bool distributed_optimizer = true;  // ZeRO-1 where dp > 1
 };
 
 struct TrainConfig {

@@ -86,6 +86,11 @@ std::vector<KeySpec> build_schema() {
       {KEY(parallel, comm_timeout_s), "A collective not finished after this many seconds aborts the job.",
        positive_up_to(1e6)},
       {KEY(parallel, bucket_size_mb), "Data-parallel gradient reduction bucket size in MiB.", positive_up_to(1e6)},
+      {KEY(parallel, distributed_optimizer),
+       "ZeRO-1 (Megatron-Core's distributed optimizer), where dp > 1: the AdamW moments are partitioned over the dp "
+       "ranks of a stage (routed experts: over their edp replicas), gradients are reduce-scattered instead of "
+       "all-reduced and the updated parameters all-gathered. Same numbers as without it; checkpoints load either "
+       "way and onto any layout."},
 
       // ---- train -------------------------------------------------------------------------------------------
       {KEY(train, seed), "Seed for initialization, data order and dropout-free sampling.", at_least(0)},

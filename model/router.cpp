@@ -22,7 +22,10 @@ RouterImpl::RouterImpl(const config::ModelConfig& m)
 Routing RouterImpl::forward(const at::Tensor& x) {
   const auto dtype = at::promote_types(x.scalar_type(), at::kFloat);  // router math in FP32 (FP64 in tests)
   Routing r;
-  r.scores = at::sigmoid(at::linear(x.to(dtype), weight.to(dtype)));
+  // BF16 activations (bf16 / fp8 modes): the gate GEMM in BF16 as on GPUs, so that the backward pass keeps the
+  // BF16 input rather than an FP32 copy of it; the scores and all that follows in FP32.
+  const bool low = x.scalar_type() == at::kBFloat16;
+  r.scores = at::sigmoid(low ? at::linear(x, weight.to(x.scalar_type())).to(dtype) : at::linear(x.to(dtype), weight.to(dtype)));
   {
     at::NoGradGuard no_grad;
     at::Tensor biased = r.scores + bias.to(dtype);

@@ -44,7 +44,16 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage, 
   }
 }
 
-at::Tensor TransformerImpl::embed_tokens(const at::Tensor& tokens) { return at::embedding(embed, tokens); }
+at::Tensor TransformerImpl::embed_tokens(const at::Tensor& tokens) {
+  const at::Tensor e = at::embedding(embed, tokens);
+  return mode_ == Mode::kFp32 ? e : e.to(at::kBFloat16);
+}
+
+at::ScalarType TransformerImpl::activation_dtype() {
+  if (mode_ != Mode::kFp32) return at::kBFloat16;
+  const auto params = parameters();
+  return params.empty() ? at::kFloat : params[0].scalar_type();
+}
 
 at::Tensor TransformerImpl::run_layers(at::Tensor h, ExpertExchange& exchange, std::vector<MoeStats>& stats) {
   for (auto& block : layers) h = block->forward(h, exchange, stats);
@@ -68,7 +77,7 @@ void TransformerImpl::head_losses(const at::Tensor& h, const at::Tensor& window,
   for (size_t k = 0; k < mtp.size(); ++k) {
     const int64_t depth = static_cast<int64_t>(k) + 1;
     auto& mod = mtp[k];
-    at::Tensor e = at::embedding(embed, window.narrow(1, depth, T));
+    at::Tensor e = embed_tokens(window.narrow(1, depth, T));
     at::Tensor hk = gemm(at::cat({mod->hnorm(prev), mod->enorm(e)}, -1), mod->proj, mode_);
     hk = mod->block->forward(hk, exchange, out.moe);
     out.mtp.push_back(ce_sum(gemm(mod->norm(hk), head_weight(), head), window.narrow(1, depth + 1, T)));

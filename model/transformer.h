@@ -49,8 +49,12 @@ class TransformerImpl : public torch::nn::Module {
   // mode: the GEMM precision of the blocks' linear layers (the head and the router stay FP32).
   TransformerImpl(const config::ModelConfig& m, StageSpec stage, Mode mode = Mode::kFp32);
 
-  // First stage: token ids [B, T] -> hidden [B, T, d].
+  // First stage: token ids [B, T] -> hidden [B, T, d], in the activation dtype.
   at::Tensor embed_tokens(const at::Tensor& tokens);
+  // The dtype of the residual stream and of what the blocks keep for the backward pass: BF16 in the bf16 and fp8
+  // modes (as DeepSeek-V3 and Megatron-Core train), the parameters' own (FP32) in fp32 mode. Norms, router
+  // probabilities, softmax and the losses compute in FP32 whatever it is.
+  at::ScalarType activation_dtype();
   // This stage's blocks.
   at::Tensor run_layers(at::Tensor h, ExpertExchange& exchange, std::vector<MoeStats>& stats);
   // Last stage: hidden of the last block and the full window [B, T + 1 + D] -> loss sums (main and MTP).

@@ -39,6 +39,12 @@ class Communicator {
 
   // In place; tensors contiguous.
   virtual void all_reduce(at::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
+  // Sums `in` over the group and leaves this rank's part of the result in `out`: part r is elements
+  // [r·n, (r+1)·n) of the sum, n = out.numel(), in.numel() = size()·n (ZeRO-1's gradient reduction).
+  virtual void reduce_scatter(const at::Tensor& in, at::Tensor& out) = 0;
+  // Every rank's `mine` concatenated in rank order into `out` (out.numel() = size()·mine.numel(); ZeRO-1's
+  // parameter gather). Both contiguous, of one dtype.
+  virtual void all_gather(const at::Tensor& mine, at::Tensor& out) = 0;
   // Rows of `t` go to ranks in order: send_rows[r] rows to rank r; returns the rows received, recv_rows[r] from
   // rank r, in rank order. Row shape and dtype are t's.
   virtual at::Tensor all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,

@@ -2,58 +2,171 @@
 
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+#include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <tuple>
 
 namespace moetrain::parallel {
+namespace {
 
-GradSync::GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, double bucket_mb)
+// A parameter's elements as one flat view (optimizer updates and gathers write through it).
+at::Tensor flat(const at::Tensor& p, const std::string& name) {
+  if (!p.is_contiguous()) throw std::logic_error(fmt::format("gradient sync: parameter {} is not contiguous", name));
+  return p.view({-1});
+}
+
+}  // namespace
+
+GradSync::GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, double bucket_mb,
+                   bool shard_optimizer)
     : g_(groups), params_(std::move(params)), bucket_bytes_(static_cast<int64_t>(bucket_mb * 1024 * 1024)) {
   // Reverse registration order: roughly the order backward produces the gradients.
+  std::vector<size_t> dense_only;
   for (size_t i = params_.size(); i-- > 0;) {
     (params_[i].routed() ? expert_ : dense_).push_back(i);
     if (params_[i].shared_embedding) embedding_.push_back(i);
+    else if (!params_[i].routed()) dense_only.push_back(i);
   }
+  sharded_ = shard_optimizer && g_.dp && g_.dp->size() > 1;
+  if (!sharded_) return;
+  add_sharded_buckets(dense_only, g_.dp.get(), false);
+  add_sharded_buckets(embedding_, g_.dp.get(), true);
+  if (g_.edp && g_.edp->size() > 1) {
+    add_sharded_buckets(expert_, g_.edp.get(), false);
+  } else {
+    for (size_t i : expert_) pieces_.push_back({i, 0, params_[i].tensor.numel(), false});
+  }
+  // Ordered by parameter and offset (checkpoints stack the experts' rows in order); the buckets follow.
+  std::vector<size_t> order(pieces_.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return std::tie(pieces_[a].param, pieces_[a].offset) < std::tie(pieces_[b].param, pieces_[b].offset);
+  });
+  std::vector<size_t> where(pieces_.size());
+  std::vector<ShardPiece> sorted;
+  for (size_t k = 0; k < order.size(); ++k) {
+    where[order[k]] = k;
+    sorted.push_back(pieces_[order[k]]);
+  }
+  pieces_ = std::move(sorted);
+  for (auto& b : buckets_)
+    for (auto& j : b.pieces) j = where[j];
+  piece_grads_.resize(pieces_.size());
+}
+
+std::vector<std::vector<size_t>> GradSync::make_buckets(const std::vector<size_t>& which) const {
+  std::vector<std::vector<size_t>> out;
+  int64_t bytes = 0;
+  for (size_t i : which) {
+    const at::Tensor& p = params_[i].tensor;
+    const auto n = static_cast<int64_t>(p.nbytes());
+    if (out.empty() || p.scalar_type() != params_[out.back().front()].tensor.scalar_type() ||
+        bytes + n > bucket_bytes_) {
+      out.emplace_back();
+      bytes = 0;
+    }
+    out.back().push_back(i);
+    bytes += n;
+  }
+  return out;
+}
+
+void GradSync::add_sharded_buckets(const std::vector<size_t>& which, Communicator* comm, bool embedding) {
+  const int64_t n = comm->size();
+  for (auto& members : make_buckets(which)) {
+    Bucket b;
+    b.comm = comm;
+    b.embedding = embedding;
+    b.params = std::move(members);
+    for (size_t i : b.params) {
+      b.offsets.push_back(b.numel);
+      b.numel += params_[i].tensor.numel();
+    }
+    b.slice = (b.numel + n - 1) / n;
+    const int64_t lo = comm->rank() * b.slice, hi = lo + b.slice;
+    for (size_t k = 0; k < b.params.size(); ++k) {
+      const int64_t o = b.offsets[k], e = o + params_[b.params[k]].tensor.numel();
+      const int64_t from = std::max(o, lo), to = std::min(e, hi);
+      if (from >= to) continue;
+      b.pieces.push_back(pieces_.size());
+      b.at.push_back(from - lo);
+      pieces_.push_back({b.params[k], from - o, to - from, true});
+    }
+    buckets_.push_back(std::move(b));
+  }
+}
+
+at::Tensor& GradSync::grad_of(size_t i) {
+  at::Tensor& p = params_[i].tensor;
+  if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+  return p.mutable_grad();
 }
 
 void GradSync::reduce_buckets(const std::vector<size_t>& which, Communicator* comm) {
   if (!comm || comm->size() == 1 || which.empty()) return;
-  size_t begin = 0;
-  while (begin < which.size()) {
-    // A bucket: consecutive parameters of one dtype up to bucket_bytes (at least one parameter).
-    std::vector<at::Tensor> grads;
-    int64_t bytes = 0;
-    size_t end = begin;
-    const auto dtype = params_[which[begin]].tensor.scalar_type();
-    while (end < which.size()) {
-      at::Tensor& p = params_[which[end]].tensor;
-      if (p.scalar_type() != dtype || (end > begin && bytes + static_cast<int64_t>(p.nbytes()) > bucket_bytes_)) break;
-      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
-      grads.push_back(p.grad());
-      bytes += static_cast<int64_t>(p.nbytes());
-      ++end;
-    }
+  for (const auto& bucket : make_buckets(which)) {
     std::vector<at::Tensor> flat_parts;
-    for (auto& gr : grads) flat_parts.push_back(gr.reshape({-1}));
-    at::Tensor flat = at::cat(flat_parts);
-    comm->all_reduce(flat, ReduceOp::kSum);
+    for (size_t i : bucket) flat_parts.push_back(grad_of(i).reshape({-1}));
+    at::Tensor all = at::cat(flat_parts);
+    comm->all_reduce(all, ReduceOp::kSum);
     int64_t off = 0;
-    for (auto& gr : grads) {
-      gr.copy_(flat.narrow(0, off, gr.numel()).view(gr.sizes()));
+    for (size_t i : bucket) {
+      at::Tensor& gr = grad_of(i);
+      gr.copy_(all.narrow(0, off, gr.numel()).view(gr.sizes()));
       off += gr.numel();
     }
-    begin = end;
   }
 }
 
 void GradSync::reduce() {
   at::NoGradGuard no_grad;
-  reduce_buckets(dense_, g_.dp.get());
-  reduce_buckets(expert_, g_.edp.get());
-  reduce_buckets(embedding_, g_.embedding.get());
+  if (!sharded_) {
+    reduce_buckets(dense_, g_.dp.get());
+    reduce_buckets(expert_, g_.edp.get());
+    reduce_buckets(embedding_, g_.embedding.get());
+    return;
+  }
+  for (const Bucket& b : buckets_) {
+    std::vector<at::Tensor> parts;
+    for (size_t i : b.params) parts.push_back(grad_of(i).reshape({-1}));
+    const int64_t padded = b.slice * b.comm->size();
+    if (padded > b.numel) parts.push_back(at::zeros({padded - b.numel}, parts[0].options()));
+    const at::Tensor all = at::cat(parts);
+    at::Tensor mine = at::empty({b.slice}, all.options());
+    b.comm->reduce_scatter(all, mine);
+    if (b.embedding && g_.embedding && g_.embedding->size() > 1) g_.embedding->all_reduce(mine, ReduceOp::kSum);
+    for (size_t k = 0; k < b.pieces.size(); ++k)
+      piece_grads_[b.pieces[k]] = mine.narrow(0, b.at[k], pieces_[b.pieces[k]].numel);
+  }
+  for (size_t j = 0; j < pieces_.size(); ++j)
+    if (!pieces_[j].partitioned) piece_grads_[j] = grad_of(pieces_[j].param);
+}
+
+void GradSync::gather_params() {
+  if (!sharded_) return;
+  at::NoGradGuard no_grad;
+  for (const Bucket& b : buckets_) {
+    const at::Tensor& first = params_[b.params[0]].tensor;
+    at::Tensor mine = at::zeros({b.slice}, first.options());
+    for (size_t k = 0; k < b.pieces.size(); ++k) {
+      const ShardPiece& piece = pieces_[b.pieces[k]];
+      const model::ParamInfo& p = params_[piece.param];
+      mine.narrow(0, b.at[k], piece.numel).copy_(flat(p.tensor, p.name).narrow(0, piece.offset, piece.numel));
+    }
+    at::Tensor all = at::empty({b.slice * b.comm->size()}, first.options());
+    b.comm->all_gather(mine, all);
+    for (size_t k = 0; k < b.params.size(); ++k) {
+      const model::ParamInfo& p = params_[b.params[k]];
+      flat(p.tensor, p.name).copy_(all.narrow(0, b.offsets[k], p.tensor.numel()));
+    }
+  }
 }
 
 double GradSync::global_norm() { return std::sqrt(global_norm_sq().item<double>()); }
@@ -67,22 +180,34 @@ at::Tensor GradSync::global_norm_sq() {
   // Sums of squares stay on the device: one host read per step whatever the model size.
   at::Tensor dense = at::zeros({1}, opts), expert = at::zeros({1}, opts);
   std::vector<at::Tensor> on_gpu[2];  // dense, routed
-  for (const auto& info : params_) {
-    const at::Tensor& p = info.tensor;
-    if (!p.grad().defined()) continue;
+  auto add = [&](const model::ParamInfo& info, const at::Tensor& g) {
+    if (!g.defined()) return;
     // The last stage's embedding is a copy of the first stage's: counted there.
-    if (info.shared_embedding && last_not_first) continue;
-    if (p.is_cuda())
-      on_gpu[info.routed() ? 1 : 0].push_back(p.grad());
+    if (info.shared_embedding && last_not_first) return;
+    if (g.is_cuda())
+      on_gpu[info.routed() ? 1 : 0].push_back(g);
     else
-      (info.routed() ? expert : dense).add_(p.grad().to(at::kDouble).pow(2).sum());
+      (info.routed() ? expert : dense).add_(g.to(at::kDouble).pow(2).sum());
+  };
+  if (sharded_) {
+    for (size_t j = 0; j < pieces_.size(); ++j) add(params_[pieces_[j].param], piece_grads_[j]);
+  } else {
+    for (const auto& info : params_) add(info, info.tensor.grad());
   }
   if (!on_gpu[0].empty()) dense.add_(squared_norm(on_gpu[0]));
   if (!on_gpu[1].empty()) expert.add_(squared_norm(on_gpu[1]));
-  // Expert shards differ over ep; stages differ over pp; replicas (dp, edp) hold the same values: counted once.
-  if (g_.ep && g_.ep->size() > 1) g_.ep->all_reduce(expert, ReduceOp::kSum);
-  at::Tensor total = dense + expert;
-  if (g_.pp && g_.pp->size() > 1) g_.pp->all_reduce(total, ReduceOp::kSum);
+  at::Tensor total;
+  if (sharded_) {
+    // Each rank holds the sums of its slices: the dp group of a stage spans every (ep, edp) pair, so its sum
+    // counts every dense and every routed element of the stage once.
+    total = dense + expert;
+    g_.dp->all_reduce(total, ReduceOp::kSum);
+  } else {
+    // Expert shards differ over ep; replicas (dp, edp) hold the same values: counted once.
+    if (g_.ep && g_.ep->size() > 1) g_.ep->all_reduce(expert, ReduceOp::kSum);
+    total = dense + expert;
+  }
+  if (g_.pp && g_.pp->size() > 1) g_.pp->all_reduce(total, ReduceOp::kSum);  // stages differ over pp
   return total;
 }
 

@@ -5,8 +5,15 @@
 //   - the shared token embedding: then also summed over the embedding group (first stage and the last stage's
 //     copy used by MTP / a tied head), so both copies stay identical.
 // Losses are divided by the global token count before backward, so sums are the right reduction. Gradients are
-// flattened into buckets of parallel.bucket_size_mb and reduced bucket by bucket. A parameter without a gradient
-// (an expert that saw no token here) takes part with zeros.
+// flattened into buckets of parallel.bucket_size_mb (reverse registration order, the order backward produces
+// them; the shared embedding in a bucket of its own) and reduced bucket by bucket. A parameter without a
+// gradient (an expert that saw no token here) takes part with zeros.
+//
+// ZeRO-1 (parallel.distributed_optimizer, Megatron-Core's distributed optimizer): each bucket is padded to a
+// multiple of its group's size and cut into equal slices, slice r belonging to group rank r. The gradients are
+// reduce-scattered (each rank receives the sum of its slice only); the optimizer updates, and keeps AdamW moments
+// for, only the parameter elements in its slices — its `pieces()`; gather_params() then all-gathers the updated
+// slices so every replica holds every parameter again. The gradient norm is summed from the slices.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,11 +25,32 @@
 
 namespace moetrain::parallel {
 
+// Elements [offset, offset + numel) of a parameter (flattened, row-major) that this rank's optimizer updates.
+struct ShardPiece {
+  size_t param = 0;    // index into the parameters GradSync was given
+  int64_t offset = 0;  // 0 and the whole numel for a whole parameter
+  int64_t numel = 0;
+  bool partitioned = false;  // false: the whole parameter, in a group of one rank (no other rank updates it)
+};
+
 class GradSync {
  public:
-  GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, double bucket_mb);
+  // shard_optimizer: ZeRO-1 (takes effect where dp > 1).
+  GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, double bucket_mb, bool shard_optimizer);
 
+  bool sharded() const { return sharded_; }
+  // ZeRO-1: this rank's pieces, ordered by parameter then offset; empty when not sharded.
+  const std::vector<ShardPiece>& pieces() const { return pieces_; }
+
+  // Not sharded: each parameter's .grad becomes the sum over its replicas. Sharded: piece_grads() become the
+  // sums of the pieces (the parameters' .grad keep this rank's own contributions).
   void reduce();
+  // After reduce() (sharded): the summed gradient of each piece, in pieces() order: shaped as the parameter for
+  // a whole piece, flat for a part.
+  const std::vector<at::Tensor>& piece_grads() const { return piece_grads_; }
+  // Sharded: after the optimizer updated this rank's pieces, every replica receives the others' (no-op otherwise).
+  void gather_params();
+
   // The L2 norm over every unique parameter of the model once (stages, expert shards and replicas accounted for);
   // the same value on every rank.
   double global_norm();
@@ -30,12 +58,29 @@ class GradSync {
   at::Tensor global_norm_sq();
 
  private:
+  struct Bucket {
+    Communicator* comm = nullptr;   // dp or edp
+    bool embedding = false;         // the shared embedding: also summed over the embedding group
+    std::vector<size_t> params;     // indices into params_
+    std::vector<int64_t> offsets;   // of each parameter in the flat bucket
+    int64_t numel = 0, slice = 0;   // slice: numel padded to a multiple of the group size, divided by it
+    std::vector<size_t> pieces;     // indices into pieces_
+    std::vector<int64_t> at;        // each piece's position in this rank's slice
+  };
+  // Consecutive parameters of one dtype up to the bucket size, in the given order (at least one per bucket).
+  std::vector<std::vector<size_t>> make_buckets(const std::vector<size_t>& which) const;
   void reduce_buckets(const std::vector<size_t>& which, Communicator* comm);
+  void add_sharded_buckets(const std::vector<size_t>& which, Communicator* comm, bool embedding);
+  at::Tensor& grad_of(size_t i);  // the parameter's gradient, zeros where backward left none
 
   ProcessGroups& g_;
   std::vector<model::ParamInfo> params_;
   std::vector<size_t> dense_, expert_, embedding_;
   int64_t bucket_bytes_;
+  bool sharded_ = false;
+  std::vector<Bucket> buckets_;  // sharded only
+  std::vector<ShardPiece> pieces_;
+  std::vector<at::Tensor> piece_grads_;
 };
 
 // Σ‖g‖² over tensors on a GPU ([1], double on the device): one multi-tensor pass (per-tensor norms in FP32,

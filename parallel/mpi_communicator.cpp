@@ -103,6 +103,48 @@ void MpiCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
   wait(r, "all_reduce");
 }
 
+namespace {
+void require_parts(const at::Tensor& whole, const at::Tensor& part, int size, const char* op) {
+  if (whole.numel() != part.numel() * size || whole.scalar_type() != part.scalar_type())
+    throw CommError(fmt::format("{}: {} elements of {} do not split into {} parts of {} elements of {}", op,
+                                whole.numel(), c10::toString(whole.scalar_type()), size, part.numel(),
+                                c10::toString(part.scalar_type())));
+}
+}  // namespace
+
+void MpiCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {
+  require_cpu_contiguous(in, "reduce_scatter");
+  require_cpu_contiguous(out, "reduce_scatter");
+  require_parts(in, out, size_, "reduce_scatter");
+  count("reduce_scatter", static_cast<int64_t>(in.nbytes() - out.nbytes()));
+  if (size_ == 1) {
+    out.copy_(in.view(out.sizes()));
+    return;
+  }
+  MPI_Request r;
+  check(MPI_Ireduce_scatter_block(in.data_ptr(), out.data_ptr(), static_cast<int>(out.numel()),
+                                  mpi_type(in.scalar_type()), MPI_SUM, comm_, &r),
+        "reduce_scatter");
+  wait(r, "reduce_scatter");
+}
+
+void MpiCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
+  require_cpu_contiguous(mine, "all_gather");
+  require_cpu_contiguous(out, "all_gather");
+  require_parts(out, mine, size_, "all_gather");
+  count("all_gather", static_cast<int64_t>(mine.nbytes()) * (size_ - 1));
+  if (size_ == 1) {
+    out.copy_(mine.view(out.sizes()));
+    return;
+  }
+  MPI_Request r;
+  const MPI_Datatype type = mpi_type(mine.scalar_type());
+  check(MPI_Iallgather(mine.data_ptr(), static_cast<int>(mine.numel()), type, out.data_ptr(),
+                       static_cast<int>(mine.numel()), type, comm_, &r),
+        "all_gather");
+  wait(r, "all_gather");
+}
+
 at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                                          const std::vector<int64_t>& recv_rows) {
   require_cpu_contiguous(t, "all_to_all_v");

@@ -17,6 +17,8 @@ class MpiCommunicator final : public Communicator {
   ~MpiCommunicator() override;
 
   void all_reduce(at::Tensor& t, ReduceOp op) override;
+  void reduce_scatter(const at::Tensor& in, at::Tensor& out) override;
+  void all_gather(const at::Tensor& mine, at::Tensor& out) override;
   at::Tensor all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                           const std::vector<int64_t>& recv_rows) override;
   void send(const at::Tensor& t, int dst, int tag) override;

@@ -116,6 +116,32 @@ void NcclCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
   finish("all_reduce");
 }
 
+void NcclCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {
+  require_cuda(in, "reduce_scatter");
+  require_cuda(out, "reduce_scatter");
+  if (in.numel() != out.numel() * size_ || in.scalar_type() != out.scalar_type())
+    throw CommError(fmt::format("reduce_scatter on group {}: {} elements do not split into {} parts of {}", name_,
+                                in.numel(), size_, out.numel()));
+  count("reduce_scatter", static_cast<int64_t>(in.nbytes() - out.nbytes()));
+  MOETRAIN_NCCL(ncclReduceScatter(in.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()),
+                                  nccl_type(in.scalar_type()), ncclSum, state_->comm, stream()),
+                "reduce_scatter");
+  finish("reduce_scatter");
+}
+
+void NcclCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
+  require_cuda(mine, "all_gather");
+  require_cuda(out, "all_gather");
+  if (out.numel() != mine.numel() * size_ || out.scalar_type() != mine.scalar_type())
+    throw CommError(fmt::format("all_gather on group {}: {} elements do not split into {} parts of {}", name_,
+                                out.numel(), size_, mine.numel()));
+  count("all_gather", static_cast<int64_t>(mine.nbytes()) * (size_ - 1));
+  MOETRAIN_NCCL(ncclAllGather(mine.data_ptr(), out.data_ptr(), static_cast<size_t>(mine.numel()),
+                              nccl_type(mine.scalar_type()), state_->comm, stream()),
+                "all_gather");
+  finish("all_gather");
+}
+
 at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                                           const std::vector<int64_t>& recv_rows) {
   require_cuda(t, "all_to_all_v");

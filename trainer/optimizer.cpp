@@ -12,52 +12,82 @@
 
 namespace moetrain::trainer {
 
-AdamW::AdamW(std::vector<NamedParam> params, const config::TrainConfig& t, c10::ScalarType moment_dtype)
+AdamW::AdamW(std::vector<NamedParam> params, const config::TrainConfig& t, c10::ScalarType moment_dtype,
+             std::vector<parallel::ShardPiece> pieces)
     : params_(std::move(params)),
+      pieces_(std::move(pieces)),
       beta1_(t.adam_beta1),
       beta2_(t.adam_beta2),
       eps_(t.adam_eps),
       weight_decay_(t.weight_decay) {
-  for (const auto& p : params_) {
-    m_.push_back(at::zeros_like(p.param, p.param.options().dtype(moment_dtype)));
-    v_.push_back(at::zeros_like(p.param, p.param.options().dtype(moment_dtype)));
+  if (pieces_.empty())
+    for (size_t i = 0; i < params_.size(); ++i) pieces_.push_back({i, 0, params_[i].param.numel(), false});
+  for (size_t i = 0; i < pieces_.size(); ++i) {
+    const at::Tensor v = value(i);
+    m_.push_back(at::zeros_like(v, v.options().dtype(moment_dtype)));
+    v_.push_back(at::zeros_like(v, v.options().dtype(moment_dtype)));
   }
 }
 
-void AdamW::step(double lr, double grad_scale) {
+at::Tensor AdamW::value(size_t i) {
+  const parallel::ShardPiece& piece = pieces_[i];
+  at::Tensor& p = params_[piece.param].param;
+  if (!piece.partitioned) return p;
+  if (!p.is_contiguous())
+    throw std::logic_error("AdamW: parameter " + params_[piece.param].name + " is not contiguous");
+  return p.view({-1}).narrow(0, piece.offset, piece.numel);
+}
+
+int64_t AdamW::state_bytes() const {
+  int64_t n = 0;
+  for (size_t i = 0; i < m_.size(); ++i) n += static_cast<int64_t>(m_[i].nbytes() + v_[i].nbytes());
+  return n;
+}
+
+void AdamW::step(double lr, double grad_scale, const std::vector<at::Tensor>* piece_grads) {
   at::NoGradGuard no_grad;
   ++step_;
-  if (fused_step(lr, grad_scale)) return;
-  scale_grads(params_, grad_scale);
+  std::vector<at::Tensor> grads;
+  for (size_t i = 0; i < pieces_.size(); ++i) {
+    if (piece_grads) {
+      grads.push_back((*piece_grads)[i]);
+    } else {
+      const at::Tensor& p = params_[pieces_[i].param].param;
+      grads.push_back(p.grad().defined() ? p.grad() : at::zeros_like(p));
+    }
+  }
+  if (fused_step(lr, grad_scale, grads)) return;
+  if (grad_scale != 1.0)
+    for (auto& g : grads) g.mul_(grad_scale);
   const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(step_));
   const double bc2 = 1.0 - std::pow(beta2_, static_cast<double>(step_));
-  for (size_t i = 0; i < params_.size(); ++i) {
-    at::Tensor& p = params_[i].param;
-    at::Tensor g = p.grad().defined() ? p.grad() : at::zeros_like(p);
+  for (size_t i = 0; i < pieces_.size(); ++i) {
+    at::Tensor p = value(i);
+    const at::Tensor& g = grads[i];
     // The moment math in at least FP32 (the parameter's precision) whatever the storage dtype.
     const auto math = at::promote_types(p.scalar_type(), at::kFloat);
     at::Tensor m = m_[i].to(math).mul_(beta1_).add_(g, 1.0 - beta1_);
     at::Tensor v = v_[i].to(math).mul_(beta2_).addcmul_(g, g, 1.0 - beta2_);
-    if (weight_decay_ > 0 && decays(params_[i])) p.mul_(1.0 - lr * weight_decay_);
+    if (weight_decay_ > 0 && decays(params_[pieces_[i].param])) p.mul_(1.0 - lr * weight_decay_);
     p.addcdiv_(m, (v / bc2).sqrt_().add_(eps_), -lr / bc1);
     m_[i].copy_(m);
     v_[i].copy_(v);
   }
 }
 
-bool AdamW::fused_step(double lr, double grad_scale) {
+bool AdamW::fused_step(double lr, double grad_scale, std::vector<at::Tensor>& grads) {
   if (params_.empty() || !params_[0].param.is_cuda()) return false;
-  for (size_t i = 0; i < params_.size(); ++i)
-    if (m_[i].scalar_type() != at::kFloat || params_[i].param.scalar_type() != at::kFloat) return false;
+  for (size_t i = 0; i < pieces_.size(); ++i)
+    if (m_[i].scalar_type() != at::kFloat || params_[pieces_[i].param].param.scalar_type() != at::kFloat)
+      return false;
   if (steps_.empty())
-    for (const auto& p : params_) steps_.push_back(at::zeros({}, p.param.options().dtype(at::kFloat)));
+    for (size_t i = 0; i < pieces_.size(); ++i) steps_.push_back(at::zeros({}, m_[i].options().dtype(at::kFloat)));
   // Two groups: matrices with weight decay, the rest without.
   std::vector<at::Tensor> p[2], g[2], m[2], v[2], s[2];
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const int k = weight_decay_ > 0 && decays(params_[i]) ? 1 : 0;
-    at::Tensor& param = params_[i].param;
-    p[k].push_back(param);
-    g[k].push_back(param.grad().defined() ? param.grad() : at::zeros_like(param));
+  for (size_t i = 0; i < pieces_.size(); ++i) {
+    const int k = weight_decay_ > 0 && decays(params_[pieces_[i].param]) ? 1 : 0;
+    p[k].push_back(value(i));
+    g[k].push_back(grads[i]);
     m[k].push_back(m_[i]);
     v[k].push_back(v_[i]);
     s[k].push_back(steps_[i].fill_(static_cast<double>(step_)));
@@ -80,10 +110,12 @@ void AdamW::zero_grad() {
 std::vector<checkpoints::StateTensor> checkpoint_state(const std::vector<model::ParamInfo>& params, AdamW& optimizer,
                                                        const std::vector<model::ParamInfo>& buffers) {
   std::vector<checkpoints::StateTensor> out;
-  for (size_t i = 0; i < params.size(); ++i) {
-    out.push_back({"model/", params[i], params[i].tensor});
-    out.push_back({"optim/exp_avg/", params[i], optimizer.exp_avg_mut(i)});
-    out.push_back({"optim/exp_avg_sq/", params[i], optimizer.exp_avg_sq_mut(i)});
+  for (const auto& p : params) out.push_back({"model/", p, p.tensor});
+  const auto& pieces = optimizer.pieces();
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const int64_t offset = pieces[i].partitioned ? pieces[i].offset : -1;
+    out.push_back({"optim/exp_avg/", params[pieces[i].param], optimizer.exp_avg_mut(i), offset});
+    out.push_back({"optim/exp_avg_sq/", params[pieces[i].param], optimizer.exp_avg_sq_mut(i), offset});
   }
   for (const auto& b : buffers) out.push_back({"model/", b, b.tensor});
   return out;

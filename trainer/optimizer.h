@@ -1,5 +1,6 @@
 // AdamW over the model's parameters with decoupled weight decay (not applied to norms and biases, i.e. 1-D
-// tensors), moments kept in FP32 or BF16, and global gradient-norm clipping.
+// tensors), moments kept in FP32 or BF16, and global gradient-norm clipping. With ZeRO-1 (parallel/grad_sync.h)
+// it updates, and keeps moments for, only this rank's pieces of the parameters.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +12,7 @@
 #include "checkpoints/checkpointer.h"
 #include "config/config.h"
 #include "model/param_roles.h"
+#include "parallel/grad_sync.h"
 
 namespace moetrain::trainer {
 
@@ -21,7 +23,9 @@ struct NamedParam {
 
 class AdamW {
  public:
-  AdamW(std::vector<NamedParam> params, const config::TrainConfig& t, c10::ScalarType moment_dtype);
+  // pieces: the elements this rank updates (ZeRO-1's GradSync::pieces()); empty: every parameter whole.
+  AdamW(std::vector<NamedParam> params, const config::TrainConfig& t, c10::ScalarType moment_dtype,
+        std::vector<parallel::ShardPiece> pieces = {});
 
   // One update at learning rate lr. Parameters without a gradient (an expert that saw no token) count as zero
   // gradient: their moments decay and weight decay still applies, as on every other replica. On a GPU with FP32
@@ -29,11 +33,16 @@ class AdamW {
   // the per-tensor operations below.
   // grad_scale multiplies every gradient first (gradient clipping, clip_factor): a pass of its own on the CPU,
   // folded into the fused kernel on a GPU.
-  void step(double lr, double grad_scale = 1.0);
+  // grads: each piece's gradient (GradSync::piece_grads()); nullptr: the parameters' .grad.
+  void step(double lr, double grad_scale = 1.0, const std::vector<at::Tensor>* grads = nullptr);
   void zero_grad();
 
   int64_t steps_taken() const { return step_; }
   const std::vector<NamedParam>& params() const { return params_; }
+  // What the moments are kept for: one piece per parameter (whole) or this rank's pieces; moment i belongs to
+  // piece i (flat for a part of a parameter, shaped as the parameter for a whole one).
+  const std::vector<parallel::ShardPiece>& pieces() const { return pieces_; }
+  int64_t state_bytes() const;  // bytes of the moments this rank holds
   const at::Tensor& exp_avg(size_t i) const { return m_[i]; }
   const at::Tensor& exp_avg_sq(size_t i) const { return v_[i]; }
   // Restoring from a checkpoint.
@@ -44,7 +53,9 @@ class AdamW {
 
  private:
   std::vector<NamedParam> params_;
-  bool fused_step(double lr, double grad_scale);
+  std::vector<parallel::ShardPiece> pieces_;
+  at::Tensor value(size_t piece);  // the elements piece i updates (a view of its parameter)
+  bool fused_step(double lr, double grad_scale, std::vector<at::Tensor>& grads);
 
   std::vector<at::Tensor> m_, v_;
   std::vector<at::Tensor> steps_;  // the fused kernel's step counts, one per parameter, on the device
@@ -52,8 +63,8 @@ class AdamW {
   int64_t step_ = 0;
 };
 
-// What a checkpoint saves and restores in place: each parameter (`params`, in the optimizer's order) with its
-// two AdamW moments, then the buffers.
+// What a checkpoint saves and restores in place: each parameter (`params`, in the optimizer's order), the two
+// AdamW moments of each optimizer piece (a part of a parameter under ZeRO-1: its element range), then the buffers.
 std::vector<checkpoints::StateTensor> checkpoint_state(const std::vector<model::ParamInfo>& params, AdamW& optimizer,
                                                        const std::vector<model::ParamInfo>& buffers);
 

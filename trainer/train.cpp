@@ -65,9 +65,11 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   const std::vector<model::ParamInfo> params = model::parameter_roles(*model_);
   std::vector<NamedParam> named;
   for (const auto& p : params) named.push_back({p.name, p.tensor});
-  optimizer_ = std::make_unique<AdamW>(std::move(named), c_.train,
-                                       policy.moment_bytes == 2 ? at::kBFloat16 : at::kFloat);
-  if (groups_) grad_sync_ = std::make_unique<parallel::GradSync>(*groups_, params, c_.parallel.bucket_size_mb);
+  if (groups_)
+    grad_sync_ = std::make_unique<parallel::GradSync>(*groups_, params, c_.parallel.bucket_size_mb,
+                                                      c_.parallel.distributed_optimizer);
+  optimizer_ = std::make_unique<AdamW>(std::move(named), c_.train, policy.moment_bytes == 2 ? at::kBFloat16 : at::kFloat,
+                                       grad_sync_ ? grad_sync_->pieces() : std::vector<parallel::ShardPiece>{});
   loads_ = std::make_unique<model::MoeLoadTracker>(*model_);
   batches_ = data::make_batch_source(c_);
   checkpointer_ = std::make_unique<checkpoints::Checkpointer>(
@@ -158,7 +160,7 @@ parallel::StageOutput Trainer::stage_forward(const at::Tensor& input, const at::
 parallel::PipelineSpec Trainer::pipeline_spec() const {
   return {groups_->coords.pp, c_.parallel.pp, c_.train.micro_batches,
           {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
-          at::TensorOptions().dtype(at::kFloat).device(device_)};
+          at::TensorOptions().dtype(model_->activation_dtype()).device(device_)};
 }
 
 std::vector<MoeLayerMetrics> Trainer::moe_metrics() {
@@ -211,7 +213,9 @@ StepResult Trainer::step() {
   r.skipped = verdict == DivergenceGuard::Verdict::kSkip;
   if (r.skipped) say("warning: " + divergence_.message() + "\n");
   if (!r.skipped) {
-    optimizer_->step(r.lr, clip_factor(r.grad_norm, c_.train.grad_clip));
+    const bool zero = grad_sync_ && grad_sync_->sharded();
+    optimizer_->step(r.lr, clip_factor(r.grad_norm, c_.train.grad_clip), zero ? &grad_sync_->piece_grads() : nullptr);
+    if (zero) grad_sync_->gather_params();  // ZeRO-1: every replica receives the others' updated slices
   }
   // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
   if (groups_) loads_->reduce([&](at::Tensor& t) { reduce(t, groups_->dp.get()); });

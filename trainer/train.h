@@ -53,6 +53,7 @@ class Trainer {
   const data::BatchSource& batches() const { return *batches_; }
   const std::vector<std::string>& moe_layer_names() const { return loads_->layer_names(); }
   double peak_flops() const { return peak_flops_; }
+  const AdamW& optimizer() const { return *optimizer_; }
   // The pass order of the last step's pipeline schedule on this rank.
   const parallel::ScheduleTrace& schedule_trace() const { return trace_; }
 

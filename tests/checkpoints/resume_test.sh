@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # resume_test.sh MOETRAIN: checkpoints end to end.
 #  - 20 uninterrupted steps vs 10 steps, stop, --resume auto, 10 more: bit-identical losses, on (1,1,1) and (2,2,2);
-#  - saved at (2,2,2), resumed at (1,4,4), (2,4,2), (1,1,1): the next five losses within 1e-5 relative;
+#  - saved at (2,2,2) (ZeRO-1 on: each rank saves its part of the optimizer state as element ranges), resumed at
+#    (1,4,4), (2,4,2), (1,1,1) and at (2,4,2) with ZeRO-1 off; saved with ZeRO-1 off, resumed at (2,4,2) with it:
+#    the next five losses within 1e-5 relative;
 #  - a save killed with SIGKILL before its commit: the job resumes from the previous checkpoint;
 #  - flipped bytes in a shard: `ckpt verify` and --resume fail naming the file and the dataset;
 #  - `ckpt inspect` and `ckpt export`.
@@ -47,16 +49,22 @@ run "$bin" ckpt verify "$dir/async111/checkpoints"
 [ "$rc" -eq 0 ] || fail "async checkpoint does not verify: $err"
 
 # Resharding: the (2,2,2) checkpoint at step 10 continues on other layouts like the uninterrupted (2,2,2) run.
+grep -q '"flat"' "$dir/split222/checkpoints/step_0000010/index.json" ||
+  fail "a ZeRO-1 checkpoint holds no element-range parts of the optimizer state"
+train 4 off222 10 --set parallel.pp=2 --set parallel.ep=2 --set checkpoint.interval=10 \
+  --set parallel.distributed_optimizer=false
+! grep -q '"flat"' "$dir/off222/checkpoints/step_0000010/index.json" || fail "ZeRO-1 off: element-range parts"
 want=$(losses "$dir/full222/metrics.jsonl" | sed -n '11,15p')
-for layout in "1 4 4" "2 4 2" "1 1 1"; do
+for layout in "1 4 4 true split222" "2 4 2 true split222" "1 1 1 true split222" "2 4 2 false split222" \
+              "2 4 2 true off222"; do
   set -- $layout
-  name="reshard$1$2$3"
+  name="reshard$1$2$3$4$5"
   mkdir -p "$dir/$name"
-  cp -r "$dir/split222/checkpoints" "$dir/$name/"
+  cp -r "$dir/$5/checkpoints" "$dir/$name/"
   train $(($1 * $2)) "$name" 15 --set parallel.pp="$1" --set parallel.ep="$3" \
-    --resume "$dir/$name/checkpoints/step_0000010"
+    --set parallel.distributed_optimizer="$4" --resume "$dir/$name/checkpoints/step_0000010"
   got=$(losses "$dir/$name/metrics.jsonl")
-  python3 - "$want" "$got" "$1$2$3" <<'PY' || fail "resharded onto ($1,$2,$3): losses differ"
+  python3 - "$want" "$got" "$1$2$3 zero $4 from $5" <<'PY' || fail "resharded onto ($1,$2,$3), ZeRO-1 $4, from $5: losses differ"
 import sys
 want = [float(x) for x in sys.argv[1].split()]
 got = [float(x) for x in sys.argv[2].split()]

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # equivalence_test.sh PROGRAM: the same global batch trained on every layout (pp, dp, ep) gives the losses of
 # each of 10 steps, the validation loss and the final parameters of the single-process run within 1e-5 relative
-# (FP32); so do two layouts with activation recomputation (full, selective). Then a starved expert: no hang, zero
-# gradient.
+# (FP32), with ZeRO-1 (parallel.distributed_optimizer, the default) and, on one layout, without it; each rank's
+# optimizer state is 1/dp (dense) and 1/edp (routed) of the whole with it (checked by the program, ±5%). So do two
+# layouts with activation recomputation (full, selective). Then a starved expert: no hang, zero gradient.
 . "$(dirname "$0")/../cli/lib.sh"
 prog=$1
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 common=(--config configs/tiny.yaml --set train.micro_batch_size=2 --set train.global_batch_size=16
         --set train.eval_batches=1 --set train.peak_flops=1e9 --set parallel.dp=0)
-run_layout() {  # pp dp ep [recompute]
-  local pp=$1 dp=$2 ep=$3 np=$(($1 * $2)) recompute=${4:-none}
+run_layout() {  # pp dp ep [recompute] [distributed_optimizer]
+  local pp=$1 dp=$2 ep=$3 np=$(($1 * $2)) recompute=${4:-none} zero=${5:-true}
   run mpi -np "$np" "$prog" "${common[@]}" --steps 10 --set parallel.pp="$pp" --set parallel.ep="$ep" \
-      --set model.recompute="$recompute" --out "$dir/$pp-$dp-$ep${4:+-$4}"
-  [ "$rc" -eq 0 ] || fail "layout pp $pp dp $dp ep $ep recompute $recompute: rc $rc: $err"
+      --set model.recompute="$recompute" --set parallel.distributed_optimizer="$zero" \
+      --out "$dir/$pp-$dp-$ep${4:+-$4}${5:+-$5}"
+  [ "$rc" -eq 0 ] || fail "layout pp $pp dp $dp ep $ep recompute $recompute distributed_optimizer $zero: rc $rc: $err"
 }
 run_layout 1 1 1
 for layout in "1 2 1" "1 2 2" "2 1 1" "2 2 2" "1 4 4" "2 4 2"; do
@@ -23,6 +25,14 @@ for layout in "1 2 1" "1 2 2" "2 1 1" "2 2 2" "1 4 4" "2 4 2"; do
   echo "$out"
   [ "$rc" -eq 0 ] || fail "layout pp $1 dp $2 ep $3 differs from one process: $out"
 done
+
+cat "$dir"/2-4-2/optim.*.txt  # ZeRO-1's share of the optimizer state, per rank
+# ZeRO-1 off: gradients all-reduced, every replica updates everything.
+run_layout 2 4 2 none false
+run "$prog" --compare "$dir/1-1-1" "$dir/2-4-2-none-false"
+echo "$out"
+[ "$rc" -eq 0 ] || fail "layout pp 2 dp 4 ep 2 without ZeRO-1 differs from one process: $out"
+grep -q "= 1.0000" "$dir/2-4-2-none-false/optim.0.txt" || fail "without ZeRO-1 a rank holds all of its moments"
 
 # Activation recomputation on parallel layouts (the expert all-to-alls and the stage's blocks run again in the
 # backward pass): the numbers of one process without it.

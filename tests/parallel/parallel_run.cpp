@@ -19,6 +19,7 @@
 #include "config/loader.h"
 #include "cli/cli.h"
 #include "parallel/mpi_runtime.h"
+#include "model/param_roles.h"
 #include "parallel/process_groups.h"
 #include "trainer/train.h"
 
@@ -99,6 +100,33 @@ int compare(const fs::path& ref, const fs::path& dir) {
   return bad ? 1 : 0;
 }
 
+// The AdamW moments this rank holds against the whole of its stage's (its ep shard's for routed experts): with
+// ZeRO-1, 1/dp of the dense and 1/edp of the routed ones (±5%); without it, all. Written to DIR/optim.<rank>.txt.
+void check_optimizer_shards(trainer::Trainer& t, const config::Config& c, int rank, const fs::path& out) {
+  const auto& opt = t.optimizer();
+  const auto roles = model::parameter_roles(*t.model());
+  double held[2] = {0, 0}, whole[2] = {0, 0};  // dense, routed
+  for (size_t i = 0; i < opt.pieces().size(); ++i)
+    held[roles[opt.pieces()[i].param].routed() ? 1 : 0] +=
+        static_cast<double>(opt.exp_avg(i).nbytes() + opt.exp_avg_sq(i).nbytes());
+  const auto elem = static_cast<double>(opt.exp_avg(0).element_size());
+  for (const auto& r : roles) whole[r.routed() ? 1 : 0] += 2.0 * elem * static_cast<double>(r.tensor.numel());
+  const bool zero = c.parallel.distributed_optimizer && c.parallel.dp > 1;
+  const double expect[2] = {zero ? 1.0 / static_cast<double>(c.parallel.dp) : 1.0,
+                            zero ? static_cast<double>(c.parallel.ep) / static_cast<double>(c.parallel.dp) : 1.0};
+  std::ofstream f(out / fmt::format("optim.{}.txt", rank));
+  const char* kind[2] = {"dense", "routed"};
+  for (int k = 0; k < 2; ++k) {
+    if (whole[k] == 0) continue;
+    const double ratio = held[k] / whole[k];
+    f << fmt::format("rank {} {} moments: {:.0f} of {:.0f} bytes = {:.4f} (expected {:.4f})\n", rank, kind[k], held[k],
+                     whole[k], ratio, expect[k]);
+    if (std::abs(ratio / expect[k] - 1.0) > 0.05)
+      throw std::runtime_error(fmt::format("rank {}: {} optimizer state is {:.4f} of the whole, expected {:.4f} ±5%",
+                                           rank, kind[k], ratio, expect[k]));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -145,6 +173,7 @@ int main(int argc, char** argv) {
               item.value().grad().abs().max().item<double>() != 0.0)
             throw std::runtime_error(fmt::format("starved expert parameter {} has a non-zero gradient", item.key()));
     }
+    check_optimizer_shards(t, c, mpi.rank(), fs::path(out));
     trainer::EvalResult e = t.evaluate();
     if (losses.is_open()) losses << fmt::format("{:.17g}\n", e.loss);
     std::ofstream params(fs::path(out) / fmt::format("params.{}.bin", mpi.rank()), std::ios::binary);
