@@ -49,7 +49,7 @@ at::Tensor TransformerImpl::embed_tokens(const at::Tensor& tokens) {
   return mode_ == Mode::kFp32 ? e : e.to(at::kBFloat16);
 }
 
-at::ScalarType TransformerImpl::activation_dtype() {
+at::ScalarType TransformerImpl::activation_dtype() const {
   if (mode_ != Mode::kFp32) return at::kBFloat16;
   const auto params = parameters();
   return params.empty() ? at::kFloat : params[0].scalar_type();

@@ -54,7 +54,7 @@ class TransformerImpl : public torch::nn::Module {
   // The dtype of the residual stream and of what the blocks keep for the backward pass: BF16 in the bf16 and fp8
   // modes (as DeepSeek-V3 and Megatron-Core train), the parameters' own (FP32) in fp32 mode. Norms, router
   // probabilities, softmax and the losses compute in FP32 whatever it is.
-  at::ScalarType activation_dtype();
+  at::ScalarType activation_dtype() const;
   // This stage's blocks.
   at::Tensor run_layers(at::Tensor h, ExpertExchange& exchange, std::vector<MoeStats>& stats);
   // Last stage: hidden of the last block and the full window [B, T + 1 + D] -> loss sums (main and MTP).

@@ -123,6 +123,51 @@ TEST_F(CheckpointDir, StackedRowsReadWholeAndByRows) {
   EXPECT_NE(verify(dir).find("every checksum matches"), std::string::npos);
 }
 
+// ZeRO-1's optimizer pieces: element ranges of one tensor (two of them from one rank) tile it; it reads back whole,
+// by rows and by any element range, across the parts; a gap or an overlap fails the save, naming the element.
+TEST_F(CheckpointDir, FlatPartsTileTheTensorAndReadAnyWay) {
+  const at::Tensor whole = torch::arange(100, 112, at::kFloat).reshape({3, 4});
+  auto piece = [&](int64_t b, int64_t e) {
+    TensorEntry t{"optim/exp_avg/w", whole.view({-1}).narrow(0, b, e - b).clone(), true};
+    t.flat_begin = b;
+    t.global_shape = {3, 4};
+    return t;
+  };
+  // The request's whole optim/exp_avg/w replaced by three element ranges.
+  auto without_whole = [&](int64_t step) {
+    SaveRequest r = request(dir_, step);
+    r.tensors.erase(std::remove_if(r.tensors.begin(), r.tensors.end(),
+                                   [](const TensorEntry& t) { return t.name == "optim/exp_avg/w"; }),
+                    r.tensors.end());
+    return r;
+  };
+  SaveRequest r = without_whole(1);
+  for (auto [b, e] : {std::pair{0, 5}, std::pair{5, 9}, std::pair{9, 12}}) r.tensors.push_back(piece(b, e));
+  const std::string dir = commit(r, write_shard(r, 0), one_process);
+  Checkpoint ck(dir);
+  const auto& parts = ck.index()["tensors"]["optim/exp_avg/w"]["parts"];
+  ASSERT_EQ(parts.size(), 3u);
+  EXPECT_EQ(parts[1]["flat"].dump(), "[5,9]");
+  EXPECT_TRUE(same(ck.read("optim/exp_avg/w"), whole));
+  EXPECT_TRUE(same(ck.read_rows("optim/exp_avg/w", 1, 3), whole.narrow(0, 1, 2)));
+  EXPECT_TRUE(same(ck.read_elements("optim/exp_avg/w", 3, 11), whole.view({-1}).narrow(0, 3, 8)));
+  EXPECT_TRUE(same(ck.read_elements("model/w", 2, 9), torch::arange(2, 9, at::kFloat)));  // a row part, by elements
+  EXPECT_THROW(ck.read_elements("optim/exp_avg/w", 10, 13), std::runtime_error);
+  EXPECT_NE(verify(dir).find("every checksum matches"), std::string::npos);
+
+  SaveRequest gap = without_whole(2);
+  gap.tensors.push_back(piece(0, 5));
+  gap.tensors.push_back(piece(6, 12));
+  try {
+    commit(gap, write_shard(gap, 0), one_process);
+    ADD_FAILURE() << "a gap between the element ranges was accepted";
+  } catch (const std::runtime_error& ex) {
+    EXPECT_NE(std::string(ex.what()).find("optim/exp_avg/w: no rank wrote the elements at element 5"),
+              std::string::npos)
+        << ex.what();
+  }
+}
+
 // Rows no rank wrote make the save fail, and the previous checkpoint stays current.
 TEST_F(CheckpointDir, MissingRowsFailTheSave) {
   SaveRequest good = request(dir_, 1);
