@@ -45,7 +45,7 @@ int64_t block_local_params(const model::BlockParams& b, int64_t ep) {
 
 model::ActivationElems times(model::ActivationElems a, int64_t n) {
   const double k = static_cast<double>(n);
-  return {a.elems * k, a.fp32_elems * k};
+  return {a.elems * k, a.fp32_elems * k, a.fp8_elems * k};
 }
 
 }  // namespace
@@ -67,6 +67,8 @@ Plan make_plan(const config::Config& c) {
   const auto firsts = parallel::stage_first_layers(counts);
   const double tokens_per_micro_batch = static_cast<double>(c.train.micro_batch_size * c.train.seq_len);
   const double act = policy.activation_bytes;
+  // A GEMM input kept for the backward pass: E4M3 and an FP32 scale per 1×128 tile in fp8 mode.
+  const double fp8 = policy.mode == precision::Mode::kFp8 ? 1.0 + 4.0 / 128.0 : act;
   for (int64_t s = 0; s < pp; ++s) {
     StagePlan st;
     st.stage = s;
@@ -81,7 +83,7 @@ Plan make_plan(const config::Config& c) {
     double transient = 0;
     auto recomputed = [&](bool moe) {
       const model::ActivationElems t = model::recompute_transient(m, moe);
-      transient = std::max(transient, t.elems * act + t.fp32_elems * 4.0);
+      transient = std::max(transient, t.bytes(act, fp8));
     };
     for (auto [n, layer] : {std::pair{dense, st.first_layer}, std::pair{st.layers - dense, st.first_layer + dense}}) {
       if (n == 0) continue;
@@ -120,8 +122,8 @@ Plan make_plan(const config::Config& c) {
     const bool zero = c.parallel.distributed_optimizer && c.parallel.dp > 1;
     const double dp = zero ? static_cast<double>(c.parallel.dp) : 1.0, edp = zero ? dp / static_cast<double>(ep) : 1.0;
     st.optimizer_bytes = ((p - r) / dp + r / edp) * static_cast<double>(policy.optimizer_bytes_per_param());
-    const double kept = a.elems * act + a.fp32_elems * 4.0;
-    const double freed = heads.elems * act + heads.fp32_elems * 4.0;
+    const double kept = a.bytes(act, fp8);
+    const double freed = heads.bytes(act, fp8);
     st.activation_bytes = (kept * static_cast<double>(st.in_flight_micro_batches) + std::max(0.0, transient - freed)) *
                           tokens_per_micro_batch;
     plan.stages.push_back(st);

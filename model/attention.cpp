@@ -34,7 +34,7 @@ MLAImpl::MLAImpl(const config::ModelConfig& m, Mode mode)
 
 at::Tensor MLAImpl::forward(const at::Tensor& x) {
   std::vector<at::Tensor> qkv = project(x);
-  return attend(qkv[0], qkv[1], qkv[2], x.scalar_type());
+  return output(core(qkv[0], qkv[1], qkv[2], x.scalar_type()));
 }
 
 std::vector<at::Tensor> MLAImpl::project(const at::Tensor& x) {
@@ -66,13 +66,15 @@ std::vector<at::Tensor> MLAImpl::project(const at::Tensor& x) {
           vf.to(attn_dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous)};
 }
 
-at::Tensor MLAImpl::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype) {
+at::Tensor MLAImpl::core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype) {
   const int64_t B = q.size(0), T = q.size(2);
   const double scale = 1.0 / std::sqrt(static_cast<double>(nope_ + rope_));
   at::Tensor o = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
                                                   scale);
   o = o.narrow(-1, 0, v_dim_).to(dtype);  // the padding's columns are zero
-  return gemm(o.transpose(1, 2).reshape({B, T, heads_ * v_dim_}), wo, mode_);
+  return o.transpose(1, 2).reshape({B, T, heads_ * v_dim_});
 }
+
+at::Tensor MLAImpl::output(const at::Tensor& o) { return gemm(o, wo, mode_); }
 
 }  // namespace moetrain::model

@@ -17,14 +17,17 @@ namespace moetrain::model {
 class MLAImpl : public torch::nn::Module {
  public:
   MLAImpl(const config::ModelConfig& m, Mode mode = Mode::kFp32);
-  at::Tensor forward(const at::Tensor& x);  // [B, T, d] -> [B, T, d]: attend(project(x))
+  at::Tensor forward(const at::Tensor& x);  // [B, T, d] -> [B, T, d]: output(core(project(x)))
 
-  // The two halves of forward, apart so that selective recomputation can drop project's intermediates (the latent
-  // norms, the q and kv up-projections, RoPE) and keep only what attention itself saves:
+  // The parts of forward, apart so that selective recomputation can run all but the output projection again in the
+  // backward pass (the latents' norms, the q and kv up-projections, RoPE and the attention core) and keep only the
+  // block input and the output projection's input:
   // project: x -> {q, k, v} [B, H, T, ·] in the attention dtype (BF16 in the bf16 and fp8 modes, else x's);
-  // attend: causal attention and the output projection -> [B, T, d] in `dtype`.
+  // core: causal attention -> [B, T, H·v_head_dim] in `dtype`;
+  // output: the output projection -> [B, T, d].
   std::vector<at::Tensor> project(const at::Tensor& x);
-  at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype);
+  at::Tensor core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype);
+  at::Tensor output(const at::Tensor& o);
 
   at::Tensor wq_a, wq_b, wq, wkv_a, wkv_b, wo;
   RMSNorm q_norm{nullptr}, kv_norm{nullptr};

@@ -28,12 +28,16 @@ at::Tensor BlockImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std
 }
 
 at::Tensor BlockImpl::forward_saved(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats) {
-  // Selective: attention keeps x and what it saves itself (q, k, v and its output); the norms, the latents and the
-  // q/k/v projections are recomputed in the backward pass.
+  // Selective: attention keeps x and the output projection's input; the norm, the latents, the q/k/v
+  // up-projections and the attention core (DeepSeek-V3's recomputed RMSNorm and MLA up-projections, Megatron-Core's
+  // recomputed core attention) run again in the backward pass, one block at a time.
   const bool selective = recompute_ == config::Recompute::kSelective;
-  auto project = [this](const std::vector<at::Tensor>& in) { return attn->project(attn_norm(in[0])); };
-  const std::vector<at::Tensor> qkv = selective ? recompute(project, {x}) : project({x});
-  at::Tensor h = x + attn->attend(qkv[0], qkv[1], qkv[2], x.scalar_type());
+  auto attention = [this, dtype = x.scalar_type()](const std::vector<at::Tensor>& in) {
+    const std::vector<at::Tensor> qkv = attn->project(attn_norm(in[0]));
+    return std::vector<at::Tensor>{attn->core(qkv[0], qkv[1], qkv[2], dtype)};
+  };
+  const at::Tensor o = (selective ? recompute(attention, {x}) : attention({x}))[0];
+  at::Tensor h = x + attn->output(o);
   at::Tensor f = ffn_norm(h);  // keeps only h and 1/rms (model/layers.h): nothing to recompute
   return h + (moe ? moe->forward(f, exchange, stats) : mlp(f));
 }

@@ -67,10 +67,14 @@ at::Tensor apply_rope(const at::Tensor& x, const RopeTables& rope) {
   return at::stack({x0 * rope.cos - x1 * rope.sin, x0 * rope.sin + x1 * rope.cos}, -1).flatten(-2).to(x.scalar_type());
 }
 
-at::Tensor swiglu_activation(const at::Tensor& g, const at::Tensor& u, bool recompute) {
-  if (!recompute) return at::silu(g) * u;
-  auto activation = [](const std::vector<at::Tensor>& in) { return std::vector<at::Tensor>{at::silu(in[0]) * in[1]}; };
-  return model::recompute(activation, {g, u})[0];
+at::Tensor swiglu_activation(const at::Tensor& g, const at::Tensor& u, bool recompute, const at::Tensor& gate) {
+  auto activation = [](const std::vector<at::Tensor>& in) {
+    at::Tensor h = at::silu(in[0]) * in[1];
+    return std::vector<at::Tensor>{in.size() > 2 ? h * in[2].unsqueeze(-1) : h};
+  };
+  std::vector<at::Tensor> in{g, u};
+  if (gate.defined()) in.push_back(gate);
+  return recompute ? model::recompute(activation, in)[0] : activation(in)[0];
 }
 
 SwiGLUImpl::SwiGLUImpl(int64_t dim, int64_t inter_dim, Mode mode, bool recompute_activation)
@@ -80,8 +84,9 @@ SwiGLUImpl::SwiGLUImpl(int64_t dim, int64_t inter_dim, Mode mode, bool recompute
   w_down = register_parameter("w_down", at::empty({dim, inter_dim}));
 }
 
-at::Tensor SwiGLUImpl::forward(const at::Tensor& x) {
-  return gemm(swiglu_activation(gemm(x, w_gate, mode_), gemm(x, w_up, mode_), recompute_activation_), w_down, mode_);
+at::Tensor SwiGLUImpl::forward(const at::Tensor& x, const at::Tensor& gate) {
+  return gemm(swiglu_activation(gemm(x, w_gate, mode_), gemm(x, w_up, mode_), recompute_activation_, gate), w_down,
+              mode_);
 }
 
 }  // namespace moetrain::model

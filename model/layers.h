@@ -34,16 +34,18 @@ struct RopeTables {
 RopeTables rope_tables(int64_t T, int64_t rope_dim, double theta, const at::TensorOptions& opts);
 at::Tensor apply_rope(const at::Tensor& x, const RopeTables& rope);
 
-// silu(g) ⊙ u; with `recompute` (selective recomputation) only g and u are kept for the backward pass, silu(g)
-// is computed again there.
-at::Tensor swiglu_activation(const at::Tensor& g, const at::Tensor& u, bool recompute);
+// silu(g) ⊙ u, times a routed expert's gate per token where `gate` ([n]) is given; with `recompute` (selective
+// recomputation) only g, u (and the gate) are kept for the backward pass, the product is computed again there.
+at::Tensor swiglu_activation(const at::Tensor& g, const at::Tensor& u, bool recompute, const at::Tensor& gate = {});
 
 // SwiGLU: w_down · (silu(w_gate · x) ⊙ (w_up · x)). Used by the dense layers and, with the MoE's inter dim, by
 // the shared experts and each routed expert.
 class SwiGLUImpl : public torch::nn::Module {
  public:
   SwiGLUImpl(int64_t dim, int64_t inter_dim, Mode mode, bool recompute_activation = false);
-  at::Tensor forward(const at::Tensor& x);
+  // gate ([n], optional): a routed expert's gate per token, applied to the down projection's input (the same
+  // as scaling the output, w_down being linear), so the combine keeps no expert output for the gate's gradient.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& gate = {});
   at::Tensor w_gate, w_up, w_down;
 
  private:

@@ -50,16 +50,19 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
   at::Tensor counts_cpu = counts.to(at::kCPU).contiguous();
   std::vector<int64_t> counts_host(counts_cpu.data_ptr<int64_t>(), counts_cpu.data_ptr<int64_t>() + n_experts_);
 
-  Dispatched in = exchange.dispatch(flat.index_select(0, token_of), counts_host);
-  at::Tensor local_out = run_experts(in.tokens, in.local_counts, grouped_expert_gemm(in.tokens));
+  // Each copy travels with its gate (one more column, in the activation dtype, as the combine used to weight
+  // them): the experts apply it to their down projection's input, so nothing after them keeps their outputs for
+  // the gates' gradient (it comes from the down projection's input gradient instead).
+  const at::Tensor gate_of = r.gates.reshape({N * top_k_}).index_select(0, order).to(x.scalar_type());
+  Dispatched in = exchange.dispatch(at::cat({flat.index_select(0, token_of), gate_of.unsqueeze(1)}, 1), counts_host);
+  const at::Tensor received = in.tokens.narrow(1, 0, d), gates = in.tokens.select(1, d);
+  at::Tensor local_out = run_experts(received, in.local_counts, grouped_expert_gemm(received), gates);
   at::Tensor routed = exchange.combine(local_out, in);  // [N·k, d] in sorted order
 
-  // Back in token order ([N, k, d], copy j of token t at row t·k + j), weighted by the gates and summed: the backward
-  // pass keeps the copies and the gates only (an index_add of the products would keep the products too), and the sum
-  // over k is deterministic on GPUs, where index_add's atomics are not.
+  // Back in token order ([N, k, d], copy j of token t at row t·k + j) and summed: deterministic on GPUs, where
+  // index_add's atomics are not, and nothing is kept for the backward pass but the indices.
   at::Tensor slot_of = at::empty_like(order).scatter_(0, order, at::arange(N * top_k_, order.options()));
-  at::Tensor copies = routed.index_select(0, slot_of).view({N, top_k_, d});
-  at::Tensor out = (copies * r.gates.unsqueeze(-1).to(x.scalar_type())).sum(1);
+  at::Tensor out = routed.index_select(0, slot_of).view({N, top_k_, d}).sum(1);
   if (shared) out = out + shared(flat);
 
   stats.push_back({counts_cpu, balance_loss_sum(r, B, T, top_k_, seq_alpha_, aux_alpha_)});
@@ -71,14 +74,16 @@ bool MoEImpl::grouped_expert_gemm(const at::Tensor& tokens) const {
          local_experts[0]->w_gate.size(0) % 8 == 0 && local_experts[0]->w_gate.size(1) % 8 == 0;
 }
 
-at::Tensor MoEImpl::run_experts(const at::Tensor& tokens, const std::vector<int64_t>& counts, bool grouped) {
+at::Tensor MoEImpl::run_experts(const at::Tensor& tokens, const std::vector<int64_t>& counts, bool grouped,
+                                const at::Tensor& gates) {
   if (!grouped) {
     std::vector<at::Tensor> outs;
     int64_t offset = 0;
     for (size_t e = 0; e < local_experts.size(); ++e) {
       const int64_t n = counts[e];
       if (n == 0) continue;  // no tokens: no compute, and the expert's gradient stays zero
-      outs.push_back(local_experts[e](tokens.narrow(0, offset, n)));
+      outs.push_back(local_experts[e]->forward(tokens.narrow(0, offset, n),
+                                               gates.defined() ? gates.narrow(0, offset, n) : at::Tensor()));
       offset += n;
     }
     // With no token for any local expert the output is still computed from the received tokens (zero rows), so
@@ -98,9 +103,10 @@ at::Tensor MoEImpl::run_experts(const at::Tensor& tokens, const std::vector<int6
     for (const auto& e : local_experts) ws.push_back((*e).*w);
     return at::stack(ws).to(dtype).transpose(1, 2);
   };
-  const at::Tensor x = tokens.to(dtype);
+  const at::Tensor x = tokens.to(dtype).contiguous();
   const at::Tensor h = swiglu_activation(at::_grouped_mm(x, stacked(&SwiGLUImpl::w_gate), offs),
-                                         at::_grouped_mm(x, stacked(&SwiGLUImpl::w_up), offs), recompute_activation_);
+                                         at::_grouped_mm(x, stacked(&SwiGLUImpl::w_up), offs), recompute_activation_,
+                                         gates.defined() ? gates.to(dtype) : at::Tensor());
   return at::_grouped_mm(h, stacked(&SwiGLUImpl::w_down), offs).to(tokens.scalar_type());
 }
 

@@ -36,8 +36,10 @@ class MoEImpl : public torch::nn::Module {
 
   // The local experts on their expert-sorted token blocks ([M, d], block e has counts[e] rows): one grouped GEMM
   // per projection (at::_grouped_mm over the stacked expert weights) where grouped_expert_gemm says so, else a
-  // loop of per-expert GEMMs. Both give the same result (tests: within 1e-6 in FP32).
-  at::Tensor run_experts(const at::Tensor& tokens, const std::vector<int64_t>& counts, bool grouped);
+  // loop of per-expert GEMMs. Both give the same result (tests: within 1e-6 in FP32). gates ([M], optional): each
+  // token's gate, applied to the down projection's input.
+  at::Tensor run_experts(const at::Tensor& tokens, const std::vector<int64_t>& counts, bool grouped,
+                         const at::Tensor& gates = {});
   // Grouped on CUDA in bf16 mode (the op's BF16 kernels); FP8 keeps the loop (LibTorch's grouped FP8 GEMM has no
   // 1×128 / 128×128 scaling), and so does the CPU, where the grouped op is a loop itself.
   bool grouped_expert_gemm(const at::Tensor& tokens) const;

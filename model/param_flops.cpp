@@ -126,39 +126,52 @@ namespace moetrain::model {
 
 namespace {
 
-// One block's saved activations under `r` (none or selective; full is handled by the callers).
-ActivationElems block_saved(const config::ModelConfig& m, bool moe, config::Recompute r) {
-  const bool selective = r == config::Recompute::kSelective;
+// What one block's attention keeps per token under `r` (none or selective).
+ActivationElems attention_saved(const config::ModelConfig& m, config::Recompute r) {
   const double d = static_cast<double>(m.hidden_size), H = static_cast<double>(m.num_heads);
   const double dqk = static_cast<double>(m.qk_nope_head_dim + m.qk_rope_head_dim);
   const double dv = static_cast<double>(m.v_head_dim), ql = static_cast<double>(m.q_lora_rank);
   const double kvl = static_cast<double>(m.kv_lora_rank), rope = static_cast<double>(m.qk_rope_head_dim);
   ActivationElems a;
-  // Attention keeps q, k, v and its output (v padded to the q/k head dim, model/attention.cpp), the output
-  // projection's input (+ the log-sum-exp per head).
-  a.elems += 2 * H * dqk + 2 * H * std::max(dqk, dv) + H * dv;
-  a.fp32_elems += H;
-  // The block input; without recomputation also the norm's output, the query latent and its norm's output, the KV
-  // latent (+ rope key) and its norm's output (selective recomputes them from the input). Each RMSNorm keeps its
-  // input and 1/rms per token (model/layers.cpp).
-  a.elems += d;
-  if (!selective) {
-    a.elems += d + (ql > 0 ? 2 * ql : 0.0) + (kvl + rope) + kvl;
-    a.fp32_elems += ql > 0 ? 3 : 2;
-  }
-  // The FFN norm: its input and output.
-  a.elems += 2 * d;
+  // The output projection's input, always; the block input is counted by the caller.
+  a.fp8_elems += H * dv;
+  if (r == config::Recompute::kSelective) return a;  // the rest runs again in the backward pass
+  // The attention core keeps q, k, v (v padded to the q/k head dim, model/attention.cpp) and its padded output, and
+  // the log-sum-exp per head; the input norm its output (the down projections' input), the latents (their norms'
+  // inputs) and the latents' norm outputs (the up projections' inputs), 1/rms of each norm.
+  a.elems += 2 * H * dqk + 2 * H * std::max(dqk, dv) + d + (ql > 0 ? ql : 0.0) + (kvl + rope);
+  a.fp8_elems += (ql > 0 ? ql : 0.0) + kvl;
+  a.fp32_elems += H + (ql > 0 ? 3 : 2);
+  return a;
+}
+
+// One block's saved activations under `r` (none or selective; full is handled by the callers).
+ActivationElems block_saved(const config::ModelConfig& m, bool moe, config::Recompute r) {
+  const bool selective = r == config::Recompute::kSelective;
+  const double d = static_cast<double>(m.hidden_size);
+  ActivationElems a = attention_saved(m, r);
+  // The block input; the FFN norm's input and output.
+  a.elems += 3 * d;
   a.fp32_elems += 1;
-  // A SwiGLU keeps gate, up and their product (+ silu(gate) without recomputation) per token it sees.
-  const double swiglu = selective ? 3.0 : 4.0;
+  // A SwiGLU keeps gate and up (+ silu(gate) and their product without recomputation) and the down projection's
+  // input; a routed expert also its gate, which it applies to that input (model/layers.h).
+  auto swiglu = [&](double inter, bool gated) {
+    ActivationElems s;
+    s.elems = (selective ? 2.0 : (gated ? 4.0 : 3.0)) * inter + (gated ? 1.0 : 0.0);
+    s.fp8_elems = inter;
+    return s;
+  };
   if (moe) {
     const double k = static_cast<double>(m.top_k), inter = static_cast<double>(m.moe_inter_dim);
-    // Per routed copy: the dispatched input, the expert's SwiGLU, the expert output (kept for the gate product).
-    a.elems += k * (2 * d + swiglu * inter) + static_cast<double>(m.n_shared_experts) * swiglu * inter;
+    // Per routed copy: the dispatched input (and its gate column) and the expert's SwiGLU.
+    const ActivationElems e = swiglu(inter, true);
+    a.elems += k * (d + 1 + e.elems);
+    a.fp8_elems += k * e.fp8_elems;
+    for (int64_t i = 0; i < m.n_shared_experts; ++i) a += swiglu(inter, false);
     // Router scores, the selected scores and gates, and the int64 indices of the sort and the combine.
     a.fp32_elems += static_cast<double>(m.n_routed_experts) + 2 * k + 3 * 2 * k;
   } else {
-    a.elems += swiglu * static_cast<double>(m.dense_inter_dim);
+    a += swiglu(static_cast<double>(m.dense_inter_dim), false);
   }
   return a;
 }
@@ -171,8 +184,14 @@ ActivationElems block_activations(const config::ModelConfig& m, bool moe) {
 }
 
 ActivationElems recompute_transient(const config::ModelConfig& m, bool moe) {
-  if (m.recompute != config::Recompute::kFull) return {};
-  return block_saved(m, moe, config::Recompute::kNone);
+  if (m.recompute == config::Recompute::kFull) return block_saved(m, moe, config::Recompute::kNone);
+  if (m.recompute != config::Recompute::kSelective) return {};
+  ActivationElems a = attention_saved(m, config::Recompute::kNone);
+  const ActivationElems kept = attention_saved(m, config::Recompute::kSelective);
+  a.elems -= kept.elems;
+  a.fp32_elems -= kept.fp32_elems;
+  a.fp8_elems -= kept.fp8_elems;
+  return a;
 }
 
 ActivationElems head_activations(const config::ModelConfig& m) {

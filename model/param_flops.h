@@ -70,19 +70,26 @@ namespace moetrain::model {
 // the activation dtype, plus elements kept in FP32 or as int64 indices (router scores, gates, logits; an int64
 // counts as two). An estimate for `moetrain plan`, written from what each op of the forward pass saves (the
 // memory bench holds it against measurement).
+// fp8_elems: inputs of a GEMM that is their only consumer, kept as the GEMM saves them: E4M3 plus one FP32 scale
+// per 128 in fp8 mode, in the activation dtype otherwise.
 struct ActivationElems {
   double elems = 0;
   double fp32_elems = 0;
+  double fp8_elems = 0;
   ActivationElems& operator+=(const ActivationElems& o) {
     elems += o.elems;
     fp32_elems += o.fp32_elems;
+    fp8_elems += o.fp8_elems;
     return *this;
   }
+  // Bytes per token: `act` bytes per activation element, `fp8` per GEMM-input element.
+  double bytes(double act, double fp8) const { return elems * act + fp32_elems * 4.0 + fp8_elems * fp8; }
 };
 // Held from a block's forward pass to its backward pass (full recomputation: the block's input only).
 ActivationElems block_activations(const config::ModelConfig& m, bool moe);
-// Held for the backward pass of the block being recomputed (full recomputation; else nothing): one block's
-// activations without recomputation, once per stage whatever the micro-batches in flight.
+// Held for the backward pass of the block being recomputed, once per stage whatever the micro-batches in flight:
+// full recomputation, one block's activations without recomputation; selective, what one block's attention keeps
+// without it beyond what it keeps with it.
 ActivationElems recompute_transient(const config::ModelConfig& m, bool moe);
 ActivationElems head_activations(const config::ModelConfig& m);        // final norm + FP32 log-probabilities
 ActivationElems mtp_module_activations(const config::ModelConfig& m);  // one MTP module, its head included
