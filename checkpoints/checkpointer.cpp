@@ -46,22 +46,6 @@ Checkpointer::~Checkpointer() {
   remover_.reset();  // waits for the deletions it was asked for
 }
 
-bool Checkpointer::writes(const model::ParamInfo& info) const {
-  if (!coords_) return true;
-  const bool last_not_first = coords_->pp == c_.parallel.pp - 1 && coords_->pp != 0;
-  if (info.shared_embedding && last_not_first) return false;  // the first stage's copy is the same
-  const std::string& key = info.routed() ? info.stacked_name : info.name;
-  const uint64_t h = XXH64(key.data(), key.size(), 0);
-  if (info.routed())
-    return static_cast<int64_t>(h % static_cast<uint64_t>(c_.parallel.dp / c_.parallel.ep)) == coords_->edp;
-  return static_cast<int64_t>(h % static_cast<uint64_t>(c_.parallel.dp)) == coords_->dp;
-}
-
-bool Checkpointer::writes_piece(const model::ParamInfo& info) const {
-  const bool last_not_first = coords_ && coords_->pp == c_.parallel.pp - 1 && coords_->pp != 0;
-  return !(info.shared_embedding && last_not_first);
-}
-
 namespace {
 
 std::string global_name(const model::ParamInfo& info) { return info.routed() ? info.stacked_name : info.name; }
@@ -78,6 +62,21 @@ int64_t global_offset(const StateTensor& st) {
 }
 
 }  // namespace
+
+bool Checkpointer::embedding_copy(const model::ParamInfo& info) const {
+  return info.shared_embedding && coords_ && coords_->pp == c_.parallel.pp - 1 && coords_->pp != 0;
+}
+
+bool Checkpointer::writes(const model::ParamInfo& info) const {
+  if (!coords_) return true;
+  if (embedding_copy(info)) return false;  // the first stage's copy is the same
+  const std::string key = global_name(info);
+  const uint64_t h = XXH64(key.data(), key.size(), 0);
+  if (info.routed())
+    return static_cast<int64_t>(h % static_cast<uint64_t>(c_.parallel.dp / c_.parallel.ep)) == coords_->edp;
+  return static_cast<int64_t>(h % static_cast<uint64_t>(c_.parallel.dp)) == coords_->dp;
+}
+
 
 bool Checkpointer::busy() const { return pending_ && !pending_->written.load(); }
 
@@ -155,7 +154,7 @@ void Checkpointer::save(const TrainerState& s) {
   std::map<std::string, size_t> stacked;  // stacked expert tensor -> its entry in r.tensors
   for (const StateTensor& st : state_) {
     if (st.offset >= 0) {  // a ZeRO-1 piece: saved by the rank holding it (the first stage for the embedding)
-      if (!writes_piece(st.info)) continue;
+      if (embedding_copy(st.info)) continue;
       TensorEntry e{st.prefix + global_name(st.info), snap(st.tensor)};
       e.flat_begin = global_offset(st);
       e.global_shape = global_shape(st.info);
@@ -167,7 +166,7 @@ void Checkpointer::save(const TrainerState& s) {
       r.tensors.push_back({st.prefix + st.info.name, snap(st.tensor)});
       continue;
     }
-    const std::string global = st.prefix + st.info.stacked_name;
+    const std::string global = st.prefix + global_name(st.info);
     auto it = stacked.find(global);
     if (it == stacked.end()) {
       it = stacked.emplace(global, r.tensors.size()).first;
@@ -246,30 +245,26 @@ TrainerState Checkpointer::load(const std::string& dir) {
   for (const StateTensor& st : state_) {
     if (!st.info.routed() || st.offset >= 0) continue;
     const int64_t row = st.info.expert_row;
-    auto [it, fresh] = wanted_rows.emplace(st.prefix + st.info.stacked_name, std::make_pair(row, row + 1));
+    auto [it, fresh] = wanted_rows.emplace(st.prefix + global_name(st.info), std::make_pair(row, row + 1));
     it->second = {std::min(it->second.first, row), std::max(it->second.second, row + 1)};
   }
   std::map<std::string, at::Tensor> rows_read;
   for (const StateTensor& st : state_) {
+    // The global tensor: a parameter, buffer or moment under its name; a routed expert's under the stacked name.
+    const std::string global = st.prefix + global_name(st.info);
+    const std::vector<int64_t> ours = global_shape(st.info);
+    if (need(global) != ours) throw mismatch(global, ck.shape(global), ours);
     at::Tensor t;
     if (st.offset >= 0) {  // a ZeRO-1 piece: its elements, from whichever parts hold them
-      const std::string global = st.prefix + global_name(st.info);
-      if (need(global) != global_shape(st.info)) throw mismatch(global, ck.shape(global), global_shape(st.info));
       const int64_t begin = global_offset(st);
       t = ck.read_elements(global, begin, begin + st.tensor.numel());
     } else if (st.info.routed()) {
-      const std::string global = st.prefix + st.info.stacked_name;
-      std::vector<int64_t> ours = st.tensor.sizes().vec();
-      ours.insert(ours.begin(), st.info.expert_rows);
-      if (need(global) != ours) throw mismatch(global, ck.shape(global), ours);
       const auto [begin, end] = wanted_rows.at(global);
       auto it = rows_read.find(global);
       if (it == rows_read.end()) it = rows_read.emplace(global, ck.read_rows(global, begin, end)).first;
       t = it->second[st.info.expert_row - begin];
     } else {
-      const std::string name = st.prefix + st.info.name;
-      if (need(name) != st.tensor.sizes().vec()) throw mismatch(name, ck.shape(name), st.tensor.sizes().vec());
-      t = ck.read(name);
+      t = ck.read(global);
     }
     at::NoGradGuard no_grad;
     at::Tensor into = st.tensor;

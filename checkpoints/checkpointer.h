@@ -81,7 +81,8 @@ class Checkpointer {
  private:
   struct Pending;
   bool writes(const model::ParamInfo& info) const;
-  bool writes_piece(const model::ParamInfo& info) const;  // a ZeRO-1 piece of this rank
+  // The last stage's copy of the shared embedding (not its first): never saved, the first stage's is the same.
+  bool embedding_copy(const model::ParamInfo& info) const;
   std::string first_nonfinite() const;  // the first state tensor of this rank with a NaN or inf, or ""
 
   config::Config c_;

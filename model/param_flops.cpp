@@ -187,10 +187,7 @@ ActivationElems recompute_transient(const config::ModelConfig& m, bool moe) {
   if (m.recompute == config::Recompute::kFull) return block_saved(m, moe, config::Recompute::kNone);
   if (m.recompute != config::Recompute::kSelective) return {};
   ActivationElems a = attention_saved(m, config::Recompute::kNone);
-  const ActivationElems kept = attention_saved(m, config::Recompute::kSelective);
-  a.elems -= kept.elems;
-  a.fp32_elems -= kept.fp32_elems;
-  a.fp8_elems -= kept.fp8_elems;
+  a -= attention_saved(m, config::Recompute::kSelective);
   return a;
 }
 

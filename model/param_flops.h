@@ -82,6 +82,12 @@ struct ActivationElems {
     fp8_elems += o.fp8_elems;
     return *this;
   }
+  ActivationElems& operator-=(const ActivationElems& o) {
+    elems -= o.elems;
+    fp32_elems -= o.fp32_elems;
+    fp8_elems -= o.fp8_elems;
+    return *this;
+  }
   // Bytes per token: `act` bytes per activation element, `fp8` per GEMM-input element.
   double bytes(double act, double fp8) const { return elems * act + fp32_elems * 4.0 + fp8_elems * fp8; }
 };

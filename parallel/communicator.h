@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <fmt/format.h>
 
 #include <cstdint>
 #include <map>
@@ -62,6 +63,14 @@ class Communicator {
  protected:
   Communicator(std::string name, int rank, int size, int world_rank)
       : name_(std::move(name)), rank_(rank), size_(size), world_rank_(world_rank) {}
+  // reduce_scatter / all_gather: `whole` must be size() parts of `part`'s length and dtype; else a CommError naming
+  // the group and the operation.
+  void check_parts(const at::Tensor& whole, const at::Tensor& part, const char* op) const {
+    if (whole.numel() == part.numel() * size_ && whole.scalar_type() == part.scalar_type()) return;
+    throw CommError(fmt::format("{} on group {}: {} elements of {} do not split into {} parts of {} elements of {}", op,
+                                name_, whole.numel(), c10::toString(whole.scalar_type()), size_, part.numel(),
+                                c10::toString(part.scalar_type())));
+  }
   void count(const char* op, int64_t bytes) {
     auto& s = stats_[op];
     ++s.calls;

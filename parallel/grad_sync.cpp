@@ -10,19 +10,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
-#include <tuple>
 
 namespace moetrain::parallel {
-namespace {
-
-// A parameter's elements as one flat view (optimizer updates and gathers write through it).
-at::Tensor flat(const at::Tensor& p, const std::string& name) {
-  if (!p.is_contiguous()) throw std::logic_error(fmt::format("gradient sync: parameter {} is not contiguous", name));
-  return p.view({-1});
+at::Tensor piece_view(const at::Tensor& param, const std::string& name, const ShardPiece& piece) {
+  if (!param.is_contiguous()) throw std::logic_error(fmt::format("parameter {} is not contiguous", name));
+  return param.view({-1}).narrow(0, piece.offset, piece.numel);
 }
-
-}  // namespace
 
 GradSync::GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, double bucket_mb,
                    bool shard_optimizer)
@@ -41,23 +34,10 @@ GradSync::GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, 
   if (g_.edp && g_.edp->size() > 1) {
     add_sharded_buckets(expert_, g_.edp.get(), false);
   } else {
-    for (size_t i : expert_) pieces_.push_back({i, 0, params_[i].tensor.numel(), false});
+    // Whole experts, in registration order (checkpoints stack a whole expert's rows in order).
+    for (auto it = expert_.rbegin(); it != expert_.rend(); ++it)
+      pieces_.push_back({*it, 0, params_[*it].tensor.numel(), false});
   }
-  // Ordered by parameter and offset (checkpoints stack the experts' rows in order); the buckets follow.
-  std::vector<size_t> order(pieces_.size());
-  std::iota(order.begin(), order.end(), size_t{0});
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return std::tie(pieces_[a].param, pieces_[a].offset) < std::tie(pieces_[b].param, pieces_[b].offset);
-  });
-  std::vector<size_t> where(pieces_.size());
-  std::vector<ShardPiece> sorted;
-  for (size_t k = 0; k < order.size(); ++k) {
-    where[order[k]] = k;
-    sorted.push_back(pieces_[order[k]]);
-  }
-  pieces_ = std::move(sorted);
-  for (auto& b : buckets_)
-    for (auto& j : b.pieces) j = where[j];
   piece_grads_.resize(pieces_.size());
 }
 
@@ -109,12 +89,17 @@ at::Tensor& GradSync::grad_of(size_t i) {
   return p.mutable_grad();
 }
 
+at::Tensor GradSync::flat_grads(const std::vector<size_t>& which, int64_t padding) {
+  std::vector<at::Tensor> parts;
+  for (size_t i : which) parts.push_back(grad_of(i).reshape({-1}));
+  if (padding > 0) parts.push_back(at::zeros({padding}, parts[0].options()));
+  return at::cat(parts);
+}
+
 void GradSync::reduce_buckets(const std::vector<size_t>& which, Communicator* comm) {
   if (!comm || comm->size() == 1 || which.empty()) return;
   for (const auto& bucket : make_buckets(which)) {
-    std::vector<at::Tensor> flat_parts;
-    for (size_t i : bucket) flat_parts.push_back(grad_of(i).reshape({-1}));
-    at::Tensor all = at::cat(flat_parts);
+    at::Tensor all = flat_grads(bucket, 0);
     comm->all_reduce(all, ReduceOp::kSum);
     int64_t off = 0;
     for (size_t i : bucket) {
@@ -134,11 +119,7 @@ void GradSync::reduce() {
     return;
   }
   for (const Bucket& b : buckets_) {
-    std::vector<at::Tensor> parts;
-    for (size_t i : b.params) parts.push_back(grad_of(i).reshape({-1}));
-    const int64_t padded = b.slice * b.comm->size();
-    if (padded > b.numel) parts.push_back(at::zeros({padded - b.numel}, parts[0].options()));
-    const at::Tensor all = at::cat(parts);
+    const at::Tensor all = flat_grads(b.params, b.slice * b.comm->size() - b.numel);
     at::Tensor mine = at::empty({b.slice}, all.options());
     b.comm->reduce_scatter(all, mine);
     if (b.embedding && g_.embedding && g_.embedding->size() > 1) g_.embedding->all_reduce(mine, ReduceOp::kSum);
@@ -158,13 +139,14 @@ void GradSync::gather_params() {
     for (size_t k = 0; k < b.pieces.size(); ++k) {
       const ShardPiece& piece = pieces_[b.pieces[k]];
       const model::ParamInfo& p = params_[piece.param];
-      mine.narrow(0, b.at[k], piece.numel).copy_(flat(p.tensor, p.name).narrow(0, piece.offset, piece.numel));
+      mine.narrow(0, b.at[k], piece.numel).copy_(piece_view(p.tensor, p.name, piece));
     }
     at::Tensor all = at::empty({b.slice * b.comm->size()}, first.options());
     b.comm->all_gather(mine, all);
     for (size_t k = 0; k < b.params.size(); ++k) {
       const model::ParamInfo& p = params_[b.params[k]];
-      flat(p.tensor, p.name).copy_(all.narrow(0, b.offsets[k], p.tensor.numel()));
+      const ShardPiece whole{b.params[k], 0, p.tensor.numel(), true};
+      piece_view(p.tensor, p.name, whole).copy_(all.narrow(0, b.offsets[k], p.tensor.numel()));
     }
   }
 }

@@ -33,13 +33,18 @@ struct ShardPiece {
   bool partitioned = false;  // false: the whole parameter, in a group of one rank (no other rank updates it)
 };
 
+// The piece's elements of `param` as a flat view (updates through it reach the parameter); a parameter that is
+// not contiguous is a logic error naming it.
+at::Tensor piece_view(const at::Tensor& param, const std::string& name, const ShardPiece& piece);
+
 class GradSync {
  public:
   // shard_optimizer: ZeRO-1 (takes effect where dp > 1).
   GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, double bucket_mb, bool shard_optimizer);
 
   bool sharded() const { return sharded_; }
-  // ZeRO-1: this rank's pieces, ordered by parameter then offset; empty when not sharded.
+  // ZeRO-1: this rank's pieces, bucket by bucket (whole routed experts in registration order); empty when not
+  // sharded.
   const std::vector<ShardPiece>& pieces() const { return pieces_; }
 
   // Not sharded: each parameter's .grad becomes the sum over its replicas. Sharded: piece_grads() become the
@@ -72,6 +77,7 @@ class GradSync {
   void reduce_buckets(const std::vector<size_t>& which, Communicator* comm);
   void add_sharded_buckets(const std::vector<size_t>& which, Communicator* comm, bool embedding);
   at::Tensor& grad_of(size_t i);  // the parameter's gradient, zeros where backward left none
+  at::Tensor flat_grads(const std::vector<size_t>& which, int64_t padding);  // concatenated, then `padding` zeros
 
   ProcessGroups& g_;
   std::vector<model::ParamInfo> params_;

@@ -103,19 +103,10 @@ void MpiCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
   wait(r, "all_reduce");
 }
 
-namespace {
-void require_parts(const at::Tensor& whole, const at::Tensor& part, int size, const char* op) {
-  if (whole.numel() != part.numel() * size || whole.scalar_type() != part.scalar_type())
-    throw CommError(fmt::format("{}: {} elements of {} do not split into {} parts of {} elements of {}", op,
-                                whole.numel(), c10::toString(whole.scalar_type()), size, part.numel(),
-                                c10::toString(part.scalar_type())));
-}
-}  // namespace
-
 void MpiCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {
   require_cpu_contiguous(in, "reduce_scatter");
   require_cpu_contiguous(out, "reduce_scatter");
-  require_parts(in, out, size_, "reduce_scatter");
+  check_parts(in, out, "reduce_scatter");
   count("reduce_scatter", static_cast<int64_t>(in.nbytes() - out.nbytes()));
   if (size_ == 1) {
     out.copy_(in.view(out.sizes()));
@@ -131,7 +122,7 @@ void MpiCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {
 void MpiCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
   require_cpu_contiguous(mine, "all_gather");
   require_cpu_contiguous(out, "all_gather");
-  require_parts(out, mine, size_, "all_gather");
+  check_parts(out, mine, "all_gather");
   count("all_gather", static_cast<int64_t>(mine.nbytes()) * (size_ - 1));
   if (size_ == 1) {
     out.copy_(mine.view(out.sizes()));

@@ -119,9 +119,7 @@ void NcclCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
 void NcclCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {
   require_cuda(in, "reduce_scatter");
   require_cuda(out, "reduce_scatter");
-  if (in.numel() != out.numel() * size_ || in.scalar_type() != out.scalar_type())
-    throw CommError(fmt::format("reduce_scatter on group {}: {} elements do not split into {} parts of {}", name_,
-                                in.numel(), size_, out.numel()));
+  check_parts(in, out, "reduce_scatter");
   count("reduce_scatter", static_cast<int64_t>(in.nbytes() - out.nbytes()));
   MOETRAIN_NCCL(ncclReduceScatter(in.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()),
                                   nccl_type(in.scalar_type()), ncclSum, state_->comm, stream()),
@@ -132,9 +130,7 @@ void NcclCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {
 void NcclCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
   require_cuda(mine, "all_gather");
   require_cuda(out, "all_gather");
-  if (out.numel() != mine.numel() * size_ || out.scalar_type() != mine.scalar_type())
-    throw CommError(fmt::format("all_gather on group {}: {} elements do not split into {} parts of {}", name_,
-                                out.numel(), size_, mine.numel()));
+  check_parts(out, mine, "all_gather");
   count("all_gather", static_cast<int64_t>(mine.nbytes()) * (size_ - 1));
   MOETRAIN_NCCL(ncclAllGather(mine.data_ptr(), out.data_ptr(), static_cast<size_t>(mine.numel()),
                               nccl_type(mine.scalar_type()), state_->comm, stream()),

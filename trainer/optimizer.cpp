@@ -31,11 +31,8 @@ AdamW::AdamW(std::vector<NamedParam> params, const config::TrainConfig& t, c10::
 
 at::Tensor AdamW::value(size_t i) {
   const parallel::ShardPiece& piece = pieces_[i];
-  at::Tensor& p = params_[piece.param].param;
-  if (!piece.partitioned) return p;
-  if (!p.is_contiguous())
-    throw std::logic_error("AdamW: parameter " + params_[piece.param].name + " is not contiguous");
-  return p.view({-1}).narrow(0, piece.offset, piece.numel);
+  const NamedParam& p = params_[piece.param];
+  return piece.partitioned ? parallel::piece_view(p.param, p.name, piece) : p.param;
 }
 
 int64_t AdamW::state_bytes() const {
