@@ -116,12 +116,16 @@ Plan make_plan(const config::Config& c) {
     const double p = static_cast<double>(st.params);
     st.weight_bytes = p * static_cast<double>(policy.weight_bytes_per_param());
     st.grad_bytes = p * policy.grad_bytes;
-    // ZeRO-1 partitions the moments over dp (dense) and edp (routed experts); buckets are padded to a multiple of
-    // the group size, a few elements per bucket (not counted).
+    // ZeRO-1 partitions the master weights and moments over dp (dense) and edp (routed experts); buckets are padded
+    // to a multiple of the group size, a few elements per bucket (not counted).
     const double r = static_cast<double>(routed.value(kStageParams));
     const bool zero = c.parallel.distributed_optimizer && c.parallel.dp > 1;
     const double dp = zero ? static_cast<double>(c.parallel.dp) : 1.0, edp = zero ? dp / static_cast<double>(ep) : 1.0;
-    st.optimizer_bytes = ((p - r) / dp + r / edp) * static_cast<double>(policy.optimizer_bytes_per_param());
+    const double mine = (p - r) / dp + r / edp;  // the parameter elements this rank's optimizer updates
+    st.master_bytes = mine * policy.master_weight_bytes;
+    st.optimizer_bytes = mine * static_cast<double>(policy.optimizer_bytes_per_param());
+    // The reduce-scattered slices (routed experts not partitioned where edp = 1: their own gradients serve).
+    if (zero) st.reduction_bytes = ((p - r) / dp + (edp > 1 ? r / edp : 0.0)) * policy.grad_bytes;
     const double kept = a.bytes(act, fp8);
     const double freed = heads.bytes(act, fp8);
     st.activation_bytes = (kept * static_cast<double>(st.in_flight_micro_batches) + std::max(0.0, transient - freed)) *
@@ -143,7 +147,7 @@ void check_fits_in_ram(const Plan& plan, const config::Config& c, double ram_byt
   if (c.train.device != config::Device::kCpu) return;
   const std::string where = c.where("train.device").empty() ? c.file + ": " : c.where("train.device");
   for (const StagePlan& s : plan.stages) {
-    const double state = s.weight_bytes + s.grad_bytes + s.optimizer_bytes;  // allocated for the whole run
+    const double state = s.state_bytes();  // allocated for the whole run
     if (state > ram_bytes)
       throw config::ConfigError(fmt::format(
           "{}train.device = cpu: the plan's weights, gradients and optimizer state take {} per rank on stage {}, "
@@ -169,6 +173,8 @@ void check_memory_budget(const Plan& plan, const config::Config& c) {
     };
     const Part parts[] = {
         {"weights", s.weight_bytes, "more pipeline stages (parallel.pp) or expert parallelism (parallel.ep)"},
+        {"master weights", s.master_bytes,
+         "ZeRO-1 over more data-parallel ranks (parallel.distributed_optimizer, parallel.dp)"},
         {"gradients", s.grad_bytes, "more pipeline stages (parallel.pp) or expert parallelism (parallel.ep)"},
         {"optimizer state", s.optimizer_bytes,
          "BF16 moments (precision.moment_dtype: bf16), more pipeline stages or expert parallelism"},
@@ -217,16 +223,19 @@ std::string format_plan(const Plan& plan, const config::Config& c) {
                      plan.flops.total() * static_cast<double>(plan.tokens_per_step));
 
   out += fmt::format("\nmemory per rank (activation recomputation: {}; activations of the in-flight 1F1B "
-                     "micro-batches)\n", config::name(c.model.recompute));
-  out += fmt::format("{:>5} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>12}\n", "stage", "layers",
-                     "params", "weights", "grads", "optimizer", "activations", "in-flight", "total");
+                     "micro-batches; ZeRO-1 {}; the total holds the larger of activations and the gradient slices "
+                     "ZeRO-1 reduces after them)\n",
+                     config::name(c.model.recompute),
+                     c.parallel.distributed_optimizer && par.dp > 1 ? "on: master and optimizer over dp / edp" : "off");
+  out += fmt::format("{:>5} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>12}\n", "stage", "layers",
+                     "params", "weights", "master", "grads", "optimizer", "activations", "in-flight", "total");
   for (const auto& s : plan.stages) {
-    out += fmt::format("{:>5} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>12}\n", s.stage,
+    out += fmt::format("{:>5} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>12}\n", s.stage,
                        s.layers == 1 ? fmt::format("{}", s.first_layer)
                                      : fmt::format("{}-{}", s.first_layer, s.first_layer + s.layers - 1),
-                       count(static_cast<double>(s.params)), bytes(s.weight_bytes), bytes(s.grad_bytes),
-                       bytes(s.optimizer_bytes), bytes(s.activation_bytes), s.in_flight_micro_batches,
-                       bytes(s.total_bytes()));
+                       count(static_cast<double>(s.params)), bytes(s.weight_bytes), bytes(s.master_bytes),
+                       bytes(s.grad_bytes), bytes(s.optimizer_bytes), bytes(s.activation_bytes),
+                       s.in_flight_micro_batches, bytes(s.total_bytes()));
   }
   return out;
 }
@@ -253,6 +262,8 @@ nlohmann::json plan_json(const Plan& plan, const config::Config& c) {
                            {"params", s.params},
                            {"in_flight_micro_batches", s.in_flight_micro_batches},
                            {"weight_bytes", s.weight_bytes},
+                           {"master_bytes", s.master_bytes},
+                           {"reduction_bytes", s.reduction_bytes},
                            {"grad_bytes", s.grad_bytes},
                            {"optimizer_bytes", s.optimizer_bytes},
                            {"activation_bytes", s.activation_bytes},

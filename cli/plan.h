@@ -2,6 +2,7 @@
 // training FLOPs per token, and per-rank memory of each pipeline stage under the layout and precision.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -19,9 +20,14 @@ struct StagePlan {
   int64_t layers = 0;
   int64_t params = 0;                 // parameters held by one rank of this stage (routed experts: 1/ep of them)
   int64_t in_flight_micro_batches = 0;  // 1F1B keeps min(pp − stage, micro_batches) forward passes alive
-  // optimizer_bytes: the AdamW moments this rank holds (with ZeRO-1: its dp / edp part of them).
-  double weight_bytes = 0, grad_bytes = 0, optimizer_bytes = 0, activation_bytes = 0;
-  double total_bytes() const { return weight_bytes + grad_bytes + optimizer_bytes + activation_bytes; }
+  // weight_bytes: the model's parameters (and fp8 mode's E4M3 copies), on every replica. master_bytes: the FP32
+  // master weights the optimizer keeps in the bf16 and fp8 modes, optimizer_bytes: the AdamW moments — with
+  // ZeRO-1 this rank's dp / edp part of both. reduction_bytes: ZeRO-1's reduce-scattered gradient slices, alive
+  // from the gradient reduction to the end of the optimizer step, when the activations are gone.
+  double weight_bytes = 0, master_bytes = 0, grad_bytes = 0, optimizer_bytes = 0, activation_bytes = 0,
+         reduction_bytes = 0;
+  double state_bytes() const { return weight_bytes + master_bytes + grad_bytes + optimizer_bytes; }
+  double total_bytes() const { return state_bytes() + std::max(activation_bytes, reduction_bytes); }
 };
 
 struct Plan {

@@ -1,11 +1,9 @@
 #include "parallel/grad_sync.h"
 
 #include <ATen/ops/_foreach_norm.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -17,27 +15,24 @@ at::Tensor piece_view(const at::Tensor& param, const std::string& name, const Sh
   return param.view({-1}).narrow(0, piece.offset, piece.numel);
 }
 
+c10::ScalarType grad_dtype(c10::ScalarType t) { return at::promote_types(t, at::kFloat); }
+
 GradSync::GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, double bucket_mb,
                    bool shard_optimizer)
     : g_(groups), params_(std::move(params)), bucket_bytes_(static_cast<int64_t>(bucket_mb * 1024 * 1024)) {
+  at::NoGradGuard no_grad;
   // Reverse registration order: roughly the order backward produces the gradients.
-  std::vector<size_t> dense_only;
-  for (size_t i = params_.size(); i-- > 0;) {
-    (params_[i].routed() ? expert_ : dense_).push_back(i);
-    if (params_[i].shared_embedding) embedding_.push_back(i);
-    else if (!params_[i].routed()) dense_only.push_back(i);
-  }
+  std::vector<size_t> dense, embedding, expert;
+  for (size_t i = params_.size(); i-- > 0;)
+    (params_[i].routed() ? expert : params_[i].shared_embedding ? embedding : dense).push_back(i);
   sharded_ = shard_optimizer && g_.dp && g_.dp->size() > 1;
-  if (!sharded_) return;
-  add_sharded_buckets(dense_only, g_.dp.get(), false);
-  add_sharded_buckets(embedding_, g_.dp.get(), true);
-  if (g_.edp && g_.edp->size() > 1) {
-    add_sharded_buckets(expert_, g_.edp.get(), false);
-  } else {
-    // Whole experts, in registration order (checkpoints stack a whole expert's rows in order).
-    for (auto it = expert_.rbegin(); it != expert_.rend(); ++it)
+  const bool edp = g_.edp && g_.edp->size() > 1;
+  add_buckets(dense, g_.dp.get(), false, sharded_);
+  add_buckets(embedding, g_.dp.get(), true, sharded_);
+  add_buckets(expert, g_.edp.get(), false, sharded_ && edp);
+  if (sharded_ && !edp)  // whole experts, in registration order (checkpoints stack a whole expert's rows in order)
+    for (auto it = expert.rbegin(); it != expert.rend(); ++it)
       pieces_.push_back({*it, 0, params_[*it].tensor.numel(), false});
-  }
   piece_grads_.resize(pieces_.size());
 }
 
@@ -46,7 +41,7 @@ std::vector<std::vector<size_t>> GradSync::make_buckets(const std::vector<size_t
   int64_t bytes = 0;
   for (size_t i : which) {
     const at::Tensor& p = params_[i].tensor;
-    const auto n = static_cast<int64_t>(p.nbytes());
+    const auto n = p.numel() * static_cast<int64_t>(c10::elementSize(grad_dtype(p.scalar_type())));
     if (out.empty() || p.scalar_type() != params_[out.back().front()].tensor.scalar_type() ||
         bytes + n > bucket_bytes_) {
       out.emplace_back();
@@ -58,97 +53,88 @@ std::vector<std::vector<size_t>> GradSync::make_buckets(const std::vector<size_t
   return out;
 }
 
-void GradSync::add_sharded_buckets(const std::vector<size_t>& which, Communicator* comm, bool embedding) {
-  const int64_t n = comm->size();
+void GradSync::add_buckets(const std::vector<size_t>& which, Communicator* comm, bool embedding, bool partition) {
+  const int64_t n = partition ? comm->size() : 1;
   for (auto& members : make_buckets(which)) {
     Bucket b;
     b.comm = comm;
     b.embedding = embedding;
+    b.partitioned = partition;
     b.params = std::move(members);
     for (size_t i : b.params) {
       b.offsets.push_back(b.numel);
       b.numel += params_[i].tensor.numel();
     }
     b.slice = (b.numel + n - 1) / n;
-    const int64_t lo = comm->rank() * b.slice, hi = lo + b.slice;
+    const at::Tensor& first = params_[b.params.front()].tensor;
+    b.grads = at::zeros({b.slice * n}, first.options().dtype(grad_dtype(first.scalar_type())));
     for (size_t k = 0; k < b.params.size(); ++k) {
-      const int64_t o = b.offsets[k], e = o + params_[b.params[k]].tensor.numel();
-      const int64_t from = std::max(o, lo), to = std::min(e, hi);
-      if (from >= to) continue;
-      b.pieces.push_back(pieces_.size());
-      b.at.push_back(from - lo);
-      pieces_.push_back({b.params[k], from - o, to - from, true});
+      at::Tensor& p = params_[b.params[k]].tensor;
+      p.mutable_grad() = b.grads.narrow(0, b.offsets[k], p.numel()).view(p.sizes());
+    }
+    if (partition) {
+      const int64_t lo = comm->rank() * b.slice, hi = lo + b.slice;
+      for (size_t k = 0; k < b.params.size(); ++k) {
+        const int64_t o = b.offsets[k], e = o + params_[b.params[k]].tensor.numel();
+        const int64_t from = std::max(o, lo), to = std::min(e, hi);
+        if (from >= to) continue;
+        b.pieces.push_back(pieces_.size());
+        b.at.push_back(from - lo);
+        pieces_.push_back({b.params[k], from - o, to - from, true});
+      }
     }
     buckets_.push_back(std::move(b));
   }
 }
 
-at::Tensor& GradSync::grad_of(size_t i) {
-  at::Tensor& p = params_[i].tensor;
-  if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
-  return p.mutable_grad();
-}
-
-at::Tensor GradSync::flat_grads(const std::vector<size_t>& which, int64_t padding) {
-  std::vector<at::Tensor> parts;
-  for (size_t i : which) parts.push_back(grad_of(i).reshape({-1}));
-  if (padding > 0) parts.push_back(at::zeros({padding}, parts[0].options()));
-  return at::cat(parts);
-}
-
-void GradSync::reduce_buckets(const std::vector<size_t>& which, Communicator* comm) {
-  if (!comm || comm->size() == 1 || which.empty()) return;
-  for (const auto& bucket : make_buckets(which)) {
-    at::Tensor all = flat_grads(bucket, 0);
-    comm->all_reduce(all, ReduceOp::kSum);
-    int64_t off = 0;
-    for (size_t i : bucket) {
-      at::Tensor& gr = grad_of(i);
-      gr.copy_(all.narrow(0, off, gr.numel()).view(gr.sizes()));
-      off += gr.numel();
-    }
-  }
+void GradSync::zero_grads() {
+  for (Bucket& b : buckets_) b.grads.zero_();
 }
 
 void GradSync::reduce() {
   at::NoGradGuard no_grad;
-  if (!sharded_) {
-    reduce_buckets(dense_, g_.dp.get());
-    reduce_buckets(expert_, g_.edp.get());
-    reduce_buckets(embedding_, g_.embedding.get());
-    return;
-  }
-  for (const Bucket& b : buckets_) {
-    const at::Tensor all = flat_grads(b.params, b.slice * b.comm->size() - b.numel);
-    at::Tensor mine = at::empty({b.slice}, all.options());
-    b.comm->reduce_scatter(all, mine);
-    if (b.embedding && g_.embedding && g_.embedding->size() > 1) g_.embedding->all_reduce(mine, ReduceOp::kSum);
+  const bool embedding_group = g_.embedding && g_.embedding->size() > 1;
+  for (Bucket& b : buckets_) {
+    if (!b.partitioned) {
+      if (b.comm && b.comm->size() > 1) b.comm->all_reduce(b.grads, ReduceOp::kSum);
+      if (b.embedding && embedding_group) g_.embedding->all_reduce(b.grads, ReduceOp::kSum);
+      continue;
+    }
+    at::Tensor mine = at::empty({b.slice}, b.grads.options());
+    b.comm->reduce_scatter(b.grads, mine);
+    if (b.embedding && embedding_group) g_.embedding->all_reduce(mine, ReduceOp::kSum);
     for (size_t k = 0; k < b.pieces.size(); ++k)
       piece_grads_[b.pieces[k]] = mine.narrow(0, b.at[k], pieces_[b.pieces[k]].numel);
   }
   for (size_t j = 0; j < pieces_.size(); ++j)
-    if (!pieces_[j].partitioned) piece_grads_[j] = grad_of(pieces_[j].param);
+    if (!pieces_[j].partitioned) piece_grads_[j] = params_[pieces_[j].param].tensor.grad();
 }
 
-void GradSync::gather_params() {
+void GradSync::gather_params(const std::vector<at::Tensor>& values) {
   if (!sharded_) return;
+  if (values.size() != pieces_.size())
+    throw std::logic_error(fmt::format("gather_params: {} values for {} pieces", values.size(), pieces_.size()));
   at::NoGradGuard no_grad;
-  for (const Bucket& b : buckets_) {
+  for (Bucket& b : buckets_) {
+    if (!b.partitioned) continue;
     const at::Tensor& first = params_[b.params[0]].tensor;
     at::Tensor mine = at::zeros({b.slice}, first.options());
     for (size_t k = 0; k < b.pieces.size(); ++k) {
-      const ShardPiece& piece = pieces_[b.pieces[k]];
-      const model::ParamInfo& p = params_[piece.param];
-      mine.narrow(0, b.at[k], piece.numel).copy_(piece_view(p.tensor, p.name, piece));
+      const size_t j = b.pieces[k];
+      mine.narrow(0, b.at[k], pieces_[j].numel).copy_(values[j].reshape({-1}));
     }
-    at::Tensor all = at::empty({b.slice * b.comm->size()}, first.options());
+    // The gradients were consumed by the optimizer step: their buffer receives the parameters (its dtype is at
+    // least as wide as theirs).
+    at::Tensor all = b.grads.view(first.scalar_type()).narrow(0, 0, b.slice * b.comm->size());
     b.comm->all_gather(mine, all);
     for (size_t k = 0; k < b.params.size(); ++k) {
       const model::ParamInfo& p = params_[b.params[k]];
       const ShardPiece whole{b.params[k], 0, p.tensor.numel(), true};
       piece_view(p.tensor, p.name, whole).copy_(all.narrow(0, b.offsets[k], p.tensor.numel()));
     }
+    b.grads.zero_();
   }
+  for (at::Tensor& g : piece_grads_) g = at::Tensor();
 }
 
 double GradSync::global_norm() { return std::sqrt(global_norm_sq().item<double>()); }

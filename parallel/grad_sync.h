@@ -4,16 +4,22 @@
 //   - everything else: summed over dp;
 //   - the shared token embedding: then also summed over the embedding group (first stage and the last stage's
 //     copy used by MTP / a tied head), so both copies stay identical.
-// Losses are divided by the global token count before backward, so sums are the right reduction. Gradients are
-// flattened into buckets of parallel.bucket_size_mb (reverse registration order, the order backward produces
-// them; the shared embedding in a bucket of its own) and reduced bucket by bucket. A parameter without a
-// gradient (an expert that saw no token here) takes part with zeros.
+// Losses are divided by the global token count before backward, so sums are the right reduction.
+//
+// GradSync owns the gradients (as Megatron-Core's gradient buffer and DDP's gradient_as_bucket_view do): one flat
+// buffer per bucket of parallel.bucket_size_mb (reverse registration order, the order backward produces them; the
+// shared embedding and the routed experts in buckets of their own), each parameter's .grad a view into it. The
+// backward pass accumulates into the views in place, in the buffer's dtype — FP32 for BF16 parameters, so that
+// micro-batches accumulate in FP32 — and a bucket is reduced in place, with no copy in or out. A parameter without
+// a gradient (an expert that saw no token here) takes part with zeros.
 //
 // ZeRO-1 (parallel.distributed_optimizer, Megatron-Core's distributed optimizer): each bucket is padded to a
 // multiple of its group's size and cut into equal slices, slice r belonging to group rank r. The gradients are
-// reduce-scattered (each rank receives the sum of its slice only); the optimizer updates, and keeps AdamW moments
-// for, only the parameter elements in its slices — its `pieces()`; gather_params() then all-gathers the updated
-// slices so every replica holds every parameter again. The gradient norm is summed from the slices.
+// reduce-scattered (each rank receives the sum of its slice only); the optimizer updates, and keeps its master
+// weights and AdamW moments for, only the parameter elements in its slices — its `pieces()`; gather_params() then
+// all-gathers the updated slices, in the parameters' dtype (BF16 in the bf16 and fp8 modes), into the bucket's
+// gradient buffer, which is free by then, so every replica holds every parameter again. The gradient norm is
+// summed from the slices.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -39,7 +45,8 @@ at::Tensor piece_view(const at::Tensor& param, const std::string& name, const Sh
 
 class GradSync {
  public:
-  // shard_optimizer: ZeRO-1 (takes effect where dp > 1).
+  // shard_optimizer: ZeRO-1 (takes effect where dp > 1). Points every parameter's .grad at its view of the
+  // buffers, zeroed.
   GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, double bucket_mb, bool shard_optimizer);
 
   bool sharded() const { return sharded_; }
@@ -47,14 +54,18 @@ class GradSync {
   // sharded.
   const std::vector<ShardPiece>& pieces() const { return pieces_; }
 
+  // Zeroes every gradient in place (the start of a step); the .grad views stay.
+  void zero_grads();
   // Not sharded: each parameter's .grad becomes the sum over its replicas. Sharded: piece_grads() become the
   // sums of the pieces (the parameters' .grad keep this rank's own contributions).
   void reduce();
   // After reduce() (sharded): the summed gradient of each piece, in pieces() order: shaped as the parameter for
-  // a whole piece, flat for a part.
+  // a whole piece, flat for a part. Released by gather_params().
   const std::vector<at::Tensor>& piece_grads() const { return piece_grads_; }
-  // Sharded: after the optimizer updated this rank's pieces, every replica receives the others' (no-op otherwise).
-  void gather_params();
+  // Sharded: after the optimizer updated this rank's pieces, whose new values are `values` (pieces() order, flat
+  // or shaped: the optimizer's master pieces or views of the parameters), every replica receives every slice in
+  // the parameters' dtype; the gradients are overwritten (no-op when not sharded).
+  void gather_params(const std::vector<at::Tensor>& values);
 
   // The L2 norm over every unique parameter of the model once (stages, expert shards and replicas accounted for);
   // the same value on every rank.
@@ -64,30 +75,31 @@ class GradSync {
 
  private:
   struct Bucket {
-    Communicator* comm = nullptr;   // dp or edp
+    Communicator* comm = nullptr;   // dp or edp (nullptr or one rank: nothing to reduce)
     bool embedding = false;         // the shared embedding: also summed over the embedding group
+    bool partitioned = false;       // ZeRO-1: reduce-scattered and all-gathered
     std::vector<size_t> params;     // indices into params_
     std::vector<int64_t> offsets;   // of each parameter in the flat bucket
     int64_t numel = 0, slice = 0;   // slice: numel padded to a multiple of the group size, divided by it
+    at::Tensor grads;               // the flat gradients (slice × group size elements when partitioned)
     std::vector<size_t> pieces;     // indices into pieces_
     std::vector<int64_t> at;        // each piece's position in this rank's slice
   };
   // Consecutive parameters of one dtype up to the bucket size, in the given order (at least one per bucket).
   std::vector<std::vector<size_t>> make_buckets(const std::vector<size_t>& which) const;
-  void reduce_buckets(const std::vector<size_t>& which, Communicator* comm);
-  void add_sharded_buckets(const std::vector<size_t>& which, Communicator* comm, bool embedding);
-  at::Tensor& grad_of(size_t i);  // the parameter's gradient, zeros where backward left none
-  at::Tensor flat_grads(const std::vector<size_t>& which, int64_t padding);  // concatenated, then `padding` zeros
+  void add_buckets(const std::vector<size_t>& which, Communicator* comm, bool embedding, bool partition);
 
   ProcessGroups& g_;
   std::vector<model::ParamInfo> params_;
-  std::vector<size_t> dense_, expert_, embedding_;
   int64_t bucket_bytes_;
   bool sharded_ = false;
-  std::vector<Bucket> buckets_;  // sharded only
+  std::vector<Bucket> buckets_;
   std::vector<ShardPiece> pieces_;
   std::vector<at::Tensor> piece_grads_;
 };
+
+// The dtype gradients are accumulated in for a parameter of dtype t: at least FP32.
+c10::ScalarType grad_dtype(c10::ScalarType t);
 
 // Σ‖g‖² over tensors on a GPU ([1], double on the device): one multi-tensor pass (per-tensor norms in FP32,
 // squared and summed in double), instead of a double copy of every gradient. Empty: zero, on the CPU.

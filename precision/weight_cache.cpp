@@ -48,6 +48,7 @@ Entry& entry_for(const at::Tensor& w) {
 }  // namespace
 
 at::Tensor bf16_weight(const at::Tensor& w) {
+  if (w.scalar_type() == at::kBFloat16) return w.detach();  // a BF16 parameter (bf16 mode): no copy
   std::lock_guard<std::mutex> lock(g_mutex);
   Entry& e = entry_for(w);
   if (!e.bf16.defined()) {

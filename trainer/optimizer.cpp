@@ -13,7 +13,7 @@
 namespace moetrain::trainer {
 
 AdamW::AdamW(std::vector<NamedParam> params, const config::TrainConfig& t, c10::ScalarType moment_dtype,
-             std::vector<parallel::ShardPiece> pieces)
+             std::vector<parallel::ShardPiece> pieces, c10::ScalarType param_dtype)
     : params_(std::move(params)),
       pieces_(std::move(pieces)),
       beta1_(t.adam_beta1),
@@ -22,17 +22,43 @@ AdamW::AdamW(std::vector<NamedParam> params, const config::TrainConfig& t, c10::
       weight_decay_(t.weight_decay) {
   if (pieces_.empty())
     for (size_t i = 0; i < params_.size(); ++i) pieces_.push_back({i, 0, params_[i].param.numel(), false});
+  at::NoGradGuard no_grad;
+  const bool master = param_dtype != c10::ScalarType::Undefined && !params_.empty() &&
+                      params_[0].param.scalar_type() != param_dtype;
   for (size_t i = 0; i < pieces_.size(); ++i) {
-    const at::Tensor v = value(i);
+    const at::Tensor v = param_view(i);
+    if (master) master_.push_back(v.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true));
     m_.push_back(at::zeros_like(v, v.options().dtype(moment_dtype)));
     v_.push_back(at::zeros_like(v, v.options().dtype(moment_dtype)));
   }
+  if (master)
+    for (auto& p : params_) p.param.set_data(p.param.detach().to(param_dtype));
 }
 
-at::Tensor AdamW::value(size_t i) {
+at::Tensor AdamW::value(size_t i) { return master_.empty() ? param_view(i) : master_[i]; }
+
+at::Tensor AdamW::param_view(size_t i) {
   const parallel::ShardPiece& piece = pieces_[i];
   const NamedParam& p = params_[piece.param];
   return piece.partitioned ? parallel::piece_view(p.param, p.name, piece) : p.param;
+}
+
+std::vector<at::Tensor> AdamW::piece_values() {
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < pieces_.size(); ++i) out.push_back(value(i));
+  return out;
+}
+
+void AdamW::publish() {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < master_.size(); ++i)
+    if (!pieces_[i].partitioned) params_[pieces_[i].param].param.copy_(master_[i]);
+}
+
+int64_t AdamW::master_bytes() const {
+  int64_t n = 0;
+  for (const auto& t : master_) n += static_cast<int64_t>(t.nbytes());
+  return n;
 }
 
 int64_t AdamW::state_bytes() const {
@@ -50,10 +76,14 @@ void AdamW::step(double lr, double grad_scale, const std::vector<at::Tensor>* pi
       grads.push_back((*piece_grads)[i]);
     } else {
       const at::Tensor& p = params_[pieces_[i].param].param;
-      grads.push_back(p.grad().defined() ? p.grad() : at::zeros_like(p));
+      grads.push_back(p.grad().defined() ? p.grad() : at::zeros_like(value(i)));
     }
   }
-  if (fused_step(lr, grad_scale, grads)) return;
+  if (!fused_step(lr, grad_scale, grads)) unfused_step(lr, grad_scale, grads);
+  publish();
+}
+
+void AdamW::unfused_step(double lr, double grad_scale, std::vector<at::Tensor>& grads) {
   if (grad_scale != 1.0)
     for (auto& g : grads) g.mul_(grad_scale);
   const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(step_));
@@ -75,8 +105,7 @@ void AdamW::step(double lr, double grad_scale, const std::vector<at::Tensor>* pi
 bool AdamW::fused_step(double lr, double grad_scale, std::vector<at::Tensor>& grads) {
   if (params_.empty() || !params_[0].param.is_cuda()) return false;
   for (size_t i = 0; i < pieces_.size(); ++i)
-    if (m_[i].scalar_type() != at::kFloat || params_[pieces_[i].param].param.scalar_type() != at::kFloat)
-      return false;
+    if (m_[i].scalar_type() != at::kFloat || value(i).scalar_type() != at::kFloat) return false;
   if (steps_.empty())
     for (size_t i = 0; i < pieces_.size(); ++i) steps_.push_back(at::zeros({}, m_[i].options().dtype(at::kFloat)));
   // Two groups: matrices with weight decay, the rest without.
@@ -100,17 +129,31 @@ bool AdamW::fused_step(double lr, double grad_scale, std::vector<at::Tensor>& gr
 }
 
 void AdamW::zero_grad() {
-  for (auto& p : params_)
-    if (p.param.grad().defined()) p.param.mutable_grad() = at::Tensor();
+  at::NoGradGuard no_grad;
+  for (auto& p : params_) {
+    at::Tensor& g = p.param.mutable_grad();
+    if (master_.empty())
+      g = at::Tensor();
+    else if (g.defined())
+      g.zero_();
+    else
+      g = at::zeros_like(p.param, p.param.options().dtype(parallel::grad_dtype(p.param.scalar_type())));
+  }
 }
 
 std::vector<checkpoints::StateTensor> checkpoint_state(const std::vector<model::ParamInfo>& params, AdamW& optimizer,
                                                        const std::vector<model::ParamInfo>& buffers) {
   std::vector<checkpoints::StateTensor> out;
-  for (const auto& p : params) out.push_back({"model/", p, p.tensor});
   const auto& pieces = optimizer.pieces();
+  auto offset_of = [&](size_t i) { return pieces[i].partitioned ? pieces[i].offset : -1; };
+  if (optimizer.has_master()) {
+    for (size_t i = 0; i < pieces.size(); ++i)
+      out.push_back({"model/", params[pieces[i].param], optimizer.master_mut(i), offset_of(i)});
+  } else {
+    for (const auto& p : params) out.push_back({"model/", p, p.tensor});
+  }
   for (size_t i = 0; i < pieces.size(); ++i) {
-    const int64_t offset = pieces[i].partitioned ? pieces[i].offset : -1;
+    const int64_t offset = offset_of(i);
     out.push_back({"optim/exp_avg/", params[pieces[i].param], optimizer.exp_avg_mut(i), offset});
     out.push_back({"optim/exp_avg_sq/", params[pieces[i].param], optimizer.exp_avg_sq_mut(i), offset});
   }

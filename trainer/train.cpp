@@ -15,11 +15,9 @@
 #include "config/loader.h"
 #include "model/device_copy.h"
 #include "model/param_flops.h"
-#include "model/param_roles.h"
 #include "parallel/expert_exchange.h"
 #include "parallel/placement.h"
 #include "precision/policy.h"
-#include "trainer/divergence.h"
 #include "trainer/lr_schedule.h"
 #include "trainer/memory_meter.h"
 #include "trainer/preemption.h"
@@ -65,11 +63,13 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   const std::vector<model::ParamInfo> params = model::parameter_roles(*model_);
   std::vector<NamedParam> named;
   for (const auto& p : params) named.push_back({p.name, p.tensor});
-  if (groups_)
+  if (groups_)  // it keeps the gradients, FP32 in flat buckets
     grad_sync_ = std::make_unique<parallel::GradSync>(*groups_, params, c_.parallel.bucket_size_mb,
                                                       c_.parallel.distributed_optimizer);
+  // bf16 / fp8: the model's parameters become BF16, the optimizer keeps the FP32 master weights of its pieces.
   optimizer_ = std::make_unique<AdamW>(std::move(named), c_.train, policy.moment_bytes == 2 ? at::kBFloat16 : at::kFloat,
-                                       grad_sync_ ? grad_sync_->pieces() : std::vector<parallel::ShardPiece>{});
+                                       grad_sync_ ? grad_sync_->pieces() : std::vector<parallel::ShardPiece>{},
+                                       policy.param_dtype());
   loads_ = std::make_unique<model::MoeLoadTracker>(*model_);
   batches_ = data::make_batch_source(c_);
   checkpointer_ = std::make_unique<checkpoints::Checkpointer>(
@@ -84,6 +84,8 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   if (!resume.empty()) {
     const checkpoints::TrainerState s = checkpointer_->load(resume);
     optimizer_->set_steps_taken(s.optimizer_steps);
+    optimizer_->publish();  // master weights: the parameters from them
+    if (grad_sync_) grad_sync_->gather_params(optimizer_->piece_values());
     step_ = s.step;
     batches_->resume(s.data);  // the data order continues where the saved run stood, on any dp size
   }
@@ -180,7 +182,7 @@ StepResult Trainer::step() {
   StepResult r;
   r.step = step_;
   r.lr = lr_at(c_.train, step_);
-  optimizer_->zero_grad();
+  grad_sync_ ? grad_sync_->zero_grads() : optimizer_->zero_grad();
   loads_->reset();
   at::Tensor sums = at::zeros({3}, at::TensorOptions().dtype(at::kDouble).device(device_));
   auto forward = [&](int64_t mb, const at::Tensor& input) {
@@ -215,7 +217,7 @@ StepResult Trainer::step() {
   if (!r.skipped) {
     const bool zero = grad_sync_ && grad_sync_->sharded();
     optimizer_->step(r.lr, clip_factor(r.grad_norm, c_.train.grad_clip), zero ? &grad_sync_->piece_grads() : nullptr);
-    if (zero) grad_sync_->gather_params();  // ZeRO-1: every replica receives the others' updated slices
+    if (zero) grad_sync_->gather_params(optimizer_->piece_values());  // ZeRO-1: every replica gets every slice
   }
   // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
   if (groups_) loads_->reduce([&](at::Tensor& t) { reduce(t, groups_->dp.get()); });

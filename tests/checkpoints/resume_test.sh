@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # resume_test.sh MOETRAIN: checkpoints end to end.
-#  - 20 uninterrupted steps vs 10 steps, stop, --resume auto, 10 more: bit-identical losses, on (1,1,1) and (2,2,2);
+#  - 20 uninterrupted steps vs 10 steps, stop, --resume auto, 10 more: bit-identical losses, on (1,1,1) and (2,2,2),
+#    and (2,2,2) in bf16 (BF16 parameters restored from the saved FP32 master weights);
 #  - saved at (2,2,2) (ZeRO-1 on: each rank saves its part of the optimizer state as element ranges), resumed at
 #    (1,4,4), (2,4,2), (1,1,1) and at (2,4,2) with ZeRO-1 off; saved with ZeRO-1 off, resumed at (2,4,2) with it:
 #    the next five losses within 1e-5 relative;
@@ -21,10 +22,10 @@ train() {  # NP NAME STEPS [args...]
   [ "$rc" -eq 0 ] || fail "train $name ($np ranks, $steps steps): rc $rc: $err"
 }
 
-for layout in "1 1 1" "2 2 2"; do
+for layout in "1 1 1" "2 2 2" "2 2 2 bf16"; do
   set -- $layout
-  np=$(($1 * $2)) tag="$1$2$3"
-  lay=(--set parallel.pp="$1" --set parallel.ep="$3")
+  np=$(($1 * $2)) tag="$1$2$3${4:-}"
+  lay=(--set parallel.pp="$1" --set parallel.ep="$3" --set precision.mode="${4:-fp32}")
   train "$np" "full$tag" 20 "${lay[@]}"
   train "$np" "split$tag" 10 "${lay[@]}" --set checkpoint.interval=10
   train "$np" "split$tag" 20 "${lay[@]}" --set checkpoint.interval=10 --resume auto
@@ -37,6 +38,14 @@ $(paste <(losses "$dir/full$tag/metrics.jsonl") <(losses "$dir/split$tag/metrics
   fi
   [ "$(losses "$dir/split$tag/metrics.jsonl" | wc -l)" -eq 20 ] || fail "($tag) expected 20 step losses"
 done
+
+# bf16 with ZeRO-1: the checkpoint holds the FP32 master weights, each rank's pieces as element ranges.
+python3 - "$dir/split222bf16/checkpoints/step_0000010/index.json" <<'PY' || fail "bf16: no FP32 master weights saved"
+import json, sys
+tensors = json.load(open(sys.argv[1]))["tensors"]
+wo = tensors["model/layers.0.attn.wo"]
+assert wo["dtype"] == "float32" and any("flat" in p for p in wo["parts"]), wo
+PY
 
 # Asynchronous saves (written in the background, committed steps later) resume the same trajectory.
 train 1 async111 10 --set parallel.pp=1 --set parallel.ep=1 --set checkpoint.interval=4 --set checkpoint.async=true

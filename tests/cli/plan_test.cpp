@@ -56,11 +56,34 @@ TEST(Plan, MemoryFollowsThePrecisionPolicy) {
   c.precision.mode = config::PrecisionMode::kBf16;
   c.precision.moment_dtype = config::MomentDtype::kBf16;
   StagePlan bf16 = make_plan(c).stages[0];
-  EXPECT_DOUBLE_EQ(bf16.weight_bytes, 6 * p);
+  EXPECT_DOUBLE_EQ(fp32.master_bytes, 0);  // the FP32 parameters are the master weights
+  EXPECT_DOUBLE_EQ(bf16.weight_bytes, 2 * p);  // BF16 parameters
+  EXPECT_DOUBLE_EQ(bf16.master_bytes, 4 * p);  // FP32 master weights, whole on one rank
   EXPECT_DOUBLE_EQ(bf16.optimizer_bytes, 4 * p);
+  EXPECT_DOUBLE_EQ(bf16.reduction_bytes, 0);  // no ZeRO-1
   // BF16 activations halve everything but the FP32 router scores and logits.
   EXPECT_LT(bf16.activation_bytes, fp32.activation_bytes);
   EXPECT_GT(bf16.activation_bytes, fp32.activation_bytes / 2);
+}
+
+// ZeRO-1 over dp 4 (ep 2, edp 2): master weights and moments are 1/4 of the dense parameters' and 1/2 of the routed
+// experts'; the reduce-scattered gradient slices are counted against the activations they follow.
+TEST(Plan, ZeroOnePartitionsMasterWeightsAndMoments) {
+  config::Config c = tiny({"parallel.pp=1", "parallel.dp=4", "parallel.ep=2", "precision.mode=bf16",
+                           "parallel.distributed_optimizer=false"});
+  const StagePlan whole = make_plan(c).stages[0];
+  c.parallel.distributed_optimizer = true;
+  const StagePlan zero = make_plan(c).stages[0];
+  const double p = static_cast<double>(whole.params);
+  EXPECT_DOUBLE_EQ(whole.master_bytes, 4 * p);
+  EXPECT_DOUBLE_EQ(zero.weight_bytes, whole.weight_bytes);  // BF16 parameters on every replica
+  EXPECT_DOUBLE_EQ(zero.grad_bytes, whole.grad_bytes);
+  EXPECT_LT(zero.master_bytes, whole.master_bytes / 2);
+  EXPECT_GT(zero.master_bytes, whole.master_bytes / 4);
+  EXPECT_DOUBLE_EQ(zero.optimizer_bytes / zero.master_bytes, whole.optimizer_bytes / whole.master_bytes);
+  EXPECT_DOUBLE_EQ(zero.reduction_bytes, zero.master_bytes);  // FP32 slices of the same elements
+  EXPECT_DOUBLE_EQ(whole.reduction_bytes, 0);
+  EXPECT_DOUBLE_EQ(zero.total_bytes(), zero.state_bytes() + std::max(zero.activation_bytes, zero.reduction_bytes));
 }
 
 TEST(Plan, OneFOneBKeepsPpMinusStageMicroBatchesInFlight) {
@@ -103,7 +126,7 @@ TEST(Plan, LayersAreCountedPerKind) {
 TEST(Plan, CpuTrainingMustFitThisMachine) {
   config::Config c = tiny({"parallel.pp=1", "parallel.dp=1", "parallel.ep=1"});
   const StagePlan s = make_plan(c).stages[0];
-  const double state = s.weight_bytes + s.grad_bytes + s.optimizer_bytes;
+  const double state = s.state_bytes();
   EXPECT_NO_THROW(check_fits_in_ram(make_plan(c), c, state));
   try {
     check_fits_in_ram(make_plan(c), c, state / 2);

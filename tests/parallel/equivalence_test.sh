@@ -3,7 +3,8 @@
 # each of 10 steps, the validation loss and the final parameters of the single-process run within 1e-5 relative
 # (FP32), with ZeRO-1 (parallel.distributed_optimizer, the default) and, on one layout, without it; each rank's
 # optimizer state is 1/dp (dense) and 1/edp (routed) of the whole with it (checked by the program, ±5%). So do two
-# layouts with activation recomputation (full, selective). Then a starved expert: no hang, zero gradient.
+# layouts with activation recomputation (full, selective), and bf16 with ZeRO-1 (master weights 1/dp, 1/edp). Then
+# a starved expert: no hang, zero gradient.
 . "$(dirname "$0")/../cli/lib.sh"
 prog=$1
 dir=$(mktemp -d)
@@ -33,6 +34,14 @@ run "$prog" --compare "$dir/1-1-1" "$dir/2-4-2-none-false"
 echo "$out"
 [ "$rc" -eq 0 ] || fail "layout pp 2 dp 4 ep 2 without ZeRO-1 differs from one process: $out"
 grep -q "= 1.0000" "$dir/2-4-2-none-false/optim.0.txt" || fail "without ZeRO-1 a rank holds all of its moments"
+
+# bf16: BF16 parameters all-gathered in BF16 after each step, FP32 master weights (and moments) 1/dp of the dense
+# and 1/edp of the routed parameters per rank, each parameter its master weights rounded (checked by the program).
+run mpi -np 8 "$prog" "${common[@]}" --steps 3 --set parallel.pp=2 --set parallel.ep=2 --set precision.mode=bf16 \
+    --out "$dir/2-4-2-bf16"
+[ "$rc" -eq 0 ] || fail "bf16 with ZeRO-1 on pp 2 dp 4 ep 2: rc $rc: $err"
+cat "$dir"/2-4-2-bf16/optim.0.txt
+grep -q "dense master weights: .* = 0.2500" "$dir/2-4-2-bf16/optim.0.txt" || fail "bf16: master weights not 1/dp"
 
 # Activation recomputation on parallel layouts (the expert all-to-alls and the stage's blocks run again in the
 # backward pass): the numbers of one process without it.

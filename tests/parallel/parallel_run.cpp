@@ -20,6 +20,7 @@
 #include "cli/cli.h"
 #include "parallel/mpi_runtime.h"
 #include "model/param_roles.h"
+#include "parallel/grad_sync.h"
 #include "parallel/process_groups.h"
 #include "trainer/train.h"
 
@@ -100,30 +101,43 @@ int compare(const fs::path& ref, const fs::path& dir) {
   return bad ? 1 : 0;
 }
 
-// The AdamW moments this rank holds against the whole of its stage's (its ep shard's for routed experts): with
-// ZeRO-1, 1/dp of the dense and 1/edp of the routed ones (±5%); without it, all. Written to DIR/optim.<rank>.txt.
+// The AdamW moments (and, in the bf16 / fp8 modes, the FP32 master weights) this rank holds against the whole of
+// its stage's (its ep shard's for routed experts): with ZeRO-1, 1/dp of the dense and 1/edp of the routed ones
+// (±5%); without it, all. Written to DIR/optim.<rank>.txt.
 void check_optimizer_shards(trainer::Trainer& t, const config::Config& c, int rank, const fs::path& out) {
   const auto& opt = t.optimizer();
   const auto roles = model::parameter_roles(*t.model());
-  double held[2] = {0, 0}, whole[2] = {0, 0};  // dense, routed
-  for (size_t i = 0; i < opt.pieces().size(); ++i)
-    held[roles[opt.pieces()[i].param].routed() ? 1 : 0] +=
-        static_cast<double>(opt.exp_avg(i).nbytes() + opt.exp_avg_sq(i).nbytes());
-  const auto elem = static_cast<double>(opt.exp_avg(0).element_size());
-  for (const auto& r : roles) whole[r.routed() ? 1 : 0] += 2.0 * elem * static_cast<double>(r.tensor.numel());
   const bool zero = c.parallel.distributed_optimizer && c.parallel.dp > 1;
   const double expect[2] = {zero ? 1.0 / static_cast<double>(c.parallel.dp) : 1.0,
                             zero ? static_cast<double>(c.parallel.ep) / static_cast<double>(c.parallel.dp) : 1.0};
   std::ofstream f(out / fmt::format("optim.{}.txt", rank));
   const char* kind[2] = {"dense", "routed"};
-  for (int k = 0; k < 2; ++k) {
-    if (whole[k] == 0) continue;
-    const double ratio = held[k] / whole[k];
-    f << fmt::format("rank {} {} moments: {:.0f} of {:.0f} bytes = {:.4f} (expected {:.4f})\n", rank, kind[k], held[k],
-                     whole[k], ratio, expect[k]);
-    if (std::abs(ratio / expect[k] - 1.0) > 0.05)
-      throw std::runtime_error(fmt::format("rank {}: {} optimizer state is {:.4f} of the whole, expected {:.4f} ±5%",
-                                           rank, kind[k], ratio, expect[k]));
+  auto check = [&](const char* what, auto bytes_of_piece, double bytes_per_element) {
+    double held[2] = {0, 0}, whole[2] = {0, 0};  // dense, routed
+    for (size_t i = 0; i < opt.pieces().size(); ++i)
+      held[roles[opt.pieces()[i].param].routed() ? 1 : 0] += bytes_of_piece(i);
+    for (const auto& r : roles) whole[r.routed() ? 1 : 0] += bytes_per_element * static_cast<double>(r.tensor.numel());
+    for (int k = 0; k < 2; ++k) {
+      if (whole[k] == 0) continue;
+      const double ratio = held[k] / whole[k];
+      f << fmt::format("rank {} {} {}: {:.0f} of {:.0f} bytes = {:.4f} (expected {:.4f})\n", rank, kind[k], what,
+                       held[k], whole[k], ratio, expect[k]);
+      if (std::abs(ratio / expect[k] - 1.0) > 0.05)
+        throw std::runtime_error(fmt::format("rank {}: {} {} are {:.4f} of the whole, expected {:.4f} ±5%", rank,
+                                             kind[k], what, ratio, expect[k]));
+    }
+  };
+  check("moments", [&](size_t i) { return static_cast<double>(opt.exp_avg(i).nbytes() + opt.exp_avg_sq(i).nbytes()); },
+        2.0 * static_cast<double>(opt.exp_avg(0).element_size()));
+  if (!opt.has_master()) return;
+  check("master weights", [&](size_t i) { return static_cast<double>(opt.master(i).nbytes()); }, 4.0);
+  // Each parameter holds its master weights rounded to its dtype (the slices of this rank's pieces here).
+  for (size_t i = 0; i < opt.pieces().size(); ++i) {
+    const auto& p = opt.params()[opt.pieces()[i].param];
+    const at::Tensor v = parallel::piece_view(p.param, p.name, opt.pieces()[i]);
+    if (!at::equal(v, opt.master(i).reshape({-1}).to(v.scalar_type())))
+      throw std::runtime_error(fmt::format("rank {}: parameter {} is not its master weights rounded to {}", rank,
+                                           p.name, c10::toString(v.scalar_type())));
   }
 }
 

@@ -317,6 +317,8 @@ TEST(RunDirectory, NamesALockLeftByADeadProcess) {
 }
 
 // The BF16 and FP8 copies of the weights are made once per optimizer step, however many micro-batches use them.
+// bf16: the parameters are BF16 and the GEMMs read them (no copy); fp8: E4M3 copies once per optimizer step,
+// however many micro-batches use them.
 TEST(Trainer, LowPrecisionWeightCopiesOncePerStep) {
   for (const std::string mode : {"bf16", "fp8"}) {
     std::vector<int64_t> copies;
@@ -330,9 +332,52 @@ TEST(Trainer, LowPrecisionWeightCopiesOncePerStep) {
       t.step();
       copies.push_back(precision::weight_copies_made() - before);
     }
-    EXPECT_GT(copies[0], 0) << mode;
+    if (mode == "bf16") {
+      EXPECT_EQ(copies[0], 0);
+    } else {
+      EXPECT_GT(copies[0], 0) << mode;
+    }
     EXPECT_EQ(copies[0], copies[1]) << mode;
   }
+}
+
+// bf16 / fp8: the model holds BF16 parameters, the optimizer their FP32 master weights, the gradients are FP32;
+// after every step each parameter is its master weights rounded to BF16.
+TEST(Trainer, Bf16ParametersFp32MasterWeightsAndGradients) {
+  for (const std::string mode : {"bf16", "fp8"}) {
+    Trainer t(tiny({"precision.mode=" + mode, "train.micro_batch_size=4", "model.moe_inter_dim=128",
+                    "model.dense_inter_dim=128", "model.hidden_size=128", "model.num_layers=2", "train.seq_len=16"}),
+              nullptr, "", false);
+    for (int i = 0; i < 2; ++i) t.step();
+    const AdamW& opt = t.optimizer();
+    ASSERT_TRUE(opt.has_master()) << mode;
+    int64_t numel = 0;
+    for (size_t i = 0; i < opt.pieces().size(); ++i) {
+      const NamedParam& p = opt.params()[opt.pieces()[i].param];
+      EXPECT_EQ(p.param.scalar_type(), at::kBFloat16) << p.name;
+      ASSERT_TRUE(p.param.grad().defined()) << p.name;
+      EXPECT_EQ(p.param.grad().scalar_type(), at::kFloat) << p.name;
+      EXPECT_EQ(opt.master(i).scalar_type(), at::kFloat) << p.name;
+      EXPECT_TRUE(at::equal(p.param, opt.master(i).to(at::kBFloat16))) << p.name;
+      numel += p.param.numel();
+    }
+    EXPECT_EQ(opt.master_bytes(), 4 * numel);
+  }
+  Trainer fp32(tiny(), nullptr, "", false);
+  EXPECT_FALSE(fp32.optimizer().has_master());
+  EXPECT_EQ(fp32.optimizer().master_bytes(), 0);
+}
+
+// What the FP32 gradient accumulation of BF16 parameters rests on: a BF16 leaf whose .grad is an FP32 tensor
+// accumulates each backward pass's (BF16) gradient into it in place, in FP32.
+TEST(Trainer, Bf16ParameterGradientsAccumulateInFp32) {
+  at::Tensor p = torch::ones({4}, torch::dtype(at::kBFloat16).requires_grad(true));
+  at::Tensor grad = torch::ones({4}, at::kFloat);
+  p.mutable_grad() = grad;
+  for (int i = 0; i < 4; ++i) (p * 1e-3).sum().backward();
+  EXPECT_TRUE(p.grad().is_same(grad));  // the same FP32 tensor, added to in place
+  const float expected = 1.0f + 4 * static_cast<float>(c10::BFloat16(1e-3f));
+  EXPECT_FLOAT_EQ(grad[0].item<float>(), expected);  // BF16 accumulation would have stayed at 1
 }
 
 }  // namespace
