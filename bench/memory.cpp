@@ -1,9 +1,10 @@
 // bench/memory: measured memory per rank against `moetrain plan`'s estimate, for each activation recomputation mode,
 // precision and ZeRO-1 setting. Each case trains a few steps of the config (the counting CPU allocator or the CUDA
 // caching allocator measures live tensor bytes) and prints, for the last step and every rank: the measured peak,
-// the planned total (weights + gradients + optimizer + in-flight activations) and their ratio; the activations
-// alone: measured (peak − live bytes after the step, i.e. the step's transient memory) and planned; and the AdamW
-// moments the rank holds against the plan's optimizer bytes.
+// the planned total (weights + master weights + gradients + optimizer + the larger of in-flight activations and
+// ZeRO-1's reduce-scattered gradient slices) and their ratio; the transient memory alone: measured (peak − live
+// bytes after the step) and planned; and the AdamW moments plus FP32 master weights the rank holds against the
+// plan's.
 //
 //   bench_memory [--config configs/small-cpu.yaml] [--recompute none,selective,full] [--precision fp32,bf16,fp8]
 //                [--zero on,off] [--set key=value ...]
@@ -12,6 +13,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -97,9 +99,11 @@ int main(int argc, char** argv) {
             const double after =
                 static_cast<double>(trainer::tensor_memory(t.model()->parameters().front().device()).live_bytes);
             const double peak = last.peak_memory_bytes.at(static_cast<size_t>(rank));
-            const double row[kCols] = {peak,           s.total_bytes(),
-                                       peak - after,   s.activation_bytes,
-                                       static_cast<double>(t.optimizer().state_bytes()), s.optimizer_bytes};
+            // The step's transient memory: the activations, or ZeRO-1's reduce-scattered slices after them.
+            const double optimizer = static_cast<double>(t.optimizer().state_bytes() + t.optimizer().master_bytes());
+            const double row[kCols] = {peak,         s.total_bytes(),
+                                       peak - after, std::max(s.activation_bytes, s.reduction_bytes),
+                                       optimizer,    s.optimizer_bytes + s.master_bytes};
             for (int k = 0; k < kCols; ++k) table[rank][k] = row[k];
           }
           if (groups) groups->world->all_reduce(table, parallel::ReduceOp::kSum);
@@ -117,7 +121,7 @@ int main(int argc, char** argv) {
     fmt::print("\n{} ({} rank{}, dp {}; MiB of live tensors, the last of {} steps)\n", file, ranks,
                ranks > 1 ? "s" : "", ranks, steps);
     fmt::print("{:<10} {:<5} {:<4} {:>4} {:>9} {:>9} {:>6}   {:>9} {:>9} {:>6}   {:>8} {:>8}\n", "recompute", "prec",
-               "zero", "rank", "measured", "planned", "ratio", "act meas", "act plan", "ratio", "moments", "planned");
+               "zero", "rank", "measured", "planned", "ratio", "act meas", "act plan", "ratio", "opt+mstr", "planned");
     for (const Case& c : cases)
       for (int r = 0; r < ranks; ++r) {
         auto v = [&](int k) { return c.table[r][k].item<double>(); };

@@ -128,7 +128,10 @@ Plan make_plan(const config::Config& c) {
     if (zero) st.reduction_bytes = ((p - r) / dp + (edp > 1 ? r / edp : 0.0)) * policy.grad_bytes;
     const double kept = a.bytes(act, fp8);
     const double freed = heads.bytes(act, fp8);
-    st.activation_bytes = (kept * static_cast<double>(st.in_flight_micro_batches) + std::max(0.0, transient - freed)) *
+    // The heads' backward pass first, with everything held; then the blocks', the heads' activations freed.
+    const double head_backward = last ? model::head_backward_transient(m).bytes(act, fp8) : 0.0;
+    st.activation_bytes = (kept * static_cast<double>(st.in_flight_micro_batches) +
+                           std::max(head_backward, transient - freed)) *
                           tokens_per_micro_batch;
     plan.stages.push_back(st);
   }

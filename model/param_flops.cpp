@@ -198,6 +198,12 @@ ActivationElems head_activations(const config::ModelConfig& m) {
   return a;
 }
 
+ActivationElems head_backward_transient(const config::ModelConfig& m) {
+  ActivationElems a;
+  a.fp32_elems = 2.0 * static_cast<double>(m.vocab_size);
+  return a;
+}
+
 ActivationElems mtp_module_activations(const config::ModelConfig& m) {
   ActivationElems a;
   // The embedded future token and the concatenation of both norms' outputs fed to M_k (the hidden input is the
