@@ -87,9 +87,10 @@ std::vector<KeySpec> build_schema() {
        positive_up_to(1e6)},
       {KEY(parallel, bucket_size_mb), "Data-parallel gradient reduction bucket size in MiB.", positive_up_to(1e6)},
       {KEY(parallel, distributed_optimizer),
-       "ZeRO-1 (Megatron-Core's distributed optimizer), where dp > 1: the AdamW moments are partitioned over the dp "
-       "ranks of a stage (routed experts: over their edp replicas), gradients are reduce-scattered instead of "
-       "all-reduced and the updated parameters all-gathered. Same numbers as without it; checkpoints load either "
+       "ZeRO-1 (Megatron-Core's distributed optimizer), where dp > 1: the AdamW moments (and the FP32 master weights "
+       "in bf16/fp8 mode) are partitioned over the dp ranks of a stage (routed experts: over their edp replicas), "
+       "gradients are reduce-scattered instead of all-reduced and the updated parameters all-gathered (in BF16 in "
+       "bf16/fp8 mode). Same numbers as without it; checkpoints load either "
        "way and onto any layout."},
 
       // ---- train -------------------------------------------------------------------------------------------
@@ -169,13 +170,21 @@ std::vector<KeySpec> build_schema() {
       // ---- precision ---------------------------------------------------------------------------------------
       {KEY(precision, mode),
        "GEMM precision: fp32 (reference), bf16, or fp8 (E4M3, 1×128 activation tiles, 128×128 weight blocks). "
-       "Master weights and gradients are FP32 in every mode."},
+       "In bf16 and fp8 the parameters and activations are BF16 and the optimizer keeps FP32 master weights; "
+       "gradients are accumulated in FP32 in every mode."},
       {KEY(precision, moment_dtype), "dtype of the AdamW moments."},
 
       // ---- logging -----------------------------------------------------------------------------------------
       {KEY(logging, name), "Run name; the run directory is logging.dir/logging.name."},
       {KEY(logging, dir), "Parent directory of run directories."},
       {KEY(logging, interval), "Steps between progress lines on rank 0 (metrics.jsonl gets every step).",
+       at_least(1)},
+      {KEY(logging, profile_steps),
+       "Steps recorded by LibTorch's profiler (0: none): every rank writes a Chrome trace of them, "
+       "<run dir>/profile/rank<N>.json (Perfetto, chrome://tracing), with named ranges for forward, backward, "
+       "the expert all-to-alls, pipeline sends and receives, gradient reduction and the optimizer.",
+       at_least(0)},
+      {KEY(logging, profile_start_step), "The first step the profiler records (1-based; the first steps warm up).",
        at_least(1)},
   };
 }

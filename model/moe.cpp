@@ -70,8 +70,12 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
 }
 
 bool MoEImpl::grouped_expert_gemm(const at::Tensor& tokens) const {
-  return tokens.is_cuda() && mode_ == Mode::kBf16 && !local_experts.empty() &&
-         local_experts[0]->w_gate.size(0) % 8 == 0 && local_experts[0]->w_gate.size(1) % 8 == 0;
+  if (local_experts.empty() || mode_ == Mode::kFp8) return false;
+  const auto dtype = mode_ == Mode::kBf16 ? at::kBFloat16 : tokens.scalar_type();
+  if (tokens.is_cuda())  // the BF16 kernels, on 16-byte aligned rows
+    return dtype == at::kBFloat16 && local_experts[0]->w_gate.size(0) % 8 == 0 &&
+           local_experts[0]->w_gate.size(1) % 8 == 0;
+  return dtype == at::kFloat || dtype == at::kBFloat16;  // the CPU's: one node for all experts, no per-expert ops
 }
 
 at::Tensor MoEImpl::run_experts(const at::Tensor& tokens, const std::vector<int64_t>& counts, bool grouped,

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/record_function.h>
 #include <fmt/format.h>
 
 #include <cstdint>
@@ -71,6 +72,13 @@ class Communicator {
                                 name_, whole.numel(), c10::toString(whole.scalar_type()), size_, part.numel(),
                                 c10::toString(part.scalar_type())));
   }
+  // The profiler's name of an operation on this group, "all-to-all ep", "send pp" (trainer/profiler.h): built
+  // only while a profiler records (RECORD_USER_SCOPE evaluates it then), kept as long as the group.
+  const char* trace_name(const char* op) {
+    auto it = trace_names_.find(op);
+    if (it == trace_names_.end()) it = trace_names_.emplace(op, fmt::format("{} {}", op, name_)).first;
+    return it->second.c_str();
+  }
   void count(const char* op, int64_t bytes) {
     auto& s = stats_[op];
     ++s.calls;
@@ -78,6 +86,7 @@ class Communicator {
   }
 
   std::string name_;
+  std::map<std::string, std::string> trace_names_;
   int rank_, size_, world_rank_;
   std::map<std::string, CommStats> stats_;
 };

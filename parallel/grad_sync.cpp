@@ -92,6 +92,7 @@ void GradSync::zero_grads() {
 }
 
 void GradSync::reduce() {
+  RECORD_USER_SCOPE("gradient reduction");
   at::NoGradGuard no_grad;
   const bool embedding_group = g_.embedding && g_.embedding->size() > 1;
   for (Bucket& b : buckets_) {
@@ -114,6 +115,7 @@ void GradSync::gather_params(const std::vector<at::Tensor>& values) {
   if (!sharded_) return;
   if (values.size() != pieces_.size())
     throw std::logic_error(fmt::format("gather_params: {} values for {} pieces", values.size(), pieces_.size()));
+  RECORD_USER_SCOPE("parameter all-gather");
   at::NoGradGuard no_grad;
   for (Bucket& b : buckets_) {
     if (!b.partitioned) continue;

@@ -93,6 +93,7 @@ void MpiCommunicator::wait(MPI_Request& request, const char* op) {
 }
 
 void MpiCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
+  RECORD_USER_SCOPE(trace_name("all-reduce"));
   require_cpu_contiguous(t, "all_reduce");
   count("all_reduce", static_cast<int64_t>(t.nbytes()));
   if (size_ == 1) return;
@@ -104,6 +105,7 @@ void MpiCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
 }
 
 void MpiCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {
+  RECORD_USER_SCOPE(trace_name("reduce-scatter"));
   require_cpu_contiguous(in, "reduce_scatter");
   require_cpu_contiguous(out, "reduce_scatter");
   check_parts(in, out, "reduce_scatter");
@@ -120,6 +122,7 @@ void MpiCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {
 }
 
 void MpiCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
+  RECORD_USER_SCOPE(trace_name("all-gather"));
   require_cpu_contiguous(mine, "all_gather");
   require_cpu_contiguous(out, "all_gather");
   check_parts(out, mine, "all_gather");
@@ -138,6 +141,7 @@ void MpiCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
 
 at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                                          const std::vector<int64_t>& recv_rows) {
+  RECORD_USER_SCOPE(trace_name("all-to-all"));
   require_cpu_contiguous(t, "all_to_all_v");
   const int64_t row = t.dim() > 0 && t.size(0) > 0 ? t.numel() / t.size(0) : [&] {
     int64_t n = 1;
@@ -168,6 +172,7 @@ at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<
 }
 
 void MpiCommunicator::send(const at::Tensor& t, int dst, int tag) {
+  RECORD_USER_SCOPE(trace_name("send"));
   require_cpu_contiguous(t, "send");
   count("send", static_cast<int64_t>(t.nbytes()));
   MPI_Request r;
@@ -176,6 +181,7 @@ void MpiCommunicator::send(const at::Tensor& t, int dst, int tag) {
 }
 
 void MpiCommunicator::recv(at::Tensor& t, int src, int tag) {
+  RECORD_USER_SCOPE(trace_name("recv"));
   require_cpu_contiguous(t, "recv");
   MPI_Request r;
   check(MPI_Irecv(t.data_ptr(), static_cast<int>(t.numel()), mpi_type(t.scalar_type()), src, tag, comm_, &r), "recv");
@@ -184,6 +190,7 @@ void MpiCommunicator::recv(at::Tensor& t, int src, int tag) {
 
 void MpiCommunicator::send_recv(const at::Tensor& out, int dst, int send_tag, at::Tensor& in, int src,
                                 int recv_tag) {
+  RECORD_USER_SCOPE(trace_name("send+recv"));
   require_cpu_contiguous(out, "send_recv");
   require_cpu_contiguous(in, "send_recv");
   count("send", static_cast<int64_t>(out.nbytes()));
@@ -222,6 +229,7 @@ std::vector<std::string> MpiCommunicator::gather_strings(const std::string& mine
 }
 
 void MpiCommunicator::barrier() {
+  RECORD_USER_SCOPE(trace_name("barrier"));
   MPI_Request r;
   check(MPI_Ibarrier(comm_, &r), "barrier");
   wait(r, "barrier");

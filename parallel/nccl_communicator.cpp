@@ -108,6 +108,7 @@ void NcclCommunicator::finish(const char* op) {
   } while (0)
 
 void NcclCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
+  RECORD_USER_SCOPE(trace_name("all-reduce"));
   require_cuda(t, "all_reduce");
   count("all_reduce", static_cast<int64_t>(t.nbytes()));
   MOETRAIN_NCCL(ncclAllReduce(t.data_ptr(), t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()),
@@ -117,6 +118,7 @@ void NcclCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
 }
 
 void NcclCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {
+  RECORD_USER_SCOPE(trace_name("reduce-scatter"));
   require_cuda(in, "reduce_scatter");
   require_cuda(out, "reduce_scatter");
   check_parts(in, out, "reduce_scatter");
@@ -128,6 +130,7 @@ void NcclCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {
 }
 
 void NcclCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
+  RECORD_USER_SCOPE(trace_name("all-gather"));
   require_cuda(mine, "all_gather");
   require_cuda(out, "all_gather");
   check_parts(out, mine, "all_gather");
@@ -140,6 +143,7 @@ void NcclCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
 
 at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                                           const std::vector<int64_t>& recv_rows) {
+  RECORD_USER_SCOPE(trace_name("all-to-all"));
   require_cuda(t, "all_to_all_v");
   int64_t row = 1;
   for (int64_t i = 1; i < t.dim(); ++i) row *= t.size(i);
@@ -170,6 +174,7 @@ at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& t, const std::vector
 }
 
 void NcclCommunicator::send(const at::Tensor& t, int dst, int tag) {
+  RECORD_USER_SCOPE(trace_name("send"));
   require_cuda(t, "send");
   count("send", static_cast<int64_t>(t.nbytes()));
   MOETRAIN_NCCL(ncclSend(t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()), dst, state_->comm,
@@ -179,6 +184,7 @@ void NcclCommunicator::send(const at::Tensor& t, int dst, int tag) {
 }
 
 void NcclCommunicator::recv(at::Tensor& t, int src, int tag) {
+  RECORD_USER_SCOPE(trace_name("recv"));
   require_cuda(t, "recv");
   MOETRAIN_NCCL(ncclRecv(t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()), src, state_->comm,
                          stream()),
@@ -188,6 +194,7 @@ void NcclCommunicator::recv(at::Tensor& t, int src, int tag) {
 
 void NcclCommunicator::send_recv(const at::Tensor& out, int dst, int send_tag, at::Tensor& in, int src,
                                  int recv_tag) {
+  RECORD_USER_SCOPE(trace_name("send+recv"));
   require_cuda(out, "send_recv");
   require_cuda(in, "send_recv");
   count("send", static_cast<int64_t>(out.nbytes()));
@@ -203,6 +210,7 @@ void NcclCommunicator::send_recv(const at::Tensor& out, int dst, int send_tag, a
 }
 
 void NcclCommunicator::barrier() {
+  RECORD_USER_SCOPE(trace_name("barrier"));
   int device = 0;
   cudaGetDevice(&device);
   at::Tensor one = at::ones({1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device));

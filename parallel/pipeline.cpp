@@ -10,6 +10,11 @@
 #include <map>
 
 namespace moetrain::parallel {
+
+void traced_backward(const at::Tensor& loss) {
+  RECORD_USER_SCOPE("backward");
+  loss.backward();
+}
 namespace {
 
 constexpr int kForwardTag = 0;
@@ -45,6 +50,7 @@ void run_1f1b(Communicator& pp, const PipelineSpec& spec, const StageForward& fo
     return queue.back().activations;
   };
   auto do_backward = [&](const at::Tensor& grad_out) -> at::Tensor {
+    RECORD_USER_SCOPE("backward");
     InFlight f = std::move(queue.front());
     queue.pop_front();
     std::vector<at::Tensor> roots, grads;

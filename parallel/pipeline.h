@@ -30,6 +30,9 @@ struct PipelineSpec {
   at::TensorOptions activation_options;
 };
 
+// loss.backward() under the profiler's "backward" range (trainer/profiler.h); one process's micro-batches.
+void traced_backward(const at::Tensor& loss);
+
 // The order this stage ran its passes in ("F0", "B0", ...), for the bubble measurement of bench/parallel.
 using ScheduleTrace = std::vector<std::string>;
 

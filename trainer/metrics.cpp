@@ -147,4 +147,10 @@ double measure_peak_flops(c10::Device device, c10::ScalarType dtype) {
   return best;
 }
 
+void print_line(const std::string& line) {
+  fmt::print("{}", line);
+  if (std::fflush(stdout) != 0 || std::ferror(stdout))
+    throw std::runtime_error(fmt::format("cannot write progress to stdout: {}", std::strerror(errno)));
+}
+
 }  // namespace moetrain::trainer

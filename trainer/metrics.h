@@ -80,6 +80,8 @@ class Progress {
 std::string run_header(const config::Config& c, int64_t tokens_per_step, double peak_flops, double entropy_rate);
 std::string eval_line(int64_t steps_done, const EvalResult& e, double entropy_rate);
 std::string stop_line(int64_t steps_done, int64_t steps, int signal, const std::string& checkpoint_root);
+// Writes a progress line to stdout and flushes it; a failed write (a full disk under a redirection) is an error.
+void print_line(const std::string& line);
 
 // "1h02m", "3m05s", "12s"
 std::string format_duration(double seconds);

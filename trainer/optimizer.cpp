@@ -1,6 +1,7 @@
 #include "trainer/optimizer.h"
 
 #include <ATen/ops/_fused_adamw.h>
+#include <ATen/record_function.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -68,6 +69,7 @@ int64_t AdamW::state_bytes() const {
 }
 
 void AdamW::step(double lr, double grad_scale, const std::vector<at::Tensor>* piece_grads) {
+  RECORD_USER_SCOPE("optimizer");
   at::NoGradGuard no_grad;
   ++step_;
   std::vector<at::Tensor> grads;

@@ -6,10 +6,8 @@
 #include <fmt/format.h>
 #include <xxhash.h>
 
-#include <cerrno>
 #include <chrono>
 #include <cmath>
-#include <cstring>
 #include <cstdlib>
 
 #include "config/loader.h"
@@ -21,6 +19,7 @@
 #include "trainer/lr_schedule.h"
 #include "trainer/memory_meter.h"
 #include "trainer/preemption.h"
+#include "trainer/profiler.h"
 
 namespace moetrain::trainer {
 namespace {
@@ -95,10 +94,7 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
 Trainer::~Trainer() = default;
 
 void Trainer::say(const std::string& line) const {
-  if (!verbose_) return;
-  fmt::print("{}", line);
-  if (std::fflush(stdout) != 0 || std::ferror(stdout))
-    throw std::runtime_error(fmt::format("cannot write progress to stdout: {}", std::strerror(errno)));
+  if (verbose_) print_line(line);
 }
 
 void Trainer::save_checkpoint() {
@@ -130,6 +126,7 @@ double Trainer::mtp_weight(int64_t tokens_seen) const {
 // loss sums to `sums` and the expert loads to the tracker.
 parallel::StageOutput Trainer::stage_forward(const at::Tensor& input, const at::Tensor& window, at::Tensor& sums,
                                              bool training) {
+  RECORD_USER_SCOPE("forward");
   const int64_t T = c_.train.seq_len, depth = c_.model.mtp_depth;
   const double sequences = static_cast<double>(data::BatchShape::from(c_).global_sequences());
   const double tokens = sequences * static_cast<double>(T);
@@ -190,7 +187,7 @@ StepResult Trainer::step() {
   };
   trace_.clear();
   if (c_.parallel.pp == 1) {
-    for (int64_t mb = 0; mb < c_.train.micro_batches; ++mb) forward(mb, {}).loss.backward();
+    for (int64_t mb = 0; mb < c_.train.micro_batches; ++mb) parallel::traced_backward(forward(mb, {}).loss);
   } else {
     parallel::run_1f1b(*groups_->pp, pipeline_spec(), forward, &trace_);
   }
@@ -278,8 +275,11 @@ void Trainer::run() {
   const StopSignals signals(c_.checkpoint.save_on_signal);
   const Progress progress(c_, step_);
   const auto t0 = Clock::now();
+  StepProfiler profiler(c_.logging, run_dir_.path(), groups_ ? groups_->rank : 0, device_.is_cuda());
   while (step_ < c_.train.steps) {
+    profiler.before(step_ + 1);
     const StepResult r = step();
+    if (const std::string trace = profiler.after(step_); !trace.empty()) say("profile trace written: " + trace + "\n");
     const bool last = step_ == c_.train.steps;
     if (progress.due(step_)) say(progress.line(r, seconds_since(t0)));
     const bool interval_save = c_.checkpoint.interval > 0 && (step_ % c_.checkpoint.interval == 0 || last);

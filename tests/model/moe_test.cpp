@@ -39,8 +39,9 @@ TEST(MoE, GroupedAndLoopExpertGemmsAgree) {
   for (size_t i = 0; i < loop.size(); ++i)
     EXPECT_LE((loop[i] - grouped[i]).abs().max().item<double>(), 1e-6) << "tensor " << i;
   EXPECT_GT(loop[0].abs().max().item<double>(), 0.0);
-  // On the CPU the trainer keeps the loop; bf16 mode on a GPU takes the grouped path.
-  EXPECT_FALSE(moe->grouped_expert_gemm(tokens));
+  // The trainer takes the grouped path on the CPU in FP32 (and BF16), the loop in FP64.
+  EXPECT_TRUE(moe->grouped_expert_gemm(tokens));
+  EXPECT_FALSE(moe->grouped_expert_gemm(tokens.to(at::kDouble)));
 }
 
 }  // namespace

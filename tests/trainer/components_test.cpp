@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <fstream>
 
 #include "checkpoints/checkpointer.h"
@@ -317,6 +318,28 @@ TEST(RunDirectory, NamesALockLeftByADeadProcess) {
 }
 
 // The BF16 and FP8 copies of the weights are made once per optimizer step, however many micro-batches use them.
+// logging.profile_steps: the recorded step's Chrome trace in the run directory, with the named ranges.
+TEST(Trainer, ProfilerWritesAChromeTraceWithNamedRanges) {
+  const fs::path dir = temp_dir("profile");
+  config::Config c = tiny({"train.steps=2", "train.eval_interval=0", "logging.profile_steps=1",
+                           "logging.profile_start_step=2", "logging.dir=" + dir.string(), "logging.name=run"});
+  {
+    Trainer t(c, nullptr, (dir / "run").string(), true);
+    t.run();
+  }
+  const fs::path trace = dir / "run" / "profile" / "rank0.json";
+  ASSERT_TRUE(fs::exists(trace));
+  const nlohmann::json j = nlohmann::json::parse(std::ifstream(trace));
+  std::map<std::string, int> ranges;
+  for (const auto& e : j.at("traceEvents"))
+    if (e.value("cat", "") == "user_annotation") ++ranges[e.at("name").get<std::string>()];
+  const int micro_batches = static_cast<int>(c.train.micro_batches);  // of the one recorded step
+  EXPECT_EQ(ranges["forward"], micro_batches);
+  EXPECT_EQ(ranges["backward"], micro_batches);
+  EXPECT_EQ(ranges["optimizer"], 1);
+  fs::remove_all(dir);
+}
+
 // bf16: the parameters are BF16 and the GEMMs read them (no copy); fp8: E4M3 copies once per optimizer step,
 // however many micro-batches use them.
 TEST(Trainer, LowPrecisionWeightCopiesOncePerStep) {
