@@ -70,12 +70,14 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
 }
 
 bool MoEImpl::grouped_expert_gemm(const at::Tensor& tokens) const {
-  if (local_experts.empty() || mode_ == Mode::kFp8) return false;
+  // No received token (a starved rank): the loop, whose empty output still joins the backward exchange; the
+  // grouped op's stride checks do not accept the strided empty view it would be handed.
+  if (local_experts.empty() || mode_ == Mode::kFp8 || tokens.size(0) == 0) return false;
   const auto dtype = mode_ == Mode::kBf16 ? at::kBFloat16 : tokens.scalar_type();
-  if (tokens.is_cuda())  // the BF16 kernels, on 16-byte aligned rows
-    return dtype == at::kBFloat16 && local_experts[0]->w_gate.size(0) % 8 == 0 &&
-           local_experts[0]->w_gate.size(1) % 8 == 0;
-  return dtype == at::kFloat || dtype == at::kBFloat16;  // the CPU's: one node for all experts, no per-expert ops
+  if (dtype != at::kBFloat16 && (tokens.is_cuda() || dtype != at::kFloat)) return false;  // CUDA: BF16 kernels only
+  // Every operand's rows 16-byte aligned, as the grouped op requires on every device.
+  const int64_t per16 = 16 / static_cast<int64_t>(c10::elementSize(dtype));
+  return local_experts[0]->w_gate.size(0) % per16 == 0 && local_experts[0]->w_gate.size(1) % per16 == 0;
 }
 
 at::Tensor MoEImpl::run_experts(const at::Tensor& tokens, const std::vector<int64_t>& counts, bool grouped,

@@ -42,6 +42,9 @@ TEST(MoE, GroupedAndLoopExpertGemmsAgree) {
   // The trainer takes the grouped path on the CPU in FP32 (and BF16), the loop in FP64.
   EXPECT_TRUE(moe->grouped_expert_gemm(tokens));
   EXPECT_FALSE(moe->grouped_expert_gemm(tokens.to(at::kDouble)));
+  // A rank that receives no token (an empty view of the dispatched rows and gates) takes the loop, which the
+  // grouped op's stride checks would refuse.
+  EXPECT_FALSE(moe->grouped_expert_gemm(torch::randn({4, 17}).narrow(0, 0, 0).narrow(1, 0, 16)));
 }
 
 }  // namespace
