@@ -49,6 +49,7 @@ def parse_args():
     a("--steps", type=int, default=5, help="timed steps")
     a("--warmup", type=int, default=2, help="untimed steps")
     a("--device", default=None, help="cuda if available else cpu")
+    a("--threads", type=int, default=None, help="torch.set_num_threads (intra-op threads; default: torch's)")
     a("--dtype", choices=["bf16", "fp32"], default="bf16")
     a("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flex_attention, ...)")
     a("--experts-impl", default="grouped_mm",
@@ -121,6 +122,8 @@ def main():
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     PHASE = "setting up the device"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     print(f"versions: transformers {transformers.__version__}, torch {torch.__version__}, python "

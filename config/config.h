@@ -97,6 +97,7 @@ struct ParallelConfig {
   double comm_timeout_s = 300.0;
   double bucket_size_mb = 25.0;
   bool distributed_optimizer = true;  // ZeRO-1 where dp > 1
+  bool overlap_grad_reduce = true;    // buckets reduced during the step's last backward pass
 };
 
 struct TrainConfig {

@@ -92,6 +92,11 @@ std::vector<KeySpec> build_schema() {
        "gradients are reduce-scattered instead of all-reduced and the updated parameters all-gathered (in BF16 in "
        "bf16/fp8 mode). Same numbers as without it; checkpoints load either "
        "way and onto any layout."},
+      {KEY(parallel, overlap_grad_reduce),
+       "Reduce each gradient bucket (parallel.bucket_size_mb) as soon as the step's last backward pass has "
+       "accumulated all of its gradients, with non-blocking collectives, while the backward pass goes on "
+       "(Megatron-Core's overlap_grad_reduce). Same numbers as reducing after the backward pass; more, smaller "
+       "buckets start earlier."},
 
       // ---- train -------------------------------------------------------------------------------------------
       {KEY(train, seed), "Seed for initialization, data order and dropout-free sampling.", at_least(0)},

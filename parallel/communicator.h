@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -23,6 +24,16 @@ class CommError : public std::runtime_error {
 };
 
 enum class ReduceOp { kSum, kMax, kMin };
+
+// A collective started without waiting for it (Communicator::start_*): its tensors must stay alive and untouched
+// until wait() returns. test() advances it without blocking (MPI progresses a non-blocking collective only inside
+// MPI calls) and says whether it finished; wait() blocks until it has, against the group's timeout (CommError).
+class PendingOp {
+ public:
+  virtual ~PendingOp() = default;
+  virtual bool test() = 0;
+  virtual void wait() = 0;
+};
 
 // Bytes moved by each operation kind through one communicator (for bench/parallel).
 struct CommStats {
@@ -44,6 +55,13 @@ class Communicator {
   // Sums `in` over the group and leaves this rank's part of the result in `out`: part r is elements
   // [r·n, (r+1)·n) of the sum, n = out.numel(), in.numel() = size()·n (ZeRO-1's gradient reduction).
   virtual void reduce_scatter(const at::Tensor& in, at::Tensor& out) = 0;
+  // Non-blocking forms (the gradient reduction during the backward pass, parallel/grad_sync.h). Every rank starts
+  // the operations of one group in the same order. start_reduce_scatter_in_place: `whole` (size() parts) is
+  // summed over the group and this rank's part of the sum lands in whole's part in_place_part() — no second
+  // buffer; the rest of `whole` is left undefined.
+  virtual std::unique_ptr<PendingOp> start_all_reduce(at::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
+  virtual std::unique_ptr<PendingOp> start_reduce_scatter_in_place(at::Tensor& whole) = 0;
+  virtual int in_place_part() const = 0;  // MPI: part 0 (MPI_IN_PLACE's convention); NCCL: part rank()
   // Every rank's `mine` concatenated in rank order into `out` (out.numel() = size()·mine.numel(); ZeRO-1's
   // parameter gather). Both contiguous, of one dtype.
   virtual void all_gather(const at::Tensor& mine, at::Tensor& out) = 0;
@@ -60,6 +78,10 @@ class Communicator {
 
   const std::map<std::string, CommStats>& stats() const { return stats_; }
   void reset_stats() { stats_.clear(); }
+  // Seconds this rank's host spent blocked on this group's operations since it was created, waiting for its peers
+  // and the transfer (MPI: each request's wait; NCCL: the wait for the communication stream). What the trainer
+  // reports as the step's communication wait.
+  double waited_s() const { return waited_s_; }
 
  protected:
   Communicator(std::string name, int rank, int size, int world_rank)
@@ -89,6 +111,7 @@ class Communicator {
   std::map<std::string, std::string> trace_names_;
   int rank_, size_, world_rank_;
   std::map<std::string, CommStats> stats_;
+  double waited_s_ = 0;
 };
 
 }  // namespace moetrain::parallel

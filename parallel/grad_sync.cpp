@@ -5,11 +5,29 @@
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <fmt/format.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <map>
 
 namespace moetrain::parallel {
+namespace {
+
+// Called by autograd after a parameter's gradient was accumulated into its .grad.
+class AfterAccumulation final : public torch::autograd::PostAccumulateGradHook {
+ public:
+  explicit AfterAccumulation(std::function<void()> f) : f_(std::move(f)) {}
+  void operator()(const torch::autograd::Variable& /*param*/) override { f_(); }
+
+ private:
+  std::function<void()> f_;
+};
+
+}  // namespace
+
 at::Tensor piece_view(const at::Tensor& param, const std::string& name, const ShardPiece& piece) {
   if (!param.is_contiguous()) throw std::logic_error(fmt::format("parameter {} is not contiguous", name));
   return param.view({-1}).narrow(0, piece.offset, piece.numel);
@@ -17,15 +35,17 @@ at::Tensor piece_view(const at::Tensor& param, const std::string& name, const Sh
 
 c10::ScalarType grad_dtype(c10::ScalarType t) { return at::promote_types(t, at::kFloat); }
 
-GradSync::GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, double bucket_mb,
-                   bool shard_optimizer)
-    : g_(groups), params_(std::move(params)), bucket_bytes_(static_cast<int64_t>(bucket_mb * 1024 * 1024)) {
+GradSync::GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, const config::ParallelConfig& p)
+    : g_(groups),
+      params_(std::move(params)),
+      bucket_bytes_(static_cast<int64_t>(p.bucket_size_mb * 1024 * 1024)),
+      overlap_(p.overlap_grad_reduce) {
   at::NoGradGuard no_grad;
   // Reverse registration order: roughly the order backward produces the gradients.
   std::vector<size_t> dense, embedding, expert;
   for (size_t i = params_.size(); i-- > 0;)
     (params_[i].routed() ? expert : params_[i].shared_embedding ? embedding : dense).push_back(i);
-  sharded_ = shard_optimizer && g_.dp && g_.dp->size() > 1;
+  sharded_ = p.distributed_optimizer && g_.dp && g_.dp->size() > 1;
   const bool edp = g_.edp && g_.edp->size() > 1;
   add_buckets(dense, g_.dp.get(), false, sharded_);
   add_buckets(embedding, g_.dp.get(), true, sharded_);
@@ -34,6 +54,70 @@ GradSync::GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, 
     for (auto it = expert.rbegin(); it != expert.rend(); ++it)
       pieces_.push_back({*it, 0, params_[*it].tensor.numel(), false});
   piece_grads_.resize(pieces_.size());
+
+  // The groups' lanes (each group's buckets in order) and, with overlap, a hook on every parameter reduced.
+  bucket_of_.assign(params_.size(), 0);
+  final_.assign(params_.size(), 0);
+  std::map<Communicator*, size_t> lane_of;
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    if (!reduces(buckets_[b])) continue;
+    const auto [it, fresh] = lane_of.emplace(buckets_[b].comm, lanes_.size());
+    if (fresh) lanes_.emplace_back();
+    lanes_[it->second].push_back(b);
+    for (size_t i : buckets_[b].params) {
+      bucket_of_[i] = b;
+      if (overlap_)
+        torch::autograd::impl::set_post_acc_grad_hooks(
+            params_[i].tensor, std::make_unique<AfterAccumulation>([this, i] { grad_ready(i); }));
+    }
+  }
+  next_.assign(lanes_.size(), 0);
+}
+
+GradSync::~GradSync() {
+  if (!overlap_) return;
+  for (const auto& lane : lanes_)
+    for (size_t b : lane)
+      for (size_t i : buckets_[b].params) torch::autograd::impl::set_post_acc_grad_hooks(params_[i].tensor, nullptr);
+}
+
+void GradSync::arm() {
+  if (!overlap_) return;
+  armed_ = true;
+  started_early_ = 0;
+}
+
+void GradSync::grad_ready(size_t param) {
+  if (!armed_) return;
+  Bucket& b = buckets_[bucket_of_[param]];
+  // A second accumulation into a gradient already being reduced would be lost: a logic error, never a wrong sum.
+  if (b.started)
+    throw std::logic_error(fmt::format("the gradient of {} was accumulated again after its bucket's reduction "
+                                       "started (parallel.overlap_grad_reduce: set it to false)",
+                                       params_[param].name));
+  if (!final_[param]) {
+    final_[param] = 1;
+    ++b.ready;
+    if (b.ready == b.params.size()) start_ready();
+  }
+  for (Bucket& other : buckets_)  // MPI progresses what was started only inside MPI calls
+    if (other.pending) other.pending->test();
+}
+
+void GradSync::start(Bucket& b) {
+  b.started = true;
+  b.pending = b.partitioned ? b.comm->start_reduce_scatter_in_place(b.grads)
+                            : b.comm->start_all_reduce(b.grads, ReduceOp::kSum);
+}
+
+void GradSync::start_ready() {
+  for (size_t l = 0; l < lanes_.size(); ++l)
+    for (; next_[l] < lanes_[l].size(); ++next_[l]) {
+      Bucket& b = buckets_[lanes_[l][next_[l]]];
+      if (b.ready < b.params.size()) break;
+      start(b);
+      ++started_early_;
+    }
 }
 
 std::vector<std::vector<size_t>> GradSync::make_buckets(const std::vector<size_t>& which) const {
@@ -94,19 +178,27 @@ void GradSync::zero_grads() {
 void GradSync::reduce() {
   RECORD_USER_SCOPE("gradient reduction");
   at::NoGradGuard no_grad;
+  armed_ = false;
+  // What the backward pass did not start, in each group's order; then every reduction is waited for.
+  for (size_t l = 0; l < lanes_.size(); ++l)
+    for (; next_[l] < lanes_[l].size(); ++next_[l]) start(buckets_[lanes_[l][next_[l]]]);
   const bool embedding_group = g_.embedding && g_.embedding->size() > 1;
   for (Bucket& b : buckets_) {
+    if (b.pending) b.pending->wait();
+    b.pending.reset();
+    b.started = false;
+    b.ready = 0;
     if (!b.partitioned) {
-      if (b.comm && b.comm->size() > 1) b.comm->all_reduce(b.grads, ReduceOp::kSum);
       if (b.embedding && embedding_group) g_.embedding->all_reduce(b.grads, ReduceOp::kSum);
       continue;
     }
-    at::Tensor mine = at::empty({b.slice}, b.grads.options());
-    b.comm->reduce_scatter(b.grads, mine);
+    at::Tensor mine = b.grads.narrow(0, b.comm->in_place_part() * b.slice, b.slice);  // the slice's sum
     if (b.embedding && embedding_group) g_.embedding->all_reduce(mine, ReduceOp::kSum);
     for (size_t k = 0; k < b.pieces.size(); ++k)
       piece_grads_[b.pieces[k]] = mine.narrow(0, b.at[k], pieces_[b.pieces[k]].numel);
   }
+  std::fill(next_.begin(), next_.end(), 0);
+  std::fill(final_.begin(), final_.end(), 0);
   for (size_t j = 0; j < pieces_.size(); ++j)
     if (!pieces_[j].partitioned) piece_grads_[j] = params_[pieces_[j].param].tensor.grad();
 }
@@ -149,23 +241,20 @@ at::Tensor GradSync::global_norm_sq() {
                         .device(params_.empty() ? at::Device(at::kCPU) : params_[0].tensor.device());
   // Sums of squares stay on the device: one host read per step whatever the model size.
   at::Tensor dense = at::zeros({1}, opts), expert = at::zeros({1}, opts);
-  std::vector<at::Tensor> on_gpu[2];  // dense, routed
+  std::vector<at::Tensor> grads[2];  // dense, routed
   auto add = [&](const model::ParamInfo& info, const at::Tensor& g) {
     if (!g.defined()) return;
     // The last stage's embedding is a copy of the first stage's: counted there.
     if (info.shared_embedding && last_not_first) return;
-    if (g.is_cuda())
-      on_gpu[info.routed() ? 1 : 0].push_back(g);
-    else
-      (info.routed() ? expert : dense).add_(g.to(at::kDouble).pow(2).sum());
+    grads[info.routed() ? 1 : 0].push_back(g);
   };
   if (sharded_) {
     for (size_t j = 0; j < pieces_.size(); ++j) add(params_[pieces_[j].param], piece_grads_[j]);
   } else {
     for (const auto& info : params_) add(info, info.tensor.grad());
   }
-  if (!on_gpu[0].empty()) dense.add_(squared_norm(on_gpu[0]));
-  if (!on_gpu[1].empty()) expert.add_(squared_norm(on_gpu[1]));
+  if (!grads[0].empty()) dense.add_(squared_norm(grads[0]));
+  if (!grads[1].empty()) expert.add_(squared_norm(grads[1]));
   at::Tensor total;
   if (sharded_) {
     // Each rank holds the sums of its slices: the dp group of a stage spans every (ep, edp) pair, so its sum

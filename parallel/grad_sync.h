@@ -13,17 +13,26 @@
 // micro-batches accumulate in FP32 — and a bucket is reduced in place, with no copy in or out. A parameter without
 // a gradient (an expert that saw no token here) takes part with zeros.
 //
+// Overlap (parallel.overlap_grad_reduce, Megatron-Core's overlap_grad_reduce): armed before the step's last
+// backward pass, a hook after each parameter's gradient accumulation counts it, and a bucket whose every gradient
+// is final starts its non-blocking reduction at once, while the backward pass goes on; reduce() then starts the
+// rest (buckets with a parameter that got no gradient in that pass) and waits for all. The buckets of one group
+// start in bucket order on every rank, whatever order their gradients became final in, so that every rank issues
+// the group's collectives in the same order; the results are the same as reducing after the backward pass.
+//
 // ZeRO-1 (parallel.distributed_optimizer, Megatron-Core's distributed optimizer): each bucket is padded to a
 // multiple of its group's size and cut into equal slices, slice r belonging to group rank r. The gradients are
 // reduce-scattered (each rank receives the sum of its slice only); the optimizer updates, and keeps its master
 // weights and AdamW moments for, only the parameter elements in its slices — its `pieces()`; gather_params() then
 // all-gathers the updated slices, in the parameters' dtype (BF16 in the bf16 and fp8 modes), into the bucket's
 // gradient buffer, which is free by then, so every replica holds every parameter again. The gradient norm is
-// summed from the slices.
+// summed from the slices. The reduce-scatter is in place (the slice's sum lands in the bucket buffer itself), so
+// it needs no memory of its own, and the parameters' .grad views hold no meaningful values after it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <memory>
 #include <vector>
 
 #include "model/param_roles.h"
@@ -45,9 +54,13 @@ at::Tensor piece_view(const at::Tensor& param, const std::string& name, const Sh
 
 class GradSync {
  public:
-  // shard_optimizer: ZeRO-1 (takes effect where dp > 1). Points every parameter's .grad at its view of the
-  // buffers, zeroed.
-  GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, double bucket_mb, bool shard_optimizer);
+  // From p: bucket_size_mb, distributed_optimizer (ZeRO-1, where dp > 1) and overlap_grad_reduce (buckets
+  // reduced during the armed backward pass: hooks on the parameters, removed on destruction). Points every
+  // parameter's .grad at its view of the buffers, zeroed.
+  GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, const config::ParallelConfig& p);
+  ~GradSync();
+  GradSync(const GradSync&) = delete;
+  GradSync& operator=(const GradSync&) = delete;
 
   bool sharded() const { return sharded_; }
   // ZeRO-1: this rank's pieces, bucket by bucket (whole routed experts in registration order); empty when not
@@ -56,6 +69,11 @@ class GradSync {
 
   // Zeroes every gradient in place (the start of a step); the .grad views stay.
   void zero_grads();
+  // The next backward pass is the step's last (with overlap: each bucket starts its reduction when its gradients
+  // are final). Without overlap nothing happens until reduce().
+  void arm();
+  // Buckets whose reduction started during the backward pass (the last reduce(); for tests and the note).
+  int64_t started_early() const { return started_early_; }
   // Not sharded: each parameter's .grad becomes the sum over its replicas. Sharded: piece_grads() become the
   // sums of the pieces (the parameters' .grad keep this rank's own contributions).
   void reduce();
@@ -84,7 +102,14 @@ class GradSync {
     at::Tensor grads;               // the flat gradients (slice × group size elements when partitioned)
     std::vector<size_t> pieces;     // indices into pieces_
     std::vector<int64_t> at;        // each piece's position in this rank's slice
+    size_t ready = 0;                   // parameters whose gradient is final (armed pass)
+    std::unique_ptr<PendingOp> pending; // the reduction started and not yet waited for
+    bool started = false;
   };
+  bool reduces(const Bucket& b) const { return b.comm && b.comm->size() > 1; }
+  void grad_ready(size_t param);  // the hook: the armed pass accumulated param's gradient
+  void start(Bucket& b);
+  void start_ready();             // every bucket ready and first of its group not yet started
   // Consecutive parameters of one dtype up to the bucket size, in the given order (at least one per bucket).
   std::vector<std::vector<size_t>> make_buckets(const std::vector<size_t>& which) const;
   void add_buckets(const std::vector<size_t>& which, Communicator* comm, bool embedding, bool partition);
@@ -96,13 +121,19 @@ class GradSync {
   std::vector<Bucket> buckets_;
   std::vector<ShardPiece> pieces_;
   std::vector<at::Tensor> piece_grads_;
+  bool overlap_ = false, armed_ = false;
+  std::vector<size_t> bucket_of_;           // per parameter: its bucket (only parameters with a hook are looked up)
+  std::vector<char> final_;                 // per parameter: its gradient is final in the armed pass
+  std::vector<std::vector<size_t>> lanes_;  // bucket indices per group, in bucket order
+  std::vector<size_t> next_;                // per lane: the first bucket not yet started
+  int64_t started_early_ = 0;
 };
 
 // The dtype gradients are accumulated in for a parameter of dtype t: at least FP32.
 c10::ScalarType grad_dtype(c10::ScalarType t);
 
-// Σ‖g‖² over tensors on a GPU ([1], double on the device): one multi-tensor pass (per-tensor norms in FP32,
-// squared and summed in double), instead of a double copy of every gradient. Empty: zero, on the CPU.
+// Σ‖g‖² over tensors of one device ([1], double there): one multi-tensor pass (per-tensor norms in FP32, squared
+// and summed in double), instead of a double copy of every gradient. Empty: zero, on the CPU.
 at::Tensor squared_norm(const std::vector<at::Tensor>& grads);
 
 }  // namespace moetrain::parallel

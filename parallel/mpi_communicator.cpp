@@ -75,11 +75,15 @@ void MpiCommunicator::check(int rc, const char* op) const {
 }
 
 void MpiCommunicator::wait(MPI_Request& request, const char* op) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s_);
+  const auto start = std::chrono::steady_clock::now();
+  const auto deadline = start + std::chrono::duration<double>(timeout_s_);
   int done = 0;
   for (int spins = 0;; ++spins) {
     check(MPI_Test(&request, &done, MPI_STATUS_IGNORE), op);
-    if (done) return;
+    if (done) {
+      waited_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      return;
+    }
     if (std::chrono::steady_clock::now() > deadline)
       throw CommError(fmt::format("{} on group {} (rank {} of {}, world rank {}) did not finish within {:.0f} s "
                                   "(parallel.comm_timeout_s){}",
@@ -92,16 +96,67 @@ void MpiCommunicator::wait(MPI_Request& request, const char* op) {
   }
 }
 
-void MpiCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
+// A started collective: its request, tested or waited for through the communicator (timeout, liveness).
+class MpiPendingOp final : public PendingOp {
+ public:
+  MpiPendingOp(MpiCommunicator* comm, const char* op) : comm_(comm), op_(op) {}
+  bool test() override {
+    if (!done_) {
+      int flag = 0;
+      comm_->check(MPI_Test(&request, &flag, MPI_STATUS_IGNORE), op_);
+      done_ = flag != 0;
+    }
+    return done_;
+  }
+  void wait() override {
+    if (!done_) comm_->wait(request, op_);
+    done_ = true;
+  }
+  void finished() { done_ = true; }  // nothing was started (a group of one)
+
+  MPI_Request request = MPI_REQUEST_NULL;
+
+ private:
+  MpiCommunicator* comm_;
+  const char* op_;
+  bool done_ = false;
+};
+
+std::unique_ptr<PendingOp> MpiCommunicator::start_all_reduce(at::Tensor& t, ReduceOp op) {
   RECORD_USER_SCOPE(trace_name("all-reduce"));
   require_cpu_contiguous(t, "all_reduce");
   count("all_reduce", static_cast<int64_t>(t.nbytes()));
-  if (size_ == 1) return;
-  MPI_Request r;
+  auto pending = std::make_unique<MpiPendingOp>(this, "all_reduce");
+  if (size_ == 1) {
+    pending->finished();
+    return pending;
+  }
   check(MPI_Iallreduce(MPI_IN_PLACE, t.data_ptr(), static_cast<int>(t.numel()), mpi_type(t.scalar_type()), mpi_op(op),
-                       comm_, &r),
+                       comm_, &pending->request),
         "all_reduce");
-  wait(r, "all_reduce");
+  return pending;
+}
+
+void MpiCommunicator::all_reduce(at::Tensor& t, ReduceOp op) { start_all_reduce(t, op)->wait(); }
+
+std::unique_ptr<PendingOp> MpiCommunicator::start_reduce_scatter_in_place(at::Tensor& whole) {
+  RECORD_USER_SCOPE(trace_name("reduce-scatter"));
+  require_cpu_contiguous(whole, "reduce_scatter");
+  if (whole.numel() % size_ != 0)
+    throw CommError(fmt::format("reduce_scatter on group {}: {} elements do not split into {} parts", name_,
+                                whole.numel(), size_));
+  const int64_t part = whole.numel() / size_;
+  count("reduce_scatter", part * (size_ - 1) * static_cast<int64_t>(whole.element_size()));
+  auto pending = std::make_unique<MpiPendingOp>(this, "reduce_scatter");
+  if (size_ == 1) {
+    pending->finished();
+    return pending;
+  }
+  // In place: the input is the whole buffer, this rank's part of the sum lands at its start.
+  check(MPI_Ireduce_scatter_block(MPI_IN_PLACE, whole.data_ptr(), static_cast<int>(part),
+                                  mpi_type(whole.scalar_type()), MPI_SUM, comm_, &pending->request),
+        "reduce_scatter");
+  return pending;
 }
 
 void MpiCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {

@@ -18,6 +18,9 @@ class MpiCommunicator final : public Communicator {
 
   void all_reduce(at::Tensor& t, ReduceOp op) override;
   void reduce_scatter(const at::Tensor& in, at::Tensor& out) override;
+  std::unique_ptr<PendingOp> start_all_reduce(at::Tensor& t, ReduceOp op) override;
+  std::unique_ptr<PendingOp> start_reduce_scatter_in_place(at::Tensor& whole) override;
+  int in_place_part() const override { return 0; }
   void all_gather(const at::Tensor& mine, at::Tensor& out) override;
   at::Tensor all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                           const std::vector<int64_t>& recv_rows) override;
@@ -32,6 +35,7 @@ class MpiCommunicator final : public Communicator {
   MPI_Comm native() const { return comm_; }
 
  private:
+  friend class MpiPendingOp;
   void wait(MPI_Request& request, const char* op);
   void check(int rc, const char* op) const;
 

@@ -11,12 +11,14 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 #include <thread>
 
 namespace moetrain::parallel {
 
 struct NcclState {
   ncclComm_t comm = nullptr;
+  std::optional<c10::cuda::CUDAStream> side;
 };
 
 namespace {
@@ -74,11 +76,16 @@ NcclCommunicator::~NcclCommunicator() {
   if (state_ && state_->comm) ncclCommDestroy(state_->comm);
 }
 
-void NcclCommunicator::finish(const char* op) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s_);
+void NcclCommunicator::finish(const char* op, void* on) {
+  cudaStream_t s = on ? static_cast<cudaStream_t>(on) : stream();
+  const auto start = std::chrono::steady_clock::now();
+  const auto deadline = start + std::chrono::duration<double>(timeout_s_);
   for (;;) {
-    cudaError_t q = cudaStreamQuery(stream());
-    if (q == cudaSuccess) return;
+    cudaError_t q = cudaStreamQuery(s);
+    if (q == cudaSuccess) {
+      waited_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      return;
+    }
     if (q != cudaErrorNotReady)
       throw CommError(fmt::format("{} on group {} (rank {} of {}, world rank {}): CUDA error {}", op, name_, rank_,
                                   size_, world_rank_, cudaGetErrorString(q)));
@@ -115,6 +122,75 @@ void NcclCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
                               nccl_op(op), state_->comm, stream()),
                 "all_reduce");
   finish("all_reduce");
+}
+
+void* NcclCommunicator::side_stream() {
+  if (!state_->side) state_->side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true);
+  return state_->side->stream();
+}
+
+// A collective on the communication stream: started after the current stream's queued work (an event), finished
+// when that stream is; wait() makes the current stream wait for it in turn.
+class NcclPendingOp final : public PendingOp {
+ public:
+  NcclPendingOp(NcclCommunicator* comm, const char* op) : comm_(comm), op_(op) {
+    side_ = static_cast<cudaStream_t>(comm->side_stream());
+    cudaEvent_t ready;
+    cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
+    cudaEventRecord(ready, stream());
+    cudaStreamWaitEvent(side_, ready, 0);
+    cudaEventDestroy(ready);  // released once the wait is satisfied
+  }
+  cudaStream_t side() const { return side_; }
+  bool test() override {
+    if (!done_ && cudaStreamQuery(side_) == cudaSuccess) wait();
+    return done_;
+  }
+  void wait() override {
+    if (done_) return;
+    comm_->finish(op_, side_);
+    cudaEvent_t end;
+    cudaEventCreateWithFlags(&end, cudaEventDisableTiming);
+    cudaEventRecord(end, side_);
+    cudaStreamWaitEvent(stream(), end, 0);
+    cudaEventDestroy(end);
+    done_ = true;
+  }
+
+ private:
+  NcclCommunicator* comm_;
+  const char* op_;
+  cudaStream_t side_;
+  bool done_ = false;
+};
+
+std::unique_ptr<PendingOp> NcclCommunicator::start_all_reduce(at::Tensor& t, ReduceOp op) {
+  RECORD_USER_SCOPE(trace_name("all-reduce"));
+  require_cuda(t, "all_reduce");
+  count("all_reduce", static_cast<int64_t>(t.nbytes()));
+  auto pending = std::make_unique<NcclPendingOp>(this, "all_reduce");
+  MOETRAIN_NCCL(ncclAllReduce(t.data_ptr(), t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()),
+                              nccl_op(op), state_->comm, pending->side()),
+                "all_reduce");
+  return pending;
+}
+
+std::unique_ptr<PendingOp> NcclCommunicator::start_reduce_scatter_in_place(at::Tensor& whole) {
+  RECORD_USER_SCOPE(trace_name("reduce-scatter"));
+  require_cuda(whole, "reduce_scatter");
+  if (whole.numel() % size_ != 0)
+    throw CommError(fmt::format("reduce_scatter on group {}: {} elements do not split into {} parts", name_,
+                                whole.numel(), size_));
+  const int64_t part = whole.numel() / size_;
+  count("reduce_scatter", part * (size_ - 1) * static_cast<int64_t>(whole.element_size()));
+  auto pending = std::make_unique<NcclPendingOp>(this, "reduce_scatter");
+  // NCCL's in place: the output is this rank's own part of the input.
+  auto* base = static_cast<char*>(whole.data_ptr());
+  MOETRAIN_NCCL(ncclReduceScatter(base, base + part * rank_ * static_cast<int64_t>(whole.element_size()),
+                                  static_cast<size_t>(part), nccl_type(whole.scalar_type()), ncclSum, state_->comm,
+                                  pending->side()),
+                "reduce_scatter");
+  return pending;
 }
 
 void NcclCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {

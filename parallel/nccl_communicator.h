@@ -21,6 +21,11 @@ class NcclCommunicator final : public Communicator {
 
   void all_reduce(at::Tensor& t, ReduceOp op) override;
   void reduce_scatter(const at::Tensor& in, at::Tensor& out) override;
+  // On a communication stream of the group's own, after the work queued so far on the current stream; wait()
+  // then orders the current stream after the collective.
+  std::unique_ptr<PendingOp> start_all_reduce(at::Tensor& t, ReduceOp op) override;
+  std::unique_ptr<PendingOp> start_reduce_scatter_in_place(at::Tensor& whole) override;
+  int in_place_part() const override { return rank_; }
   void all_gather(const at::Tensor& mine, at::Tensor& out) override;
   at::Tensor all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                           const std::vector<int64_t>& recv_rows) override;
@@ -30,7 +35,10 @@ class NcclCommunicator final : public Communicator {
   void barrier() override;
 
  private:
-  void finish(const char* op);  // waits for the stream against the deadline; aborts and throws on timeout/error
+  friend class NcclPendingOp;
+  // Waits for the stream (the current one by default) against the deadline; aborts and throws on timeout/error.
+  void finish(const char* op, void* stream = nullptr);
+  void* side_stream();  // the communication stream (a cudaStream_t), created on first use
 
   std::unique_ptr<NcclState> state_;
   double timeout_s_;

@@ -15,6 +15,14 @@ void traced_backward(const at::Tensor& loss) {
   RECORD_USER_SCOPE("backward");
   loss.backward();
 }
+
+void run_micro_batches(const PipelineSpec& spec, const StageForward& forward) {
+  for (int64_t mb = 0; mb < spec.micro_batches; ++mb) {
+    const at::Tensor loss = forward(mb, {}).loss;
+    if (mb == spec.micro_batches - 1 && spec.before_last_backward) spec.before_last_backward();
+    traced_backward(loss);
+  }
+}
 namespace {
 
 constexpr int kForwardTag = 0;
@@ -62,6 +70,7 @@ void run_1f1b(Communicator& pp, const PipelineSpec& spec, const StageForward& fo
       roots.push_back(f.loss);
       grads.push_back(at::ones_like(f.loss));
     }
+    if (f.mb == spec.micro_batches - 1 && spec.before_last_backward) spec.before_last_backward();
     if (!roots.empty()) torch::autograd::backward(roots, grads);
     if (trace) trace->push_back(fmt::format("B{}", f.mb));
     if (first) return {};

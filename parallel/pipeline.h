@@ -28,10 +28,14 @@ struct PipelineSpec {
   int64_t stage = 0, stages = 1, micro_batches = 1;
   std::vector<int64_t> activation_shape;  // [micro_batch_size, seq_len, hidden]
   at::TensorOptions activation_options;
+  std::function<void()> before_last_backward;  // called before the step's last backward pass on this stage
 };
 
-// loss.backward() under the profiler's "backward" range (trainer/profiler.h); one process's micro-batches.
+// loss.backward() under the profiler's "backward" range (trainer/profiler.h).
 void traced_backward(const at::Tensor& loss);
+
+// One stage (pp = 1): each micro-batch's forward, then its backward.
+void run_micro_batches(const PipelineSpec& spec, const StageForward& forward);
 
 // The order this stage ran its passes in ("F0", "B0", ...), for the bubble measurement of bench/parallel.
 using ScheduleTrace = std::vector<std::string>;

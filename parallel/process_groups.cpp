@@ -36,6 +36,13 @@ std::unique_ptr<Communicator> make(const char* name, const std::vector<int64_t>&
 
 }  // namespace
 
+double ProcessGroups::waited_s() const {
+  double s = 0;
+  for (const auto* c : {world.get(), pp.get(), dp.get(), ep.get(), edp.get(), embedding.get()})
+    if (c) s += c->waited_s();
+  return s;
+}
+
 ProcessGroups ProcessGroups::create(const config::ParallelConfig& p, Backend backend) {
   int world_rank = 0, world_size = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);

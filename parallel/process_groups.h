@@ -24,6 +24,9 @@ struct ProcessGroups {
   std::unique_ptr<Communicator> world, pp, dp, ep, edp, embedding;
   std::unique_ptr<ControlPlane> control;
 
+  // The seconds this rank has spent blocked on the data plane's groups (Communicator::waited_s), summed.
+  double waited_s() const;
+
   // Collective over MPI_COMM_WORLD: every rank calls it. Requires MPI to be initialized with pp·dp ranks.
   static ProcessGroups create(const config::ParallelConfig& p, Backend backend);
 };

@@ -50,7 +50,7 @@ nlohmann::json step_record(const StepResult& r) {
   nlohmann::json j = {{"step", r.step + 1},          {"loss", r.loss},         {"lm_loss", r.lm_loss},
                       {"mtp_loss", r.mtp_loss},      {"balance_loss", r.balance_loss},
                       {"grad_norm", r.grad_norm},    {"lr", r.lr},             {"tokens_per_s", r.tokens_per_s},
-                      {"step_time_s", r.step_time_s}, {"mfu", r.mfu}};
+                      {"step_time_s", r.step_time_s}, {"mfu", r.mfu},   {"comm_wait_s", r.comm_wait_s}};
   if (r.skipped) j["skipped"] = true;
   if (!r.peak_memory_bytes.empty()) j["peak_mem_bytes"] = r.peak_memory_bytes;
   for (const auto& l : r.moe)
@@ -127,17 +127,17 @@ std::string format_duration(double seconds) {
 }
 
 double measure_peak_flops(c10::Device device, c10::ScalarType dtype) {
-  // Large enough to reach a GPU's peak; on the CPU a size that takes milliseconds.
-  const int64_t n = device.is_cuda() ? 4096 : 512;
+  // Large enough to reach the device's peak (on the CPU about 10 ms a product on 2 cores); the best of 10.
+  const int64_t n = device.is_cuda() ? 4096 : 1024;
   const auto opts = at::TensorOptions().dtype(dtype).device(device);
   at::Tensor a = at::randn({n, n}, opts), b = at::randn({n, n}, opts);
   auto sync = [&] {
     if (device.is_cuda()) torch::cuda::synchronize(device.index());
   };
-  at::mm(a, b);  // warm-up
+  for (int i = 0; i < 2; ++i) at::mm(a, b);  // warm-up
   sync();
   double best = 0;
-  for (int i = 0; i < 5; ++i) {
+  for (int i = 0; i < 10; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     at::Tensor c = at::mm(a, b);
     sync();

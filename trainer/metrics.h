@@ -31,6 +31,7 @@ struct StepResult {
   int64_t step = 0;  // the step trained (0-based); the record names the steps done after it (step + 1)
   double loss = 0, lm_loss = 0, mtp_loss = 0, balance_loss = 0, grad_norm = 0, lr = 0;
   double step_time_s = 0, tokens_per_s = 0, mfu = 0;
+  double comm_wait_s = 0;  // of the step time, this rank's host blocked on collectives (Communicator::waited_s)
   std::vector<double> max_vio;        // per MoE layer of the whole model (main layers, then MTP)
   std::vector<MoeLayerMetrics> moe;   // the same layers in full
   bool stop = false;                  // a stop signal reached some rank during the step (save_on_signal)

@@ -104,10 +104,15 @@ void AdamW::unfused_step(double lr, double grad_scale, std::vector<at::Tensor>& 
   }
 }
 
-bool AdamW::fused_step(double lr, double grad_scale, std::vector<at::Tensor>& grads) {
-  if (params_.empty() || !params_[0].param.is_cuda()) return false;
+bool AdamW::fused_kernel() {
+  if (!fused_allowed_ || params_.empty()) return false;
   for (size_t i = 0; i < pieces_.size(); ++i)
     if (m_[i].scalar_type() != at::kFloat || value(i).scalar_type() != at::kFloat) return false;
+  return true;
+}
+
+bool AdamW::fused_step(double lr, double grad_scale, std::vector<at::Tensor>& grads) {
+  if (!fused_kernel()) return false;
   if (steps_.empty())
     for (size_t i = 0; i < pieces_.size(); ++i) steps_.push_back(at::zeros({}, m_[i].options().dtype(at::kFloat)));
   // Two groups: matrices with weight decay, the rest without.
@@ -122,7 +127,7 @@ bool AdamW::fused_step(double lr, double grad_scale, std::vector<at::Tensor>& gr
   }
   // The kernel divides the gradients by grad_scale (the AMP scaler's convention): clipping rides along.
   std::optional<at::Tensor> divide_by;
-  if (grad_scale != 1.0) divide_by = at::full({}, 1.0 / grad_scale, params_[0].param.options());
+  if (grad_scale != 1.0) divide_by = at::full({}, 1.0 / grad_scale, m_[0].options());
   for (int k = 0; k < 2; ++k)
     if (!p[k].empty())
       at::_fused_adamw_(p[k], g[k], m[k], v[k], /*max_exp_avg_sqs=*/{}, s[k], lr, beta1_, beta2_,
@@ -164,20 +169,10 @@ std::vector<checkpoints::StateTensor> checkpoint_state(const std::vector<model::
 }
 
 at::Tensor grad_norm_sq(const std::vector<NamedParam>& params) {
-  at::NoGradGuard no_grad;
-  if (!params.empty() && params[0].param.is_cuda()) {
-    std::vector<at::Tensor> grads;
-    for (const auto& p : params)
-      if (p.param.grad().defined()) grads.push_back(p.param.grad());
-    return parallel::squared_norm(grads);
-  }
-  at::Tensor sum;
-  for (const auto& p : params) {
-    if (!p.param.grad().defined()) continue;
-    at::Tensor sq = p.param.grad().to(at::kDouble).pow(2).sum().reshape({1});
-    sum = sum.defined() ? sum + sq : sq;
-  }
-  return sum.defined() ? sum : at::zeros({1}, at::kDouble);
+  std::vector<at::Tensor> grads;
+  for (const auto& p : params)
+    if (p.param.grad().defined()) grads.push_back(p.param.grad());
+  return parallel::squared_norm(grads);
 }
 
 double grad_norm(const std::vector<NamedParam>& params) { return std::sqrt(grad_norm_sq(params).item<double>()); }

@@ -34,11 +34,11 @@ class AdamW {
         std::vector<parallel::ShardPiece> pieces = {}, c10::ScalarType param_dtype = c10::ScalarType::Undefined);
 
   // One update at learning rate lr. Parameters without a gradient (an expert that saw no token) count as zero
-  // gradient: their moments decay and weight decay still applies, as on every other replica. On a GPU with FP32
-  // moments the update is LibTorch's fused AdamW kernel (one pass over each parameter, the same formula); else
-  // the per-tensor operations below.
-  // grad_scale multiplies every gradient first (gradient clipping, clip_factor): a pass of its own on the CPU,
-  // folded into the fused kernel on a GPU.
+  // gradient: their moments decay and weight decay still applies, as on every other replica. With FP32 moments
+  // and FP32 values (parameters or master weights) the update is LibTorch's fused AdamW kernel, on the CPU as on
+  // a GPU (one pass over each parameter, the same formula); BF16 moments take the per-tensor operations.
+  // grad_scale multiplies every gradient first (gradient clipping, clip_factor): folded into the fused kernel, a
+  // pass of its own otherwise.
   // grads: each piece's gradient (GradSync::piece_grads()); nullptr: the parameters' .grad.
   // With master weights, the whole (not partitioned) pieces are then copied into their parameters.
   void step(double lr, double grad_scale = 1.0, const std::vector<at::Tensor>* grads = nullptr);
@@ -66,6 +66,10 @@ class AdamW {
   at::Tensor& exp_avg_sq_mut(size_t i) { return v_[i]; }
   void set_steps_taken(int64_t steps) { step_ = steps; }
   static bool decays(const NamedParam& p) { return p.param.dim() >= 2; }
+  // Whether step() runs the fused kernel; use_fused(false) keeps the per-tensor operations (the reference a test
+  // holds the kernel against).
+  bool fused_kernel();
+  void use_fused(bool allowed) { fused_allowed_ = allowed; }
 
  private:
   std::vector<NamedParam> params_;
@@ -79,6 +83,7 @@ class AdamW {
   std::vector<at::Tensor> m_, v_;
   std::vector<at::Tensor> steps_;  // the fused kernel's step counts, one per parameter, on the device
   double beta1_, beta2_, eps_, weight_decay_;
+  bool fused_allowed_ = true;
   int64_t step_ = 0;
 };
 

@@ -25,7 +25,6 @@ namespace moetrain::trainer {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 }  // namespace
@@ -63,8 +62,7 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   std::vector<NamedParam> named;
   for (const auto& p : params) named.push_back({p.name, p.tensor});
   if (groups_)  // it keeps the gradients, FP32 in flat buckets
-    grad_sync_ = std::make_unique<parallel::GradSync>(*groups_, params, c_.parallel.bucket_size_mb,
-                                                      c_.parallel.distributed_optimizer);
+    grad_sync_ = std::make_unique<parallel::GradSync>(*groups_, params, c_.parallel);
   // bf16 / fp8: the model's parameters become BF16, the optimizer keeps the FP32 master weights of its pieces.
   optimizer_ = std::make_unique<AdamW>(std::move(named), c_.train, policy.moment_bytes == 2 ? at::kBFloat16 : at::kFloat,
                                        grad_sync_ ? grad_sync_->pieces() : std::vector<parallel::ShardPiece>{},
@@ -157,9 +155,10 @@ parallel::StageOutput Trainer::stage_forward(const at::Tensor& input, const at::
 }
 
 parallel::PipelineSpec Trainer::pipeline_spec() const {
-  return {groups_->coords.pp, c_.parallel.pp, c_.train.micro_batches,
+  return {groups_ ? groups_->coords.pp : 0, c_.parallel.pp, c_.train.micro_batches,
           {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
-          at::TensorOptions().dtype(model_->activation_dtype()).device(device_)};
+          at::TensorOptions().dtype(model_->activation_dtype()).device(device_),
+          [this] { if (grad_sync_) grad_sync_->arm(); }};
 }
 
 std::vector<MoeLayerMetrics> Trainer::moe_metrics() {
@@ -171,6 +170,7 @@ std::vector<MoeLayerMetrics> Trainer::moe_metrics() {
 
 StepResult Trainer::step() {
   const auto t0 = Clock::now();
+  const double waited0 = groups_ ? groups_->waited_s() : 0.0;
   const int64_t sequences = data::BatchShape::from(c_).global_sequences();
   const double tokens = static_cast<double>(sequences * c_.train.seq_len);
   const int64_t depth = c_.model.mtp_depth;
@@ -186,11 +186,10 @@ StepResult Trainer::step() {
     return stage_forward(input, model::to_device(batches_->train(step_, dp_rank_, mb), device_), sums, true);
   };
   trace_.clear();
-  if (c_.parallel.pp == 1) {
-    for (int64_t mb = 0; mb < c_.train.micro_batches; ++mb) parallel::traced_backward(forward(mb, {}).loss);
-  } else {
+  if (c_.parallel.pp == 1)
+    parallel::run_micro_batches(pipeline_spec(), forward);
+  else
     parallel::run_1f1b(*groups_->pp, pipeline_spec(), forward, &trace_);
-  }
 
   if (grad_sync_) grad_sync_->reduce();
   const at::Tensor norm_sq = grad_sync_ ? grad_sync_->global_norm_sq() : grad_norm_sq(optimizer_->params());
@@ -226,7 +225,7 @@ StepResult Trainer::step() {
   r.moe = moe_metrics();
   for (const auto& l : r.moe) r.max_vio.push_back(l.max_vio);
 
-  r.step_time_s = seconds_since(t0);
+  r.step_time_s = seconds_since(t0), r.comm_wait_s = groups_ ? groups_->waited_s() - waited0 : 0.0;
   r.tokens_per_s = tokens / r.step_time_s;
   r.mfu = flops_per_token_ * r.tokens_per_s / (peak_flops_ * static_cast<double>(c_.parallel.world_size));
   if (run_dir_.metrics()) run_dir_.metrics()->write(step_record(r));

@@ -54,6 +54,7 @@ class Trainer {
   const std::vector<std::string>& moe_layer_names() const { return loads_->layer_names(); }
   double peak_flops() const { return peak_flops_; }
   const AdamW& optimizer() const { return *optimizer_; }
+  const parallel::GradSync* grad_sync() const { return grad_sync_.get(); }  // null in one process
   // The pass order of the last step's pipeline schedule on this rank.
   const parallel::ScheduleTrace& schedule_trace() const { return trace_; }
 

@@ -3,20 +3,23 @@
 # each of 10 steps, the validation loss and the final parameters of the single-process run within 1e-5 relative
 # (FP32), with ZeRO-1 (parallel.distributed_optimizer, the default) and, on one layout, without it; each rank's
 # optimizer state is 1/dp (dense) and 1/edp (routed) of the whole with it (checked by the program, ±5%). So do two
-# layouts with activation recomputation (full, selective), and bf16 with ZeRO-1 (master weights 1/dp, 1/edp). Then
-# a starved expert: no hang, zero gradient.
+# layouts with activation recomputation (full, selective), and bf16 with ZeRO-1 (master weights 1/dp, 1/edp).
+# Gradient buckets are small (many per stage), so that parallel.overlap_grad_reduce (on by default) starts most of
+# them during the backward pass (checked); one layout runs without overlap. Then a starved expert: no hang, zero
+# gradient.
 . "$(dirname "$0")/../cli/lib.sh"
 prog=$1
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 common=(--config configs/tiny.yaml --set train.micro_batch_size=2 --set train.global_batch_size=16
-        --set train.eval_batches=1 --set train.peak_flops=1e9 --set parallel.dp=0)
-run_layout() {  # pp dp ep [recompute] [distributed_optimizer]
-  local pp=$1 dp=$2 ep=$3 np=$(($1 * $2)) recompute=${4:-none} zero=${5:-true}
+        --set train.eval_batches=1 --set train.peak_flops=1e9 --set parallel.dp=0 --set parallel.bucket_size_mb=0.02)
+run_layout() {  # pp dp ep [recompute] [distributed_optimizer] [overlap_grad_reduce]
+  local pp=$1 dp=$2 ep=$3 np=$(($1 * $2)) recompute=${4:-none} zero=${5:-true} overlap=${6:-true}
   run mpi -np "$np" "$prog" "${common[@]}" --steps 10 --set parallel.pp="$pp" --set parallel.ep="$ep" \
       --set model.recompute="$recompute" --set parallel.distributed_optimizer="$zero" \
-      --out "$dir/$pp-$dp-$ep${4:+-$4}${5:+-$5}"
-  [ "$rc" -eq 0 ] || fail "layout pp $pp dp $dp ep $ep recompute $recompute distributed_optimizer $zero: rc $rc: $err"
+      --set parallel.overlap_grad_reduce="$overlap" --out "$dir/$pp-$dp-$ep${4:+-$4}${5:+-$5}${6:+-$6}"
+  [ "$rc" -eq 0 ] || fail "layout pp $pp dp $dp ep $ep recompute $recompute distributed_optimizer $zero overlap \
+$overlap: rc $rc: $err"
 }
 run_layout 1 1 1
 for layout in "1 2 1" "1 2 2" "2 1 1" "2 2 2" "1 4 4" "2 4 2"; do
@@ -34,6 +37,19 @@ run "$prog" --compare "$dir/1-1-1" "$dir/2-4-2-none-false"
 echo "$out"
 [ "$rc" -eq 0 ] || fail "layout pp 2 dp 4 ep 2 without ZeRO-1 differs from one process: $out"
 grep -q "= 1.0000" "$dir/2-4-2-none-false/optim.0.txt" || fail "without ZeRO-1 a rank holds all of its moments"
+
+# The overlap: most buckets started inside the backward pass (with and without ZeRO-1); without it, none did and
+# the numbers are the same.
+for d in 2-2-2 2-4-2-none-false; do
+  grep -q "started during the backward pass: [1-9]" "$dir/$d/optim.0.txt" ||
+    fail "$d: no gradient bucket was reduced during the backward pass: $(head -1 "$dir/$d/optim.0.txt")"
+done
+run_layout 2 2 2 none true false
+run "$prog" --compare "$dir/1-1-1" "$dir/2-2-2-none-true-false"
+echo "$out"
+[ "$rc" -eq 0 ] || fail "layout pp 2 dp 2 ep 2 without overlap differs from one process: $out"
+grep -q "started during the backward pass: 0" "$dir/2-2-2-none-true-false/optim.0.txt" ||
+  fail "without overlap a bucket started during the backward pass"
 
 # bf16: BF16 parameters all-gathered in BF16 after each step, FP32 master weights (and moments) 1/dp of the dense
 # and 1/edp of the routed parameters per rank, each parameter its master weights rounded (checked by the program).

@@ -403,5 +403,45 @@ TEST(Trainer, Bf16ParameterGradientsAccumulateInFp32) {
   EXPECT_FLOAT_EQ(grad[0].item<float>(), expected);  // BF16 accumulation would have stayed at 1
 }
 
+// With FP32 moments the CPU update is LibTorch's fused AdamW kernel (one pass per parameter, clipping folded in),
+// and it computes what the per-tensor operations compute: weight decay on matrices only, a missing gradient as
+// zero, the clip factor applied to every gradient.
+TEST(AdamW, FusedKernelMatchesThePerTensorOperations) {
+  config::TrainConfig t;
+  t.weight_decay = 0.1;
+  auto make = [&] {
+    torch::manual_seed(3);
+    return std::vector<NamedParam>{{"w", torch::randn({8, 16}).requires_grad_(true)},
+                                   {"norm", torch::randn({16}).requires_grad_(true)},
+                                   {"starved", torch::randn({4, 4}).requires_grad_(true)}};
+  };
+  auto fused_params = make(), plain_params = make();
+  AdamW fused(fused_params, t, at::kFloat), plain(plain_params, t, at::kFloat);
+  plain.use_fused(false);
+  EXPECT_TRUE(fused.fused_kernel());
+  EXPECT_FALSE(plain.fused_kernel());
+  EXPECT_FALSE(AdamW(make(), t, at::kBFloat16).fused_kernel());  // BF16 moments: the per-tensor operations
+  for (int step = 0; step < 4; ++step) {
+    torch::manual_seed(10 + step);
+    const at::Tensor gw = torch::randn({8, 16}), gn = torch::randn({16});
+    for (auto* ps : {&fused_params, &plain_params}) {
+      (*ps)[0].param.mutable_grad() = gw.clone();
+      (*ps)[1].param.mutable_grad() = gn.clone();
+      (*ps)[2].param.mutable_grad() = at::Tensor();
+    }
+    const double clip = step % 2 ? 0.5 : 1.0;
+    fused.step(1e-2, clip);
+    plain.step(1e-2, clip);
+    for (size_t i = 0; i < fused_params.size(); ++i) {
+      EXPECT_LE((fused_params[i].param - plain_params[i].param).abs().max().item<double>(), 1e-6)
+          << fused_params[i].name << " step " << step;
+      EXPECT_LE((fused.exp_avg_sq(i) - plain.exp_avg_sq(i)).abs().max().item<double>(), 1e-6);
+    }
+  }
+  // The starved matrix (no gradient on any step) still moved: weight decay and its decaying moments.
+  const auto start = make();
+  EXPECT_GT((fused_params[2].param - start[2].param).abs().max().item<double>(), 0.0);
+}
+
 }  // namespace
 }  // namespace moetrain::trainer
