@@ -99,10 +99,10 @@ int main(int argc, char** argv) {
             const double after =
                 static_cast<double>(trainer::tensor_memory(t.model()->parameters().front().device()).live_bytes);
             const double peak = last.peak_memory_bytes.at(static_cast<size_t>(rank));
-            // The step's transient memory: the activations, or ZeRO-1's reduce-scattered slices after them.
+            // The step's transient memory: the activations.
             const double optimizer = static_cast<double>(t.optimizer().state_bytes() + t.optimizer().master_bytes());
             const double row[kCols] = {peak,         s.total_bytes(),
-                                       peak - after, std::max(s.activation_bytes, s.reduction_bytes),
+                                       peak - after, s.activation_bytes,
                                        optimizer,    s.optimizer_bytes + s.master_bytes};
             for (int k = 0; k < kCols; ++k) table[rank][k] = row[k];
           }

@@ -214,7 +214,7 @@ int main(int argc, char** argv) {
   Options o;
   std::string layouts = "dp2,pp2-dp2-ep2";
   app.add_option("--config", o.config);
-  app.add_option("--rounds", o.rounds, "Alternating rounds of moetrain and the peer");
+  app.add_option("--rounds", o.rounds, "Alternating rounds of moetrain and the peer (0: part 2 only)");
   app.add_option("--steps", o.steps, "Timed steps per run");
   app.add_option("--warmup", o.warmup, "Untimed steps first");
   app.add_option("--threads", o.threads, "Intra-op threads of both (part 1)");
@@ -233,7 +233,7 @@ int main(int argc, char** argv) {
     if (mpi.active()) {
       ranks_part(o, mpi.size());
     } else {
-      part_one(o);
+      if (o.rounds > 0) part_one(o);
       part_two(o, argv[0]);
     }
   } catch (const CLI::ParseError& e) {

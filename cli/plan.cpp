@@ -124,8 +124,6 @@ Plan make_plan(const config::Config& c) {
     const double mine = (p - r) / dp + r / edp;  // the parameter elements this rank's optimizer updates
     st.master_bytes = mine * policy.master_weight_bytes;
     st.optimizer_bytes = mine * static_cast<double>(policy.optimizer_bytes_per_param());
-    // The reduce-scattered slices (routed experts not partitioned where edp = 1: their own gradients serve).
-    if (zero) st.reduction_bytes = ((p - r) / dp + (edp > 1 ? r / edp : 0.0)) * policy.grad_bytes;
     const double kept = a.bytes(act, fp8);
     const double freed = heads.bytes(act, fp8);
     // The heads' backward pass first, with everything held; then the blocks', the heads' activations freed.
@@ -266,7 +264,6 @@ nlohmann::json plan_json(const Plan& plan, const config::Config& c) {
                            {"in_flight_micro_batches", s.in_flight_micro_batches},
                            {"weight_bytes", s.weight_bytes},
                            {"master_bytes", s.master_bytes},
-                           {"reduction_bytes", s.reduction_bytes},
                            {"grad_bytes", s.grad_bytes},
                            {"optimizer_bytes", s.optimizer_bytes},
                            {"activation_bytes", s.activation_bytes},

@@ -22,12 +22,11 @@ struct StagePlan {
   int64_t in_flight_micro_batches = 0;  // 1F1B keeps min(pp − stage, micro_batches) forward passes alive
   // weight_bytes: the model's parameters (and fp8 mode's E4M3 copies), on every replica. master_bytes: the FP32
   // master weights the optimizer keeps in the bf16 and fp8 modes, optimizer_bytes: the AdamW moments — with
-  // ZeRO-1 this rank's dp / edp part of both. reduction_bytes: ZeRO-1's reduce-scattered gradient slices, alive
-  // from the gradient reduction to the end of the optimizer step, when the activations are gone.
-  double weight_bytes = 0, master_bytes = 0, grad_bytes = 0, optimizer_bytes = 0, activation_bytes = 0,
-         reduction_bytes = 0;
+  // ZeRO-1 this rank's dp / edp part of both. (ZeRO-1's reduce-scatter is in place: its slices take no memory of
+  // their own, parallel/grad_sync.h.)
+  double weight_bytes = 0, master_bytes = 0, grad_bytes = 0, optimizer_bytes = 0, activation_bytes = 0;
   double state_bytes() const { return weight_bytes + master_bytes + grad_bytes + optimizer_bytes; }
-  double total_bytes() const { return state_bytes() + std::max(activation_bytes, reduction_bytes); }
+  double total_bytes() const { return state_bytes() + activation_bytes; }
 };
 
 struct Plan {

@@ -7,6 +7,7 @@
 
 #include <any>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace moetrain::model {
@@ -30,8 +31,10 @@ class ExpertExchange {
  public:
   virtual ~ExpertExchange() = default;
   // tokens: [N·k, d] this rank's routed copies sorted by global expert id; counts: tokens per global expert.
-  // Every rank of the ep group must call dispatch and combine, even with no tokens.
-  virtual Dispatched dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts) = 0;
+  // Every rank of the ep group must call dispatch and combine, even with no tokens. `meanwhile` (if any) runs while
+  // the tokens travel (the shared expert's forward, as DeepSeek-V3 overlaps it with the dispatch).
+  virtual Dispatched dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts,
+                              const std::function<void()>& meanwhile = {}) = 0;
   // outputs: [M, d] in the order of Dispatched::tokens -> [N·k, d] in the order dispatch received.
   virtual at::Tensor combine(const at::Tensor& outputs, const Dispatched& dispatched) = 0;
 };
@@ -39,7 +42,9 @@ class ExpertExchange {
 // One process holds every expert: dispatch and combine hand tensors through unchanged.
 class LocalExpertExchange final : public ExpertExchange {
  public:
-  Dispatched dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts) override {
+  Dispatched dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts,
+                      const std::function<void()>& meanwhile = {}) override {
+    if (meanwhile) meanwhile();
     return {tokens, counts, {}};
   }
   at::Tensor combine(const at::Tensor& outputs, const Dispatched&) override { return outputs; }

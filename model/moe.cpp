@@ -54,7 +54,9 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
   // them): the experts apply it to their down projection's input, so nothing after them keeps their outputs for
   // the gates' gradient (it comes from the down projection's input gradient instead).
   const at::Tensor gate_of = r.gates.reshape({N * top_k_}).index_select(0, order).to(x.scalar_type());
-  Dispatched in = exchange.dispatch(at::cat({flat.index_select(0, token_of), gate_of.unsqueeze(1)}, 1), counts_host);
+  at::Tensor shared_out;  // the shared expert computes while the routed copies travel
+  Dispatched in = exchange.dispatch(at::cat({flat.index_select(0, token_of), gate_of.unsqueeze(1)}, 1), counts_host,
+                                    [&] { shared_out = shared ? shared(flat) : at::Tensor(); });
   const at::Tensor received = in.tokens.narrow(1, 0, d), gates = in.tokens.select(1, d);
   at::Tensor local_out = run_experts(received, in.local_counts, grouped_expert_gemm(received), gates);
   at::Tensor routed = exchange.combine(local_out, in);  // [N·k, d] in sorted order
@@ -63,7 +65,7 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
   // index_add's atomics are not, and nothing is kept for the backward pass but the indices.
   at::Tensor slot_of = at::empty_like(order).scatter_(0, order, at::arange(N * top_k_, order.options()));
   at::Tensor out = routed.index_select(0, slot_of).view({N, top_k_, d}).sum(1);
-  if (shared) out = out + shared(flat);
+  if (shared_out.defined()) out = out + shared_out;
 
   stats.push_back({counts_cpu, balance_loss_sum(r, B, T, top_k_, seq_alpha_, aux_alpha_)});
   return out.view({B, T, d});

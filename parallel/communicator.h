@@ -69,7 +69,12 @@ class Communicator {
   // rank r, in rank order. Row shape and dtype are t's.
   virtual at::Tensor all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                                   const std::vector<int64_t>& recv_rows) = 0;
+  // Its non-blocking form: the received rows land in `out` (allocated here) once the operation finished.
+  virtual std::unique_ptr<PendingOp> start_all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
+                                                        const std::vector<int64_t>& recv_rows, at::Tensor& out) = 0;
   virtual void send(const at::Tensor& t, int dst, int tag) = 0;  // returns when t may be reused
+  // Its non-blocking form (the pipeline's sends): t may be reused once wait() returned.
+  virtual std::unique_ptr<PendingOp> start_send(const at::Tensor& t, int dst, int tag) = 0;
   virtual void recv(at::Tensor& t, int src, int tag) = 0;
   // Sends `out` to dst while receiving `in` from src, as one operation (the pipeline's steady state, where two
   // neighbours send to each other at once and separate blocking sends could deadlock).

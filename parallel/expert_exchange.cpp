@@ -9,12 +9,24 @@
 namespace moetrain::parallel {
 namespace {
 
+// An exchange already started (outside autograd): the forward pass of AllToAllFn waits for it.
+struct Started {
+  std::unique_ptr<PendingOp> op;
+  at::Tensor out;
+};
+
 struct AllToAllFn : public torch::autograd::Function<AllToAllFn> {
+  // started: 0, or a Started* whose exchange of x is under way.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t comm,
-                            std::vector<int64_t> send_rows, std::vector<int64_t> recv_rows) {
+                            std::vector<int64_t> send_rows, std::vector<int64_t> recv_rows, int64_t started) {
     ctx->saved_data["comm"] = comm;
     ctx->saved_data["send"] = send_rows;
     ctx->saved_data["recv"] = recv_rows;
+    if (started) {
+      auto* s = reinterpret_cast<Started*>(started);
+      s->op->wait();
+      return s->out;
+    }
     return reinterpret_cast<Communicator*>(comm)->all_to_all_v(x.contiguous(), send_rows, recv_rows);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -23,7 +35,8 @@ struct AllToAllFn : public torch::autograd::Function<AllToAllFn> {
     auto send = ctx->saved_data["send"].toIntVector();
     auto recv = ctx->saved_data["recv"].toIntVector();
     // The reverse exchange: what came from rank r goes back to rank r.
-    return {comm->all_to_all_v(grads[0].contiguous(), recv, send), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {comm->all_to_all_v(grads[0].contiguous(), recv, send), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -38,7 +51,7 @@ struct ExchangeState {
 
 at::Tensor all_to_all_autograd(const at::Tensor& x, Communicator& comm, const std::vector<int64_t>& send_rows,
                                const std::vector<int64_t>& recv_rows) {
-  return AllToAllFn::apply(x, reinterpret_cast<int64_t>(&comm), send_rows, recv_rows);
+  return AllToAllFn::apply(x, reinterpret_cast<int64_t>(&comm), send_rows, recv_rows, int64_t{0});
 }
 
 AllToAllExpertExchange::AllToAllExpertExchange(Communicator& ep, int64_t n_routed_experts)
@@ -46,7 +59,8 @@ AllToAllExpertExchange::AllToAllExpertExchange(Communicator& ep, int64_t n_route
       n_experts_(n_routed_experts),
       local_(model::ExpertShard{ep.rank(), ep.size()}.local_count(n_routed_experts)) {}
 
-model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts) {
+model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts,
+                                                   const std::function<void()>& meanwhile) {
   const int64_t ep = ep_.size();
   // 1. Split sizes: rank r sends `local_` counts to every rank (its tokens for that rank's experts).
   at::Tensor my_counts = at::tensor(counts, at::kLong).view({n_experts_, 1});
@@ -63,8 +77,18 @@ model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, con
   for (int64_t src = 0; src < ep; ++src)
     for (int64_t j = 0; j < local_; ++j) st.recv_rows[static_cast<size_t>(src)] += g[src * local_ + j];
 
-  // 2. The tokens themselves.
-  at::Tensor received = all_to_all_autograd(tokens, ep_, st.send_rows, st.recv_rows);
+  // 2. The tokens themselves, while `meanwhile` computes.
+  at::Tensor received;
+  if (meanwhile) {
+    const at::Tensor x = tokens.contiguous();
+    Started started;
+    started.op = ep_.start_all_to_all_v(x.detach(), st.send_rows, st.recv_rows, started.out);
+    meanwhile();
+    received = AllToAllFn::apply(x, reinterpret_cast<int64_t>(&ep_), st.send_rows, st.recv_rows,
+                                 reinterpret_cast<int64_t>(&started));
+  } else {
+    received = all_to_all_autograd(tokens, ep_, st.send_rows, st.recv_rows);
+  }
 
   // 3. Received rows are grouped by source rank, then expert; the experts want them grouped by expert.
   std::vector<int64_t> block_start(static_cast<size_t>(ep * local_));

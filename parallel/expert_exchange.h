@@ -16,7 +16,9 @@ at::Tensor all_to_all_autograd(const at::Tensor& x, Communicator& comm, const st
 class AllToAllExpertExchange final : public model::ExpertExchange {
  public:
   AllToAllExpertExchange(Communicator& ep, int64_t n_routed_experts);
-  model::Dispatched dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts) override;
+  // The tokens' exchange is started without blocking, `meanwhile` runs, then it is waited for.
+  model::Dispatched dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts,
+                             const std::function<void()>& meanwhile = {}) override;
   at::Tensor combine(const at::Tensor& outputs, const model::Dispatched& dispatched) override;
 
  private:

@@ -113,8 +113,13 @@ class MpiPendingOp final : public PendingOp {
     done_ = true;
   }
   void finished() { done_ = true; }  // nothing was started (a group of one)
+  void keep(std::vector<int> a, std::vector<int> b, std::vector<int> c, std::vector<int> d) {
+    counts = {std::move(a), std::move(b), std::move(c), std::move(d)};
+  }
 
   MPI_Request request = MPI_REQUEST_NULL;
+  std::vector<std::vector<int>> counts;  // an all-to-all's counts and displacements, alive until it finished
+  at::Tensor send;                       // the send buffer of an all-to-all or a send
 
  private:
   MpiCommunicator* comm_;
@@ -194,8 +199,9 @@ void MpiCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
   wait(r, "all_gather");
 }
 
-at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
-                                         const std::vector<int64_t>& recv_rows) {
+std::unique_ptr<PendingOp> MpiCommunicator::start_all_to_all_v(const at::Tensor& t,
+                                                               const std::vector<int64_t>& send_rows,
+                                                               const std::vector<int64_t>& recv_rows, at::Tensor& out) {
   RECORD_USER_SCOPE(trace_name("all-to-all"));
   require_cpu_contiguous(t, "all_to_all_v");
   const int64_t row = t.dim() > 0 && t.size(0) > 0 ? t.numel() / t.size(0) : [&] {
@@ -216,24 +222,40 @@ at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<
   }
   std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
   shape[0] = total_recv;
-  at::Tensor out = at::empty(shape, t.options());
+  out = at::empty(shape, t.options());
   count("all_to_all_v", (s_off - send_rows[rank_] * row) * static_cast<int64_t>(t.element_size()));
-  MPI_Request r;
+  auto pending = std::make_unique<MpiPendingOp>(this, "all_to_all_v");
   MPI_Datatype type = mpi_type(t.scalar_type());
-  check(MPI_Ialltoallv(t.data_ptr(), sc.data(), sd.data(), type, out.data_ptr(), rc.data(), rd.data(), type, comm_, &r),
+  // The counts, displacements and send buffer must stay valid until the operation completes: they travel with it.
+  pending->keep(std::move(sc), std::move(sd), std::move(rc), std::move(rd));
+  pending->send = t;
+  auto& v = pending->counts;
+  check(MPI_Ialltoallv(t.data_ptr(), v[0].data(), v[1].data(), type, out.data_ptr(), v[2].data(), v[3].data(), type,
+                       comm_, &pending->request),
         "all_to_all_v");
-  wait(r, "all_to_all_v");
+  return pending;
+}
+
+at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
+                                         const std::vector<int64_t>& recv_rows) {
+  at::Tensor out;
+  start_all_to_all_v(t, send_rows, recv_rows, out)->wait();
   return out;
 }
 
-void MpiCommunicator::send(const at::Tensor& t, int dst, int tag) {
+std::unique_ptr<PendingOp> MpiCommunicator::start_send(const at::Tensor& t, int dst, int tag) {
   RECORD_USER_SCOPE(trace_name("send"));
   require_cpu_contiguous(t, "send");
   count("send", static_cast<int64_t>(t.nbytes()));
-  MPI_Request r;
-  check(MPI_Isend(t.data_ptr(), static_cast<int>(t.numel()), mpi_type(t.scalar_type()), dst, tag, comm_, &r), "send");
-  wait(r, "send");
+  auto pending = std::make_unique<MpiPendingOp>(this, "send");
+  pending->send = t;
+  check(MPI_Isend(t.data_ptr(), static_cast<int>(t.numel()), mpi_type(t.scalar_type()), dst, tag, comm_,
+                  &pending->request),
+        "send");
+  return pending;
 }
+
+void MpiCommunicator::send(const at::Tensor& t, int dst, int tag) { start_send(t, dst, tag)->wait(); }
 
 void MpiCommunicator::recv(at::Tensor& t, int src, int tag) {
   RECORD_USER_SCOPE(trace_name("recv"));

@@ -24,7 +24,10 @@ class MpiCommunicator final : public Communicator {
   void all_gather(const at::Tensor& mine, at::Tensor& out) override;
   at::Tensor all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                           const std::vector<int64_t>& recv_rows) override;
+  std::unique_ptr<PendingOp> start_all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
+                                                const std::vector<int64_t>& recv_rows, at::Tensor& out) override;
   void send(const at::Tensor& t, int dst, int tag) override;
+  std::unique_ptr<PendingOp> start_send(const at::Tensor& t, int dst, int tag) override;
   void recv(at::Tensor& t, int src, int tag) override;
   void send_recv(const at::Tensor& out, int dst, int send_tag, at::Tensor& in, int src, int recv_tag) override;
   void barrier() override;

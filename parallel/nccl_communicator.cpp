@@ -2,6 +2,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <fmt/format.h>
@@ -217,8 +218,10 @@ void NcclCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
   finish("all_gather");
 }
 
-at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
-                                          const std::vector<int64_t>& recv_rows) {
+std::unique_ptr<PendingOp> NcclCommunicator::start_all_to_all_v(const at::Tensor& t,
+                                                                const std::vector<int64_t>& send_rows,
+                                                                const std::vector<int64_t>& recv_rows,
+                                                                at::Tensor& out) {
   RECORD_USER_SCOPE(trace_name("all-to-all"));
   require_cuda(t, "all_to_all_v");
   int64_t row = 1;
@@ -227,7 +230,11 @@ at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& t, const std::vector
   for (int64_t r : recv_rows) total_recv += r;
   std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
   shape[0] = total_recv;
-  at::Tensor out = at::empty(shape, t.options());
+  out = at::empty(shape, t.options());
+  auto pending = std::make_unique<NcclPendingOp>(this, "all_to_all_v");
+  // Both buffers are used on the communication stream: the caching allocator must not reuse them before it is done.
+  for (const at::Tensor* b : {&t, static_cast<const at::Tensor*>(&out)})
+    if (b->numel() > 0) c10::cuda::CUDACachingAllocator::recordStream(b->storage().data_ptr(), *state_->side);
   const auto type = nccl_type(t.scalar_type());
   const size_t elem = static_cast<size_t>(t.element_size());
   auto* send_base = static_cast<char*>(t.data_ptr());
@@ -237,27 +244,53 @@ at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& t, const std::vector
   for (int peer = 0; peer < size_; ++peer) {
     const size_t sn = static_cast<size_t>(send_rows[peer] * row), rn = static_cast<size_t>(recv_rows[peer] * row);
     // Zero-sized sends and receives are still issued: every pair of ranks takes part in every exchange.
-    MOETRAIN_NCCL(ncclSend(send_base + s_off * elem, sn, type, peer, state_->comm, stream()), "all_to_all_v");
-    MOETRAIN_NCCL(ncclRecv(recv_base + r_off * elem, rn, type, peer, state_->comm, stream()), "all_to_all_v");
+    MOETRAIN_NCCL(ncclSend(send_base + s_off * elem, sn, type, peer, state_->comm, pending->side()), "all_to_all_v");
+    MOETRAIN_NCCL(ncclRecv(recv_base + r_off * elem, rn, type, peer, state_->comm, pending->side()), "all_to_all_v");
     s_off += static_cast<int64_t>(sn);
     r_off += static_cast<int64_t>(rn);
     if (peer != rank_) sent += static_cast<int64_t>(sn * elem);
   }
   MOETRAIN_NCCL(ncclGroupEnd(), "all_to_all_v");
   count("all_to_all_v", sent);
-  finish("all_to_all_v");
+  return pending;
+}
+
+at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
+                                          const std::vector<int64_t>& recv_rows) {
+  at::Tensor out;
+  start_all_to_all_v(t, send_rows, recv_rows, out)->wait();
   return out;
 }
 
-void NcclCommunicator::send(const at::Tensor& t, int dst, int tag) {
+// Queued on the current stream, in order with the pipeline's receives and exchanges on this communicator (one
+// stream per communicator for point-to-point traffic); the host does not wait for it.
+class NcclQueuedOp final : public PendingOp {
+ public:
+  NcclQueuedOp(NcclCommunicator* comm, const char* op, at::Tensor keep) : comm_(comm), op_(op), keep_(std::move(keep)) {}
+  bool test() override { return done_ = done_ || cudaStreamQuery(stream()) == cudaSuccess; }
+  void wait() override {
+    if (!done_) comm_->finish(op_);
+    done_ = true;
+  }
+
+ private:
+  NcclCommunicator* comm_;
+  const char* op_;
+  at::Tensor keep_;
+  bool done_ = false;
+};
+
+std::unique_ptr<PendingOp> NcclCommunicator::start_send(const at::Tensor& t, int dst, int tag) {
   RECORD_USER_SCOPE(trace_name("send"));
   require_cuda(t, "send");
   count("send", static_cast<int64_t>(t.nbytes()));
   MOETRAIN_NCCL(ncclSend(t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()), dst, state_->comm,
                          stream()),
                 "send");
-  finish("send");
+  return std::make_unique<NcclQueuedOp>(this, "send", t);
 }
+
+void NcclCommunicator::send(const at::Tensor& t, int dst, int tag) { start_send(t, dst, tag)->wait(); }
 
 void NcclCommunicator::recv(at::Tensor& t, int src, int tag) {
   RECORD_USER_SCOPE(trace_name("recv"));

@@ -77,11 +77,13 @@ void run_1f1b(Communicator& pp, const PipelineSpec& spec, const StageForward& fo
     return f.input.grad().defined() ? f.input.grad() : at::zeros_like(f.input);
   };
 
+  // Lone sends do not block: each is waited for at the end of the schedule (its tensor lives until then).
+  std::vector<std::unique_ptr<PendingOp>> sends;
   const int64_t warmup = std::min(spec.stages - spec.stage - 1, spec.micro_batches);
   const int64_t steady = spec.micro_batches - warmup;
   for (int64_t i = 0; i < warmup; ++i) {
     at::Tensor out = do_forward(recv_forward());
-    pp.send(out.detach().contiguous(), next, kForwardTag);
+    sends.push_back(pp.start_send(out.detach().contiguous(), next, kForwardTag));
   }
   at::Tensor input = steady > 0 ? recv_forward() : at::Tensor();
   for (int64_t i = 0; i < steady; ++i) {
@@ -93,7 +95,7 @@ void run_1f1b(Communicator& pp, const PipelineSpec& spec, const StageForward& fo
     }
     at::Tensor grad_in = do_backward(grad_out);
     if (i == steady - 1) {
-      if (!first) pp.send(grad_in.contiguous(), prev, kBackwardTag);
+      if (!first) sends.push_back(pp.start_send(grad_in.contiguous(), prev, kBackwardTag));
     } else if (!first) {
       input = buffer();
       pp.send_recv(grad_in.contiguous(), prev, kBackwardTag, input, prev, kForwardTag);
@@ -105,8 +107,9 @@ void run_1f1b(Communicator& pp, const PipelineSpec& spec, const StageForward& fo
     at::Tensor grad_out = buffer();
     pp.recv(grad_out, next, kBackwardTag);
     at::Tensor grad_in = do_backward(grad_out);
-    if (!first) pp.send(grad_in.contiguous(), prev, kBackwardTag);
+    if (!first) sends.push_back(pp.start_send(grad_in.contiguous(), prev, kBackwardTag));
   }
+  for (auto& s : sends) s->wait();
 }
 
 void run_forward_only(Communicator& pp, const PipelineSpec& spec, const StageForward& forward) {

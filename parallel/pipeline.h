@@ -1,7 +1,8 @@
 // The 1F1B pipeline schedule (PipeDream-Flush, as in Megatron-Core): stage s runs min(pp − s − 1, m) warm-up
 // forwards, then alternates one forward and one backward, then drains the remaining backwards. Activations go to
 // the next stage and their gradients come back over the pp group; in the steady state a send and the matching
-// receive of the neighbour are one operation, so two stages sending to each other never deadlock.
+// receive of the neighbour are one operation, so two stages sending to each other never deadlock. The other
+// sends (warm-up forwards, drain backwards) do not block the stage: they complete while it computes on.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -60,14 +60,13 @@ TEST(Plan, MemoryFollowsThePrecisionPolicy) {
   EXPECT_DOUBLE_EQ(bf16.weight_bytes, 2 * p);  // BF16 parameters
   EXPECT_DOUBLE_EQ(bf16.master_bytes, 4 * p);  // FP32 master weights, whole on one rank
   EXPECT_DOUBLE_EQ(bf16.optimizer_bytes, 4 * p);
-  EXPECT_DOUBLE_EQ(bf16.reduction_bytes, 0);  // no ZeRO-1
   // BF16 activations halve everything but the FP32 router scores and logits.
   EXPECT_LT(bf16.activation_bytes, fp32.activation_bytes);
   EXPECT_GT(bf16.activation_bytes, fp32.activation_bytes / 2);
 }
 
 // ZeRO-1 over dp 4 (ep 2, edp 2): master weights and moments are 1/4 of the dense parameters' and 1/2 of the routed
-// experts'; the reduce-scattered gradient slices are counted against the activations they follow.
+// experts'; the reduce-scatter is in place: nothing transient besides the activations.
 TEST(Plan, ZeroOnePartitionsMasterWeightsAndMoments) {
   config::Config c = tiny({"parallel.pp=1", "parallel.dp=4", "parallel.ep=2", "precision.mode=bf16",
                            "parallel.distributed_optimizer=false"});
@@ -81,9 +80,7 @@ TEST(Plan, ZeroOnePartitionsMasterWeightsAndMoments) {
   EXPECT_LT(zero.master_bytes, whole.master_bytes / 2);
   EXPECT_GT(zero.master_bytes, whole.master_bytes / 4);
   EXPECT_DOUBLE_EQ(zero.optimizer_bytes / zero.master_bytes, whole.optimizer_bytes / whole.master_bytes);
-  EXPECT_DOUBLE_EQ(zero.reduction_bytes, zero.master_bytes);  // FP32 slices of the same elements
-  EXPECT_DOUBLE_EQ(whole.reduction_bytes, 0);
-  EXPECT_DOUBLE_EQ(zero.total_bytes(), zero.state_bytes() + std::max(zero.activation_bytes, zero.reduction_bytes));
+  EXPECT_DOUBLE_EQ(zero.total_bytes(), zero.state_bytes() + zero.activation_bytes);
 }
 
 TEST(Plan, OneFOneBKeepsPpMinusStageMicroBatchesInFlight) {

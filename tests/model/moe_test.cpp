@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "model/expert_exchange.h"
 #include "model/moe.h"
 #include "tests/model/test_models.h"
 
@@ -45,6 +46,33 @@ TEST(MoE, GroupedAndLoopExpertGemmsAgree) {
   // A rank that receives no token (an empty view of the dispatched rows and gates) takes the loop, which the
   // grouped op's stride checks would refuse.
   EXPECT_FALSE(moe->grouped_expert_gemm(torch::randn({4, 17}).narrow(0, 0, 0).narrow(1, 0, 16)));
+}
+
+// The shared expert's forward runs while the routed copies travel: the layer hands it to the exchange, which runs
+// it between starting and finishing the dispatch (parallel/expert_exchange.cpp), and the output is the same.
+TEST(MoE, SharedExpertComputesDuringTheDispatch) {
+  struct Recording final : ExpertExchange {
+    LocalExpertExchange local;
+    int meanwhile_runs = 0;
+    Dispatched dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts,
+                        const std::function<void()>& meanwhile) override {
+      Dispatched d = local.dispatch(tokens, counts);
+      if (meanwhile) meanwhile(), ++meanwhile_runs;
+      return d;
+    }
+    at::Tensor combine(const at::Tensor& outputs, const Dispatched& d) override { return local.combine(outputs, d); }
+  };
+  config::ModelConfig m = testing::tiny_model();
+  ASSERT_GT(m.n_shared_experts, 0);
+  torch::manual_seed(7);
+  MoE moe(m, ExpertShard{0, 1});
+  const at::Tensor x = torch::randn({2, 5, m.hidden_size});
+  Recording recording;
+  LocalExpertExchange plain;
+  std::vector<MoeStats> stats;
+  const at::Tensor a = moe->forward(x, recording, stats), b = moe->forward(x, plain, stats);
+  EXPECT_EQ(recording.meanwhile_runs, 1);
+  EXPECT_TRUE(at::equal(a, b));
 }
 
 }  // namespace
