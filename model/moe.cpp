@@ -10,10 +10,43 @@
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/autograd.h>
 
 #include "model/device_copy.h"
 
 namespace moetrain::model {
+namespace {
+
+// One projection of every local expert: y = x_rows(e) · W_eᵀ for each expert's block of rows (ends: the blocks'
+// cumulative ends), in `dtype`. `stacked` is the experts' weights stacked ([E, out, in], differentiable); the node
+// keeps for the backward pass only x as given (for the first projections a view of the dispatched rows, which
+// are kept anyway) and the expert weights themselves, and stacks them again there: no stacked copy and no
+// contiguous copy of x stays alive from the forward to the backward pass.
+struct GroupedProjection : public torch::autograd::Function<GroupedProjection> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& stacked,
+                            const at::Tensor& ends, std::vector<at::Tensor> weights) {
+    const auto dtype = stacked.scalar_type();
+    ctx->save_for_backward({x, ends});
+    ctx->saved_data["weights"] = c10::List<at::Tensor>(weights);
+    return at::_grouped_mm(x.to(dtype).contiguous(), stacked.transpose(1, 2), ends);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& ends = saved[1];
+    std::vector<at::Tensor> ws;
+    for (const at::Tensor& w : ctx->saved_data["weights"].toTensorList()) ws.push_back(w);
+    const at::Tensor dy = grads[0].contiguous();
+    const at::Tensor w = at::stack(ws).to(dy.scalar_type());  // [E, out, in]
+    const at::Tensor xc = x.to(dy.scalar_type()).contiguous();
+    at::Tensor dx = at::_grouped_mm(dy, w, ends).to(x.scalar_type());  // each block's rows · W_e
+    at::Tensor dw = at::_grouped_mm(dy.t(), xc, ends);  // [E, out, in]: each block's dy_eᵀ · x_e
+    return {dx, dw, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
 
 MoEImpl::MoEImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode)
     : n_experts_(m.n_routed_experts),
@@ -106,16 +139,14 @@ at::Tensor MoEImpl::run_experts(const at::Tensor& tokens, const std::vector<int6
   const at::Tensor offs = to_device(ends, tokens.device());
   // The GEMM dtype: BF16 in bf16 mode, else the activations' own (the CPU test path, FP32).
   const auto dtype = mode_ == Mode::kBf16 ? at::kBFloat16 : tokens.scalar_type();
-  auto stacked = [&](at::Tensor SwiGLUImpl::*w) {  // [E, out, in] -> the [E, in, out] operand, column-major
+  auto project = [&](const at::Tensor& x, at::Tensor SwiGLUImpl::*w) {
     std::vector<at::Tensor> ws;
     for (const auto& e : local_experts) ws.push_back((*e).*w);
-    return at::stack(ws).to(dtype).transpose(1, 2);
+    return GroupedProjection::apply(x, at::stack(ws).to(dtype), offs, ws);
   };
-  const at::Tensor x = tokens.to(dtype).contiguous();
-  const at::Tensor h = swiglu_activation(at::_grouped_mm(x, stacked(&SwiGLUImpl::w_gate), offs),
-                                         at::_grouped_mm(x, stacked(&SwiGLUImpl::w_up), offs), recompute_activation_,
-                                         gates.defined() ? gates.to(dtype) : at::Tensor());
-  return at::_grouped_mm(h, stacked(&SwiGLUImpl::w_down), offs).to(tokens.scalar_type());
+  const at::Tensor h = swiglu_activation(project(tokens, &SwiGLUImpl::w_gate), project(tokens, &SwiGLUImpl::w_up),
+                                         recompute_activation_, gates.defined() ? gates.to(dtype) : at::Tensor());
+  return project(h, &SwiGLUImpl::w_down).to(tokens.scalar_type());
 }
 
 at::Tensor balance_loss_sum(const Routing& r, int64_t batch, int64_t seq, int64_t top_k, double seq_alpha,
