@@ -99,6 +99,16 @@ class Communicator {
                                 name_, whole.numel(), c10::toString(whole.scalar_type()), size_, part.numel(),
                                 c10::toString(part.scalar_type())));
   }
+  // start_reduce_scatter_in_place: the elements of each of the size() parts of `whole` (a CommError when it does
+  // not split evenly); counts the bytes the operation sends.
+  int64_t in_place_parts(const at::Tensor& whole) {
+    if (whole.numel() % size_ != 0)
+      throw CommError(fmt::format("reduce_scatter on group {}: {} elements do not split into {} parts", name_,
+                                  whole.numel(), size_));
+    const int64_t part = whole.numel() / size_;
+    count("reduce_scatter", part * (size_ - 1) * static_cast<int64_t>(whole.element_size()));
+    return part;
+  }
   // The profiler's name of an operation on this group, "all-to-all ep", "send pp" (trainer/profiler.h): built
   // only while a profiler records (RECORD_USER_SCOPE evaluates it then), kept as long as the group.
   const char* trace_name(const char* op) {

@@ -147,11 +147,7 @@ void MpiCommunicator::all_reduce(at::Tensor& t, ReduceOp op) { start_all_reduce(
 std::unique_ptr<PendingOp> MpiCommunicator::start_reduce_scatter_in_place(at::Tensor& whole) {
   RECORD_USER_SCOPE(trace_name("reduce-scatter"));
   require_cpu_contiguous(whole, "reduce_scatter");
-  if (whole.numel() % size_ != 0)
-    throw CommError(fmt::format("reduce_scatter on group {}: {} elements do not split into {} parts", name_,
-                                whole.numel(), size_));
-  const int64_t part = whole.numel() / size_;
-  count("reduce_scatter", part * (size_ - 1) * static_cast<int64_t>(whole.element_size()));
+  const int64_t part = in_place_parts(whole);
   auto pending = std::make_unique<MpiPendingOp>(this, "reduce_scatter");
   if (size_ == 1) {
     pending->finished();

@@ -179,11 +179,7 @@ std::unique_ptr<PendingOp> NcclCommunicator::start_all_reduce(at::Tensor& t, Red
 std::unique_ptr<PendingOp> NcclCommunicator::start_reduce_scatter_in_place(at::Tensor& whole) {
   RECORD_USER_SCOPE(trace_name("reduce-scatter"));
   require_cuda(whole, "reduce_scatter");
-  if (whole.numel() % size_ != 0)
-    throw CommError(fmt::format("reduce_scatter on group {}: {} elements do not split into {} parts", name_,
-                                whole.numel(), size_));
-  const int64_t part = whole.numel() / size_;
-  count("reduce_scatter", part * (size_ - 1) * static_cast<int64_t>(whole.element_size()));
+  const int64_t part = in_place_parts(whole);
   auto pending = std::make_unique<NcclPendingOp>(this, "reduce_scatter");
   // NCCL's in place: the output is this rank's own part of the input.
   auto* base = static_cast<char*>(whole.data_ptr());
