@@ -54,7 +54,9 @@ std::vector<KeySpec> build_schema() {
       {KEY(model, bias_update_rate), "aux_free: bias step u per optimizer step (b_i += u·sign(mean c − c_i)).",
        between(0, 1)},
       {KEY(model, aux_loss_alpha), "aux_loss: weight of the classic auxiliary balance loss.", between(0, 1e3)},
-      {KEY(model, seq_balance_alpha), "Weight of the complementary sequence-wise balance loss (0: off).",
+      {KEY(model, seq_balance_alpha),
+       "Weight of the complementary sequence-wise balance loss (0: off); its f_i counts plain top-k of the "
+       "unbiased scores over all experts (DeepSeek-V3 eq. 17-18).",
        between(0, 1e3)},
       {KEY(model, mtp_depth), "Multi-token-prediction modules D (0: no MTP).", at_least(0)},
       {KEY(model, mtp_loss_weight), "MTP loss weight λ until mtp_loss_weight_switch_tokens tokens.",

@@ -157,14 +157,19 @@ at::Tensor balance_loss_sum(const Routing& r, int64_t batch, int64_t seq, int64_
   if (seq_alpha <= 0 && aux_alpha <= 0) return total;
   const double E = static_cast<double>(n_experts), K = static_cast<double>(top_k);
   at::Tensor p = (r.scores / r.scores.sum(-1, /*keepdim=*/true)).view({batch, seq, n_experts});
-  at::Tensor hits = at::zeros({batch, n_experts}, opts)
-                        .scatter_add(1, r.indices.view({batch, seq * top_k}), at::ones({batch, seq * top_k}, opts));
+  auto hits_of = [&](const at::Tensor& indices) {  // [batch, n_experts]: copies per expert in each sequence
+    return at::zeros({batch, n_experts}, opts)
+        .scatter_add(1, indices.reshape({batch, seq * top_k}), at::ones({batch, seq * top_k}, opts));
+  };
   if (seq_alpha > 0) {
-    at::Tensor f = hits * (E / (K * static_cast<double>(seq)));
+    // DeepSeek-V3's eq. 17–18 (and Megatron-Core's sequence auxiliary loss): f_i counts plain top-k of the
+    // unbiased scores over all experts, not the biased, group-limited selection that routes the tokens.
+    const at::Tensor plain = std::get<1>(r.scores.detach().topk(top_k, -1));
+    at::Tensor f = hits_of(plain) * (E / (K * static_cast<double>(seq)));
     total = total + seq_alpha * (f * p.mean(1)).sum();
   }
-  if (aux_alpha > 0) {
-    at::Tensor f = hits.sum(0) * (E / (K * static_cast<double>(batch * seq)));
+  if (aux_alpha > 0) {  // the classic loss: the tokens' actual selection
+    at::Tensor f = hits_of(r.indices).sum(0) * (E / (K * static_cast<double>(batch * seq)));
     total = total + aux_alpha * (f * p.mean(at::IntArrayRef{0, 1})).sum() * static_cast<double>(batch);
   }
   return total;

@@ -144,6 +144,13 @@ TEST(BalanceLoss, SequenceWiseByHand) {
   EXPECT_NEAR(balance_loss_sum(r, 2, 1, 2, 1.0, 0.0).item<double>(), 3.0, 1e-12);
   // The classic loss over the micro-batch (both tokens), counted once per sequence: 1.15 × 2 sequences.
   EXPECT_NEAR(balance_loss_sum(r, 2, 1, 2, 0.0, 1.0).item<double>(), 2.3, 1e-12);
+
+  // The selection that routed the tokens (biased, group-limited) is {1, 2} for both: the sequence-wise loss still
+  // counts plain top-2 of the unbiased scores ({0, 3} and {2, 3}: 1.15 as above); the classic loss the selection:
+  //   f = 4/(2·2)·[0, 2, 2, 0] -> 2·0.175 + 2·0.275 = 0.9, times 2 sequences' worth of micro-batch = 1.8 for (2, 1).
+  r.indices = torch::tensor({{1, 2}, {1, 2}}, torch::kLong);
+  EXPECT_NEAR(balance_loss_sum(r, 1, 2, 2, 1.0, 0.0).item<double>(), 1.15, 1e-12);
+  EXPECT_NEAR(balance_loss_sum(r, 2, 1, 2, 0.0, 1.0).item<double>(), 1.8, 1e-12);
 }
 
 }  // namespace
