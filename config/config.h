@@ -78,6 +78,7 @@ struct ModelConfig {
   bool tie_embeddings = false;
   BalanceMode balance_mode = BalanceMode::kAuxFree;
   double bias_update_rate = 1e-3;
+  int64_t bias_update_stop_tokens = 0;  // tokens trained after which the rate is 0 (0: never)
   double aux_loss_alpha = 1e-3;
   double seq_balance_alpha = 1e-4;
   int64_t mtp_depth = 1;

@@ -53,6 +53,10 @@ std::vector<KeySpec> build_schema() {
        "baseline) or none."},
       {KEY(model, bias_update_rate), "aux_free: bias step u per optimizer step (b_i += u·sign(mean c − c_i)).",
        between(0, 1)},
+      {KEY(model, bias_update_stop_tokens),
+       "aux_free: tokens trained after which the bias update rate is 0, the biases frozen (DeepSeek-V3: the last "
+       "500B of 14.8T tokens; 0: never).",
+       at_least(0)},
       {KEY(model, aux_loss_alpha), "aux_loss: weight of the classic auxiliary balance loss.", between(0, 1e3)},
       {KEY(model, seq_balance_alpha),
        "Weight of the complementary sequence-wise balance loss (0: off); its f_i counts plain top-k of the "

@@ -83,4 +83,8 @@ at::Tensor MoeLoadTracker::layer_table(bool fill) const {
   return table;
 }
 
+double bias_update_rate(const config::ModelConfig& m, int64_t tokens_seen) {
+  return m.bias_update_stop_tokens > 0 && tokens_seen >= m.bias_update_stop_tokens ? 0.0 : m.bias_update_rate;
+}
+
 }  // namespace moetrain::model

@@ -54,4 +54,8 @@ class MoeLoadTracker {
   at::Tensor loads_;  // [this stage's MoE layers, n_experts] int64 on the host
 };
 
+// The bias update rate of a step that starts with `tokens_seen` tokens trained: model.bias_update_rate, then 0
+// from model.bias_update_stop_tokens on (when set).
+double bias_update_rate(const config::ModelConfig& m, int64_t tokens_seen);
+
 }  // namespace moetrain::model

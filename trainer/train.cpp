@@ -218,7 +218,7 @@ StepResult Trainer::step() {
   // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
   if (groups_) loads_->reduce([&](at::Tensor& t) { reduce(t, groups_->dp.get()); });
   if (c_.model.balance_mode == config::BalanceMode::kAuxFree && !r.skipped)
-    loads_->update_biases(c_.model.bias_update_rate);
+    loads_->update_biases(model::bias_update_rate(c_.model, step_ * sequences * c_.train.seq_len));
   ++step_;
   r.peak_memory_bytes = peak_bytes_per_rank(device_, groups_ ? groups_->rank : 0, c_.parallel.world_size,
                                             [&](at::Tensor& t) { reduce(t, groups_ ? groups_->world.get() : nullptr); });

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "model/balancer.h"
+#include "model/moe_load.h"
 #include "model/moe.h"
 #include "model/transformer.h"
 #include "tests/model/test_models.h"
@@ -151,6 +152,18 @@ TEST(BalanceLoss, SequenceWiseByHand) {
   r.indices = torch::tensor({{1, 2}, {1, 2}}, torch::kLong);
   EXPECT_NEAR(balance_loss_sum(r, 1, 2, 2, 1.0, 0.0).item<double>(), 1.15, 1e-12);
   EXPECT_NEAR(balance_loss_sum(r, 2, 1, 2, 0.0, 1.0).item<double>(), 1.8, 1e-12);
+}
+
+// DeepSeek-V3 freezes the biases for the last 500B tokens: the rate is 0 from bias_update_stop_tokens on.
+TEST(Balancer, BiasUpdateRateStopsAtItsTokenCount) {
+  config::ModelConfig m;
+  m.bias_update_rate = 1e-3;
+  EXPECT_EQ(bias_update_rate(m, 0), 1e-3);
+  EXPECT_EQ(bias_update_rate(m, int64_t{1} << 50), 1e-3);  // 0: never stops
+  m.bias_update_stop_tokens = 1000;
+  EXPECT_EQ(bias_update_rate(m, 999), 1e-3);
+  EXPECT_EQ(bias_update_rate(m, 1000), 0.0);
+  EXPECT_EQ(bias_update_rate(m, 5000), 0.0);
 }
 
 }  // namespace
