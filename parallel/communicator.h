@@ -52,13 +52,11 @@ class Communicator {
 
   // In place; tensors contiguous.
   virtual void all_reduce(at::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
-  // Sums `in` over the group and leaves this rank's part of the result in `out`: part r is elements
-  // [r·n, (r+1)·n) of the sum, n = out.numel(), in.numel() = size()·n (ZeRO-1's gradient reduction).
-  virtual void reduce_scatter(const at::Tensor& in, at::Tensor& out) = 0;
   // Non-blocking forms (the gradient reduction during the backward pass, parallel/grad_sync.h). Every rank starts
-  // the operations of one group in the same order. start_reduce_scatter_in_place: `whole` (size() parts) is
-  // summed over the group and this rank's part of the sum lands in whole's part in_place_part() — no second
-  // buffer; the rest of `whole` is left undefined.
+  // the operations of one group in the same order. start_reduce_scatter_in_place (ZeRO-1's gradient reduction):
+  // `whole` (size() parts) is summed over the group and this rank's part of the sum (part r: elements
+  // [r·n, (r+1)·n)) lands in whole's part in_place_part() — no second buffer; the rest of `whole` is left
+  // undefined.
   virtual std::unique_ptr<PendingOp> start_all_reduce(at::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
   virtual std::unique_ptr<PendingOp> start_reduce_scatter_in_place(at::Tensor& whole) = 0;
   virtual int in_place_part() const = 0;  // MPI: part 0 (MPI_IN_PLACE's convention); NCCL: part rank()
@@ -91,7 +89,7 @@ class Communicator {
  protected:
   Communicator(std::string name, int rank, int size, int world_rank)
       : name_(std::move(name)), rank_(rank), size_(size), world_rank_(world_rank) {}
-  // reduce_scatter / all_gather: `whole` must be size() parts of `part`'s length and dtype; else a CommError naming
+  // all_gather: `whole` must be size() parts of `part`'s length and dtype; else a CommError naming
   // the group and the operation.
   void check_parts(const at::Tensor& whole, const at::Tensor& part, const char* op) const {
     if (whole.numel() == part.numel() * size_ && whole.scalar_type() == part.scalar_type()) return;

@@ -77,18 +77,13 @@ model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, con
   for (int64_t src = 0; src < ep; ++src)
     for (int64_t j = 0; j < local_; ++j) st.recv_rows[static_cast<size_t>(src)] += g[src * local_ + j];
 
-  // 2. The tokens themselves, while `meanwhile` computes.
-  at::Tensor received;
-  if (meanwhile) {
-    const at::Tensor x = tokens.contiguous();
-    Started started;
-    started.op = ep_.start_all_to_all_v(x.detach(), st.send_rows, st.recv_rows, started.out);
-    meanwhile();
-    received = AllToAllFn::apply(x, reinterpret_cast<int64_t>(&ep_), st.send_rows, st.recv_rows,
-                                 reinterpret_cast<int64_t>(&started));
-  } else {
-    received = all_to_all_autograd(tokens, ep_, st.send_rows, st.recv_rows);
-  }
+  // 2. The tokens themselves, started without blocking; `meanwhile` computes while they travel.
+  const at::Tensor x = tokens.contiguous();
+  Started started;
+  started.op = ep_.start_all_to_all_v(x.detach(), st.send_rows, st.recv_rows, started.out);
+  if (meanwhile) meanwhile();
+  at::Tensor received = AllToAllFn::apply(x, reinterpret_cast<int64_t>(&ep_), st.send_rows, st.recv_rows,
+                                          reinterpret_cast<int64_t>(&started));
 
   // 3. Received rows are grouped by source rank, then expert; the experts want them grouped by expert.
   std::vector<int64_t> block_start(static_cast<size_t>(ep * local_));

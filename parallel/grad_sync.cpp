@@ -91,7 +91,7 @@ void GradSync::grad_ready(size_t param) {
   if (!armed_) return;
   Bucket& b = buckets_[bucket_of_[param]];
   // A second accumulation into a gradient already being reduced would be lost: a logic error, never a wrong sum.
-  if (b.started)
+  if (b.pending)
     throw std::logic_error(fmt::format("the gradient of {} was accumulated again after its bucket's reduction "
                                        "started (parallel.overlap_grad_reduce: set it to false)",
                                        params_[param].name));
@@ -105,7 +105,6 @@ void GradSync::grad_ready(size_t param) {
 }
 
 void GradSync::start(Bucket& b) {
-  b.started = true;
   b.pending = b.partitioned ? b.comm->start_reduce_scatter_in_place(b.grads)
                             : b.comm->start_all_reduce(b.grads, ReduceOp::kSum);
 }
@@ -186,7 +185,6 @@ void GradSync::reduce() {
   for (Bucket& b : buckets_) {
     if (b.pending) b.pending->wait();
     b.pending.reset();
-    b.started = false;
     b.ready = 0;
     if (!b.partitioned) {
       if (b.embedding && embedding_group) g_.embedding->all_reduce(b.grads, ReduceOp::kSum);

@@ -103,8 +103,7 @@ class GradSync {
     std::vector<size_t> pieces;     // indices into pieces_
     std::vector<int64_t> at;        // each piece's position in this rank's slice
     size_t ready = 0;                   // parameters whose gradient is final (armed pass)
-    std::unique_ptr<PendingOp> pending; // the reduction started and not yet waited for
-    bool started = false;
+    std::unique_ptr<PendingOp> pending; // the reduction, from its start (armed pass or reduce()) to reduce()'s wait
   };
   bool reduces(const Bucket& b) const { return b.comm && b.comm->size() > 1; }
   void grad_ready(size_t param);  // the hook: the armed pass accumulated param's gradient

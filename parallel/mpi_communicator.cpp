@@ -113,9 +113,6 @@ class MpiPendingOp final : public PendingOp {
     done_ = true;
   }
   void finished() { done_ = true; }  // nothing was started (a group of one)
-  void keep(std::vector<int> a, std::vector<int> b, std::vector<int> c, std::vector<int> d) {
-    counts = {std::move(a), std::move(b), std::move(c), std::move(d)};
-  }
 
   MPI_Request request = MPI_REQUEST_NULL;
   std::vector<std::vector<int>> counts;  // an all-to-all's counts and displacements, alive until it finished
@@ -158,23 +155,6 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_reduce_scatter_in_place(at::Te
                                   mpi_type(whole.scalar_type()), MPI_SUM, comm_, &pending->request),
         "reduce_scatter");
   return pending;
-}
-
-void MpiCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {
-  RECORD_USER_SCOPE(trace_name("reduce-scatter"));
-  require_cpu_contiguous(in, "reduce_scatter");
-  require_cpu_contiguous(out, "reduce_scatter");
-  check_parts(in, out, "reduce_scatter");
-  count("reduce_scatter", static_cast<int64_t>(in.nbytes() - out.nbytes()));
-  if (size_ == 1) {
-    out.copy_(in.view(out.sizes()));
-    return;
-  }
-  MPI_Request r;
-  check(MPI_Ireduce_scatter_block(in.data_ptr(), out.data_ptr(), static_cast<int>(out.numel()),
-                                  mpi_type(in.scalar_type()), MPI_SUM, comm_, &r),
-        "reduce_scatter");
-  wait(r, "reduce_scatter");
 }
 
 void MpiCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
@@ -223,7 +203,7 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_all_to_all_v(const at::Tensor&
   auto pending = std::make_unique<MpiPendingOp>(this, "all_to_all_v");
   MPI_Datatype type = mpi_type(t.scalar_type());
   // The counts, displacements and send buffer must stay valid until the operation completes: they travel with it.
-  pending->keep(std::move(sc), std::move(sd), std::move(rc), std::move(rd));
+  pending->counts = {std::move(sc), std::move(sd), std::move(rc), std::move(rd)};
   pending->send = t;
   auto& v = pending->counts;
   check(MPI_Ialltoallv(t.data_ptr(), v[0].data(), v[1].data(), type, out.data_ptr(), v[2].data(), v[3].data(), type,

@@ -17,7 +17,6 @@ class MpiCommunicator final : public Communicator {
   ~MpiCommunicator() override;
 
   void all_reduce(at::Tensor& t, ReduceOp op) override;
-  void reduce_scatter(const at::Tensor& in, at::Tensor& out) override;
   std::unique_ptr<PendingOp> start_all_reduce(at::Tensor& t, ReduceOp op) override;
   std::unique_ptr<PendingOp> start_reduce_scatter_in_place(at::Tensor& whole) override;
   int in_place_part() const override { return 0; }

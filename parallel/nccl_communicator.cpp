@@ -190,18 +190,6 @@ std::unique_ptr<PendingOp> NcclCommunicator::start_reduce_scatter_in_place(at::T
   return pending;
 }
 
-void NcclCommunicator::reduce_scatter(const at::Tensor& in, at::Tensor& out) {
-  RECORD_USER_SCOPE(trace_name("reduce-scatter"));
-  require_cuda(in, "reduce_scatter");
-  require_cuda(out, "reduce_scatter");
-  check_parts(in, out, "reduce_scatter");
-  count("reduce_scatter", static_cast<int64_t>(in.nbytes() - out.nbytes()));
-  MOETRAIN_NCCL(ncclReduceScatter(in.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()),
-                                  nccl_type(in.scalar_type()), ncclSum, state_->comm, stream()),
-                "reduce_scatter");
-  finish("reduce_scatter");
-}
-
 void NcclCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
   RECORD_USER_SCOPE(trace_name("all-gather"));
   require_cuda(mine, "all_gather");

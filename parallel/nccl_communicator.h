@@ -20,7 +20,6 @@ class NcclCommunicator final : public Communicator {
   ~NcclCommunicator() override;
 
   void all_reduce(at::Tensor& t, ReduceOp op) override;
-  void reduce_scatter(const at::Tensor& in, at::Tensor& out) override;
   // On a communication stream of the group's own, after the work queued so far on the current stream; wait()
   // then orders the current stream after the collective.
   std::unique_ptr<PendingOp> start_all_reduce(at::Tensor& t, ReduceOp op) override;

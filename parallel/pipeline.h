@@ -32,9 +32,6 @@ struct PipelineSpec {
   std::function<void()> before_last_backward;  // called before the step's last backward pass on this stage
 };
 
-// loss.backward() under the profiler's "backward" range (trainer/profiler.h).
-void traced_backward(const at::Tensor& loss);
-
 // One stage (pp = 1): each micro-batch's forward, then its backward.
 void run_micro_batches(const PipelineSpec& spec, const StageForward& forward);
 
