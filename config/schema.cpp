@@ -72,8 +72,8 @@ std::vector<KeySpec> build_schema() {
 
       {KEY(model, recompute),
        "Activation recomputation in the backward pass: none (every activation kept), selective (DeepSeek-V3's: "
-       "attention's RMSNorm outputs, the q and kv latents and their up-projections, and the SwiGLU activations are "
-       "recomputed from what the block keeps) or full (each block keeps only its input and is run again in the "
+       "attention's RMSNorm outputs, the q and kv latents and their up-projections are recomputed from what the "
+       "block keeps; the SwiGLU activation is always recomputed from g and u) or full (each block keeps only its input and is run again in the "
        "backward pass). Losses and gradients are the same; memory drops, compute grows (full: one more forward "
        "pass of the blocks)."},
 

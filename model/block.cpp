@@ -17,8 +17,7 @@ BlockImpl::BlockImpl(const config::ModelConfig& m, bool is_moe, ExpertShard shar
   if (is_moe)
     moe = register_module("moe", MoE(m, shard, mode));
   else
-    mlp = register_module("mlp",
-                          SwiGLU(m.hidden_size, m.dense_inter_dim, mode, m.recompute == config::Recompute::kSelective));
+    mlp = register_module("mlp", SwiGLU(m.hidden_size, m.dense_inter_dim, mode));
 }
 
 at::Tensor BlockImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats) {

@@ -23,6 +23,7 @@ struct ExpertShard {
 
 struct Dispatched {
   at::Tensor tokens;                   // [M, d] sorted by local expert
+  at::Tensor gates;                    // [M]: each row's gate
   std::vector<int64_t> local_counts;   // tokens per local expert (sums to M)
   std::any state;                      // what combine needs to send results back
 };
@@ -30,10 +31,11 @@ struct Dispatched {
 class ExpertExchange {
  public:
   virtual ~ExpertExchange() = default;
-  // tokens: [N·k, d] this rank's routed copies sorted by global expert id; counts: tokens per global expert.
-  // Every rank of the ep group must call dispatch and combine, even with no tokens. `meanwhile` (if any) runs while
-  // the tokens travel (the shared expert's forward, as DeepSeek-V3 overlaps it with the dispatch).
-  virtual Dispatched dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts,
+  // tokens: [N·k, d] this rank's routed copies sorted by global expert id, gates: [N·k] their gates (they travel
+  // with them); counts: tokens per global expert. Every rank of the ep group must call dispatch and combine, even
+  // with no tokens. `meanwhile` (if any) runs while the tokens travel (the shared expert's forward, as DeepSeek-V3
+  // overlaps it with the dispatch).
+  virtual Dispatched dispatch(const at::Tensor& tokens, const at::Tensor& gates, const std::vector<int64_t>& counts,
                               const std::function<void()>& meanwhile = {}) = 0;
   // outputs: [M, d] in the order of Dispatched::tokens -> [N·k, d] in the order dispatch received.
   virtual at::Tensor combine(const at::Tensor& outputs, const Dispatched& dispatched) = 0;
@@ -42,10 +44,10 @@ class ExpertExchange {
 // One process holds every expert: dispatch and combine hand tensors through unchanged.
 class LocalExpertExchange final : public ExpertExchange {
  public:
-  Dispatched dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts,
+  Dispatched dispatch(const at::Tensor& tokens, const at::Tensor& gates, const std::vector<int64_t>& counts,
                       const std::function<void()>& meanwhile = {}) override {
     if (meanwhile) meanwhile();
-    return {tokens, counts, {}};
+    return {tokens, gates, counts, {}};
   }
   at::Tensor combine(const at::Tensor& outputs, const Dispatched&) override { return outputs; }
 };

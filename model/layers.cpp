@@ -7,9 +7,12 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/silu.h>
-#include <ATen/ops/stack.h>
-
-#include "model/recompute.h"
+#include <ATen/ops/mul.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/polar.h>
+#include <ATen/ops/silu_backward.h>
+#include <ATen/ops/view_as_complex.h>
+#include <ATen/ops/view_as_real.h>
 
 namespace moetrain::model {
 
@@ -56,37 +59,91 @@ RopeTables rope_tables(int64_t T, int64_t rope_dim, double theta, const at::Tens
   const int64_t half = rope_dim / 2;
   at::Tensor inv_freq = at::pow(theta, at::arange(0, half, opts) * (-2.0 / static_cast<double>(2 * half)));
   at::Tensor angle = at::arange(0, T, opts).unsqueeze(1) * inv_freq.unsqueeze(0);  // [T, half]
-  return {angle.cos().view({1, T, 1, half}), angle.sin().view({1, T, 1, half})};
+  return {at::polar(at::ones_like(angle), angle).view({1, T, 1, half})};
 }
 
 at::Tensor apply_rope(const at::Tensor& x, const RopeTables& rope) {
   TORCH_CHECK(x.dim() == 4, "apply_rope expects [B, T, heads, rope_dim], got ", x.sizes());
-  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), half = x.size(3) / 2;
-  at::Tensor xp = x.to(rope.cos.scalar_type()).reshape({B, T, H, half, 2});
-  at::Tensor x0 = xp.select(-1, 0), x1 = xp.select(-1, 1);
-  return at::stack({x0 * rope.cos - x1 * rope.sin, x0 * rope.sin + x1 * rope.cos}, -1).flatten(-2).to(x.scalar_type());
+  // Each pair (2i, 2i+1) as one complex number times e^(i·t·θ_i): one complex multiplication forward and one
+  // backward, in the tables' precision, instead of four real ones and a stack each way.
+  at::Tensor pairs = x.to(c10::toRealValueType(rope.cis.scalar_type())).unflatten(-1, {x.size(3) / 2, 2});
+  bool viewable = pairs.stride(-1) == 1 && pairs.storage_offset() % 2 == 0;
+  for (int64_t d = 0; d + 1 < pairs.dim(); ++d) viewable = viewable && pairs.stride(d) % 2 == 0;
+  if (!viewable) pairs = pairs.contiguous();
+  return at::view_as_real(at::view_as_complex(pairs) * rope.cis).flatten(-2).to(x.scalar_type());
 }
 
-at::Tensor swiglu_activation(const at::Tensor& g, const at::Tensor& u, bool recompute, const at::Tensor& gate) {
-  auto activation = [](const std::vector<at::Tensor>& in) {
-    at::Tensor h = at::silu(in[0]) * in[1];
-    return std::vector<at::Tensor>{in.size() > 2 ? h * in[2].unsqueeze(-1) : h};
-  };
-  std::vector<at::Tensor> in{g, u};
-  if (gate.defined()) in.push_back(gate);
-  return recompute ? model::recompute(activation, in)[0] : activation(in)[0];
+namespace {
+
+// h = silu(g) ⊙ u (⊙ gate): keeps g, u and the gate; in the backward pass, with s = sigmoid(g),
+//   du = dh'·silu(g),  dg = dh'·u·s·(1 + g·(1 − s)) (silu_backward),  dgate = Σ_j dh_j·silu(g_j)·u_j,  dh' = dh·gate.
+// `fused`: `g` holds g and u side by side and gets one gradient of its own shape. (Custom nodes take no undefined
+// inputs, so a missing u or gate is an empty placeholder.)
+class SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& g_or_gu, const at::Tensor& u_in,
+                            const at::Tensor& gate, bool fused, bool gated) {
+    ctx->save_for_backward({g_or_gu, u_in, gate});
+    ctx->saved_data["fused"] = fused;
+    ctx->saved_data["gated"] = gated;
+    const auto [g, u] = halves(g_or_gu, u_in, fused);
+    at::Tensor h = at::silu(g).mul_(u);
+    return gated ? h.mul_(gate.unsqueeze(-1)) : h;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &a = saved[0], &gate = saved[2];
+    const bool fused = ctx->saved_data["fused"].toBool(), gated = ctx->saved_data["gated"].toBool();
+    const auto [g, u] = halves(a, saved[1], fused);
+    const at::Tensor silu = at::silu(g);
+    at::Tensor dh = grads[0], dgate;
+    if (gated) {
+      dgate = (dh * silu * u).sum(-1);
+      dh = dh * gate.unsqueeze(-1);
+    }
+    if (!fused) return {at::silu_backward(dh * u, g), dh * silu, dgate, at::Tensor(), at::Tensor()};
+    at::Tensor da = at::empty_like(a, at::MemoryFormat::Contiguous);
+    const int64_t inter = g.size(-1);
+    at::Tensor dg = da.narrow(-1, 0, inter), du = da.narrow(-1, inter, inter);
+    at::silu_backward_out(dg, dh * u, g);
+    at::mul_out(du, dh, silu);
+    return {da, at::Tensor(), dgate, at::Tensor(), at::Tensor()};
+  }
+
+ private:
+  static std::pair<at::Tensor, at::Tensor> halves(const at::Tensor& a, const at::Tensor& b, bool fused) {
+    if (!fused) return {a, b};
+    const int64_t inter = a.size(-1) / 2;
+    return {a.narrow(-1, 0, inter), a.narrow(-1, inter, inter)};
+  }
+};
+
+at::Tensor or_placeholder(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options().requires_grad(false));
 }
 
-SwiGLUImpl::SwiGLUImpl(int64_t dim, int64_t inter_dim, Mode mode, bool recompute_activation)
-    : mode_(mode), recompute_activation_(recompute_activation) {
+}  // namespace
+
+at::Tensor swiglu_activation(const at::Tensor& g, const at::Tensor& u, const at::Tensor& gate) {
+  return SwiGLUFunction::apply(g, u, or_placeholder(gate, g), false, gate.defined());
+}
+
+at::Tensor swiglu_activation_fused(const at::Tensor& gate_up, const at::Tensor& gate) {
+  TORCH_CHECK(gate_up.size(-1) % 2 == 0, "swiglu_activation_fused: odd width ", gate_up.size(-1));
+  return SwiGLUFunction::apply(gate_up, or_placeholder({}, gate_up), or_placeholder(gate, gate_up), true,
+                               gate.defined());
+}
+
+SwiGLUImpl::SwiGLUImpl(int64_t dim, int64_t inter_dim, Mode mode) : mode_(mode) {
   w_gate = register_parameter("w_gate", at::empty({inter_dim, dim}));
   w_up = register_parameter("w_up", at::empty({inter_dim, dim}));
   w_down = register_parameter("w_down", at::empty({dim, inter_dim}));
 }
 
 at::Tensor SwiGLUImpl::forward(const at::Tensor& x, const at::Tensor& gate) {
-  return gemm(swiglu_activation(gemm(x, w_gate, mode_), gemm(x, w_up, mode_), recompute_activation_, gate), w_down,
-              mode_);
+  return gemm(swiglu_activation(gemm(x, w_gate, mode_), gemm(x, w_up, mode_), gate), w_down, mode_);
 }
 
 }  // namespace moetrain::model

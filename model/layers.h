@@ -29,20 +29,24 @@ TORCH_MODULE(RMSNorm);
 // released code; Hugging Face calls it rope_interleave). x: [B, T, heads, rope_dim]; positions 0..T-1. The tables
 // depend only on T and the dtype: one set serves q and k.
 struct RopeTables {
-  at::Tensor cos, sin;  // [1, T, 1, rope_dim / 2]
+  at::Tensor cis;  // [1, T, 1, rope_dim / 2], complex: e^(i·t·θ_j), the rotation of pair j at position t
 };
 RopeTables rope_tables(int64_t T, int64_t rope_dim, double theta, const at::TensorOptions& opts);
 at::Tensor apply_rope(const at::Tensor& x, const RopeTables& rope);
 
-// silu(g) ⊙ u, times a routed expert's gate per token where `gate` ([n]) is given; with `recompute` (selective
-// recomputation) only g, u (and the gate) are kept for the backward pass, the product is computed again there.
-at::Tensor swiglu_activation(const at::Tensor& g, const at::Tensor& u, bool recompute, const at::Tensor& gate = {});
+// silu(g) ⊙ u, times a routed expert's gate per token where `gate` ([n]) is given. One autograd node that keeps
+// only g, u (and the gate) for the backward pass and computes silu(g) again there (as selective recomputation
+// would): two activations per token instead of four.
+at::Tensor swiglu_activation(const at::Tensor& g, const at::Tensor& u, const at::Tensor& gate = {});
+// The same on one tensor holding g and u side by side ([n, 2·inter]: the grouped expert GEMM's fused gate and up
+// projections); its gradient is one tensor of that shape again, written without zero-filled slices.
+at::Tensor swiglu_activation_fused(const at::Tensor& gate_up, const at::Tensor& gate = {});
 
 // SwiGLU: w_down · (silu(w_gate · x) ⊙ (w_up · x)). Used by the dense layers and, with the MoE's inter dim, by
 // the shared experts and each routed expert.
 class SwiGLUImpl : public torch::nn::Module {
  public:
-  SwiGLUImpl(int64_t dim, int64_t inter_dim, Mode mode, bool recompute_activation = false);
+  SwiGLUImpl(int64_t dim, int64_t inter_dim, Mode mode);
   // gate ([n], optional): a routed expert's gate per token, applied to the down projection's input (the same
   // as scaling the output, w_down being linear), so the combine keeps no expert output for the gate's gradient.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& gate = {});
@@ -50,7 +54,6 @@ class SwiGLUImpl : public torch::nn::Module {
 
  private:
   Mode mode_;
-  bool recompute_activation_;
 };
 TORCH_MODULE(SwiGLU);
 

@@ -13,15 +13,16 @@
 #include <torch/autograd.h>
 
 #include "model/device_copy.h"
+#include "model/row_ops.h"
 
 namespace moetrain::model {
 namespace {
 
 // One projection of every local expert: y = x_rows(e) · W_eᵀ for each expert's block of rows (ends: the blocks'
-// cumulative ends), in `dtype`. `stacked` is the experts' weights stacked ([E, out, in], differentiable); the node
-// keeps for the backward pass only x as given (for the first projections a view of the dispatched rows, which
-// are kept anyway) and the expert weights themselves, and stacks them again there: no stacked copy and no
-// contiguous copy of x stays alive from the forward to the backward pass.
+// cumulative ends), in `dtype`. `stacked` is the experts' weights stacked ([E, out, in], differentiable), made of
+// `weights` in order (E of them, or 2E that stack to [2E, out/2, in] for fused gate and up projections); the node
+// keeps for the backward pass only x as given and the expert weights themselves, and stacks them again there: no
+// stacked copy stays alive from the forward to the backward pass.
 struct GroupedProjection : public torch::autograd::Function<GroupedProjection> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& stacked,
                             const at::Tensor& ends, std::vector<at::Tensor> weights) {
@@ -38,7 +39,7 @@ struct GroupedProjection : public torch::autograd::Function<GroupedProjection> {
     std::vector<at::Tensor> ws;
     for (const at::Tensor& w : ctx->saved_data["weights"].toTensorList()) ws.push_back(w);
     const at::Tensor dy = grads[0].contiguous();
-    const at::Tensor w = at::stack(ws).to(dy.scalar_type());  // [E, out, in]
+    const at::Tensor w = at::stack(ws).view({ends.size(0), dy.size(1), -1}).to(dy.scalar_type());  // [E, out, in]
     const at::Tensor xc = x.to(dy.scalar_type()).contiguous();
     at::Tensor dx = at::_grouped_mm(dy, w, ends).to(x.scalar_type());  // each block's rows · W_e
     at::Tensor dw = at::_grouped_mm(dy.t(), xc, ends);  // [E, out, in]: each block's dy_eᵀ · x_e
@@ -53,18 +54,15 @@ MoEImpl::MoEImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode)
       top_k_(m.top_k),
       aux_alpha_(m.balance_mode == config::BalanceMode::kAuxLoss ? m.aux_loss_alpha : 0.0),
       seq_alpha_(m.seq_balance_alpha),
-      mode_(mode),
-      recompute_activation_(m.recompute == config::Recompute::kSelective) {
+      mode_(mode) {
   router = register_module("router", Router(m));
   if (m.n_shared_experts > 0)
-    shared = register_module("shared", SwiGLU(m.hidden_size, m.n_shared_experts * m.moe_inter_dim, mode,
-                                              recompute_activation_));
+    shared = register_module("shared", SwiGLU(m.hidden_size, m.n_shared_experts * m.moe_inter_dim, mode));
   auto holder = register_module("experts", std::make_shared<torch::nn::Module>());
   const int64_t first = shard.first_expert(n_experts_);
   for (int64_t e = 0; e < shard.local_count(n_experts_); ++e)
     local_experts.push_back(
-        holder->register_module(std::to_string(first + e),
-                                SwiGLU(m.hidden_size, m.moe_inter_dim, mode, recompute_activation_)));
+        holder->register_module(std::to_string(first + e), SwiGLU(m.hidden_size, m.moe_inter_dim, mode)));
 }
 
 at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats) {
@@ -72,10 +70,11 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
   at::Tensor flat = x.reshape({N, d});
   Routing r = router(flat);
 
-  // Sort the N·k routed copies by expert (stable: within an expert, token order).
+  // Sort the N·k routed copies by expert (stable: within an expert, token order); slot_of inverts the sort.
   at::Tensor expert_of = r.indices.reshape({N * top_k_});
   at::Tensor order = at::argsort(expert_of, /*stable=*/true);
   at::Tensor token_of = at::floor_divide(order, top_k_);
+  at::Tensor slot_of = at::empty_like(order).scatter_(0, order, at::arange(N * top_k_, order.options()));
   // Counted on the device without a host round trip (bincount would read the maximum first).
   at::Tensor counts = at::zeros({n_experts_}, expert_of.options()).scatter_add_(0, expert_of, at::ones_like(expert_of));
   // On the host: the split sizes of the exchange need them, and so do the balancer and the metrics. The one host
@@ -83,21 +82,15 @@ at::Tensor MoEImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std::
   at::Tensor counts_cpu = counts.to(at::kCPU).contiguous();
   std::vector<int64_t> counts_host(counts_cpu.data_ptr<int64_t>(), counts_cpu.data_ptr<int64_t>() + n_experts_);
 
-  // Each copy travels with its gate (one more column, in the activation dtype, as the combine used to weight
-  // them): the experts apply it to their down projection's input, so nothing after them keeps their outputs for
-  // the gates' gradient (it comes from the down projection's input gradient instead).
-  const at::Tensor gate_of = r.gates.reshape({N * top_k_}).index_select(0, order).to(x.scalar_type());
+  // Each copy travels with its gate: the experts apply it to their down projection's input, so nothing after them
+  // keeps their outputs for the gates' gradient (it comes from the down projection's input gradient instead).
+  const at::Tensor gate_of = permute_rows(r.gates.reshape({N * top_k_}), order, slot_of).to(x.scalar_type());
   at::Tensor shared_out;  // the shared expert computes while the routed copies travel
-  Dispatched in = exchange.dispatch(at::cat({flat.index_select(0, token_of), gate_of.unsqueeze(1)}, 1), counts_host,
+  Dispatched in = exchange.dispatch(expand_rows(flat, token_of, slot_of, top_k_), gate_of, counts_host,
                                     [&] { shared_out = shared ? shared(flat) : at::Tensor(); });
-  const at::Tensor received = in.tokens.narrow(1, 0, d), gates = in.tokens.select(1, d);
-  at::Tensor local_out = run_experts(received, in.local_counts, grouped_expert_gemm(received), gates);
-  at::Tensor routed = exchange.combine(local_out, in);  // [N·k, d] in sorted order
-
-  // Back in token order ([N, k, d], copy j of token t at row t·k + j) and summed: deterministic on GPUs, where
-  // index_add's atomics are not, and nothing is kept for the backward pass but the indices.
-  at::Tensor slot_of = at::empty_like(order).scatter_(0, order, at::arange(N * top_k_, order.options()));
-  at::Tensor out = routed.index_select(0, slot_of).view({N, top_k_, d}).sum(1);
+  at::Tensor local_out = run_experts(in.tokens, in.local_counts, grouped_expert_gemm(in.tokens), in.gates);
+  // Back in token order and summed over each token's copies (row gathers both ways, model/row_ops.h).
+  at::Tensor out = reduce_rows(exchange.combine(local_out, in), token_of, slot_of, top_k_);
   if (shared_out.defined()) out = out + shared_out;
 
   stats.push_back({counts_cpu, balance_loss_sum(r, B, T, top_k_, seq_alpha_, aux_alpha_)});
@@ -139,14 +132,20 @@ at::Tensor MoEImpl::run_experts(const at::Tensor& tokens, const std::vector<int6
   const at::Tensor offs = to_device(ends, tokens.device());
   // The GEMM dtype: BF16 in bf16 mode, else the activations' own (the CPU test path, FP32).
   const auto dtype = mode_ == Mode::kBf16 ? at::kBFloat16 : tokens.scalar_type();
-  auto project = [&](const at::Tensor& x, at::Tensor SwiGLUImpl::*w) {
-    std::vector<at::Tensor> ws;
-    for (const auto& e : local_experts) ws.push_back((*e).*w);
-    return GroupedProjection::apply(x, at::stack(ws).to(dtype), offs, ws);
+  auto project = [&](const at::Tensor& x, std::vector<at::Tensor> ws) {
+    const auto E = static_cast<int64_t>(local_experts.size());
+    at::Tensor stacked = at::stack(ws).to(dtype);
+    return GroupedProjection::apply(x, stacked.view({E, -1, stacked.size(-1)}), offs, std::move(ws));
   };
-  const at::Tensor h = swiglu_activation(project(tokens, &SwiGLUImpl::w_gate), project(tokens, &SwiGLUImpl::w_up),
-                                         recompute_activation_, gates.defined() ? gates.to(dtype) : at::Tensor());
-  return project(h, &SwiGLUImpl::w_down).to(tokens.scalar_type());
+  // Gate and up projections fused into one GEMM per expert ([2·inter, d]: gate rows, then up rows).
+  std::vector<at::Tensor> gate_up, down;
+  for (const auto& e : local_experts) {
+    gate_up.insert(gate_up.end(), {e->w_gate, e->w_up});
+    down.push_back(e->w_down);
+  }
+  const at::Tensor h =
+      swiglu_activation_fused(project(tokens, gate_up), gates.defined() ? gates.to(dtype) : at::Tensor());
+  return project(h, down).to(tokens.scalar_type());
 }
 
 at::Tensor balance_loss_sum(const Routing& r, int64_t batch, int64_t seq, int64_t top_k, double seq_alpha,

@@ -54,7 +54,6 @@ class MoEImpl : public torch::nn::Module {
   double aux_alpha_;  // the classic auxiliary loss's α; 0 unless balance_mode is aux_loss
   double seq_alpha_;
   Mode mode_;
-  bool recompute_activation_;  // model.recompute = selective
 };
 TORCH_MODULE(MoE);
 

@@ -147,25 +147,24 @@ ActivationElems attention_saved(const config::ModelConfig& m, config::Recompute 
 
 // One block's saved activations under `r` (none or selective; full is handled by the callers).
 ActivationElems block_saved(const config::ModelConfig& m, bool moe, config::Recompute r) {
-  const bool selective = r == config::Recompute::kSelective;
   const double d = static_cast<double>(m.hidden_size);
   ActivationElems a = attention_saved(m, r);
   // The block input; the FFN norm's input and output.
   a.elems += 3 * d;
   a.fp32_elems += 1;
-  // A SwiGLU keeps gate and up (+ silu(gate) and their product without recomputation) and the down projection's
-  // input; a routed expert also its gate, which it applies to that input (model/layers.h).
+  // A SwiGLU keeps gate and up (its activation is computed again in the backward pass, model/layers.h) and the down
+  // projection's input; a routed expert also its gate, which it applies to that input.
   auto swiglu = [&](double inter, bool gated) {
     ActivationElems s;
-    s.elems = (selective ? 2.0 : (gated ? 4.0 : 3.0)) * inter + (gated ? 1.0 : 0.0);
+    s.elems = 2.0 * inter + (gated ? 1.0 : 0.0);
     s.fp8_elems = inter;
     return s;
   };
   if (moe) {
     const double k = static_cast<double>(m.top_k), inter = static_cast<double>(m.moe_inter_dim);
-    // Per routed copy: the dispatched input (and its gate column) and the expert's SwiGLU.
+    // Per routed copy: the dispatched input and the expert's SwiGLU (with the copy's gate).
     const ActivationElems e = swiglu(inter, true);
-    a.elems += k * (d + 1 + e.elems);
+    a.elems += k * (d + e.elems);
     a.fp8_elems += k * e.fp8_elems;
     for (int64_t i = 0; i < m.n_shared_experts; ++i) a += swiglu(inter, false);
     // Router scores, the selected scores and gates, and the int64 indices of the sort and the combine.

@@ -1,10 +1,15 @@
 #include "parallel/expert_exchange.h"
 
 #include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/tensor.h>
 #include <torch/autograd.h>
+
+#include <tuple>
+
+#include "model/row_ops.h"
 
 namespace moetrain::parallel {
 namespace {
@@ -59,7 +64,8 @@ AllToAllExpertExchange::AllToAllExpertExchange(Communicator& ep, int64_t n_route
       n_experts_(n_routed_experts),
       local_(model::ExpertShard{ep.rank(), ep.size()}.local_count(n_routed_experts)) {}
 
-model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts,
+model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, const at::Tensor& gates,
+                                                   const std::vector<int64_t>& counts,
                                                    const std::function<void()>& meanwhile) {
   const int64_t ep = ep_.size();
   // 1. Split sizes: rank r sends `local_` counts to every rank (its tokens for that rank's experts).
@@ -77,8 +83,9 @@ model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, con
   for (int64_t src = 0; src < ep; ++src)
     for (int64_t j = 0; j < local_; ++j) st.recv_rows[static_cast<size_t>(src)] += g[src * local_ + j];
 
-  // 2. The tokens themselves, started without blocking; `meanwhile` computes while they travel.
-  const at::Tensor x = tokens.contiguous();
+  // 2. The tokens themselves, each with its gate as one more column, started without blocking; `meanwhile`
+  // computes while they travel.
+  const at::Tensor x = at::cat({tokens, gates.to(tokens.scalar_type()).unsqueeze(1)}, 1);
   Started started;
   started.op = ep_.start_all_to_all_v(x.detach(), st.send_rows, st.recv_rows, started.out);
   if (meanwhile) meanwhile();
@@ -108,14 +115,15 @@ model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, con
   if (perm.numel() > 0) inverse.index_put_({perm}, at::arange(perm.numel(), at::kLong));
   st.to_expert_order = perm.to(tokens.device());
   st.to_rank_order = inverse.to(tokens.device());
-  d.tokens = received.index_select(0, st.to_expert_order);
+  std::tie(d.tokens, d.gates) = model::split_last_column(model::permute_rows(received, st.to_expert_order,
+                                                                             st.to_rank_order));
   d.state = std::move(st);
   return d;
 }
 
 at::Tensor AllToAllExpertExchange::combine(const at::Tensor& outputs, const model::Dispatched& dispatched) {
   const auto& st = std::any_cast<const ExchangeState&>(dispatched.state);
-  at::Tensor by_rank = outputs.index_select(0, st.to_rank_order);
+  at::Tensor by_rank = model::permute_rows(outputs, st.to_rank_order, st.to_expert_order);
   return all_to_all_autograd(by_rank, ep_, st.recv_rows, st.send_rows);
 }
 

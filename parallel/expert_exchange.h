@@ -17,7 +17,7 @@ class AllToAllExpertExchange final : public model::ExpertExchange {
  public:
   AllToAllExpertExchange(Communicator& ep, int64_t n_routed_experts);
   // The tokens' exchange is started without blocking, `meanwhile` runs, then it is waited for.
-  model::Dispatched dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts,
+  model::Dispatched dispatch(const at::Tensor& tokens, const at::Tensor& gates, const std::vector<int64_t>& counts,
                              const std::function<void()>& meanwhile = {}) override;
   at::Tensor combine(const at::Tensor& outputs, const model::Dispatched& dispatched) override;
 

@@ -54,9 +54,9 @@ TEST(MoE, SharedExpertComputesDuringTheDispatch) {
   struct Recording final : ExpertExchange {
     LocalExpertExchange local;
     int meanwhile_runs = 0;
-    Dispatched dispatch(const at::Tensor& tokens, const std::vector<int64_t>& counts,
+    Dispatched dispatch(const at::Tensor& tokens, const at::Tensor& gates, const std::vector<int64_t>& counts,
                         const std::function<void()>& meanwhile) override {
-      Dispatched d = local.dispatch(tokens, counts);
+      Dispatched d = local.dispatch(tokens, gates, counts);
       if (meanwhile) meanwhile(), ++meanwhile_runs;
       return d;
     }
@@ -66,6 +66,10 @@ TEST(MoE, SharedExpertComputesDuringTheDispatch) {
   ASSERT_GT(m.n_shared_experts, 0);
   torch::manual_seed(7);
   MoE moe(m, ExpertShard{0, 1});
+  for (auto& p : moe->parameters()) {  // registered uninitialized (at::empty)
+    at::NoGradGuard no_grad;
+    p.normal_(0, 0.3);
+  }
   const at::Tensor x = torch::randn({2, 5, m.hidden_size});
   Recording recording;
   LocalExpertExchange plain;
