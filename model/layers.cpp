@@ -1,5 +1,7 @@
 #include "model/layers.h"
 
+#include "model/fused_cpu.h"
+
 #include <torch/autograd.h>
 
 #include <ATen/ops/arange.h>
@@ -29,6 +31,11 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             double eps) {
+    if (fused_cpu::applies(x) && fused_cpu::applies(w)) {
+      auto [out, rstd] = fused_cpu::rms_norm(x, w, eps);
+      ctx->save_for_backward({x, w, rstd});
+      return out;
+    }
     // Normalized in at least FP32 whatever the activation dtype.
     const auto dtype = at::promote_types(x.scalar_type(), at::kFloat);
     const at::Tensor xf = x.to(dtype);
@@ -41,6 +48,10 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
+    if (fused_cpu::applies(x) && fused_cpu::applies(w) && fused_cpu::applies(grads[0])) {
+      auto [dx, dw] = fused_cpu::rms_norm_backward(grads[0], x, w, rstd);
+      return {dx, dw, at::Tensor()};
+    }
     const auto dtype = rstd.scalar_type();
     const at::Tensor y = x.to(dtype) * rstd;
     const at::Tensor g = grads[0].to(dtype);
@@ -97,19 +108,31 @@ class SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
     const at::Tensor &a = saved[0], &gate = saved[2];
     const bool fused = ctx->saved_data["fused"].toBool(), gated = ctx->saved_data["gated"].toBool();
     const auto [g, u] = halves(a, saved[1], fused);
-    const at::Tensor silu = at::silu(g);
-    at::Tensor dh = grads[0], dgate;
-    if (gated) {
-      dgate = (dh * silu * u).sum(-1);
-      dh = dh * gate.unsqueeze(-1);
+    at::Tensor da, dg, du, dgate;
+    if (fused) {
+      da = at::empty_like(a, at::MemoryFormat::Contiguous);
+      const int64_t inter = g.size(-1);
+      dg = da.narrow(-1, 0, inter);
+      du = da.narrow(-1, inter, inter);
+    } else {
+      dg = at::empty_like(g, at::MemoryFormat::Contiguous);
+      du = at::empty_like(u, at::MemoryFormat::Contiguous);
     }
-    if (!fused) return {at::silu_backward(dh * u, g), dh * silu, dgate, at::Tensor(), at::Tensor()};
-    at::Tensor da = at::empty_like(a, at::MemoryFormat::Contiguous);
-    const int64_t inter = g.size(-1);
-    at::Tensor dg = da.narrow(-1, 0, inter), du = da.narrow(-1, inter, inter);
-    at::silu_backward_out(dg, dh * u, g);
-    at::mul_out(du, dh, silu);
-    return {da, at::Tensor(), dgate, at::Tensor(), at::Tensor()};
+    const at::Tensor dh = grads[0];
+    if (fused_cpu::applies(g) && fused_cpu::applies(u) && fused_cpu::applies(dh) && (!gated || fused_cpu::applies(gate))) {
+      dgate = fused_cpu::swiglu_backward(dh, g, u, gated ? gate : at::Tensor(), dg, du);
+    } else {
+      const at::Tensor silu = at::silu(g);
+      at::Tensor dhg = dh;
+      if (gated) {
+        dgate = (dh * silu * u).sum(-1);
+        dhg = dh * gate.unsqueeze(-1);
+      }
+      at::silu_backward_out(dg, dhg * u, g);
+      at::mul_out(du, dhg, silu);
+    }
+    if (fused) return {da, at::Tensor(), dgate, at::Tensor(), at::Tensor()};
+    return {dg, du, dgate, at::Tensor(), at::Tensor()};
   }
 
  private:

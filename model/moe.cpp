@@ -13,6 +13,7 @@
 #include <torch/autograd.h>
 
 #include "model/device_copy.h"
+#include "model/fused_cpu.h"
 #include "model/row_ops.h"
 
 namespace moetrain::model {
@@ -163,7 +164,9 @@ at::Tensor balance_loss_sum(const Routing& r, int64_t batch, int64_t seq, int64_
   if (seq_alpha > 0) {
     // DeepSeek-V3's eq. 17–18 (and Megatron-Core's sequence auxiliary loss): f_i counts plain top-k of the
     // unbiased scores over all experts, not the biased, group-limited selection that routes the tokens.
-    const at::Tensor plain = std::get<1>(r.scores.detach().topk(top_k, -1));
+    const at::Tensor scores = r.scores.detach();
+    const at::Tensor plain = fused_cpu::applies(scores) ? fused_cpu::route_top_k(scores, {}, 1, 1, top_k)
+                                                        : std::get<1>(scores.topk(top_k, -1));
     at::Tensor f = hits_of(plain) * (E / (K * static_cast<double>(seq)));
     total = total + seq_alpha * (f * p.mean(1)).sum();
   }

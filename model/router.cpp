@@ -7,6 +7,8 @@
 
 #include <limits>
 
+#include "model/fused_cpu.h"
+
 namespace moetrain::model {
 
 RouterImpl::RouterImpl(const config::ModelConfig& m)
@@ -28,18 +30,22 @@ Routing RouterImpl::forward(const at::Tensor& x) {
   r.scores = at::sigmoid(low ? at::linear(x, weight.to(x.scalar_type())).to(dtype) : at::linear(x.to(dtype), weight.to(dtype)));
   {
     at::NoGradGuard no_grad;
-    at::Tensor biased = r.scores + bias.to(dtype);
-    const int64_t N = x.size(0);
-    if (n_group_ > 1) {
-      const int64_t per_group = n_experts_ / n_group_;
-      at::Tensor group_scores = std::get<0>(biased.view({N, n_group_, per_group}).topk(2, -1)).sum(-1);
-      at::Tensor kept = std::get<1>(group_scores.topk(topk_group_, -1));
-      at::Tensor keep = at::zeros({N, n_group_}, x.options().dtype(at::kBool)).scatter_(1, kept, true);
-      biased = biased.masked_fill(
-          keep.logical_not().unsqueeze(-1).expand({N, n_group_, per_group}).reshape({N, n_experts_}),
-          -std::numeric_limits<double>::infinity());
+    if (fused_cpu::applies(r.scores) && fused_cpu::applies(bias)) {  // one pass per token (model/fused_cpu.h)
+      r.indices = fused_cpu::route_top_k(r.scores, bias, n_group_, topk_group_, top_k_);
+    } else {
+      at::Tensor biased = r.scores + bias.to(dtype);
+      const int64_t N = x.size(0);
+      if (n_group_ > 1) {
+        const int64_t per_group = n_experts_ / n_group_;
+        at::Tensor group_scores = std::get<0>(biased.view({N, n_group_, per_group}).topk(2, -1)).sum(-1);
+        at::Tensor kept = std::get<1>(group_scores.topk(topk_group_, -1));
+        at::Tensor keep = at::zeros({N, n_group_}, x.options().dtype(at::kBool)).scatter_(1, kept, true);
+        biased = biased.masked_fill(
+            keep.logical_not().unsqueeze(-1).expand({N, n_group_, per_group}).reshape({N, n_experts_}),
+            -std::numeric_limits<double>::infinity());
+      }
+      r.indices = std::get<1>(biased.topk(top_k_, -1));
     }
-    r.indices = std::get<1>(biased.topk(top_k_, -1));
   }
   at::Tensor selected = r.scores.gather(1, r.indices);
   r.gates = selected / selected.sum(-1, /*keepdim=*/true) * scale_;

@@ -1,5 +1,7 @@
 #include "model/row_ops.h"
 
+#include "model/fused_cpu.h"
+
 #include <ATen/ops/cat.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/zeros.h>
@@ -12,6 +14,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor gather_sum(const at::Tensor& y, const at::Tensor& slot_of, int64_t k) {
+  if (fused_cpu::applies(y)) return fused_cpu::gather_sum(y, slot_of, k);
   const int64_t n = slot_of.size(0) / k;
   return y.index_select(0, slot_of).view({n, k, y.size(1)}).sum(1);
 }

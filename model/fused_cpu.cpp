@@ -1,0 +1,236 @@
+#include "model/fused_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+// One copy of each row loop per instruction set, chosen when the library loads (GCC function multiversioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MOETRAIN_ROW_LOOP __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define MOETRAIN_ROW_LOOP
+#endif
+
+namespace moetrain::model::fused_cpu {
+namespace {
+
+// Rows split into at most one chunk per intra-op thread (each of at least ~16k elements); f(chunk, begin, end).
+// Returns the chunk count: chunk c always covers the same rows, whichever thread runs it.
+template <class F>
+int64_t for_row_chunks(int64_t rows, int64_t width, const F& f) {
+  const int64_t by_size = std::max<int64_t>(1, rows * std::max<int64_t>(width, 1) / 16384);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({by_size, at::get_num_threads(), rows}));
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) f(c, rows * c / chunks, rows * (c + 1) / chunks);
+  });
+  return chunks;
+}
+
+// The stride between rows of `t` seen as [rows, last dim]: contiguous tensors of any rank, or 2-D row views.
+int64_t row_stride(const at::Tensor& t) {
+  TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) <= 1, "fused_cpu: the last dim must be contiguous");
+  if (t.is_contiguous()) return t.size(-1);
+  TORCH_CHECK(t.dim() == 2, "fused_cpu: a strided tensor must be 2-D rows, got ", t.sizes());
+  return t.stride(0);
+}
+
+MOETRAIN_ROW_LOOP
+void rms_rows(const float* x, const float* w, float* out, float* rstd, int64_t begin, int64_t end, int64_t d,
+              float eps) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* xr = x + r * d;
+    float* o = out + r * d;
+    float ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < d; ++j) ss += xr[j] * xr[j];
+    const float rs = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+    rstd[r] = rs;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) o[j] = xr[j] * rs * w[j];
+  }
+}
+
+MOETRAIN_ROW_LOOP
+void rms_backward_rows(const float* g, const float* x, const float* w, const float* rstd, float* dx, float* dw,
+                       int64_t begin, int64_t end, int64_t d) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float *gr = g + r * d, *xr = x + r * d;
+    float* o = dx + r * d;
+    const float rs = rstd[r];
+    float dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < d; ++j) dot += gr[j] * w[j] * xr[j];
+    const float c = rs * rs * rs * dot / static_cast<float>(d);
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      o[j] = rs * gr[j] * w[j] - xr[j] * c;
+      dw[j] += gr[j] * xr[j] * rs;
+    }
+  }
+}
+
+MOETRAIN_ROW_LOOP
+void swiglu_backward_rows(const float* dh, const float* g, const float* u, const float* s, const float* gate,
+                          float* dg, float* du, float* dgate, int64_t begin, int64_t end, int64_t n, int64_t sg,
+                          int64_t su, int64_t sdg, int64_t sdu) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float *dhr = dh + r * n, *gr = g + r * sg, *ur = u + r * su, *sr = s + r * n;
+    float *dgr = dg + r * sdg, *dur = du + r * sdu;
+    const float gt = gate ? gate[r] : 1.0f;
+    float acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) {
+      const float silu = gr[j] * sr[j];
+      acc += dhr[j] * silu * ur[j];
+      const float d = dhr[j] * gt;
+      dur[j] = d * silu;
+      dgr[j] = d * ur[j] * sr[j] * (1.0f + gr[j] * (1.0f - sr[j]));
+    }
+    if (dgate) dgate[r] = acc;
+  }
+}
+
+MOETRAIN_ROW_LOOP
+void gather_sum_rows(const float* y, const int64_t* index, float* out, int64_t begin, int64_t end, int64_t d,
+                     int64_t k) {
+  for (int64_t t = begin; t < end; ++t) {
+    float* o = out + t * d;
+    const float* first = y + index[t * k] * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) o[j] = first[j];
+    for (int64_t c = 1; c < k; ++c) {
+      const float* row = y + index[t * k + c] * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) o[j] += row[j];
+    }
+  }
+}
+
+// Picks `k` of the `n` candidates (value v[i], allowed[i]) in descending order, ties to the lower index.
+void pick_top(const float* v, const bool* allowed, int64_t n, int64_t k, int64_t* out) {
+  for (int64_t slot = 0; slot < k; ++slot) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!allowed[i]) continue;
+      bool taken = false;
+      for (int64_t p = 0; p < slot && !taken; ++p) taken = out[p] == i;
+      if (!taken && (best < 0 || v[i] > v[best])) best = i;
+    }
+    out[slot] = best;
+  }
+}
+
+}  // namespace
+
+bool applies(const at::Tensor& t) { return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat; }
+
+std::pair<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t d = x.size(-1), rows = d > 0 ? x.numel() / d : 0;
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  std::vector<int64_t> rshape = x.sizes().vec();
+  rshape.back() = 1;
+  at::Tensor rstd = at::empty(rshape, x.options());
+  const float *xp = x.const_data_ptr<float>(), *wp = w.const_data_ptr<float>();
+  float *op = out.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  for_row_chunks(rows, d, [&](int64_t, int64_t b, int64_t e) {
+    rms_rows(xp, wp, op, rp, b, e, d, static_cast<float>(eps));
+  });
+  return {out, rstd};
+}
+
+std::pair<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g_in, const at::Tensor& x_in,
+                                                    const at::Tensor& w_in, const at::Tensor& rstd_in) {
+  const at::Tensor g = g_in.contiguous(), x = x_in.contiguous(), w = w_in.contiguous(), rstd = rstd_in.contiguous();
+  const int64_t d = x.size(-1), rows = d > 0 ? x.numel() / d : 0;
+  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t max_chunks = std::max<int64_t>(1, at::get_num_threads());
+  at::Tensor partial = at::zeros({max_chunks, d}, x.options());  // dw per chunk, added in chunk order below
+  const float *gp = g.const_data_ptr<float>(), *xp = x.const_data_ptr<float>(), *wp = w.const_data_ptr<float>(),
+              *rp = rstd.const_data_ptr<float>();
+  float *dxp = dx.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  const int64_t chunks = for_row_chunks(rows, d, [&](int64_t c, int64_t b, int64_t e) {
+    rms_backward_rows(gp, xp, wp, rp, dxp, pp + c * d, b, e, d);
+  });
+  at::Tensor dw = partial[0].clone();
+  for (int64_t c = 1; c < chunks; ++c) dw.add_(partial[c]);
+  return {dx, dw};
+}
+
+at::Tensor swiglu_backward(const at::Tensor& dh_in, const at::Tensor& g, const at::Tensor& u, const at::Tensor& gate,
+                           at::Tensor& dg, at::Tensor& du) {
+  const at::Tensor dh = dh_in.contiguous();
+  const at::Tensor s = at::sigmoid(g).contiguous();  // ATen's vectorized exponential; the rest is one pass
+  const int64_t n = g.size(-1), rows = n > 0 ? g.numel() / n : 0;
+  const at::Tensor gt = gate.defined() ? gate.contiguous() : at::Tensor();
+  at::Tensor dgate = gate.defined() ? at::empty({rows}, g.options()) : at::Tensor();
+  const float *dhp = dh.const_data_ptr<float>(), *gp = g.const_data_ptr<float>(), *up = u.const_data_ptr<float>(),
+              *sp = s.const_data_ptr<float>(), *gatep = gt.defined() ? gt.const_data_ptr<float>() : nullptr;
+  float *dgp = dg.data_ptr<float>(), *dup = du.data_ptr<float>(), *dgatep = dgate.defined() ? dgate.data_ptr<float>()
+                                                                                          : nullptr;
+  const int64_t sg = row_stride(g), su = row_stride(u), sdg = row_stride(dg), sdu = row_stride(du);
+  for_row_chunks(rows, n, [&](int64_t, int64_t b, int64_t e) {
+    swiglu_backward_rows(dhp, gp, up, sp, gatep, dgp, dup, dgatep, b, e, n, sg, su, sdg, sdu);
+  });
+  return dgate;
+}
+
+at::Tensor gather_sum(const at::Tensor& y_in, const at::Tensor& index_in, int64_t k) {
+  const at::Tensor y = y_in.contiguous(), index = index_in.contiguous();
+  const int64_t d = y.size(1), rows = index.numel() / k;
+  at::Tensor out = at::empty({rows, d}, y.options());
+  const float* yp = y.const_data_ptr<float>();
+  const int64_t* ip = index.const_data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  for_row_chunks(rows, d * k, [&](int64_t, int64_t b, int64_t e) { gather_sum_rows(yp, ip, op, b, e, d, k); });
+  return out;
+}
+
+at::Tensor route_top_k(const at::Tensor& scores_in, const at::Tensor& bias_in, int64_t n_group, int64_t topk_group,
+                       int64_t k) {
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor bias = bias_in.defined() ? bias_in.contiguous() : at::Tensor();
+  const int64_t rows = scores.size(0), E = scores.size(1), per_group = E / n_group;
+  TORCH_CHECK(k <= E && (n_group <= 1 || k <= topk_group * per_group), "route_top_k: k = ", k, " does not fit");
+  at::Tensor indices = at::empty({rows, k}, scores.options().dtype(at::kLong));
+  const float* sp = scores.const_data_ptr<float>();
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  int64_t* ip = indices.data_ptr<int64_t>();
+  for_row_chunks(rows, E * 4, [&](int64_t, int64_t b, int64_t e) {
+    std::vector<float> v(static_cast<size_t>(E)), group_score(static_cast<size_t>(std::max<int64_t>(n_group, 1)));
+    std::unique_ptr<bool[]> allowed(new bool[static_cast<size_t>(E)]);
+    std::unique_ptr<bool[]> all_groups(new bool[static_cast<size_t>(std::max<int64_t>(n_group, 1))]);
+    std::vector<int64_t> top(static_cast<size_t>(std::max<int64_t>(topk_group, 2)));
+    for (int64_t r = b; r < e; ++r) {
+      for (int64_t i = 0; i < E; ++i) {
+        v[i] = sp[r * E + i] + (bp ? bp[i] : 0.0f);
+        allowed[i] = true;
+      }
+      if (n_group > 1) {
+        const int64_t best_of = std::min<int64_t>(2, per_group);
+        for (int64_t grp = 0; grp < n_group; ++grp) {
+          all_groups[grp] = true;
+          pick_top(v.data() + grp * per_group, allowed.get() + grp * per_group, per_group, best_of, top.data());
+          group_score[grp] = 0;
+          for (int64_t j = 0; j < best_of; ++j) group_score[grp] += v[grp * per_group + top[j]];
+        }
+        pick_top(group_score.data(), all_groups.get(), n_group, topk_group, top.data());
+        for (int64_t i = 0; i < E; ++i) allowed[i] = false;
+        for (int64_t j = 0; j < topk_group; ++j)
+          for (int64_t i = 0; i < per_group; ++i) allowed[top[j] * per_group + i] = true;
+      }
+      pick_top(v.data(), allowed.get(), E, k, ip + r * k);
+    }
+  });
+  return indices;
+}
+
+}  // namespace moetrain::model::fused_cpu

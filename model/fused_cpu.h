@@ -1,0 +1,39 @@
+// Fused CPU kernels for the step's elementwise chains: one pass over the rows instead of one ATen op (and one
+// temporary) per arithmetic step, for FP32 tensors on the CPU (`fused_cpu::applies`); other dtypes and devices take
+// the callers' ATen compositions, which stay the reference the unit tests compare these with. Loops are compiled
+// for AVX-512, AVX2 and the baseline and picked at load time; rows are split over the intra-op threads in fixed
+// chunks and partial sums are added in chunk order, so results do not depend on thread scheduling.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <utility>
+
+namespace moetrain::model::fused_cpu {
+
+// FP32 tensors on the CPU (the rest of a kernel's inputs must match their first).
+bool applies(const at::Tensor& t);
+
+// RMSNorm over the last dim: out = x·r·w with r = (mean(x²) + eps)^-½ per row; returns {out, r} (r: x's shape with
+// a last dim of 1).
+std::pair<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+// Its gradients {dx, dw} for the output gradient g: dx = r·(g⊙w) − x·r³·mean(g⊙w⊙x), dw = Σ_rows g⊙x·r.
+std::pair<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                                                    const at::Tensor& rstd);
+
+// SwiGLU's backward for h = silu(g)⊙u (⊙gate per row): writes dg and du (same shapes as g and u, rows may be
+// strided as in the fused [rows, 2·inter] layout) and returns dgate ([rows]; undefined without a gate).
+at::Tensor swiglu_backward(const at::Tensor& dh, const at::Tensor& g, const at::Tensor& u, const at::Tensor& gate,
+                           at::Tensor& dg, at::Tensor& du);
+
+// out[t] = Σ_j y[index[t·k + j]] over j < k: [rows, d] rows gathered in groups of k and summed in group order.
+at::Tensor gather_sum(const at::Tensor& y, const at::Tensor& index, int64_t k);
+
+// The router's selection per token (no gradient): the k experts of highest s + bias ([rows, E] scores, bias [E] or
+// undefined), among the topk_group groups of highest group score (the sum of a group's two highest s + bias) when
+// n_group > 1; in descending order of s + bias, ties to the lower expert id (as at::topk's order). int64 [rows, k].
+at::Tensor route_top_k(const at::Tensor& scores, const at::Tensor& bias, int64_t n_group, int64_t topk_group,
+                       int64_t k);
+
+}  // namespace moetrain::model::fused_cpu

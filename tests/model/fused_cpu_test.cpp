@@ -1,0 +1,97 @@
+// The fused CPU kernels (model/fused_cpu.h, FP32 on the CPU) against the ATen compositions they replace, which
+// FP64 tensors still take: the same functions and gradients within FP32 rounding, the same routing choices.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "model/fused_cpu.h"
+#include "model/layers.h"
+#include "model/router.h"
+#include "model/row_ops.h"
+#include "tests/model/test_models.h"
+
+namespace moetrain::model {
+namespace {
+
+// Runs f on FP32 and FP64 copies of `inputs` (all requiring gradients), backpropagates the same output gradient
+// and expects the outputs and every input gradient to agree within FP32 rounding.
+void expect_fp32_matches_fp64(const std::vector<at::Tensor>& inputs,
+                              const std::function<at::Tensor(const std::vector<at::Tensor>&)>& f) {
+  auto run = [&](at::ScalarType dtype) {
+    std::vector<at::Tensor> in;
+    for (const at::Tensor& t : inputs) in.push_back(t.to(dtype).detach().requires_grad_(true));
+    at::Tensor y = f(in);
+    torch::manual_seed(11);
+    y.backward(torch::randn(y.sizes(), torch::kDouble).to(dtype));
+    std::vector<at::Tensor> out{y.detach().to(torch::kDouble)};
+    for (const at::Tensor& t : in) out.push_back(t.grad().to(torch::kDouble));
+    return out;
+  };
+  ASSERT_TRUE(fused_cpu::applies(inputs[0].to(torch::kFloat)));
+  ASSERT_FALSE(fused_cpu::applies(inputs[0].to(torch::kDouble)));
+  const auto single = run(torch::kFloat), reference = run(torch::kDouble);
+  for (size_t i = 0; i < single.size(); ++i)
+    EXPECT_TRUE(torch::allclose(single[i], reference[i], 1e-5, 1e-5))
+        << (i == 0 ? std::string("output") : "gradient of input " + std::to_string(i - 1)) << ": largest difference "
+        << (single[i] - reference[i]).abs().max().item<double>();
+}
+
+TEST(FusedCpu, RmsNormMatchesTheComposition) {
+  torch::manual_seed(1);
+  RMSNorm norm(40, 1e-6);
+  expect_fp32_matches_fp64({torch::randn({3, 7, 40}) * 3, torch::rand({40}) + 0.5}, [&](const auto& in) {
+    norm->weight = in[1];
+    return norm->forward(in[0]);
+  });
+}
+
+TEST(FusedCpu, SwiGluBackwardMatchesTheComposition) {
+  torch::manual_seed(2);
+  // Separate g and u, gated and not; the fused [rows, 2·inter] layout with a gate (the routed experts').
+  expect_fp32_matches_fp64({torch::randn({2, 9, 24}) * 2, torch::randn({2, 9, 24})},
+                           [](const auto& in) { return swiglu_activation(in[0], in[1]); });
+  expect_fp32_matches_fp64({torch::randn({33, 24}) * 2, torch::randn({33, 24}), torch::rand({33})},
+                           [](const auto& in) { return swiglu_activation(in[0], in[1], in[2]); });
+  expect_fp32_matches_fp64({torch::randn({33, 48}) * 2, torch::rand({33})},
+                           [](const auto& in) { return swiglu_activation_fused(in[0], in[1]); });
+}
+
+TEST(FusedCpu, RowGathersMatchTheComposition) {
+  torch::manual_seed(3);
+  const int64_t N = 37, k = 3;
+  const at::Tensor order = torch::randperm(N * k, torch::kLong);
+  const at::Tensor token_of = at::floor_divide(order, k);
+  const at::Tensor slot_of = at::empty_like(order).scatter_(0, order, torch::arange(N * k));
+  expect_fp32_matches_fp64({torch::randn({N, 20})}, [&](const auto& in) {
+    return reduce_rows(expand_rows(in[0], token_of, slot_of, k) * 2 + 1, token_of, slot_of, k);
+  });
+  // And the sum itself, by hand: token t's k copies.
+  const at::Tensor y = torch::randn({N * k, 20});
+  const at::Tensor by_hand = y.index_select(0, slot_of).view({N, k, 20}).sum(1);
+  EXPECT_TRUE(torch::allclose(reduce_rows(y, token_of, slot_of, k), by_hand, 1e-6, 1e-6));
+}
+
+TEST(FusedCpu, RoutingChoosesAsTheComposition) {
+  config::ModelConfig m = testing::tiny_model();
+  m.hidden_size = 24;
+  m.n_routed_experts = 32;
+  m.n_group = 4;
+  m.topk_group = 2;
+  m.top_k = 6;
+  torch::manual_seed(4);
+  Router router(m);
+  {
+    at::NoGradGuard no_grad;
+    router->weight.normal_(0, 0.5);
+    router->bias.uniform_(-0.3, 0.3);
+  }
+  const at::Tensor x = torch::randn({200, 24});
+  const Routing a = router(x), b = router(x.to(torch::kDouble));  // the FP64 input takes the composition
+  EXPECT_TRUE(at::equal(a.indices, b.indices));
+  EXPECT_TRUE(torch::allclose(a.gates.to(torch::kDouble), b.gates, 1e-6, 1e-6));
+  // Plain top-k (no bias, no groups) as at::topk orders it.
+  const at::Tensor plain = fused_cpu::route_top_k(a.scores.detach(), {}, 1, 1, 6);
+  EXPECT_TRUE(at::equal(plain, std::get<1>(b.scores.detach().topk(6, -1))));
+}
+
+}  // namespace
+}  // namespace moetrain::model
