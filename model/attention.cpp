@@ -1,13 +1,71 @@
 #include "model/attention.h"
 
-#include <ATen/ops/cat.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
+#include <torch/autograd.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace moetrain::model {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The attention operands, [B, H, T, ·] views of [B, T, H, ·] tensors in the attention dtype, from the projections:
+//   q [B, T, H, nope + rope]                  -> [q_nope, RoPE(q_rope)]
+//   kvb [B, T, H, nope + v], k_pe [B, T, rope] -> k = [k_nope, RoPE(k_pe) for every head], v padded with zeros to
+//                                                `v_width` (the q/k head dim when v is narrower)
+// v is padded (as transformers does for flash attention) because the fused kernels need equal head dims: without
+// them the CPU takes the math path, which keeps the H·T attention probabilities of every token for the backward
+// pass. One node whose backward writes the projections' gradients directly, where autograd's concatenations and
+// slices would zero-fill a tensor per slice; it keeps only the RoPE table.
+struct AttentionOperands : public torch::autograd::Function<AttentionOperands> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& kvb, const at::Tensor& k_pe,
+                               const at::Tensor& cis, int64_t nope, int64_t v_dim, int64_t v_width, int64_t dtype) {
+    const int64_t B = q.size(0), T = q.size(1), H = q.size(2), rope = q.size(3) - nope;
+    const auto opts = q.options().dtype(static_cast<at::ScalarType>(dtype));
+    at::Tensor qt = at::empty({B, T, H, nope + rope}, opts), kt = at::empty({B, T, H, nope + rope}, opts),
+               vt = at::empty({B, T, H, v_width}, opts);
+    qt.narrow(-1, 0, nope).copy_(q.narrow(-1, 0, nope));
+    qt.narrow(-1, nope, rope).copy_(apply_rope(q.narrow(-1, nope, rope), {cis}));
+    kt.narrow(-1, 0, nope).copy_(kvb.narrow(-1, 0, nope));
+    kt.narrow(-1, nope, rope).copy_(apply_rope(k_pe.unsqueeze(2), {cis}).expand({B, T, H, rope}));
+    vt.narrow(-1, 0, v_dim).copy_(kvb.narrow(-1, nope, v_dim));
+    if (v_width > v_dim) vt.narrow(-1, v_dim, v_width - v_dim).zero_();
+    ctx->save_for_backward({cis});
+    ctx->saved_data["dims"] = std::vector<int64_t>{nope, v_dim};
+    ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(q.scalar_type()),
+                                                     static_cast<int64_t>(kvb.scalar_type()),
+                                                     static_cast<int64_t>(k_pe.scalar_type())};
+    return {qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor cis = ctx->get_saved_variables()[0];
+    const std::vector<int64_t> dims = ctx->saved_data["dims"].toIntVector();
+    const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
+    const int64_t nope = dims[0], v_dim = dims[1];
+    const at::Tensor dq_t = grads[0].transpose(1, 2), dk_t = grads[1].transpose(1, 2), dv_t = grads[2].transpose(1, 2);
+    const int64_t B = dq_t.size(0), T = dq_t.size(1), H = dq_t.size(2), rope = dq_t.size(3) - nope;
+    const RopeTables back{cis.conj()};  // the inverse rotation
+    at::Tensor dq = at::empty({B, T, H, nope + rope}, dq_t.options().dtype(static_cast<at::ScalarType>(dtypes[0])));
+    dq.narrow(-1, 0, nope).copy_(dq_t.narrow(-1, 0, nope));
+    dq.narrow(-1, nope, rope).copy_(apply_rope(dq_t.narrow(-1, nope, rope), back));
+    at::Tensor dkvb = at::empty({B, T, H, nope + v_dim}, dq.options().dtype(static_cast<at::ScalarType>(dtypes[1])));
+    dkvb.narrow(-1, 0, nope).copy_(dk_t.narrow(-1, 0, nope));
+    dkvb.narrow(-1, nope, v_dim).copy_(dv_t.narrow(-1, 0, v_dim));
+    // The shared rotary key's gradient: summed over the heads in at least FP32.
+    const auto k_pe_dtype = static_cast<at::ScalarType>(dtypes[2]);
+    at::Tensor dk_pe = apply_rope(dk_t.narrow(-1, nope, rope).to(at::promote_types(k_pe_dtype, at::kFloat)), back)
+                           .sum(2)
+                           .to(k_pe_dtype);
+    return {dq, dkvb, dk_pe, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
 
 MLAImpl::MLAImpl(const config::ModelConfig& m, Mode mode)
     : heads_(m.num_heads),
@@ -40,30 +98,16 @@ at::Tensor MLAImpl::forward(const at::Tensor& x) {
 std::vector<at::Tensor> MLAImpl::project(const at::Tensor& x) {
   const int64_t B = x.size(0), T = x.size(1), H = heads_;
   at::Tensor q = q_lora_rank_ > 0 ? gemm(q_norm(gemm(x, wq_a, mode_)), wq_b, mode_) : gemm(x, wq, mode_);
-  q = q.view({B, T, H, nope_ + rope_});
-  at::Tensor q_nope = q.narrow(-1, 0, nope_);
   const RopeTables rope =
       rope_tables(T, rope_, rope_theta_, q.options().dtype(at::promote_types(q.scalar_type(), at::kFloat)));
-  at::Tensor q_rope = apply_rope(q.narrow(-1, nope_, rope_), rope);
-
   at::Tensor kv = gemm(x, wkv_a, mode_);
-  at::Tensor c_kv = kv.narrow(-1, 0, kv_lora_rank_);
-  at::Tensor k_rope = apply_rope(kv.narrow(-1, kv_lora_rank_, rope_).unsqueeze(2), rope);  // one head
-  at::Tensor kvb = gemm(kv_norm(c_kv), wkv_b, mode_).view({B, T, H, nope_ + v_dim_});
-  at::Tensor k_nope = kvb.narrow(-1, 0, nope_);
-  at::Tensor v = kvb.narrow(-1, nope_, v_dim_);
-
-  at::Tensor qf = at::cat({q_nope, q_rope}, -1).transpose(1, 2);                           // [B, H, T, qk]
-  at::Tensor kf = at::cat({k_nope, k_rope.expand({B, T, H, rope_})}, -1).transpose(1, 2);  // [B, H, T, qk]
-  at::Tensor vf = v.transpose(1, 2);                                                       // [B, H, T, v]
+  at::Tensor kvb = gemm(kv_norm(kv.narrow(-1, 0, kv_lora_rank_)), wkv_b, mode_).view({B, T, H, nope_ + v_dim_});
   // In bf16 and fp8 modes attention runs in BF16 (the fused kernels' dtype on GPUs), in FP32 in fp32 mode.
-  const auto attn_dtype = mode_ == Mode::kFp32 ? qf.scalar_type() : at::kBFloat16;
-  // v padded with zeros to the q/k head dim (as transformers does for flash attention): the fused kernels need
-  // equal head dims, without them the CPU takes the math path, which keeps the H·T attention probabilities of every
-  // token for the backward pass. A copy either way: attention then keeps v alone, not the k_nope|v projection.
-  if (v_dim_ < nope_ + rope_) vf = at::constant_pad_nd(vf, {0, nope_ + rope_ - v_dim_});
-  return {qf.to(attn_dtype), kf.to(attn_dtype),
-          vf.to(attn_dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous)};
+  const auto attn_dtype = mode_ == Mode::kFp32 ? q.scalar_type() : at::kBFloat16;
+  auto qkv = AttentionOperands::apply(q.view({B, T, H, nope_ + rope_}), kvb, kv.narrow(-1, kv_lora_rank_, rope_),
+                                      rope.cis, nope_, v_dim_, std::max(v_dim_, nope_ + rope_),
+                                      static_cast<int64_t>(attn_dtype));
+  return {qkv[0], qkv[1], qkv[2]};
 }
 
 at::Tensor MLAImpl::core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype) {
