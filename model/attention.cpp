@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "model/fused_cpu.h"
+
 namespace moetrain::model {
 namespace {
 
@@ -21,6 +23,13 @@ using torch::autograd::variable_list;
 // them the CPU takes the math path, which keeps the H·T attention probabilities of every token for the backward
 // pass. One node whose backward writes the projections' gradients directly, where autograd's concatenations and
 // slices would zero-fill a tensor per slice; it keeps only the RoPE table.
+// dst = RoPE(src) (the inverse rotation with `inverse`), src with one head or as many as dst.
+void rotate_into(at::Tensor dst, const at::Tensor& src, const at::Tensor& cis, bool inverse) {
+  if (fused_cpu::applies(dst) && fused_cpu::applies(src) && cis.scalar_type() == at::kComplexFloat)
+    return fused_cpu::rope_into(dst, src, cis, inverse);
+  dst.copy_(apply_rope(src, {inverse ? cis.conj() : cis}).expand(dst.sizes()));
+}
+
 struct AttentionOperands : public torch::autograd::Function<AttentionOperands> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& kvb, const at::Tensor& k_pe,
                                const at::Tensor& cis, int64_t nope, int64_t v_dim, int64_t v_width, int64_t dtype) {
@@ -29,9 +38,9 @@ struct AttentionOperands : public torch::autograd::Function<AttentionOperands> {
     at::Tensor qt = at::empty({B, T, H, nope + rope}, opts), kt = at::empty({B, T, H, nope + rope}, opts),
                vt = at::empty({B, T, H, v_width}, opts);
     qt.narrow(-1, 0, nope).copy_(q.narrow(-1, 0, nope));
-    qt.narrow(-1, nope, rope).copy_(apply_rope(q.narrow(-1, nope, rope), {cis}));
+    rotate_into(qt.narrow(-1, nope, rope), q.narrow(-1, nope, rope), cis, false);
     kt.narrow(-1, 0, nope).copy_(kvb.narrow(-1, 0, nope));
-    kt.narrow(-1, nope, rope).copy_(apply_rope(k_pe.unsqueeze(2), {cis}).expand({B, T, H, rope}));
+    rotate_into(kt.narrow(-1, nope, rope), k_pe.unsqueeze(2), cis, false);
     vt.narrow(-1, 0, v_dim).copy_(kvb.narrow(-1, nope, v_dim));
     if (v_width > v_dim) vt.narrow(-1, v_dim, v_width - v_dim).zero_();
     ctx->save_for_backward({cis});
@@ -49,18 +58,19 @@ struct AttentionOperands : public torch::autograd::Function<AttentionOperands> {
     const int64_t nope = dims[0], v_dim = dims[1];
     const at::Tensor dq_t = grads[0].transpose(1, 2), dk_t = grads[1].transpose(1, 2), dv_t = grads[2].transpose(1, 2);
     const int64_t B = dq_t.size(0), T = dq_t.size(1), H = dq_t.size(2), rope = dq_t.size(3) - nope;
-    const RopeTables back{cis.conj()};  // the inverse rotation
     at::Tensor dq = at::empty({B, T, H, nope + rope}, dq_t.options().dtype(static_cast<at::ScalarType>(dtypes[0])));
     dq.narrow(-1, 0, nope).copy_(dq_t.narrow(-1, 0, nope));
-    dq.narrow(-1, nope, rope).copy_(apply_rope(dq_t.narrow(-1, nope, rope), back));
+    rotate_into(dq.narrow(-1, nope, rope), dq_t.narrow(-1, nope, rope), cis, true);
     at::Tensor dkvb = at::empty({B, T, H, nope + v_dim}, dq.options().dtype(static_cast<at::ScalarType>(dtypes[1])));
     dkvb.narrow(-1, 0, nope).copy_(dk_t.narrow(-1, 0, nope));
     dkvb.narrow(-1, nope, v_dim).copy_(dv_t.narrow(-1, 0, v_dim));
-    // The shared rotary key's gradient: summed over the heads in at least FP32.
+    // The shared rotary key's gradient: summed over the heads (in at least FP32), then rotated back.
     const auto k_pe_dtype = static_cast<at::ScalarType>(dtypes[2]);
-    at::Tensor dk_pe = apply_rope(dk_t.narrow(-1, nope, rope).to(at::promote_types(k_pe_dtype, at::kFloat)), back)
-                           .sum(2)
-                           .to(k_pe_dtype);
+    const at::Tensor dk_rope =
+        dk_t.narrow(-1, nope, rope).sum(2, /*keepdim=*/true, at::promote_types(k_pe_dtype, at::kFloat));
+    at::Tensor dk_pe = at::empty_like(dk_rope);
+    rotate_into(dk_pe, dk_rope, cis, true);
+    dk_pe = dk_pe.squeeze(2).to(k_pe_dtype);
     return {dq, dkvb, dk_pe, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -1,15 +1,17 @@
 #include "model/fused_cpu.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/sigmoid.h>
+#include <ATen/ops/view_as_real.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
+#include <limits>
 #include <vector>
 
 // One copy of each row loop per instruction set, chosen when the library loads (GCC function multiversioning).
@@ -114,17 +116,34 @@ void gather_sum_rows(const float* y, const int64_t* index, float* out, int64_t b
   }
 }
 
-// Picks `k` of the `n` candidates (value v[i], allowed[i]) in descending order, ties to the lower index.
-void pick_top(const float* v, const bool* allowed, int64_t n, int64_t k, int64_t* out) {
-  for (int64_t slot = 0; slot < k; ++slot) {
-    int64_t best = -1;
-    for (int64_t i = 0; i < n; ++i) {
-      if (!allowed[i]) continue;
-      bool taken = false;
-      for (int64_t p = 0; p < slot && !taken; ++p) taken = out[p] == i;
-      if (!taken && (best < 0 || v[i] > v[best])) best = i;
+MOETRAIN_ROW_LOOP
+void rope_rows(const float* x, const float* cs, float* out, int64_t begin, int64_t end, int64_t T, int64_t H,
+               int64_t half, const int64_t* xs, const int64_t* os, float sign) {
+  for (int64_t bt = begin; bt < end; ++bt) {
+    const int64_t b = bt / T, t = bt % T;
+    const float* c = cs + t * half * 2;  // (cos, sin) pairs of position t
+    for (int64_t h = 0; h < H; ++h) {
+      const float* xr = x + b * xs[0] + t * xs[1] + h * xs[2];
+      float* o = out + b * os[0] + t * os[1] + h * os[2];
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const float x0 = xr[2 * i], x1 = xr[2 * i + 1], co = c[2 * i], si = sign * c[2 * i + 1];
+        o[2 * i] = x0 * co - x1 * si;
+        o[2 * i + 1] = x0 * si + x1 * co;
+      }
     }
+  }
+}
+
+// Writes the indices of the `k` largest of v[0..n) in descending order, ties to the lower index, and marks them
+// taken by setting them to -inf in v (the candidates not allowed must already be -inf).
+void take_top(float* v, int64_t n, int64_t k, int64_t* out) {
+  for (int64_t slot = 0; slot < k; ++slot) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; ++i)
+      if (v[i] > v[best]) best = i;
     out[slot] = best;
+    v[best] = -std::numeric_limits<float>::infinity();
   }
 }
 
@@ -133,6 +152,7 @@ void pick_top(const float* v, const bool* allowed, int64_t n, int64_t k, int64_t
 bool applies(const at::Tensor& t) { return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat; }
 
 std::pair<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+  RECORD_FUNCTION("moetrain::fused_cpu::rms_norm", std::vector<c10::IValue>());
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   const int64_t d = x.size(-1), rows = d > 0 ? x.numel() / d : 0;
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -149,6 +169,7 @@ std::pair<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_in, const at::Ten
 
 std::pair<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g_in, const at::Tensor& x_in,
                                                     const at::Tensor& w_in, const at::Tensor& rstd_in) {
+  RECORD_FUNCTION("moetrain::fused_cpu::rms_norm_backward", std::vector<c10::IValue>());
   const at::Tensor g = g_in.contiguous(), x = x_in.contiguous(), w = w_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t d = x.size(-1), rows = d > 0 ? x.numel() / d : 0;
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -167,6 +188,7 @@ std::pair<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g_in, cons
 
 at::Tensor swiglu_backward(const at::Tensor& dh_in, const at::Tensor& g, const at::Tensor& u, const at::Tensor& gate,
                            at::Tensor& dg, at::Tensor& du) {
+  RECORD_FUNCTION("moetrain::fused_cpu::swiglu_backward", std::vector<c10::IValue>());
   const at::Tensor dh = dh_in.contiguous();
   const at::Tensor s = at::sigmoid(g).contiguous();  // ATen's vectorized exponential; the rest is one pass
   const int64_t n = g.size(-1), rows = n > 0 ? g.numel() / n : 0;
@@ -184,6 +206,7 @@ at::Tensor swiglu_backward(const at::Tensor& dh_in, const at::Tensor& g, const a
 }
 
 at::Tensor gather_sum(const at::Tensor& y_in, const at::Tensor& index_in, int64_t k) {
+  RECORD_FUNCTION("moetrain::fused_cpu::gather_sum", std::vector<c10::IValue>());
   const at::Tensor y = y_in.contiguous(), index = index_in.contiguous();
   const int64_t d = y.size(1), rows = index.numel() / k;
   at::Tensor out = at::empty({rows, d}, y.options());
@@ -194,8 +217,26 @@ at::Tensor gather_sum(const at::Tensor& y_in, const at::Tensor& index_in, int64_
   return out;
 }
 
+void rope_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& cis, bool inverse) {
+  RECORD_FUNCTION("moetrain::fused_cpu::rope_into", std::vector<c10::IValue>());
+  TORCH_CHECK(x.dim() == 4 && out.dim() == 4 && x.stride(3) == 1 && out.stride(3) == 1 &&
+                  cis.scalar_type() == at::kComplexFloat,
+              "rope_into: [B, T, H, rope] rows with a contiguous last dim and complex64 tables");
+  const at::Tensor table = at::view_as_real(cis.resolve_conj()).contiguous();  // [1, T, 1, half, 2]
+  const int64_t B = out.size(0), T = out.size(1), H = out.size(2), half = out.size(3) / 2;
+  const int64_t xs[3] = {x.stride(0), x.stride(1), x.size(2) == 1 ? 0 : x.stride(2)};
+  const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  const float* xp = x.const_data_ptr<float>();
+  const float* cp = table.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for_row_chunks(B * T, H * half * 2, [&](int64_t, int64_t b, int64_t e) {
+    rope_rows(xp, cp, op, b, e, T, H, half, xs, os, inverse ? -1.0f : 1.0f);
+  });
+}
+
 at::Tensor route_top_k(const at::Tensor& scores_in, const at::Tensor& bias_in, int64_t n_group, int64_t topk_group,
                        int64_t k) {
+  RECORD_FUNCTION("moetrain::fused_cpu::route_top_k", std::vector<c10::IValue>());
   const at::Tensor scores = scores_in.contiguous();
   const at::Tensor bias = bias_in.defined() ? bias_in.contiguous() : at::Tensor();
   const int64_t rows = scores.size(0), E = scores.size(1), per_group = E / n_group;
@@ -205,29 +246,31 @@ at::Tensor route_top_k(const at::Tensor& scores_in, const at::Tensor& bias_in, i
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   int64_t* ip = indices.data_ptr<int64_t>();
   for_row_chunks(rows, E * 4, [&](int64_t, int64_t b, int64_t e) {
+    constexpr float kNone = -std::numeric_limits<float>::infinity();
     std::vector<float> v(static_cast<size_t>(E)), group_score(static_cast<size_t>(std::max<int64_t>(n_group, 1)));
-    std::unique_ptr<bool[]> allowed(new bool[static_cast<size_t>(E)]);
-    std::unique_ptr<bool[]> all_groups(new bool[static_cast<size_t>(std::max<int64_t>(n_group, 1))]);
-    std::vector<int64_t> top(static_cast<size_t>(std::max<int64_t>(topk_group, 2)));
+    std::vector<int64_t> groups(static_cast<size_t>(std::max<int64_t>(topk_group, 1)));
     for (int64_t r = b; r < e; ++r) {
-      for (int64_t i = 0; i < E; ++i) {
-        v[i] = sp[r * E + i] + (bp ? bp[i] : 0.0f);
-        allowed[i] = true;
-      }
+      float* vr = v.data();
+      for (int64_t i = 0; i < E; ++i) vr[i] = sp[r * E + i] + (bp ? bp[i] : 0.0f);
       if (n_group > 1) {
-        const int64_t best_of = std::min<int64_t>(2, per_group);
+        // A group's score: its two highest values (one for groups of one), added highest first as at::topk's sum.
         for (int64_t grp = 0; grp < n_group; ++grp) {
-          all_groups[grp] = true;
-          pick_top(v.data() + grp * per_group, allowed.get() + grp * per_group, per_group, best_of, top.data());
-          group_score[grp] = 0;
-          for (int64_t j = 0; j < best_of; ++j) group_score[grp] += v[grp * per_group + top[j]];
+          const float* g = vr + grp * per_group;
+          int64_t first = 0;
+          for (int64_t i = 1; i < per_group; ++i)
+            if (g[i] > g[first]) first = i;
+          int64_t second = -1;
+          for (int64_t i = 0; i < per_group; ++i)
+            if (i != first && (second < 0 || g[i] > g[second])) second = i;
+          group_score[grp] = second < 0 ? g[first] : g[first] + g[second];
         }
-        pick_top(group_score.data(), all_groups.get(), n_group, topk_group, top.data());
-        for (int64_t i = 0; i < E; ++i) allowed[i] = false;
-        for (int64_t j = 0; j < topk_group; ++j)
-          for (int64_t i = 0; i < per_group; ++i) allowed[top[j] * per_group + i] = true;
+        take_top(group_score.data(), n_group, topk_group, groups.data());
+        // Groups not chosen are left out: -inf (take_top marked the chosen ones -inf in group_score).
+        for (int64_t grp = 0; grp < n_group; ++grp)
+          if (group_score[grp] != kNone)
+            for (int64_t i = 0; i < per_group; ++i) vr[grp * per_group + i] = kNone;
       }
-      pick_top(v.data(), allowed.get(), E, k, ip + r * k);
+      take_top(vr, E, k, ip + r * k);
     }
   });
   return indices;

@@ -30,6 +30,11 @@ at::Tensor swiglu_backward(const at::Tensor& dh, const at::Tensor& g, const at::
 // out[t] = Σ_j y[index[t·k + j]] over j < k: [rows, d] rows gathered in groups of k and summed in group order.
 at::Tensor gather_sum(const at::Tensor& y, const at::Tensor& index, int64_t k);
 
+// Interleaved RoPE written into `out` ([B, T, H, rope], rows may be strided): out[b, t, h] = x[b, t, h] with each
+// pair (2i, 2i+1) rotated by e^(i·t·θ_i) (e^(-i·t·θ_i) with `inverse`, the backward rotation); x may have one head
+// for all. cis: [1, T, 1, rope/2] complex64 (model/layers.h's RopeTables). For FP32 x and out.
+void rope_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& cis, bool inverse);
+
 // The router's selection per token (no gradient): the k experts of highest s + bias ([rows, E] scores, bias [E] or
 // undefined), among the topk_group groups of highest group score (the sum of a group's two highest s + bias) when
 // n_group > 1; in descending order of s + bias, ties to the lower expert id (as at::topk's order). int64 [rows, k].

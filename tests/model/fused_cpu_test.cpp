@@ -70,6 +70,23 @@ TEST(FusedCpu, RowGathersMatchTheComposition) {
   EXPECT_TRUE(torch::allclose(reduce_rows(y, token_of, slot_of, k), by_hand, 1e-6, 1e-6));
 }
 
+TEST(FusedCpu, RopeMatchesTheComplexRotation) {
+  torch::manual_seed(5);
+  const RopeTables rope = rope_tables(6, 8, 10000.0, torch::TensorOptions().dtype(torch::kFloat));
+  const at::Tensor wide = torch::randn({2, 6, 3, 12});
+  const at::Tensor x = wide.narrow(-1, 4, 8);  // strided rows, as the rotary part of a projection
+  at::Tensor out = torch::empty({2, 6, 3, 8});
+  fused_cpu::rope_into(out, x, rope.cis, /*inverse=*/false);
+  EXPECT_TRUE(torch::allclose(out, apply_rope(x, rope), 1e-6, 1e-6));
+  at::Tensor back = torch::empty({2, 6, 3, 8});
+  fused_cpu::rope_into(back, out, rope.cis, /*inverse=*/true);
+  EXPECT_TRUE(torch::allclose(back, x, 1e-5, 1e-6));
+  // One head for all (the shared rotary key).
+  at::Tensor heads = torch::empty({2, 6, 3, 8});
+  fused_cpu::rope_into(heads, x.narrow(2, 1, 1), rope.cis, false);
+  EXPECT_TRUE(torch::allclose(heads, apply_rope(x.narrow(2, 1, 1), rope).expand({2, 6, 3, 8}), 1e-6, 1e-6));
+}
+
 TEST(FusedCpu, RoutingChoosesAsTheComposition) {
   config::ModelConfig m = testing::tiny_model();
   m.hidden_size = 24;
