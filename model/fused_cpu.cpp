@@ -4,19 +4,20 @@
 #include <ATen/record_function.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/sigmoid.h>
 #include <ATen/ops/view_as_real.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
-// One copy of each row loop per instruction set, chosen when the library loads (GCC function multiversioning).
+// One copy of each row loop per instruction set, chosen when the library loads by the CPU's features (GCC function
+// multiversioning; "arch=" clones would test the CPU model and miss newer ones).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MOETRAIN_ROW_LOOP __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define MOETRAIN_ROW_LOOP __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define MOETRAIN_ROW_LOOP
 #endif
@@ -43,6 +44,28 @@ int64_t row_stride(const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 2, "fused_cpu: a strided tensor must be 2-D rows, got ", t.sizes());
   return t.stride(0);
 }
+
+// e^x for single floats in arithmetic only, so loops vectorize: x = n·ln2 + r, |r| ≤ ln2/2, e^r by Cephes' polynomial,
+// 2^n through the exponent bits. NaN stays NaN; the result saturates outside [-87.3, 88.7] (0 and ~3.4e38).
+inline __attribute__((always_inline)) float exp_approx(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline __attribute__((always_inline)) float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
 MOETRAIN_ROW_LOOP
 void rms_rows(const float* x, const float* w, float* out, float* rstd, int64_t begin, int64_t end, int64_t d,
@@ -80,23 +103,64 @@ void rms_backward_rows(const float* g, const float* x, const float* w, const flo
 }
 
 MOETRAIN_ROW_LOOP
-void swiglu_backward_rows(const float* dh, const float* g, const float* u, const float* s, const float* gate,
-                          float* dg, float* du, float* dgate, int64_t begin, int64_t end, int64_t n, int64_t sg,
-                          int64_t su, int64_t sdg, int64_t sdu) {
+void swiglu_rows(const float* g, const float* u, const float* gate, float* h, int64_t begin, int64_t end, int64_t n,
+                 int64_t sg, int64_t su) {
   for (int64_t r = begin; r < end; ++r) {
-    const float *dhr = dh + r * n, *gr = g + r * sg, *ur = u + r * su, *sr = s + r * n;
+    const float *gr = g + r * sg, *ur = u + r * su;
+    float* hr = h + r * n;
+    const float gt = gate ? gate[r] : 1.0f;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) hr[j] = gr[j] * sigmoid(gr[j]) * ur[j] * gt;
+  }
+}
+
+MOETRAIN_ROW_LOOP
+void swiglu_backward_rows(const float* dh, const float* g, const float* u, const float* gate, float* dg, float* du,
+                          float* dgate, int64_t begin, int64_t end, int64_t n, int64_t sg, int64_t su, int64_t sdg,
+                          int64_t sdu) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float *dhr = dh + r * n, *gr = g + r * sg, *ur = u + r * su;
     float *dgr = dg + r * sdg, *dur = du + r * sdu;
     const float gt = gate ? gate[r] : 1.0f;
     float acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < n; ++j) {
-      const float silu = gr[j] * sr[j];
+      const float s = sigmoid(gr[j]), silu = gr[j] * s;
       acc += dhr[j] * silu * ur[j];
       const float d = dhr[j] * gt;
       dur[j] = d * silu;
-      dgr[j] = d * ur[j] * sr[j] * (1.0f + gr[j] * (1.0f - sr[j]));
+      dgr[j] = d * ur[j] * s * (1.0f + gr[j] * (1.0f - s));
     }
     if (dgate) dgate[r] = acc;
+  }
+}
+
+MOETRAIN_ROW_LOOP
+void cross_entropy_rows(const float* logits, const int64_t* target, float* lse, float* loss, int64_t begin,
+                        int64_t end, int64_t v) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* l = logits + r * v;
+    float mx = l[0];
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 1; j < v; ++j) mx = l[j] > mx ? l[j] : mx;
+    float sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < v; ++j) sum += exp_approx(l[j] - mx);
+    lse[r] = mx + std::log(sum);
+    loss[r] = lse[r] - l[target[r]];
+  }
+}
+
+MOETRAIN_ROW_LOOP
+void cross_entropy_backward_rows(const float* logits, const int64_t* target, const float* lse, float* dl,
+                                 int64_t begin, int64_t end, int64_t v, float scale) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* l = logits + r * v;
+    float* o = dl + r * v;
+    const float m = lse[r];
+#pragma omp simd
+    for (int64_t j = 0; j < v; ++j) o[j] = scale * exp_approx(l[j] - m);
+    o[target[r]] -= scale;
   }
 }
 
@@ -186,23 +250,66 @@ std::pair<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g_in, cons
   return {dx, dw};
 }
 
+at::Tensor swiglu(const at::Tensor& g, const at::Tensor& u, const at::Tensor& gate) {
+  RECORD_FUNCTION("moetrain::fused_cpu::swiglu", std::vector<c10::IValue>());
+  const int64_t n = g.size(-1), rows = n > 0 ? g.numel() / n : 0;
+  at::Tensor h = at::empty(g.sizes(), g.options());
+  const at::Tensor gt = gate.defined() ? gate.contiguous() : at::Tensor();
+  const float *gp = g.const_data_ptr<float>(), *up = u.const_data_ptr<float>(),
+              *gatep = gt.defined() ? gt.const_data_ptr<float>() : nullptr;
+  float* hp = h.data_ptr<float>();
+  const int64_t sg = row_stride(g), su = row_stride(u);
+  for_row_chunks(rows, n, [&](int64_t, int64_t b, int64_t e) { swiglu_rows(gp, up, gatep, hp, b, e, n, sg, su); });
+  return h;
+}
+
 at::Tensor swiglu_backward(const at::Tensor& dh_in, const at::Tensor& g, const at::Tensor& u, const at::Tensor& gate,
                            at::Tensor& dg, at::Tensor& du) {
   RECORD_FUNCTION("moetrain::fused_cpu::swiglu_backward", std::vector<c10::IValue>());
   const at::Tensor dh = dh_in.contiguous();
-  const at::Tensor s = at::sigmoid(g).contiguous();  // ATen's vectorized exponential; the rest is one pass
   const int64_t n = g.size(-1), rows = n > 0 ? g.numel() / n : 0;
   const at::Tensor gt = gate.defined() ? gate.contiguous() : at::Tensor();
   at::Tensor dgate = gate.defined() ? at::empty({rows}, g.options()) : at::Tensor();
   const float *dhp = dh.const_data_ptr<float>(), *gp = g.const_data_ptr<float>(), *up = u.const_data_ptr<float>(),
-              *sp = s.const_data_ptr<float>(), *gatep = gt.defined() ? gt.const_data_ptr<float>() : nullptr;
-  float *dgp = dg.data_ptr<float>(), *dup = du.data_ptr<float>(), *dgatep = dgate.defined() ? dgate.data_ptr<float>()
-                                                                                          : nullptr;
+              *gatep = gt.defined() ? gt.const_data_ptr<float>() : nullptr;
+  float *dgp = dg.data_ptr<float>(), *dup = du.data_ptr<float>(),
+        *dgatep = dgate.defined() ? dgate.data_ptr<float>() : nullptr;
   const int64_t sg = row_stride(g), su = row_stride(u), sdg = row_stride(dg), sdu = row_stride(du);
   for_row_chunks(rows, n, [&](int64_t, int64_t b, int64_t e) {
-    swiglu_backward_rows(dhp, gp, up, sp, gatep, dgp, dup, dgatep, b, e, n, sg, su, sdg, sdu);
+    swiglu_backward_rows(dhp, gp, up, gatep, dgp, dup, dgatep, b, e, n, sg, su, sdg, sdu);
   });
   return dgate;
+}
+
+std::pair<at::Tensor, at::Tensor> cross_entropy_sum(const at::Tensor& logits_in, const at::Tensor& target_in) {
+  RECORD_FUNCTION("moetrain::fused_cpu::cross_entropy_sum", std::vector<c10::IValue>());
+  const at::Tensor logits = logits_in.contiguous(), target = target_in.contiguous();
+  const int64_t rows = logits.size(0), v = logits.size(1);
+  if (rows > 0) {
+    const int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < v, "cross_entropy_sum: target ", lo < 0 ? lo : hi, " is out of bounds [0, ", v, ")");
+  }
+  at::Tensor lse = at::empty({rows}, logits.options()), loss = at::empty({rows}, logits.options());
+  const float* lp = logits.const_data_ptr<float>();
+  const int64_t* tp = target.const_data_ptr<int64_t>();
+  float *sp = lse.data_ptr<float>(), *op = loss.data_ptr<float>();
+  for_row_chunks(rows, v, [&](int64_t, int64_t b, int64_t e) { cross_entropy_rows(lp, tp, sp, op, b, e, v); });
+  return {loss.sum(), lse};
+}
+
+at::Tensor cross_entropy_backward(const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& lse,
+                                  double scale) {
+  RECORD_FUNCTION("moetrain::fused_cpu::cross_entropy_backward", std::vector<c10::IValue>());
+  const at::Tensor logits = logits_in.contiguous(), target = target_in.contiguous();
+  const int64_t rows = logits.size(0), v = logits.size(1);
+  at::Tensor dl = at::empty_like(logits);
+  const float *lp = logits.const_data_ptr<float>(), *sp = lse.const_data_ptr<float>();
+  const int64_t* tp = target.const_data_ptr<int64_t>();
+  float* dp = dl.data_ptr<float>();
+  for_row_chunks(rows, v, [&](int64_t, int64_t b, int64_t e) {
+    cross_entropy_backward_rows(lp, tp, sp, dp, b, e, v, static_cast<float>(scale));
+  });
+  return dl;
 }
 
 at::Tensor gather_sum(const at::Tensor& y_in, const at::Tensor& index_in, int64_t k) {

@@ -2,7 +2,8 @@
 // temporary) per arithmetic step, for FP32 tensors on the CPU (`fused_cpu::applies`); other dtypes and devices take
 // the callers' ATen compositions, which stay the reference the unit tests compare these with. Loops are compiled
 // for AVX-512, AVX2 and the baseline and picked at load time; rows are split over the intra-op threads in fixed
-// chunks and partial sums are added in chunk order, so results do not depend on thread scheduling.
+// chunks and partial sums are added in chunk order, so results do not depend on thread scheduling. Exponentials use
+// a polynomial (Cephes' expf, about 1 ulp) that vectorizes with the loops.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,10 +23,18 @@ std::pair<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor
 std::pair<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                                     const at::Tensor& rstd);
 
+// h = silu(g)⊙u (⊙gate per row), [rows, inter] contiguous; g and u rows may be strided.
+at::Tensor swiglu(const at::Tensor& g, const at::Tensor& u, const at::Tensor& gate);
 // SwiGLU's backward for h = silu(g)⊙u (⊙gate per row): writes dg and du (same shapes as g and u, rows may be
 // strided as in the fused [rows, 2·inter] layout) and returns dgate ([rows]; undefined without a gate).
 at::Tensor swiglu_backward(const at::Tensor& dh, const at::Tensor& g, const at::Tensor& u, const at::Tensor& gate,
                            at::Tensor& dg, at::Tensor& du);
+
+// Cross-entropy summed over rows: Σ_r logsumexp(logits[r]) − logits[r, target[r]]; returns {the sum (0-dim), the
+// log-sum-exp per row}. Its backward: dlogits = scale·(softmax(logits) − onehot(target)).
+std::pair<at::Tensor, at::Tensor> cross_entropy_sum(const at::Tensor& logits, const at::Tensor& target);
+at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+                                  double scale);
 
 // out[t] = Σ_j y[index[t·k + j]] over j < k: [rows, d] rows gathered in groups of k and summed in group order.
 at::Tensor gather_sum(const at::Tensor& y, const at::Tensor& index, int64_t k);

@@ -5,6 +5,7 @@
 #include <torch/autograd.h>
 
 #include <ATen/ops/arange.h>
+#include <ATen/ops/cross_entropy_loss.h>
 #include <ATen/ops/pow.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
@@ -98,6 +99,8 @@ class SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
     ctx->saved_data["fused"] = fused;
     ctx->saved_data["gated"] = gated;
     const auto [g, u] = halves(g_or_gu, u_in, fused);
+    if (fused_cpu::applies(g) && fused_cpu::applies(u) && (!gated || fused_cpu::applies(gate)))
+      return fused_cpu::swiglu(g, u, gated ? gate : at::Tensor());
     at::Tensor h = at::silu(g).mul_(u);
     return gated ? h.mul_(gate.unsqueeze(-1)) : h;
   }
@@ -143,6 +146,22 @@ class SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
   }
 };
 
+// Cross-entropy summed over tokens in one fused pass each way on FP32 CPU logits (model/fused_cpu.h): it keeps the
+// logits and one log-sum-exp per token, where log_softmax would keep the log-probabilities.
+struct CrossEntropySum : public torch::autograd::Function<CrossEntropySum> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target) {
+    auto [loss, lse] = fused_cpu::cross_entropy_sum(logits, target);
+    ctx->save_for_backward({logits, target, lse});
+    return loss;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const double scale = grads[0].item<double>();
+    return {fused_cpu::cross_entropy_backward(saved[0], saved[1], saved[2], scale), at::Tensor()};
+  }
+};
+
 at::Tensor or_placeholder(const at::Tensor& t, const at::Tensor& like) {
   return t.defined() ? t : at::empty({0}, like.options().requires_grad(false));
 }
@@ -157,6 +176,12 @@ at::Tensor swiglu_activation_fused(const at::Tensor& gate_up, const at::Tensor& 
   TORCH_CHECK(gate_up.size(-1) % 2 == 0, "swiglu_activation_fused: odd width ", gate_up.size(-1));
   return SwiGLUFunction::apply(gate_up, or_placeholder({}, gate_up), or_placeholder(gate, gate_up), true,
                                gate.defined());
+}
+
+at::Tensor cross_entropy_sum(const at::Tensor& logits, const at::Tensor& targets) {
+  const at::Tensor flat = logits.reshape({-1, logits.size(-1)}).to(at::promote_types(logits.scalar_type(), at::kFloat));
+  if (fused_cpu::applies(flat)) return CrossEntropySum::apply(flat, targets.reshape({-1}));
+  return at::cross_entropy_loss(flat, targets.reshape({-1}), /*weight=*/{}, at::Reduction::Sum);
 }
 
 SwiGLUImpl::SwiGLUImpl(int64_t dim, int64_t inter_dim, Mode mode) : mode_(mode) {

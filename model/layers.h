@@ -42,6 +42,10 @@ at::Tensor swiglu_activation(const at::Tensor& g, const at::Tensor& u, const at:
 // projections); its gradient is one tensor of that shape again, written without zero-filled slices.
 at::Tensor swiglu_activation_fused(const at::Tensor& gate_up, const at::Tensor& gate = {});
 
+// Σ over tokens of the cross-entropy of logits [..., V] against targets [...] (int64), in at least FP32; FP32 on the
+// CPU in one fused pass each way that keeps the logits and a log-sum-exp per token (model/fused_cpu.h).
+at::Tensor cross_entropy_sum(const at::Tensor& logits, const at::Tensor& targets);
+
 // SwiGLU: w_down · (silu(w_gate · x) ⊙ (w_up · x)). Used by the dense layers and, with the MoE's inter dim, by
 // the shared experts and each routed expert.
 class SwiGLUImpl : public torch::nn::Module {

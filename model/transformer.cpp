@@ -2,7 +2,6 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/cat.h>
-#include <ATen/ops/cross_entropy_loss.h>
 #include <ATen/ops/embedding.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/empty.h>
@@ -60,19 +59,13 @@ at::Tensor TransformerImpl::run_layers(at::Tensor h, ExpertExchange& exchange, s
   return h;
 }
 
-namespace {
-at::Tensor ce_sum(const at::Tensor& logits, const at::Tensor& targets) {
-  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::promote_types(logits.scalar_type(), at::kFloat)),
-                                targets.reshape({-1}), /*weight=*/{}, at::Reduction::Sum);
-}
-}  // namespace
 
 void TransformerImpl::head_losses(const at::Tensor& h, const at::Tensor& window, ExpertExchange& exchange,
                                   LossSums& out) {
   const int64_t T = h.size(1);
   // The output head in BF16 in the bf16 and fp8 modes (DeepSeek-V3 keeps it out of FP8), FP32 in fp32 mode.
   const Mode head = mode_ == Mode::kFp32 ? Mode::kFp32 : Mode::kBf16;
-  out.lm = ce_sum(gemm(norm(h), head_weight(), head), window.narrow(1, 1, T));
+  out.lm = cross_entropy_sum(gemm(norm(h), head_weight(), head), window.narrow(1, 1, T));
   at::Tensor prev = h;
   for (size_t k = 0; k < mtp.size(); ++k) {
     const int64_t depth = static_cast<int64_t>(k) + 1;
@@ -80,7 +73,7 @@ void TransformerImpl::head_losses(const at::Tensor& h, const at::Tensor& window,
     at::Tensor e = embed_tokens(window.narrow(1, depth, T));
     at::Tensor hk = gemm(at::cat({mod->hnorm(prev), mod->enorm(e)}, -1), mod->proj, mode_);
     hk = mod->block->forward(hk, exchange, out.moe);
-    out.mtp.push_back(ce_sum(gemm(mod->norm(hk), head_weight(), head), window.narrow(1, depth + 1, T)));
+    out.mtp.push_back(cross_entropy_sum(gemm(mod->norm(hk), head_weight(), head), window.narrow(1, depth + 1, T)));
     prev = hk;
   }
 }

@@ -55,6 +55,15 @@ TEST(FusedCpu, SwiGluBackwardMatchesTheComposition) {
                            [](const auto& in) { return swiglu_activation_fused(in[0], in[1]); });
 }
 
+TEST(FusedCpu, CrossEntropyMatchesTheComposition) {
+  torch::manual_seed(6);
+  const at::Tensor targets = torch::randint(0, 70, {2, 13}, torch::kLong);
+  expect_fp32_matches_fp64({torch::randn({2, 13, 70}) * 4}, [&](const auto& in) {
+    return cross_entropy_sum(in[0], targets) * 0.5;  // a scaled output gradient reaches the kernel's backward
+  });
+  EXPECT_THROW(cross_entropy_sum(torch::randn({3, 5}), torch::tensor({0, 5, 1}, torch::kLong)), c10::Error);
+}
+
 TEST(FusedCpu, RowGathersMatchTheComposition) {
   torch::manual_seed(3);
   const int64_t N = 37, k = 3;
