@@ -127,7 +127,8 @@ Plan make_plan(const config::Config& c) {
     const double kept = a.bytes(act, fp8);
     const double freed = heads.bytes(act, fp8);
     // The heads' backward pass first, with everything held; then the blocks', the heads' activations freed.
-    const double head_backward = last ? model::head_backward_transient(m).bytes(act, fp8) : 0.0;
+    const bool fused_loss = c.train.device == config::Device::kCpu && policy.mode == precision::Mode::kFp32;
+    const double head_backward = last ? model::head_backward_transient(m, fused_loss).bytes(act, fp8) : 0.0;
     st.activation_bytes = (kept * static_cast<double>(st.in_flight_micro_batches) +
                            std::max(head_backward, transient - freed)) *
                           tokens_per_micro_batch;

@@ -197,9 +197,9 @@ ActivationElems head_activations(const config::ModelConfig& m) {
   return a;
 }
 
-ActivationElems head_backward_transient(const config::ModelConfig& m) {
+ActivationElems head_backward_transient(const config::ModelConfig& m, bool fused_loss) {
   ActivationElems a;
-  a.fp32_elems = 2.0 * static_cast<double>(m.vocab_size);
+  a.fp32_elems = (fused_loss ? 1.0 : 2.0) * static_cast<double>(m.vocab_size);
   return a;
 }
 

@@ -98,9 +98,9 @@ ActivationElems block_activations(const config::ModelConfig& m, bool moe);
 // without it beyond what it keeps with it.
 ActivationElems recompute_transient(const config::ModelConfig& m, bool moe);
 ActivationElems head_activations(const config::ModelConfig& m);        // final norm + FP32 log-probabilities
-// The output head's backward pass, while every activation is still held: the gradients of the log-probabilities
-// and of the logits, FP32.
-ActivationElems head_backward_transient(const config::ModelConfig& m);
+// The output head's backward pass, while every activation is still held: the gradient of the logits, FP32, and
+// unless the fused CPU cross-entropy runs (FP32 logits on the CPU, model/layers.h) that of the log-probabilities.
+ActivationElems head_backward_transient(const config::ModelConfig& m, bool fused_loss);
 ActivationElems mtp_module_activations(const config::ModelConfig& m);  // one MTP module, its head included
 
 }  // namespace moetrain::model
