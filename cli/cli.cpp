@@ -11,6 +11,8 @@
 #include <optional>
 
 #include "checkpoints/checkpoint.h"
+#include "checkpoints/interop.h"
+#include "trainer/evaluate.h"
 #include "config/loader.h"
 #include "config/schema.h"
 #include "data/cli.h"
@@ -123,17 +125,37 @@ int run_main(int argc, char** argv) {
                         "Continue from a checkpoint: auto (the run's latest checkpoint, or a fresh start if there is "
                         "none) or a checkpoint directory");
 
-  std::string ckpt_dir, export_out;
+  std::string ckpt_dir, export_out, export_format = "h5", export_dtype = "fp32";
+  double export_shard_gb = 5.0;
   CLI::App* ckpt_cmd = app.add_subcommand("ckpt", "Inspect, verify and export sharded HDF5 checkpoints");
   ckpt_cmd->require_subcommand(1);
   CLI::App* ckpt_inspect = ckpt_cmd->add_subcommand("inspect", "Table of the tensors: shape, dtype, bytes, shard");
   CLI::App* ckpt_verify = ckpt_cmd->add_subcommand("verify", "Read every tensor and check every checksum");
   CLI::App* ckpt_export = ckpt_cmd->add_subcommand(
-      "export", "One HDF5 file of the model weights under their global names (no optimizer state)");
+      "export",
+      "The model weights without optimizer state: one HDF5 file under their global names (--format h5), or a Hugging "
+      "Face transformers DeepseekV3 folder (--format hf: config.json and safetensors)");
   for (CLI::App* sub : {ckpt_inspect, ckpt_verify, ckpt_export})
     sub->add_option("DIR", ckpt_dir, "A checkpoint step directory, or a checkpoint directory with `latest`")
         ->required();
-  ckpt_export->add_option("--out", export_out, "The HDF5 file to write")->required();
+  ckpt_export->add_option("--out", export_out, "The HDF5 file (h5) or the new folder (hf) to write")->required();
+  ckpt_export->add_option("--format", export_format, "h5 or hf")->check(CLI::IsMember({"h5", "hf"}));
+  ckpt_export->add_option("--dtype", export_dtype, "hf: the weights' dtype, fp32 or bf16")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
+  ckpt_export->add_option("--shard-gb", export_shard_gb, "hf: the most GB of weights per safetensors file")
+      ->check(CLI::PositiveNumber);
+
+  trainer::EvalOptions eval_opts;
+  CLI::App* eval_cmd = app.add_subcommand(
+      "eval", "A checkpoint's loss and perplexity on token shards (and per MTP depth, MaxVio per MoE layer), one process");
+  eval_cmd->add_option("CKPT", eval_opts.checkpoint, "A checkpoint step directory, or a checkpoint directory with `latest`")
+      ->required();
+  eval_cmd->add_option("--data", eval_opts.data, "Token shards' PREFIX (moetrain data build / data synth)")->required();
+  eval_cmd->add_option("--windows", eval_opts.max_windows, "The most windows of seq_len tokens, read in order")
+      ->check(CLI::PositiveNumber);
+  eval_cmd->add_option("--batch", eval_opts.batch, "Windows per forward pass")->check(CLI::PositiveNumber);
+  eval_cmd->add_option("--dump-logits", eval_opts.dump_logits,
+                       "Write the main head's logits, [windows, seq_len, vocab] FP32, to this .npy file");
 
   data::DataCommands data_cmds = data::add_data_commands(app);
 
@@ -197,7 +219,16 @@ int run_main(int argc, char** argv) {
     } else if (*ckpt_verify) {
       emit(mpi, checkpoints::verify(checkpoints::resolve_resume(ckpt_dir, ckpt_dir)) + "\n");
     } else if (*ckpt_export) {
-      if (mpi.rank() == 0) emit(mpi, checkpoints::export_weights(checkpoints::resolve_resume(ckpt_dir, ckpt_dir), export_out) + "\n");
+      const std::string dir = checkpoints::resolve_resume(ckpt_dir, ckpt_dir);
+      if (mpi.rank() == 0)
+        emit(mpi, (export_format == "hf" ? checkpoints::export_hf(dir, export_out,
+                                                                  export_dtype == "bf16" ? at::kBFloat16 : at::kFloat,
+                                                                  static_cast<int64_t>(export_shard_gb * 1e9))
+                                         : checkpoints::export_weights(dir, export_out)) +
+                      "\n");
+    } else if (*eval_cmd) {
+      eval_opts.checkpoint = checkpoints::resolve_resume(eval_opts.checkpoint, eval_opts.checkpoint);
+      if (mpi.rank() == 0) emit(mpi, trainer::format(trainer::evaluate(eval_opts)));
     } else if (data_cmds.selected()) {
       if (mpi.rank() == 0) data::run_data_command(data_cmds);  // one writer of the files
     }

@@ -60,12 +60,16 @@ at::Tensor TransformerImpl::run_layers(at::Tensor h, ExpertExchange& exchange, s
 }
 
 
+at::Tensor TransformerImpl::logits(const at::Tensor& h) {
+  // The output head in BF16 in the bf16 and fp8 modes (DeepSeek-V3 keeps it out of FP8), FP32 in fp32 mode.
+  return gemm(norm(h), head_weight(), mode_ == Mode::kFp32 ? Mode::kFp32 : Mode::kBf16);
+}
+
 void TransformerImpl::head_losses(const at::Tensor& h, const at::Tensor& window, ExpertExchange& exchange,
                                   LossSums& out) {
   const int64_t T = h.size(1);
-  // The output head in BF16 in the bf16 and fp8 modes (DeepSeek-V3 keeps it out of FP8), FP32 in fp32 mode.
   const Mode head = mode_ == Mode::kFp32 ? Mode::kFp32 : Mode::kBf16;
-  out.lm = cross_entropy_sum(gemm(norm(h), head_weight(), head), window.narrow(1, 1, T));
+  out.lm = cross_entropy_sum(logits(h), window.narrow(1, 1, T));
   at::Tensor prev = h;
   for (size_t k = 0; k < mtp.size(); ++k) {
     const int64_t depth = static_cast<int64_t>(k) + 1;

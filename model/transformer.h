@@ -57,6 +57,8 @@ class TransformerImpl : public torch::nn::Module {
   at::ScalarType activation_dtype() const;
   // This stage's blocks.
   at::Tensor run_layers(at::Tensor h, ExpertExchange& exchange, std::vector<MoeStats>& stats);
+  // Last stage: hidden of the last block [B, T, d] -> the main head's logits [B, T, vocab].
+  at::Tensor logits(const at::Tensor& h);
   // Last stage: hidden of the last block and the full window [B, T + 1 + D] -> loss sums (main and MTP).
   void head_losses(const at::Tensor& h, const at::Tensor& window, ExpertExchange& exchange, LossSums& out);
   // The whole model in one process: window [B, seq_len + 1 + mtp_depth] -> loss sums.

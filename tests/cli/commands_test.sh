@@ -67,8 +67,8 @@ expect_error() {
 }
 
 # Unknown commands are named, also with --help (CLI11 alone printed the main help and exited 0).
-expect_error "unknown command 'eval'; commands: config, plan, version, train, ckpt, data" "$bin" eval
-expect_error "unknown command 'eval'" "$bin" eval --help
+expect_error "unknown command 'serve'; commands: config, plan, version, train, ckpt, eval, data" "$bin" serve
+expect_error "unknown command 'serve'" "$bin" serve --help
 expect_error "unknown command 'config frob'; config commands: check, show, reference" "$bin" config frob
 # A directory for a config file; a section for --set.
 expect_error "^moetrain: error: configs: is a directory, expected a YAML file$" "$bin" config check configs

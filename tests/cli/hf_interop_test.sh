@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# hf_interop_test.sh MOETRAIN PYTHON: a trained tiny checkpoint exported with `ckpt export --format hf` loads in
+# transformers (PYTHON: the LibTorch virtual environment's, which has it) and gives the logits `moetrain eval
+# --dump-logits` gives on the same windows (max abs difference <= 1e-4, FP32); sharded safetensors with their
+# index; exports transformers cannot express, and exports onto existing files, are refused.
+. "$(dirname "$0")/lib.sh"
+bin=$1
+python=$2
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+train() {
+  "$bin" train --config configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=1 --set parallel.ep=1 \
+    --set train.steps=20 --set train.eval_interval=0 --set checkpoint.interval=20 \
+    --set logging.dir="$tmp/runs" "$@"
+}
+run train --set logging.name=tiny --set checkpoint.dir="$tmp/ckpt"
+[ "$rc" -eq 0 ] || fail "train: $err"
+run "$bin" data synth --out "$tmp/synth/s" --tokens 20000
+[ "$rc" -eq 0 ] || fail "data synth: $err"
+
+# Sharded: a limit of 0.5 MB makes several files and the index.
+run "$bin" ckpt export "$tmp/ckpt" --format hf --out "$tmp/hf" --shard-gb 0.0005
+[ "$rc" -eq 0 ] || fail "export: $err"
+echo "$out"
+[ -f "$tmp/hf/config.json" ] && [ -f "$tmp/hf/model.safetensors.index.json" ] || fail "no config.json or index"
+[ "$(ls "$tmp"/hf/model-*-of-*.safetensors | wc -l)" -gt 1 ] || fail "expected several safetensors shards"
+grep -q '"rope_interleave": true' "$tmp/hf/config.json" && grep -q '"num_nextn_predict_layers": 1' "$tmp/hf/config.json" ||
+  fail "config.json lacks rope_interleave or num_nextn_predict_layers"
+
+run "$bin" eval "$tmp/ckpt" --data "$tmp/synth/s" --windows 12 --dump-logits "$tmp/logits.npy"
+[ "$rc" -eq 0 ] || fail "eval: $err"
+echo "$out"
+printf '%s' "$out" | grep -q "eval: 12 windows of 64 tokens" || fail "eval output: $out"
+printf '%s' "$out" | grep -q "mtp1 loss" && printf '%s' "$out" | grep -q "max-vio per MoE layer: layers.1" ||
+  fail "eval reports no MTP loss or MaxVio: $out"
+
+run "$python" tests/cli/hf_logits.py "$tmp/hf" "$tmp/logits.npy" "$tmp/synth/s.00000.bin" --tol 1e-4
+echo "$out"
+[ "$rc" -eq 0 ] || fail "transformers' logits differ: $out $err"
+
+# Refused: a norm epsilon transformers cannot express; an --out that holds files.
+run train --set logging.name=eps --set checkpoint.dir="$tmp/ckpt-eps" --set train.steps=2 \
+  --set checkpoint.interval=2 --set model.norm_eps=1e-5
+[ "$rc" -eq 0 ] || fail "train (norm_eps): $err"
+run "$bin" ckpt export "$tmp/ckpt-eps" --format hf --out "$tmp/hf-eps"
+[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "model.norm_eps is 1e-05" || fail "norm_eps 1e-5 exported: $rc $err"
+[ ! -e "$tmp/hf-eps" ] || fail "a refused export left $tmp/hf-eps"
+run "$bin" ckpt export "$tmp/ckpt" --format hf --out "$tmp/hf"
+[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "not an empty directory" || fail "export onto files: $rc $err"
+finish

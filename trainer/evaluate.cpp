@@ -1,0 +1,145 @@
+#include "trainer/evaluate.h"
+
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/autograd.h>
+
+#include <cmath>
+#include <fstream>
+#include <stdexcept>
+
+#include "checkpoints/interop.h"
+#include "data/shards.h"
+#include "model/expert_exchange.h"
+#include "model/param_roles.h"
+#include "model/transformer.h"
+#include "precision/policy.h"
+
+namespace moetrain::trainer {
+namespace {
+
+// Every parameter and buffer of a one-process model from the checkpoint (routed experts: their rows of the
+// stacked tensors), shapes checked.
+void load_weights(checkpoints::Checkpoint& ck, model::TransformerImpl& model) {
+  std::vector<model::ParamInfo> all = model::parameter_roles(model);
+  for (auto& b : model::buffer_roles(model)) all.push_back(std::move(b));
+  at::NoGradGuard no_grad;
+  for (const model::ParamInfo& p : all) {
+    const std::string name = "model/" + (p.routed() ? p.stacked_name : p.name);
+    if (!ck.has(name))
+      throw std::runtime_error(fmt::format("{}: no tensor {} (a checkpoint of another model?)", ck.index_file(), name));
+    at::Tensor t = p.routed() ? ck.read_rows(name, p.expert_row, p.expert_row + 1)[0] : ck.read(name);
+    if (t.sizes() != p.tensor.sizes())
+      throw std::runtime_error(fmt::format("{}: tensor {} has shape {} in the checkpoint but {} in the model",
+                                           ck.index_file(), name, t.sizes().vec(), p.tensor.sizes().vec()));
+    at::Tensor into = p.tensor;
+    into.copy_(t);
+  }
+}
+
+// NumPy's .npy format, version 1.0: little-endian FP32, C order.
+void write_npy(const std::string& path, const at::Tensor& t) {
+  std::string shape;
+  for (int64_t s : t.sizes()) shape += fmt::format("{}, ", s);
+  std::string header = fmt::format("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}", shape);
+  header.append(63 - (10 + header.size()) % 64, ' ');
+  header += '\n';
+  std::ofstream f(path, std::ios::binary);
+  f.write("\x93NUMPY\x01\x00", 8);
+  const uint16_t len = static_cast<uint16_t>(header.size());
+  const char len_bytes[2] = {static_cast<char>(len & 0xff), static_cast<char>(len >> 8)};
+  f.write(len_bytes, 2);
+  f.write(header.data(), static_cast<std::streamsize>(header.size()));
+  const at::Tensor c = t.to(at::kFloat).contiguous();
+  f.write(static_cast<const char*>(c.const_data_ptr()), static_cast<std::streamsize>(c.numel() * 4));
+  f.close();
+  if (!f) throw std::runtime_error(fmt::format("{}: cannot write the logits", path));
+}
+
+}  // namespace
+
+CheckpointEval evaluate(const EvalOptions& o) {
+  checkpoints::Checkpoint ck(o.checkpoint);
+  const config::Config c = checkpoints::saved_config(ck);
+  const config::ModelConfig& m = c.model;
+  const data::ShardSet shards(o.data);
+  if (shards.vocab_size() > static_cast<uint64_t>(m.vocab_size))
+    throw std::runtime_error(fmt::format("{}: token ids up to {} but the model's vocabulary has {}", o.data,
+                                         shards.vocab_size(), m.vocab_size));
+  model::Transformer model(m, model::StageSpec::whole(m), precision::policy_for(c.precision).mode);
+  load_weights(ck, *model);
+  model->eval();
+
+  // The windows, in order.
+  const int64_t T = c.train.seq_len, width = T + 1 + m.mtp_depth;
+  std::vector<at::Tensor> windows;
+  for (size_t s = 0; s < shards.shards().size() && static_cast<int64_t>(windows.size()) < o.max_windows; ++s) {
+    const auto tokens = static_cast<int64_t>(shards.shards()[s].header.tokens);
+    for (int64_t start = 0; start + width <= tokens && static_cast<int64_t>(windows.size()) < o.max_windows;
+         start += T) {
+      at::Tensor w = at::empty({width}, at::kLong);
+      shards.read(s, static_cast<uint64_t>(start), static_cast<uint64_t>(width), w.data_ptr<int64_t>());
+      windows.push_back(w);
+    }
+  }
+  if (windows.empty())
+    throw std::runtime_error(fmt::format("{}: no window of {} tokens (seq_len {} + 1 + mtp_depth {}) in any shard",
+                                         o.data, width, T, m.mtp_depth));
+
+  at::NoGradGuard no_grad;
+  model::LocalExpertExchange exchange;
+  CheckpointEval r;
+  r.seq_len = T;
+  double lm = 0;
+  std::vector<double> mtp(static_cast<size_t>(m.mtp_depth), 0.0);
+  std::vector<at::Tensor> counts, logits;
+  for (size_t b = 0; b < windows.size(); b += static_cast<size_t>(o.batch)) {
+    const size_t e = std::min(windows.size(), b + static_cast<size_t>(o.batch));
+    const at::Tensor batch = at::stack(std::vector<at::Tensor>(windows.begin() + b, windows.begin() + e));
+    model::LossSums sums = model->forward(batch, exchange);
+    lm += sums.lm.item<double>();
+    for (size_t k = 0; k < mtp.size(); ++k) mtp[k] += sums.mtp[k].item<double>();
+    for (size_t l = 0; l < sums.moe.size(); ++l) {
+      if (counts.size() <= l) counts.push_back(at::zeros_like(sums.moe[l].counts));
+      counts[l] += sums.moe[l].counts;
+    }
+    if (!o.dump_logits.empty()) {
+      std::vector<model::MoeStats> ignored;
+      logits.push_back(model->logits(model->run_layers(model->embed_tokens(batch.narrow(1, 0, T)), exchange, ignored))
+                           .to(at::kFloat));
+    }
+  }
+  r.windows = static_cast<int64_t>(windows.size());
+  r.tokens = r.windows * T;
+  r.loss = lm / static_cast<double>(r.tokens);
+  for (double s : mtp) r.mtp_loss.push_back(s / static_cast<double>(r.tokens));
+  // The MoE layers in the order the forward pass reports them: main layers, then the MTP blocks.
+  std::vector<std::string> names;
+  for (int64_t l = m.n_dense_layers; l < m.num_layers; ++l) names.push_back(fmt::format("layers.{}", l));
+  for (int64_t k = 0; k < m.mtp_depth && m.n_dense_layers < m.num_layers; ++k) names.push_back(fmt::format("mtp.{}", k));
+  for (size_t l = 0; l < counts.size(); ++l) {
+    const at::Tensor n = counts[l].to(at::kDouble);
+    const double mean = n.mean().item<double>();
+    r.max_vio.emplace_back(l < names.size() ? names[l] : fmt::format("moe.{}", l),
+                           mean > 0 ? n.max().item<double>() / mean - 1.0 : 0.0);
+  }
+  if (!o.dump_logits.empty()) write_npy(o.dump_logits, at::cat(logits, 0));
+  return r;
+}
+
+std::string format(const CheckpointEval& r) {
+  std::string s = fmt::format("eval: {} windows of {} tokens ({} tokens) | loss {:.4f} | perplexity {:.3f}", r.windows,
+                              r.seq_len, r.tokens, r.loss, std::exp(r.loss));
+  for (size_t k = 0; k < r.mtp_loss.size(); ++k) s += fmt::format(" | mtp{} loss {:.4f}", k + 1, r.mtp_loss[k]);
+  if (!r.max_vio.empty()) {
+    s += "\nmax-vio per MoE layer:";
+    for (const auto& [name, v] : r.max_vio) s += fmt::format(" {} {:.3f}", name, v);
+  }
+  return s + "\n";
+}
+
+}  // namespace moetrain::trainer
