@@ -224,7 +224,7 @@ void Checkpointer::settle() {
   remover_->wait();
 }
 
-TrainerState Checkpointer::load(const std::string& dir) {
+TrainerState Checkpointer::load(const std::string& dir, bool weights_only) {
   Checkpoint ck(dir);
   // Every key and tensor of the index read below is checked first, so that an error names <dir>/index.json and
   // the key rather than surfacing from the JSON library.
@@ -242,14 +242,16 @@ TrainerState Checkpointer::load(const std::string& dir) {
   };
   // A stacked expert tensor is read once per rank: the rows of this rank's experts.
   std::map<std::string, std::pair<int64_t, int64_t>> wanted_rows;
+  auto skipped = [&](const StateTensor& st) { return weights_only && st.prefix != "model/"; };
   for (const StateTensor& st : state_) {
-    if (!st.info.routed() || st.offset >= 0) continue;
+    if (!st.info.routed() || st.offset >= 0 || skipped(st)) continue;
     const int64_t row = st.info.expert_row;
     auto [it, fresh] = wanted_rows.emplace(st.prefix + global_name(st.info), std::make_pair(row, row + 1));
     it->second = {std::min(it->second.first, row), std::max(it->second.second, row + 1)};
   }
   std::map<std::string, at::Tensor> rows_read;
   for (const StateTensor& st : state_) {
+    if (skipped(st)) continue;
     // The global tensor: a parameter, buffer or moment under its name; a routed expert's under the stacked name.
     const std::string global = st.prefix + global_name(st.info);
     const std::vector<int64_t> ours = global_shape(st.info);
@@ -271,6 +273,10 @@ TrainerState Checkpointer::load(const std::string& dir) {
     into.copy_(t.to(into.scalar_type()).to(into.device()));
   }
   TrainerState s;
+  if (weights_only) {
+    if (verbose_) fmt::print("initialized from the weights of {} (step 0, fresh optimizer)\n", dir);
+    return s;
+  }
   s.optimizer_steps = ck.read("optim/step").item<int64_t>();
   const auto& trainer = ck.meta().at("trainer");
   s.step = trainer.at("step").get<int64_t>();

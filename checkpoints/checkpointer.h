@@ -72,8 +72,9 @@ class Checkpointer {
   void commit();       // collective: waits for this rank's writer, then commits the pending save
   void settle();       // commit(), then waits for the background deletion of pruned checkpoints
   // Restores the state tensors in place and this rank's RNG (when the layout is the saving one) from a committed
-  // checkpoint of any layout; returns the saved scalars.
-  TrainerState load(const std::string& dir);
+  // checkpoint of any layout; returns the saved scalars. weights_only: the model/ tensors alone (checkpoint
+  // .init_from); the rest keeps its fresh values and the returned state is step 0's.
+  TrainerState load(const std::string& dir, bool weights_only = false);
 
   const std::string& root() const { return root_; }
   const SaveStats& last_save() const { return stats_; }

@@ -4,8 +4,15 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <fmt/ranges.h>
+
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <set>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -13,6 +20,8 @@
 #include <unistd.h>
 
 #include "config/loader.h"
+#include "data/data_state.h"
+#include "model/param_roles.h"
 
 namespace moetrain::checkpoints {
 namespace fs = std::filesystem;
@@ -23,39 +32,75 @@ struct Named {
   at::Tensor tensor;
 };
 
-// Our global names (model/<name> in a checkpoint) under transformers' for one decoder block at `prefix`.
-void block_tensors(Checkpoint& ck, const std::string& ours, const std::string& prefix, const config::ModelConfig& m,
-                   bool moe, std::vector<Named>& out) {
-  auto read = [&](const std::string& name) { return ck.read("model/" + ours + name); };
-  auto add = [&](const std::string& name, at::Tensor t) { out.push_back({prefix + name, std::move(t)}); };
-  add("input_layernorm.weight", read("attn_norm.weight"));
+// How our global names (model/<name> in a checkpoint) and transformers' correspond, declared once for both
+// directions. kSame: one tensor each; kFuseExperts: ours {w_gate, w_up} [E, inter, d] are transformers' gate_up_proj
+// [E, 2·inter, d]; kSwapHalves: our MTP projection's input is [hnorm(h); enorm(e)], the released eh_proj's
+// [enorm(e); hnorm(h)]; kCopy: transformers' MTP layers repeat the embedding and the head (written, not read back).
+enum class Link { kSame, kFuseExperts, kSwapHalves, kCopy };
+struct Correspondence {
+  std::vector<std::string> ours;
+  std::string hf;
+  Link link = Link::kSame;
+};
+
+void block_links(const std::string& ours, const std::string& hf, const config::ModelConfig& m, bool moe,
+                 std::vector<Correspondence>& out) {
+  auto same = [&](const std::string& a, const std::string& b) { out.push_back({{ours + a}, hf + b, Link::kSame}); };
+  same("attn_norm.weight", "input_layernorm.weight");
   if (m.q_lora_rank > 0) {
-    add("self_attn.q_a_proj.weight", read("attn.wq_a"));
-    add("self_attn.q_a_layernorm.weight", read("attn.q_norm.weight"));
-    add("self_attn.q_b_proj.weight", read("attn.wq_b"));
+    same("attn.wq_a", "self_attn.q_a_proj.weight");
+    same("attn.q_norm.weight", "self_attn.q_a_layernorm.weight");
+    same("attn.wq_b", "self_attn.q_b_proj.weight");
   } else {
-    add("self_attn.q_proj.weight", read("attn.wq"));
+    same("attn.wq", "self_attn.q_proj.weight");
   }
-  add("self_attn.kv_a_proj_with_mqa.weight", read("attn.wkv_a"));
-  add("self_attn.kv_a_layernorm.weight", read("attn.kv_norm.weight"));
-  add("self_attn.kv_b_proj.weight", read("attn.wkv_b"));
-  add("self_attn.o_proj.weight", read("attn.wo"));
-  add("post_attention_layernorm.weight", read("ffn_norm.weight"));
+  same("attn.wkv_a", "self_attn.kv_a_proj_with_mqa.weight");
+  same("attn.kv_norm.weight", "self_attn.kv_a_layernorm.weight");
+  same("attn.wkv_b", "self_attn.kv_b_proj.weight");
+  same("attn.wo", "self_attn.o_proj.weight");
+  same("ffn_norm.weight", "post_attention_layernorm.weight");
   if (!moe) {
-    add("mlp.gate_proj.weight", read("mlp.w_gate"));
-    add("mlp.up_proj.weight", read("mlp.w_up"));
-    add("mlp.down_proj.weight", read("mlp.w_down"));
+    same("mlp.w_gate", "mlp.gate_proj.weight");
+    same("mlp.w_up", "mlp.up_proj.weight");
+    same("mlp.w_down", "mlp.down_proj.weight");
     return;
   }
-  add("mlp.gate.weight", read("moe.router.weight"));
-  add("mlp.gate.e_score_correction_bias", read("moe.router.bias"));
-  add("mlp.experts.gate_up_proj", at::cat({read("moe.experts.w_gate"), read("moe.experts.w_up")}, 1));
-  add("mlp.experts.down_proj", read("moe.experts.w_down"));
+  same("moe.router.weight", "mlp.gate.weight");
+  same("moe.router.bias", "mlp.gate.e_score_correction_bias");
+  out.push_back({{ours + "moe.experts.w_gate", ours + "moe.experts.w_up"}, hf + "mlp.experts.gate_up_proj",
+                 Link::kFuseExperts});
+  same("moe.experts.w_down", "mlp.experts.down_proj");
   if (m.n_shared_experts > 0) {
-    add("mlp.shared_experts.gate_proj.weight", read("moe.shared.w_gate"));
-    add("mlp.shared_experts.up_proj.weight", read("moe.shared.w_up"));
-    add("mlp.shared_experts.down_proj.weight", read("moe.shared.w_down"));
+    same("moe.shared.w_gate", "mlp.shared_experts.gate_proj.weight");
+    same("moe.shared.w_up", "mlp.shared_experts.up_proj.weight");
+    same("moe.shared.w_down", "mlp.shared_experts.down_proj.weight");
   }
+}
+
+std::vector<Correspondence> links(const config::ModelConfig& m) {
+  std::vector<Correspondence> out;
+  out.push_back({{"embed.weight"}, "model.embed_tokens.weight"});
+  for (int64_t l = 0; l < m.num_layers; ++l)
+    block_links(fmt::format("layers.{}.", l), fmt::format("model.layers.{}.", l), m, l >= m.n_dense_layers, out);
+  out.push_back({{"norm.weight"}, "model.norm.weight"});
+  const std::string head = m.tie_embeddings ? "embed.weight" : "head.weight";
+  if (!m.tie_embeddings) out.push_back({{head}, "lm_head.weight"});
+  for (int64_t k = 0; k < m.mtp_depth; ++k) {
+    const std::string ours = fmt::format("mtp.{}.", k), hf = fmt::format("model.layers.{}.", m.num_layers + k);
+    out.push_back({{ours + "proj"}, hf + "eh_proj.weight", Link::kSwapHalves});
+    out.push_back({{ours + "enorm.weight"}, hf + "enorm.weight"});
+    out.push_back({{ours + "hnorm.weight"}, hf + "hnorm.weight"});
+    out.push_back({{"embed.weight"}, hf + "embed_tokens.weight", Link::kCopy});
+    out.push_back({{ours + "norm.weight"}, hf + "shared_head.norm.weight"});
+    out.push_back({{head}, hf + "shared_head.head.weight", Link::kCopy});
+    block_links(ours + "block.", hf, m, m.n_dense_layers < m.num_layers, out);
+  }
+  return out;
+}
+
+at::Tensor swap_halves(const at::Tensor& t) {
+  const int64_t half = t.size(1) / 2;
+  return at::cat({t.narrow(1, half, half), t.narrow(1, 0, half)}, 1);
 }
 
 nlohmann::json hf_config(const config::Config& c, at::ScalarType dtype) {
@@ -137,6 +182,58 @@ void write_safetensors(const fs::path& path, const std::vector<Named>& tensors) 
   if (!f) throw std::runtime_error(fmt::format("{}: cannot write", path.string()));
 }
 
+// Every tensor of a safetensors folder (one file, or the shards its index names), as FP32.
+std::map<std::string, at::Tensor> read_safetensors(const fs::path& dir) {
+  std::vector<fs::path> files;
+  if (fs::exists(dir / "model.safetensors.index.json")) {
+    std::set<std::string> names;
+    const nlohmann::json index = nlohmann::json::parse(std::ifstream(dir / "model.safetensors.index.json"));
+    for (const auto& [tensor, file] : index.at("weight_map").items()) names.insert(file.get<std::string>());
+    for (const std::string& f : names) files.push_back(dir / f);
+  } else if (fs::exists(dir / "model.safetensors")) {
+    files.push_back(dir / "model.safetensors");
+  } else {
+    throw std::runtime_error(fmt::format("{}: neither model.safetensors nor model.safetensors.index.json", dir.string()));
+  }
+  std::map<std::string, at::Tensor> out;
+  for (const fs::path& path : files) {
+    std::ifstream f(path, std::ios::binary);
+    unsigned char len[8] = {};
+    f.read(reinterpret_cast<char*>(len), 8);
+    uint64_t n = 0;
+    for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(len[i]) << (8 * i);
+    if (!f || n > (uint64_t{1} << 30))
+      throw std::runtime_error(fmt::format("{}: not a safetensors file (header length)", path.string()));
+    std::string text(n, '\0');
+    f.read(text.data(), static_cast<std::streamsize>(n));
+    const nlohmann::json header = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (!f || header.is_discarded() || !header.is_object())
+      throw std::runtime_error(fmt::format("{}: not a safetensors file (header)", path.string()));
+    const auto data_start = static_cast<std::streamoff>(8 + n);
+    for (const auto& [name, entry] : header.items()) {
+      if (name == "__metadata__") continue;
+      const std::string dt = entry.at("dtype").get<std::string>();
+      const at::ScalarType type = dt == "F32"    ? at::kFloat
+                                  : dt == "BF16" ? at::kBFloat16
+                                  : dt == "F16"  ? at::kHalf
+                                                 : throw std::runtime_error(fmt::format(
+                                                       "{}: tensor {} has dtype {} (F32, BF16 or F16 expected)",
+                                                       path.string(), name, dt));
+      const std::vector<int64_t> shape = entry.at("shape").get<std::vector<int64_t>>();
+      const auto begin = entry.at("data_offsets").at(0).get<int64_t>(), end = entry.at("data_offsets").at(1).get<int64_t>();
+      at::Tensor t = at::empty(shape, at::TensorOptions().dtype(type));
+      if (end - begin != static_cast<int64_t>(t.nbytes()))
+        throw std::runtime_error(fmt::format("{}: tensor {}: {} bytes for shape {}", path.string(), name, end - begin,
+                                             nlohmann::json(shape).dump()));
+      f.seekg(data_start + begin);
+      f.read(static_cast<char*>(t.data_ptr()), end - begin);
+      if (!f) throw std::runtime_error(fmt::format("{}: tensor {} is cut short", path.string(), name));
+      out[name] = t.to(at::kFloat);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 config::Config saved_config(const Checkpoint& ck) {
@@ -177,25 +274,13 @@ std::string export_hf(const std::string& dir, const std::string& out, at::Scalar
     throw std::runtime_error(fmt::format("{}: inside the checkpoint {}; write the export outside it", out, dir));
 
   std::vector<Named> tensors;
-  tensors.push_back({"model.embed_tokens.weight", ck.read("model/embed.weight")});
-  for (int64_t l = 0; l < m.num_layers; ++l)
-    block_tensors(ck, fmt::format("layers.{}.", l), fmt::format("model.layers.{}.", l), m, l >= m.n_dense_layers,
-                  tensors);
-  tensors.push_back({"model.norm.weight", ck.read("model/norm.weight")});
-  const at::Tensor head = m.tie_embeddings ? ck.read("model/embed.weight") : ck.read("model/head.weight");
-  if (!m.tie_embeddings) tensors.push_back({"lm_head.weight", head});
-  const int64_t d = m.hidden_size;
-  for (int64_t k = 0; k < m.mtp_depth; ++k) {
-    const std::string ours = fmt::format("mtp.{}.", k), prefix = fmt::format("model.layers.{}.", m.num_layers + k);
-    // Ours projects [hnorm(h); enorm(e)], the released eh_proj [enorm(e); hnorm(h)]: the column halves swap.
-    const at::Tensor proj = ck.read("model/" + ours + "proj");
-    tensors.push_back({prefix + "eh_proj.weight", at::cat({proj.narrow(1, d, d), proj.narrow(1, 0, d)}, 1)});
-    tensors.push_back({prefix + "enorm.weight", ck.read("model/" + ours + "enorm.weight")});
-    tensors.push_back({prefix + "hnorm.weight", ck.read("model/" + ours + "hnorm.weight")});
-    tensors.push_back({prefix + "embed_tokens.weight", ck.read("model/embed.weight")});
-    tensors.push_back({prefix + "shared_head.norm.weight", ck.read("model/" + ours + "norm.weight")});
-    tensors.push_back({prefix + "shared_head.head.weight", head});
-    block_tensors(ck, ours + "block.", prefix, m, m.n_dense_layers < m.num_layers, tensors);
+  for (const Correspondence& c : links(m)) {
+    std::vector<at::Tensor> ours;
+    for (const std::string& name : c.ours) ours.push_back(ck.read("model/" + name));
+    at::Tensor t = c.link == Link::kFuseExperts ? at::cat(ours, 1)
+                   : c.link == Link::kSwapHalves ? swap_halves(ours[0])
+                                                 : ours[0];
+    tensors.push_back({c.hf, t});
   }
   for (Named& t : tensors)
     if (t.name.find("e_score_correction_bias") == std::string::npos) t.tensor = t.tensor.to(dtype);
@@ -226,6 +311,102 @@ std::string export_hf(const std::string& dir, const std::string& out, at::Scalar
   return fmt::format("{}: transformers DeepseekV3 model ({} tensors, {:.1f} MB {}, {} safetensors file{}) from {}",
                      out, weight_map.size(), static_cast<double>(total) / 1e6,
                      dtype == at::kBFloat16 ? "BF16" : "FP32", files.size(), files.size() == 1 ? "" : "s", dir);
+}
+
+std::string import_hf(const std::string& hf_dir, const std::string& config_file, const std::string& out) {
+  const config::Config c = config::load_config(config_file);
+  const config::ModelConfig& m = c.model;
+  if (const std::string why = hf_unsupported(m); !why.empty())
+    throw std::runtime_error(fmt::format("{}: {}", config_file, why));
+  if (fs::exists(out) && (!fs::is_directory(out) || !fs::is_empty(out)))
+    throw std::runtime_error(fmt::format("{}: exists and is not an empty directory; --out names a new checkpoint "
+                                         "directory",
+                                         out));
+  const fs::path dir(hf_dir);
+  if (!fs::exists(dir / "config.json")) throw std::runtime_error(fmt::format("{}: no config.json", hf_dir));
+  // config.json against the config, field by field where both have it.
+  const nlohmann::json theirs = nlohmann::json::parse(std::ifstream(dir / "config.json"), nullptr, false);
+  if (theirs.is_discarded() || !theirs.is_object())
+    throw std::runtime_error(fmt::format("{}/config.json: not a JSON object", hf_dir));
+  std::vector<std::string> disagree;
+  const nlohmann::json ours_json = hf_config(c, at::kFloat);
+  for (const auto& [key, value] : ours_json.items()) {
+    if (key == "dtype" || key == "max_position_embeddings" || key == "initializer_range" || key == "use_cache" ||
+        key == "architectures" || !theirs.contains(key))
+      continue;
+    const nlohmann::json& t = theirs.at(key);
+    const bool same = (t.is_number() && value.is_number()) ? t.get<double>() == value.get<double>() : t == value;
+    if (!same) disagree.push_back(fmt::format("{} is {} there but {} by the config", key, t.dump(), value.dump()));
+  }
+  if (!disagree.empty())
+    throw std::runtime_error(fmt::format("{}/config.json does not describe the model of {}: {}", hf_dir, config_file,
+                                         fmt::join(disagree, "; ")));
+
+  std::map<std::string, at::Tensor> hf = read_safetensors(dir);
+  // What the model holds: global names (routed experts stacked) and shapes.
+  model::Transformer model(m, model::StageSpec::whole(m));
+  std::map<std::string, std::vector<int64_t>> expected;
+  std::vector<model::ParamInfo> infos = model::parameter_roles(*model);
+  for (auto& b : model::buffer_roles(*model)) infos.push_back(std::move(b));
+  for (const model::ParamInfo& p : infos) {
+    std::vector<int64_t> shape = p.tensor.sizes().vec();
+    if (p.routed()) shape.insert(shape.begin(), p.expert_rows);
+    expected[p.routed() ? p.stacked_name : p.name] = shape;
+  }
+  std::map<std::string, at::Tensor> ours;
+  std::vector<std::string> problems;
+  std::set<std::string> used;
+  for (const Correspondence& link : links(m)) {
+    const auto it = hf.find(link.hf);
+    if (it == hf.end()) {
+      if (link.link != Link::kCopy) problems.push_back(fmt::format("{} is missing", link.hf));
+      continue;
+    }
+    used.insert(link.hf);
+    if (link.link == Link::kCopy) continue;
+    std::vector<at::Tensor> parts;
+    const at::Tensor& t = it->second;
+    if (link.link == Link::kFuseExperts && t.dim() == 3 && t.size(1) % 2 == 0) {
+      parts = {t.narrow(1, 0, t.size(1) / 2).contiguous(), t.narrow(1, t.size(1) / 2, t.size(1) / 2).contiguous()};
+    } else if (link.link == Link::kSwapHalves && t.dim() == 2 && t.size(1) % 2 == 0) {
+      parts = {swap_halves(t)};
+    } else {
+      parts = {t};
+    }
+    for (size_t i = 0; i < link.ours.size(); ++i) {
+      const std::vector<int64_t>& want = expected.at(link.ours[i]);
+      const at::Tensor& got = parts[std::min(i, parts.size() - 1)];
+      if (got.sizes().vec() != want)
+        problems.push_back(fmt::format("{} has shape {}, the config's {} needs {}", link.hf,
+                                       nlohmann::json(t.sizes().vec()).dump(), link.ours[i], nlohmann::json(want).dump()));
+      else
+        ours[link.ours[i]] = got;
+    }
+  }
+  std::vector<std::string> unused;
+  for (const auto& [name, t] : hf)
+    if (!used.count(name)) unused.push_back(name);
+  if (!unused.empty())
+    problems.push_back(fmt::format("{} tensor(s) the config has no place for: {}{}", unused.size(),
+                                   fmt::join(unused.begin(), unused.begin() + std::min<size_t>(unused.size(), 5), ", "),
+                                   unused.size() > 5 ? ", ..." : ""));
+  if (!problems.empty())
+    throw std::runtime_error(fmt::format("{} does not fit {}: {}", hf_dir, config_file, fmt::join(problems, "; ")));
+
+  SaveRequest r;
+  r.root = out;
+  r.step = 0;
+  r.meta = {{"config", config::to_yaml(c)},
+            {"layout", {{"pp", 1}, {"dp", 1}, {"ep", 1}, {"world_size", 1}}},
+            {"trainer", {{"step", 0}, {"samples_consumed", 0}, {"tokens_seen", 0}, {"data", data::to_json({})}}}};
+  for (const auto& [name, t] : ours) r.tensors.push_back({"model/" + name, t});
+  r.tensors.push_back({"optim/step", at::zeros({}, at::kLong)});
+  r.tensors.push_back({"rng/0", at::detail::getDefaultCPUGenerator().get_state()});
+  fs::create_directories(out);
+  parallel::ControlPlane control;
+  const std::string step = commit(r, write_shard(r, 0), control);
+  return fmt::format("{}: {} tensors from {} (FP32 weights, no optimizer state: train --init-from {})", step,
+                     ours.size(), hf_dir, out);
 }
 
 }  // namespace moetrain::checkpoints

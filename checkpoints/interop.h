@@ -27,4 +27,11 @@ std::string hf_unsupported(const config::ModelConfig& m);
 // Returns a one-line summary.
 std::string export_hf(const std::string& dir, const std::string& out, at::ScalarType dtype, int64_t shard_bytes);
 
+// Reads a transformers DeepseekV3 folder (config.json, model.safetensors or shards with their index; FP32, BF16 or
+// FP16) into a new checkpoint directory `out` (its step_0000000) for the model of config file `config_file`:
+// config.json's fields must agree with it, every tensor's shape is checked (each mismatch named), tensors the config
+// has no place for are refused. The checkpoint holds the weights in FP32 and no optimizer state: `train
+// --init-from` starts a run from it (step 0, fresh optimizer). Returns a one-line summary.
+std::string import_hf(const std::string& hf_dir, const std::string& config_file, const std::string& out);
+
 }  // namespace moetrain::checkpoints

@@ -120,12 +120,15 @@ int run_main(int argc, char** argv) {
   train_cmd->add_option("--config", train_args.file, "YAML experiment config")->required();
   add_set_option(train_cmd, train_args.overrides);
   train_cmd->add_flag("--overwrite", overwrite, "Replace the metrics of an earlier run in the same run directory");
-  std::string resume;
+  std::string resume, init_from;
+  train_cmd->add_option("--init-from", init_from,
+                        "Start from a checkpoint's weights (step 0, fresh optimizer and data order; any layout): sets "
+                        "checkpoint.init_from");
   train_cmd->add_option("--resume", resume,
                         "Continue from a checkpoint: auto (the run's latest checkpoint, or a fresh start if there is "
                         "none) or a checkpoint directory");
 
-  std::string ckpt_dir, export_out, export_format = "h5", export_dtype = "fp32";
+  std::string ckpt_dir, export_out, export_format = "h5", export_dtype = "fp32", import_config, import_out;
   double export_shard_gb = 5.0;
   CLI::App* ckpt_cmd = app.add_subcommand("ckpt", "Inspect, verify and export sharded HDF5 checkpoints");
   ckpt_cmd->require_subcommand(1);
@@ -135,6 +138,13 @@ int run_main(int argc, char** argv) {
       "export",
       "The model weights without optimizer state: one HDF5 file under their global names (--format h5), or a Hugging "
       "Face transformers DeepseekV3 folder (--format hf: config.json and safetensors)");
+  CLI::App* ckpt_import = ckpt_cmd->add_subcommand(
+      "import", "A new checkpoint (weights only, step 0) from a Hugging Face transformers DeepseekV3 folder, for "
+                "train --init-from");
+  ckpt_import->add_option("DIR", ckpt_dir, "The transformers folder (config.json, safetensors)")->required();
+  ckpt_import->add_option("--format", export_format, "hf")->check(CLI::IsMember({"hf"}))->required();
+  ckpt_import->add_option("--config", import_config, "The experiment config of the model it holds")->required();
+  ckpt_import->add_option("--out", import_out, "The new checkpoint directory")->required();
   for (CLI::App* sub : {ckpt_inspect, ckpt_verify, ckpt_export})
     sub->add_option("DIR", ckpt_dir, "A checkpoint step directory, or a checkpoint directory with `latest`")
         ->required();
@@ -194,7 +204,13 @@ int run_main(int argc, char** argv) {
     } else if (*version_cmd) {
       emit(mpi, version_report());
     } else if (*train_cmd) {
+      if (!init_from.empty() && !resume.empty())
+        throw std::runtime_error("--init-from and --resume: --resume continues a run, --init-from starts one from "
+                                 "a checkpoint's weights; pass one");
+      if (!init_from.empty()) train_args.overrides.push_back("checkpoint.init_from=" + init_from);
       config::Config c = load(train_args, mpi);
+      if (!c.checkpoint.init_from.empty())  // a step directory, also where `latest` names it
+        c.checkpoint.init_from = checkpoints::resolve_resume(c.checkpoint.init_from, c.checkpoint.init_from);
       check_fits_in_ram(make_plan(c), c, physical_ram_bytes());
       std::string run_dir = c.logging.dir + "/" + c.logging.name;
       trainer::RunDirectory::refuse_if_in_use(run_dir);  // before judging what a running job has written there
@@ -218,6 +234,8 @@ int run_main(int argc, char** argv) {
       emit(mpi, checkpoints::inspect(checkpoints::resolve_resume(ckpt_dir, ckpt_dir)));
     } else if (*ckpt_verify) {
       emit(mpi, checkpoints::verify(checkpoints::resolve_resume(ckpt_dir, ckpt_dir)) + "\n");
+    } else if (*ckpt_import) {
+      if (mpi.rank() == 0) emit(mpi, checkpoints::import_hf(ckpt_dir, import_config, import_out) + "\n");
     } else if (*ckpt_export) {
       const std::string dir = checkpoints::resolve_resume(ckpt_dir, ckpt_dir);
       if (mpi.rank() == 0)

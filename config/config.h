@@ -140,6 +140,7 @@ struct DataConfig {
 struct CheckpointConfig {
   int64_t interval = 0;
   std::string dir = "checkpoints";
+  std::string init_from;  // "": none; else a checkpoint whose weights start the run (step 0, fresh optimizer)
   int64_t keep_last = 2;
   bool async = false;
   bool save_on_signal = true;

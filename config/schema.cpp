@@ -171,6 +171,10 @@ std::vector<KeySpec> build_schema() {
       // ---- checkpoint --------------------------------------------------------------------------------------
       {KEY(checkpoint, interval), "Steps between checkpoints (0: none).", at_least(0)},
       {KEY(checkpoint, dir), "Checkpoint directory (relative paths: inside the run directory)."},
+      {KEY(checkpoint, init_from),
+       "A checkpoint (step directory, or a checkpoint directory with `latest`) whose model weights start the run: "
+       "step 0, a fresh optimizer and data order, any layout (continued pre-training; `ckpt import` makes one from "
+       "a transformers folder). `train --init-from` sets it; a run resumed with --resume ignores it."},
       {KEY(checkpoint, keep_last), "Checkpoints kept; older ones are deleted after a successful save (0: all).",
        at_least(0)},
       {KEY(checkpoint, async), "Write checkpoints on a background thread after a copy to host memory."},

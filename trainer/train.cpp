@@ -44,7 +44,6 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   if (!control_.same_everywhere(XXH64(yaml.data(), yaml.size(), 0)))
     throw std::runtime_error("the ranks were started with different configs (the resolved configs differ); "
                              "launch every rank with the same config file and --set overrides");
-
   // This rank's part of the model: its pipeline stage's layers and its ep shard of the routed experts.
   dp_rank_ = groups_ ? groups_->coords.dp : 0;
   first_stage_ = stage.first;
@@ -57,7 +56,6 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
     exchange_ = std::make_unique<parallel::AllToAllExpertExchange>(*groups_->ep, c_.model.n_routed_experts);
   else
     exchange_ = std::make_unique<model::LocalExpertExchange>();
-
   const std::vector<model::ParamInfo> params = model::parameter_roles(*model_);
   std::vector<NamedParam> named;
   for (const auto& p : params) named.push_back({p.name, p.tensor});
@@ -78,13 +76,15 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   const bool low_precision_gpu = device_.is_cuda() && policy.mode != precision::Mode::kFp32;
   peak_flops_ = c_.train.peak_flops > 0 ? c_.train.peak_flops
                                         : measure_peak_flops(device_, low_precision_gpu ? at::kBFloat16 : at::kFloat);
-  if (!resume.empty()) {
-    const checkpoints::TrainerState s = checkpointer_->load(resume);
+  // --resume: the whole state; else checkpoint.init_from (train --init-from): the weights alone, from step 0.
+  const bool weights_only = resume.empty();
+  if (const std::string from = weights_only ? c_.checkpoint.init_from : resume; !from.empty()) {
+    const checkpoints::TrainerState s = checkpointer_->load(from, weights_only);
     optimizer_->set_steps_taken(s.optimizer_steps);
     optimizer_->publish();  // master weights: the parameters from them
     if (grad_sync_) grad_sync_->gather_params(optimizer_->piece_values());
     step_ = s.step;
-    batches_->resume(s.data);  // the data order continues where the saved run stood, on any dp size
+    if (!weights_only) batches_->resume(s.data);  // the data order continues where the saved run stood, on any dp size
   }
   run_dir_.start(c_, /*resumed=*/!resume.empty());
 }

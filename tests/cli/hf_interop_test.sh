@@ -2,7 +2,9 @@
 # hf_interop_test.sh MOETRAIN PYTHON: a trained tiny checkpoint exported with `ckpt export --format hf` loads in
 # transformers (PYTHON: the LibTorch virtual environment's, which has it) and gives the logits `moetrain eval
 # --dump-logits` gives on the same windows (max abs difference <= 1e-4, FP32); sharded safetensors with their
-# index; exports transformers cannot express, and exports onto existing files, are refused.
+# index; exports transformers cannot express, and exports onto existing files, are refused. `ckpt import` of the
+# export equals the checkpoint bit for bit, and `train --init-from` it starts from the trained weights on one rank
+# and on pp 2 × dp 2 × ep 2; a folder that does not fit the config is refused, naming what differs.
 . "$(dirname "$0")/lib.sh"
 bin=$1
 python=$2
@@ -48,4 +50,40 @@ run "$bin" ckpt export "$tmp/ckpt-eps" --format hf --out "$tmp/hf-eps"
 [ ! -e "$tmp/hf-eps" ] || fail "a refused export left $tmp/hf-eps"
 run "$bin" ckpt export "$tmp/ckpt" --format hf --out "$tmp/hf"
 [ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "not an empty directory" || fail "export onto files: $rc $err"
+
+# Back: import(export(ckpt)) holds the same weights, bit for bit.
+run "$bin" config show configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=1 --set parallel.ep=1
+printf '%s\n' "$out" >"$tmp/tiny1.yaml"
+run "$bin" ckpt import "$tmp/hf" --format hf --config "$tmp/tiny1.yaml" --out "$tmp/imported"
+[ "$rc" -eq 0 ] || fail "import: $err"
+run "$bin" ckpt verify "$tmp/imported"
+[ "$rc" -eq 0 ] || fail "verify of the import: $err"
+run "$bin" ckpt export "$tmp/imported" --out "$tmp/imported.h5"
+run "$bin" ckpt export "$tmp/ckpt" --out "$tmp/original.h5"
+run h5diff "$tmp/imported.h5" "$tmp/original.h5"
+[ "$rc" -eq 0 ] || fail "import(export(ckpt)) differs from ckpt: $out $err"
+
+# Continued pre-training from it: step 1's LM loss is the trained model's, not a fresh one's, on any layout.
+lm1() { grep -o '"lm_loss":[0-9.eE+-]*' "$1" | head -n 1 | cut -d: -f2; }
+run train --set logging.name=scratch --set train.steps=1 --set checkpoint.interval=0
+run train --set logging.name=init --set train.steps=2 --set checkpoint.interval=0 --init-from "$tmp/imported"
+[ "$rc" -eq 0 ] || fail "train --init-from: $err"
+printf '%s' "$out" | grep -q "initialized from the weights of" || fail "no initialization line: $out"
+scratch=$(lm1 "$tmp/runs/scratch/metrics.jsonl")
+init=$(lm1 "$tmp/runs/init/metrics.jsonl")
+echo "step 1 LM loss: from scratch $scratch, from the imported weights $init"
+awk -v a="$scratch" -v b="$init" 'BEGIN { exit !(b < a - 0.5) }' || fail "--init-from did not start from the weights"
+run mpi -np 4 "$bin" train --config configs/tiny.yaml --set train.steps=1 --set train.eval_interval=0 \
+  --set logging.dir="$tmp/runs" --set logging.name=init4 --init-from "$tmp/imported"
+[ "$rc" -eq 0 ] || fail "train --init-from on 4 ranks: $err"
+[ "$(lm1 "$tmp/runs/init4/metrics.jsonl")" = "$init" ] || fail "4 ranks start elsewhere: $(lm1 "$tmp/runs/init4/metrics.jsonl") vs $init"
+run train --set logging.name=both --init-from "$tmp/imported" --resume auto
+[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "pass one" || fail "--init-from with --resume: $rc $err"
+
+# A folder that does not fit the config: named.
+run "$bin" config show "$tmp/tiny1.yaml" --set model.num_layers=3
+printf '%s\n' "$out" >"$tmp/three.yaml"
+run "$bin" ckpt import "$tmp/hf" --format hf --config "$tmp/three.yaml" --out "$tmp/bad"
+[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "num_hidden_layers is 4 there but 3 by the config" ||
+  fail "a 4-layer folder imported for 3 layers: $rc $err"
 finish
