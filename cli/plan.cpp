@@ -16,10 +16,27 @@ namespace moetrain::cli {
 namespace {
 
 std::string count(double n) {
+  if (n >= 1e12) return fmt::format("{:.2f} T", n / 1e12);
   if (n >= 1e9) return fmt::format("{:.2f} B", n / 1e9);
   if (n >= 1e6) return fmt::format("{:.2f} M", n / 1e6);
   if (n >= 1e3) return fmt::format("{:.2f} K", n / 1e3);
   return fmt::format("{:.0f}", n);
+}
+
+// The run's length and the recipe's phases: the learning rate's, and where the balancer's bias updates stop.
+std::string schedule_line(const config::Config& c, int64_t tokens_per_step) {
+  const config::TrainConfig& t = c.train;
+  auto tokens = [&](int64_t steps) { return count(static_cast<double>(steps) * static_cast<double>(tokens_per_step)); };
+  std::string s = fmt::format("schedule    {} steps ({} tokens): lr to {:g} over {} warmup steps, {} constant, cosine over "
+                              "{} to {:g}, then {:g}",
+                              t.steps, tokens(t.steps), t.lr, t.warmup_steps, t.constant_steps, t.decay_steps,
+                              t.lr_min, t.lr_min);
+  if (t.lr_final_steps > 0)
+    s += fmt::format("; the last {} steps ({} tokens) at {:g}", t.lr_final_steps, tokens(t.lr_final_steps), t.lr_final);
+  if (c.model.bias_update_stop_tokens > 0)
+    s += fmt::format("; bias updates stop after {} tokens (step {})", count(static_cast<double>(c.model.bias_update_stop_tokens)),
+                     c.model.bias_update_stop_tokens / std::max<int64_t>(tokens_per_step, 1));
+  return s;
 }
 
 std::string bytes(double b) {
@@ -202,9 +219,10 @@ std::string format_plan(const Plan& plan, const config::Config& c) {
   out += fmt::format("layout      world {} = pp {} × dp {} (ep {} × edp {}); precision {}, AdamW moments {}\n",
                      par.world_size, par.pp, par.dp, par.ep, par.dp / par.ep, config::name(c.precision.mode),
                      config::name(c.precision.moment_dtype));
-  out += fmt::format("batch       {} tokens/step = seq {} × micro-batch {} × {} micro-batches × dp {}\n\n",
+  out += fmt::format("batch       {} tokens/step = seq {} × micro-batch {} × {} micro-batches × dp {}\n",
                      plan.tokens_per_step, c.train.seq_len, c.train.micro_batch_size, c.train.micro_batches,
                      par.dp);
+  out += schedule_line(c, plan.tokens_per_step) + "\n\n";
 
   out += fmt::format("{:<34}{:>16}{:>18}{:>20}\n", "parameters", "total", "activated/token", "exact total");
   auto row = [&](const std::string& name, int64_t total, int64_t active) {
@@ -257,6 +275,10 @@ nlohmann::json plan_json(const Plan& plan, const config::Config& c) {
                  {"mtp_total_with_copies", p.mtp_total_with_copies()}};
   j["flops_per_token"] = {{"main", plan.flops.main}, {"mtp", plan.flops.mtp}, {"total", plan.flops.total()}};
   j["tokens_per_step"] = plan.tokens_per_step;
+  j["schedule"] = {{"steps", c.train.steps},
+                   {"lr_final", c.train.lr_final},
+                   {"lr_final_steps", c.train.lr_final_steps},
+                   {"bias_update_stop_tokens", c.model.bias_update_stop_tokens}};
   for (const auto& s : plan.stages)
     j["stages"].push_back({{"stage", s.stage},
                            {"first_layer", s.first_layer},

@@ -112,6 +112,8 @@ struct TrainConfig {
   double lr_min = 3e-4;
   int64_t warmup_steps = 10;
   int64_t constant_steps = 0;
+  double lr_final = 0.0;       // the learning rate of the run's last lr_final_steps steps
+  int64_t lr_final_steps = 0;  // 0: no final phase
   int64_t decay_steps = 90;
   double weight_decay = 0.1;
   double adam_beta1 = 0.9;

@@ -446,6 +446,9 @@ void validate_rest(const Config& c) {
   const TrainConfig& t = c.train;
   if (t.lr_min > t.lr)
     conflict(c, "train.lr_min", fmt::format("train.lr_min = {} exceeds train.lr = {}", t.lr_min, t.lr));
+  if (t.lr_final_steps > t.steps)
+    conflict(c, "train.lr_final_steps",
+             fmt::format("train.lr_final_steps = {} exceeds train.steps = {}", t.lr_final_steps, t.steps));
   if (c.precision.mode == PrecisionMode::kFp8) {
     const ModelConfig& m = c.model;
     for (auto [key, value] : {std::pair<const char*, int64_t>{"model.hidden_size", m.hidden_size},

@@ -123,6 +123,11 @@ std::vector<KeySpec> build_schema() {
       {KEY(train, warmup_steps), "Linear warmup steps from 0 to lr.", at_least(0)},
       {KEY(train, constant_steps), "Steps at lr after warmup, before the decay.", at_least(0)},
       {KEY(train, decay_steps), "Cosine decay steps from lr to lr_min; lr_min afterwards.", at_least(0)},
+      {KEY(train, lr_final), "The learning rate of the run's last train.lr_final_steps steps (DeepSeek-V3: 7.3e-6 "
+                             "for its final 167B tokens, after 2.2e-5).",
+       between(0, 1e3)},
+      {KEY(train, lr_final_steps), "Steps at the end of the run (the last of train.steps) at train.lr_final (0: none).",
+       at_least(0)},
       {KEY(train, weight_decay), "AdamW weight decay (not applied to norms and biases).", between(0, 1e3)},
       {KEY(train, adam_beta1), "AdamW β1 (< 1: the bias correction divides by 1 − β1^t).", half_open(0, 1)},
       {KEY(train, adam_beta2), "AdamW β2 (< 1: the bias correction divides by 1 − β2^t).", half_open(0, 1)},

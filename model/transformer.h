@@ -5,7 +5,8 @@
 //
 // Windows of seq_len + 1 + mtp_depth tokens: position i < seq_len predicts t[i+1] (main model) and, in MTP module
 // k, t[i+k+1] from h_{k-1}[i] and Emb(t[i+k]):  h'_k = M_k [RMSNorm(h_{k-1}); RMSNorm(Emb(t_{i+k}))] -> block ->
-// shared head.
+// final norm -> shared head, where h_0 is the main model's final-norm output and h_k module k's final-norm output
+// (as Megatron-Core, SGLang and vLLM feed them; model/transformer.cpp).
 #pragma once
 
 #include <torch/nn/module.h>

@@ -6,6 +6,7 @@
 namespace moetrain::trainer {
 
 double lr_at(const config::TrainConfig& t, int64_t step) {
+  if (t.lr_final_steps > 0 && step >= t.steps - t.lr_final_steps) return t.lr_final;
   if (step < t.warmup_steps) return t.lr * static_cast<double>(step + 1) / static_cast<double>(t.warmup_steps);
   int64_t s = step - t.warmup_steps;
   if (s < t.constant_steps) return t.lr;

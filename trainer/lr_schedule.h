@@ -1,5 +1,6 @@
 // The learning-rate schedule of DeepSeek-V3: linear warmup from 0 to lr, a constant phase, a cosine decay to
-// lr_min, then lr_min. Plain warmup-cosine is the same schedule with constant_steps = 0.
+// lr_min, then lr_min, and the run's last lr_final_steps steps at lr_final. Plain warmup-cosine is the same
+// schedule with constant_steps = 0 and no final phase.
 #pragma once
 
 #include <cstdint>

@@ -185,7 +185,11 @@ TEST(Plan, TextAndJson) {
   std::string text = format_plan(plan, c);
   EXPECT_NE(text.find("671.03 B"), std::string::npos) << text;
   EXPECT_NE(text.find("37.55 B"), std::string::npos) << text;
+  // The recipe's tails: the last learning-rate phase and the end of the bias updates.
+  EXPECT_NE(text.find("the last 2655 steps (167.04 B tokens) at 7.3e-06"), std::string::npos) << text;
+  EXPECT_NE(text.find("bias updates stop after 14.30 T tokens"), std::string::npos) << text;
   nlohmann::json j = plan_json(plan, c);
+  EXPECT_EQ(j["schedule"]["lr_final_steps"].get<int64_t>(), 2655);
   EXPECT_EQ(j["params"]["main_total"].get<int64_t>(), plan.params.main_total());
   EXPECT_EQ(j["stages"].size(), 16u);
 }

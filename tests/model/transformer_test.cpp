@@ -58,32 +58,37 @@ TEST(Transformer, InitializationIsLayoutIndependent) {
 
 // The MTP module's inputs and targets, recomputed here from the model's pieces: at position i it combines
 // h[i] with Emb(t[i+1]) and predicts t[i+2].
+// By hand: depth 1 takes the main model's final-norm output, depth 2 module 1's final-norm output (Megatron-Core's,
+// SGLang's and vLLM's h); each predicts the token depth + 1 ahead.
 TEST(Transformer, MtpTargetsAreOffsetByDepthPlusOne) {
   config::ModelConfig m = testing::tiny_model();
+  m.mtp_depth = 2;
   Transformer t(m, StageSpec::whole(m));
   init_parameters(*t, 3, 0.3);
   torch::manual_seed(4);
   const int64_t T = 5;
-  at::Tensor window = torch::randint(0, m.vocab_size, {2, T + 2}, torch::kLong);
+  at::Tensor window = torch::randint(0, m.vocab_size, {2, T + 3}, torch::kLong);
   LocalExpertExchange ex;
   LossSums s = t->forward(window, ex);
 
+  auto ce = [&](const at::Tensor& logits, int64_t first) {
+    return torch::nn::functional::cross_entropy(
+        logits.reshape({-1, m.vocab_size}), window.slice(1, first, first + T).reshape({-1}),
+        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+  };
   std::vector<MoeStats> stats;
-  at::Tensor h = t->run_layers(t->embed_tokens(window.slice(1, 0, T)), ex, stats);
-  auto& mod = t->mtp[0];
-  at::Tensor hk = torch::matmul(
-      torch::cat({mod->hnorm(h), mod->enorm(t->embed_tokens(window.slice(1, 1, T + 1)))}, -1), mod->proj.t());
-  hk = mod->block->forward(hk, ex, stats);
-  at::Tensor logits = torch::matmul(mod->norm(hk), t->head.t());
-  at::Tensor want = torch::nn::functional::cross_entropy(
-      logits.reshape({-1, m.vocab_size}), window.slice(1, 2, T + 2).reshape({-1}),
-      torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-  EXPECT_TRUE(torch::allclose(s.mtp[0], want, 1e-6, 1e-6));
-  at::Tensor lm = torch::nn::functional::cross_entropy(
-      torch::matmul(t->norm(h), t->head.t()).reshape({-1, m.vocab_size}), window.slice(1, 1, T + 1).reshape({-1}),
-      torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-  EXPECT_TRUE(torch::allclose(s.lm, lm, 1e-6, 1e-6));
-  EXPECT_EQ(s.moe.size(), 2u);  // layer 1 and the MTP block
+  at::Tensor h = t->norm(t->run_layers(t->embed_tokens(window.slice(1, 0, T)), ex, stats));
+  EXPECT_TRUE(torch::allclose(s.lm, ce(torch::matmul(h, t->head.t()), 1), 1e-6, 1e-6));
+  for (int64_t k = 0; k < 2; ++k) {
+    auto& mod = t->mtp[static_cast<size_t>(k)];
+    at::Tensor hk = torch::matmul(
+        torch::cat({mod->hnorm(h), mod->enorm(t->embed_tokens(window.slice(1, k + 1, k + 1 + T)))}, -1),
+        mod->proj.t());
+    h = mod->norm(mod->block->forward(hk, ex, stats));
+    EXPECT_TRUE(torch::allclose(s.mtp[static_cast<size_t>(k)], ce(torch::matmul(h, t->head.t()), k + 2), 1e-6, 1e-6))
+        << "depth " << k + 1;
+  }
+  EXPECT_EQ(s.moe.size(), 3u);  // layer 1 and the two MTP blocks
 }
 
 // The training objective of one micro-batch, as the trainer forms it.

@@ -32,6 +32,12 @@ TEST(LrSchedule, PhaseBoundaries) {
   t.constant_steps = 0;
   EXPECT_DOUBLE_EQ(lr_at(t, 0), 1.0);
   EXPECT_DOUBLE_EQ(lr_at(t, 10), 0.1);
+  t.steps = 30;  // the last 5 of 30 steps at lr_final (DeepSeek-V3's last phase)
+  t.lr_final = 0.03;
+  t.lr_final_steps = 5;
+  EXPECT_DOUBLE_EQ(lr_at(t, 24), 0.1);
+  EXPECT_DOUBLE_EQ(lr_at(t, 25), 0.03);
+  EXPECT_DOUBLE_EQ(lr_at(t, 29), 0.03);
 }
 
 TEST(AdamW, FirstStepsInClosedForm) {
