@@ -1,13 +1,12 @@
 #include "checkpoints/interop.h"
 
-#include <ATen/ops/cat.h>
-#include <fmt/format.h>
-#include <nlohmann/json.hpp>
-
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
 
 #include <filesystem>
 #include <fstream>

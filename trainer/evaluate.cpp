@@ -63,6 +63,8 @@ void write_npy(const std::string& path, const at::Tensor& t) {
 }  // namespace
 
 CheckpointEval evaluate(const EvalOptions& o) {
+  if (!o.dump_logits.empty() && !std::ofstream(o.dump_logits, std::ios::binary))  // before the work, not after
+    throw std::runtime_error(fmt::format("{}: cannot write the logits there", o.dump_logits));
   checkpoints::Checkpoint ck(o.checkpoint);
   const config::Config c = checkpoints::saved_config(ck);
   const config::ModelConfig& m = c.model;
