@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 
 #include "checkpoints/checkpoint.h"
 #include "checkpoints/interop.h"
+#include "data/tokenizer.h"
 #include "trainer/evaluate.h"
 #include "config/loader.h"
 #include "config/schema.h"
@@ -167,6 +169,24 @@ int run_main(int argc, char** argv) {
   eval_cmd->add_option("--dump-logits", eval_opts.dump_logits,
                        "Write the main head's logits, [windows, seq_len, vocab] FP32, to this .npy file");
 
+  trainer::GenerateOptions gen_opts;
+  std::string gen_prompt, gen_tokenizer;
+  std::vector<int64_t> gen_ids;
+  CLI::App* gen_cmd = app.add_subcommand(
+      "generate", "Continue a prompt with a checkpoint's model (one process, FP32, MLA's latent KV cache)");
+  gen_cmd->add_option("CKPT", gen_opts.checkpoint, "A checkpoint step directory, or a checkpoint directory with `latest`")
+      ->required();
+  auto* ids_opt = gen_cmd->add_option("--prompt-ids", gen_ids, "The prompt as token ids (comma-separated)")
+                      ->delimiter(',');
+  auto* text_opt = gen_cmd->add_option("--prompt", gen_prompt, "The prompt as text (needs --tokenizer)");
+  ids_opt->excludes(text_opt);
+  gen_cmd->add_option("--tokenizer", gen_tokenizer, "A SentencePiece model: encodes --prompt, decodes the output, stops "
+                                                     "at its end-of-document token");
+  gen_cmd->add_option("--max-new-tokens", gen_opts.max_new_tokens, "Tokens to generate")->check(CLI::PositiveNumber);
+  gen_cmd->add_option("--temperature", gen_opts.temperature, "0: greedy; else sampling at this temperature");
+  gen_cmd->add_option("--top-p", gen_opts.top_p, "Nucleus sampling: the smallest set of top tokens reaching this mass");
+  gen_cmd->add_option("--seed", gen_opts.seed, "The sampling generator's seed");
+
   data::DataCommands data_cmds = data::add_data_commands(app);
 
   std::optional<std::string> error;
@@ -247,6 +267,28 @@ int run_main(int argc, char** argv) {
     } else if (*eval_cmd) {
       eval_opts.checkpoint = checkpoints::resolve_resume(eval_opts.checkpoint, eval_opts.checkpoint);
       if (mpi.rank() == 0) emit(mpi, trainer::format(trainer::evaluate(eval_opts)));
+    } else if (*gen_cmd) {
+      gen_opts.checkpoint = checkpoints::resolve_resume(gen_opts.checkpoint, gen_opts.checkpoint);
+      std::optional<data::Tokenizer> tok;
+      if (!gen_tokenizer.empty()) tok.emplace(gen_tokenizer);
+      if (!gen_prompt.empty()) {
+        if (!tok) throw std::runtime_error("--prompt needs --tokenizer (or pass --prompt-ids)");
+        std::vector<int> ids;
+        tok->encode(gen_prompt, ids);
+        gen_ids.assign(ids.begin(), ids.end());
+      }
+      if (gen_ids.empty()) throw std::runtime_error("generate: pass --prompt-ids or --prompt");
+      gen_opts.prompt = gen_ids;
+      if (tok) gen_opts.stop_id = tok->eos_id();
+      if (mpi.rank() == 0) {
+        const trainer::Generated g = trainer::generate(gen_opts);
+        std::string line = fmt::format("prompt: {}\ngenerated: {}\n", fmt::join(gen_opts.prompt, " "),
+                                       fmt::join(g.tokens, " "));
+        if (tok) line += fmt::format("text: {}\n", tok->decode(std::vector<int>(g.tokens.begin(), g.tokens.end())));
+        line += fmt::format("{} tokens in {:.2f} s ({:.1f} tokens/s)\n", g.tokens.size(), g.seconds,
+                            static_cast<double>(g.tokens.size()) / std::max(g.seconds, 1e-9));
+        emit(mpi, line);
+      }
     } else if (data_cmds.selected()) {
       if (mpi.rank() == 0) data::run_data_command(data_cmds);  // one writer of the files
     }

@@ -1,5 +1,7 @@
 #include "model/attention.h"
 
+#include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/autograd.h>
@@ -130,5 +132,31 @@ at::Tensor MLAImpl::core(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 
 at::Tensor MLAImpl::output(const at::Tensor& o) { return gemm(o, wo, mode_); }
+
+at::Tensor MLAImpl::forward_cached(const at::Tensor& x, LatentCache& cache) {
+  const int64_t B = x.size(0), T = x.size(1), H = heads_, pos = cache.length();
+  at::Tensor q = (q_lora_rank_ > 0 ? gemm(q_norm(gemm(x, wq_a, mode_)), wq_b, mode_) : gemm(x, wq, mode_))
+                     .view({B, T, H, nope_ + rope_});
+  RopeTables rope =
+      rope_tables(pos + T, rope_, rope_theta_, q.options().dtype(at::promote_types(q.scalar_type(), at::kFloat)));
+  rope.cis = rope.cis.narrow(1, pos, T);  // the new tokens' positions
+  at::Tensor kv = gemm(x, wkv_a, mode_);
+  at::Tensor c_kv = kv_norm(kv.narrow(-1, 0, kv_lora_rank_));
+  at::Tensor k_pe = apply_rope(kv.narrow(-1, kv_lora_rank_, rope_).unsqueeze(2), rope).squeeze(2);
+  cache.c_kv = cache.c_kv.defined() ? at::cat({cache.c_kv, c_kv}, 1) : c_kv;
+  cache.k_pe = cache.k_pe.defined() ? at::cat({cache.k_pe, k_pe}, 1) : k_pe;
+  const int64_t L = cache.length();
+  at::Tensor kvb = gemm(cache.c_kv, wkv_b, mode_).view({B, L, H, nope_ + v_dim_});
+  at::Tensor qf = at::cat({q.narrow(-1, 0, nope_), apply_rope(q.narrow(-1, nope_, rope_), rope)}, -1).transpose(1, 2);
+  at::Tensor kf =
+      at::cat({kvb.narrow(-1, 0, nope_), cache.k_pe.unsqueeze(2).expand({B, L, H, rope_})}, -1).transpose(1, 2);
+  at::Tensor vf = kvb.narrow(-1, nope_, v_dim_).transpose(1, 2);
+  // Query i (position pos + i) sees the keys of positions 0 .. pos + i.
+  const auto idx = x.options().dtype(at::kLong);
+  const at::Tensor mask = at::arange(L, idx).unsqueeze(0) <= (at::arange(T, idx) + pos).unsqueeze(1);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(nope_ + rope_));
+  at::Tensor o = at::scaled_dot_product_attention(qf, kf, vf, mask, /*dropout_p=*/0.0, /*is_causal=*/false, scale);
+  return output(o.transpose(1, 2).reshape({B, T, H * v_dim_}).to(x.scalar_type()));
+}
 
 }  // namespace moetrain::model

@@ -14,6 +14,13 @@
 
 namespace moetrain::model {
 
+// Inference: the compressed latents of the tokens seen so far, DeepSeek-V3's MLA cache: kv_norm(c_kv)
+// [B, L, kv_lora_rank] and the rotated shared key [B, L, qk_rope_head_dim] per token and layer.
+struct LatentCache {
+  at::Tensor c_kv, k_pe;
+  int64_t length() const { return c_kv.defined() ? c_kv.size(1) : 0; }
+};
+
 class MLAImpl : public torch::nn::Module {
  public:
   MLAImpl(const config::ModelConfig& m, Mode mode = Mode::kFp32);
@@ -28,6 +35,9 @@ class MLAImpl : public torch::nn::Module {
   std::vector<at::Tensor> project(const at::Tensor& x);
   at::Tensor core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype);
   at::Tensor output(const at::Tensor& o);
+  // Inference on the next T tokens ([B, T, d], positions cache.length() .. + T − 1): appends their latents to the
+  // cache and attends over all of it (keys and values up-projected from the cached latents).
+  at::Tensor forward_cached(const at::Tensor& x, LatentCache& cache);
 
   at::Tensor wq_a, wq_b, wq, wkv_a, wkv_b, wo;
   RMSNorm q_norm{nullptr}, kv_norm{nullptr};

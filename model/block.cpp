@@ -26,6 +26,13 @@ at::Tensor BlockImpl::forward(const at::Tensor& x, ExpertExchange& exchange, std
   return forward_saved(x, exchange, stats);
 }
 
+at::Tensor BlockImpl::forward_cached(const at::Tensor& x, LatentCache& cache, ExpertExchange& exchange) {
+  std::vector<MoeStats> stats;
+  at::Tensor h = x + attn->forward_cached(attn_norm(x), cache);
+  at::Tensor f = ffn_norm(h);
+  return h + (moe ? moe->forward(f, exchange, stats) : mlp(f));
+}
+
 at::Tensor BlockImpl::forward_saved(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats) {
   // Selective: attention keeps x and the output projection's input; the norm, the latents, the q/k/v
   // up-projections and the attention core (DeepSeek-V3's recomputed RMSNorm and MLA up-projections, Megatron-Core's

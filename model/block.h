@@ -17,6 +17,8 @@ class BlockImpl : public torch::nn::Module {
   // Under model.recompute = full the whole block is recomputed from x in the backward pass; under selective
   // attention's norm, latents and q/k/v projections, and the SwiGLU activations are (model/recompute.h).
   at::Tensor forward(const at::Tensor& x, ExpertExchange& exchange, std::vector<MoeStats>& stats);
+  // Inference on the next tokens with the attention's latent cache (model/attention.h).
+  at::Tensor forward_cached(const at::Tensor& x, LatentCache& cache, ExpertExchange& exchange);
 
   RMSNorm attn_norm{nullptr}, ffn_norm{nullptr};
   MLA attn{nullptr};

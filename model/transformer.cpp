@@ -60,6 +60,14 @@ at::Tensor TransformerImpl::run_layers(at::Tensor h, ExpertExchange& exchange, s
 }
 
 
+at::Tensor TransformerImpl::decode(const at::Tensor& tokens, std::vector<LatentCache>& caches,
+                                   ExpertExchange& exchange) {
+  caches.resize(layers.size());
+  at::Tensor h = embed_tokens(tokens);
+  for (size_t l = 0; l < layers.size(); ++l) h = layers[l]->forward_cached(h, caches[l], exchange);
+  return h;
+}
+
 at::Tensor TransformerImpl::logits(const at::Tensor& h) {
   // The output head in BF16 in the bf16 and fp8 modes (DeepSeek-V3 keeps it out of FP8), FP32 in fp32 mode.
   return gemm(norm(h), head_weight(), mode_ == Mode::kFp32 ? Mode::kFp32 : Mode::kBf16);

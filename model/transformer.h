@@ -58,6 +58,9 @@ class TransformerImpl : public torch::nn::Module {
   at::ScalarType activation_dtype() const;
   // This stage's blocks.
   at::Tensor run_layers(at::Tensor h, ExpertExchange& exchange, std::vector<MoeStats>& stats);
+  // Inference, the whole model: the next tokens [B, T] -> the last block's hidden [B, T, d], with one latent cache
+  // per layer (resized to num_layers on first use) holding what came before.
+  at::Tensor decode(const at::Tensor& tokens, std::vector<LatentCache>& caches, ExpertExchange& exchange);
   // Last stage: hidden of the last block [B, T, d] -> the main head's logits [B, T, vocab].
   at::Tensor logits(const at::Tensor& h);
   // Last stage: hidden of the last block and the full window [B, T + 1 + D] -> loss sums (main and MTP).

@@ -1,6 +1,12 @@
 #include "trainer/evaluate.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/multinomial.h>
+#include <ATen/ops/softmax.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
@@ -8,6 +14,7 @@
 #include <fmt/ranges.h>
 #include <torch/autograd.h>
 
+#include <chrono>
 #include <cmath>
 #include <fstream>
 #include <stdexcept>
@@ -131,6 +138,55 @@ CheckpointEval evaluate(const EvalOptions& o) {
   }
   if (!o.dump_logits.empty()) write_npy(o.dump_logits, at::cat(logits, 0));
   return r;
+}
+
+namespace {
+
+int64_t pick_token(const at::Tensor& logits, double temperature, double top_p, at::Generator& gen) {
+  if (temperature <= 0) return logits.argmax().item<int64_t>();
+  at::Tensor probs = at::softmax(logits.to(at::kDouble) / temperature, -1);
+  if (top_p < 1.0) {
+    auto [sorted, order] = probs.sort(/*dim=*/-1, /*descending=*/true);
+    // Keep a token while the mass before it is below top_p (so the first one always stays).
+    const at::Tensor keep = (sorted.cumsum(-1) - sorted) < top_p;
+    probs = at::zeros_like(probs).scatter_(-1, order, sorted * keep);
+  }
+  return at::multinomial(probs, 1, /*replacement=*/false, gen).item<int64_t>();
+}
+
+}  // namespace
+
+Generated generate(const GenerateOptions& o) {
+  checkpoints::Checkpoint ck(o.checkpoint);
+  const config::Config c = checkpoints::saved_config(ck);
+  const config::ModelConfig& m = c.model;
+  if (o.prompt.empty()) throw std::runtime_error("generate: the prompt is empty");
+  for (int64_t id : o.prompt)
+    if (id < 0 || id >= m.vocab_size)
+      throw std::runtime_error(fmt::format("generate: prompt token {} is outside the model's vocabulary [0, {})", id,
+                                           m.vocab_size));
+  if (o.temperature < 0 || o.top_p <= 0 || o.top_p > 1)
+    throw std::runtime_error(fmt::format("generate: --temperature must be ≥ 0 and --top-p in (0, 1], got {} and {}",
+                                         o.temperature, o.top_p));
+  model::Transformer model(m, model::StageSpec::whole(m));
+  load_weights(ck, *model);
+  model->eval();
+  at::NoGradGuard no_grad;
+  at::Generator gen = at::detail::createCPUGenerator(o.seed);
+  model::LocalExpertExchange exchange;
+  std::vector<model::LatentCache> caches;
+  const auto t0 = std::chrono::steady_clock::now();
+  Generated g;
+  at::Tensor input = at::tensor(o.prompt, at::kLong).unsqueeze(0);
+  for (int64_t i = 0; i < o.max_new_tokens; ++i) {
+    const at::Tensor h = model->decode(input, caches, exchange);
+    const int64_t next = pick_token(model->logits(h.narrow(1, h.size(1) - 1, 1)).flatten(), o.temperature, o.top_p, gen);
+    g.tokens.push_back(next);
+    if (next == o.stop_id) break;
+    input = at::full({1, 1}, next, at::kLong);
+  }
+  g.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return g;
 }
 
 std::string format(const CheckpointEval& r) {

@@ -30,4 +30,25 @@ struct CheckpointEval {
 CheckpointEval evaluate(const EvalOptions& o);
 std::string format(const CheckpointEval& r);
 
+// `moetrain generate`: continues a prompt with a checkpoint's model in one process, FP32, with MLA's latent cache
+// (model/attention.h): the prompt in one pass, then a token at a time. temperature 0: greedy; else sampling from
+// softmax(logits / temperature), restricted to the smallest set of top tokens whose probability reaches top_p,
+// drawn from a generator seeded with `seed`.
+struct GenerateOptions {
+  std::string checkpoint;
+  std::vector<int64_t> prompt;  // token ids
+  int64_t max_new_tokens = 32;
+  double temperature = 0.0;
+  double top_p = 1.0;
+  uint64_t seed = 0;
+  int64_t stop_id = -1;  // stop after generating this id (-1: none)
+};
+
+struct Generated {
+  std::vector<int64_t> tokens;  // the new ones
+  double seconds = 0;           // generation time (after loading)
+};
+
+Generated generate(const GenerateOptions& o);
+
 }  // namespace moetrain::trainer

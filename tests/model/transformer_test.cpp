@@ -91,6 +91,27 @@ TEST(Transformer, MtpTargetsAreOffsetByDepthPlusOne) {
   EXPECT_EQ(s.moe.size(), 3u);  // layer 1 and the two MTP blocks
 }
 
+// Inference with the latent cache (a prefill of 3 tokens, then one token at a time) gives the logits of the full
+// causal forward pass at every position. FP64: no near-tie of the router flips between the two orders of summation.
+TEST(Transformer, CachedDecodingMatchesTheFullForwardPass) {
+  config::ModelConfig m = testing::tiny_model();
+  Transformer t(m, StageSpec::whole(m));
+  init_parameters(*t, 5, 0.3);
+  t->to(torch::kDouble);
+  at::NoGradGuard no_grad;
+  torch::manual_seed(6);
+  const at::Tensor tokens = torch::randint(0, m.vocab_size, {2, 7}, torch::kLong);
+  LocalExpertExchange ex;
+  std::vector<MoeStats> stats;
+  const at::Tensor full = t->logits(t->run_layers(t->embed_tokens(tokens), ex, stats));
+  std::vector<LatentCache> caches;
+  std::vector<at::Tensor> steps{t->logits(t->decode(tokens.slice(1, 0, 3), caches, ex))};
+  for (int64_t i = 3; i < 7; ++i) steps.push_back(t->logits(t->decode(tokens.slice(1, i, i + 1), caches, ex)));
+  EXPECT_EQ(caches[0].length(), 7);
+  const at::Tensor cached = torch::cat(steps, 1);
+  EXPECT_TRUE(torch::allclose(cached, full, 1e-10, 1e-10)) << (cached - full).abs().max().item<double>();
+}
+
 // The training objective of one micro-batch, as the trainer forms it.
 at::Tensor objective(Transformer& t, const at::Tensor& window, double lambda) {
   LocalExpertExchange ex;
