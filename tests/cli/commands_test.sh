@@ -67,7 +67,7 @@ expect_error() {
 }
 
 # Unknown commands are named, also with --help (CLI11 alone printed the main help and exited 0).
-expect_error "unknown command 'serve'; commands: config, plan, version, train, ckpt, eval, data" "$bin" serve
+expect_error "unknown command 'serve'; commands: config, plan, version, train, ckpt, eval, generate, data" "$bin" serve
 expect_error "unknown command 'serve'" "$bin" serve --help
 expect_error "unknown command 'config frob'; config commands: check, show, reference" "$bin" config frob
 # A directory for a config file; a section for --set.
