@@ -186,6 +186,9 @@ int run_main(int argc, char** argv) {
   gen_cmd->add_option("--temperature", gen_opts.temperature, "0: greedy; else sampling at this temperature");
   gen_cmd->add_option("--top-p", gen_opts.top_p, "Nucleus sampling: the smallest set of top tokens reaching this mass");
   gen_cmd->add_option("--seed", gen_opts.seed, "The sampling generator's seed");
+  gen_cmd->add_flag("--mtp", gen_opts.mtp,
+                    "Speculative decoding: the MTP modules draft, the main model verifies (greedy); prints the "
+                    "acceptance rate");
 
   data::DataCommands data_cmds = data::add_data_commands(app);
 
@@ -287,6 +290,10 @@ int run_main(int argc, char** argv) {
         if (tok) line += fmt::format("text: {}\n", tok->decode(std::vector<int>(g.tokens.begin(), g.tokens.end())));
         line += fmt::format("{} tokens in {:.2f} s ({:.1f} tokens/s)\n", g.tokens.size(), g.seconds,
                             static_cast<double>(g.tokens.size()) / std::max(g.seconds, 1e-9));
+        if (gen_opts.mtp)
+          line += fmt::format("MTP drafts accepted: {} of {} ({:.1f}%)\n", g.accepted, g.drafted,
+                              g.drafted > 0 ? 100.0 * static_cast<double>(g.accepted) / static_cast<double>(g.drafted)
+                                            : 0.0);
         emit(mpi, line);
       }
     } else if (data_cmds.selected()) {

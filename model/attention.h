@@ -19,6 +19,10 @@ namespace moetrain::model {
 struct LatentCache {
   at::Tensor c_kv, k_pe;
   int64_t length() const { return c_kv.defined() ? c_kv.size(1) : 0; }
+  void truncate(int64_t n) {  // keep the first n positions (a rejected speculative token's are dropped)
+    c_kv = c_kv.narrow(1, 0, n);
+    k_pe = k_pe.narrow(1, 0, n);
+  }
 };
 
 class MLAImpl : public torch::nn::Module {

@@ -68,28 +68,29 @@ at::Tensor TransformerImpl::decode(const at::Tensor& tokens, std::vector<LatentC
   return h;
 }
 
-at::Tensor TransformerImpl::logits(const at::Tensor& h) {
+at::Tensor TransformerImpl::logits(const at::Tensor& h) { return head_logits(norm(h)); }
+
+at::Tensor TransformerImpl::head_logits(const at::Tensor& normed) {
   // The output head in BF16 in the bf16 and fp8 modes (DeepSeek-V3 keeps it out of FP8), FP32 in fp32 mode.
-  return gemm(norm(h), head_weight(), mode_ == Mode::kFp32 ? Mode::kFp32 : Mode::kBf16);
+  return gemm(normed, head_weight(), mode_ == Mode::kFp32 ? Mode::kFp32 : Mode::kBf16);
 }
 
 void TransformerImpl::head_losses(const at::Tensor& h, const at::Tensor& window, ExpertExchange& exchange,
                                   LossSums& out) {
   const int64_t T = h.size(1);
-  const Mode head = mode_ == Mode::kFp32 ? Mode::kFp32 : Mode::kBf16;
   // MTP depth 1 takes the main model's final-norm output, the head's input; depth k > 1 the previous module's
   // output after its own final norm (shared_head.norm). As Megatron-Core's MultiTokenPredictionBlock (the decoder's
   // final_layernorm runs before it; each MTP layer's final_layernorm output feeds the next), SGLang's
   // DeepseekModelNextN and vLLM's DeepSeek MTP proposer (the target model's normed hidden states) do.
   at::Tensor prev = norm(h);
-  out.lm = cross_entropy_sum(gemm(prev, head_weight(), head), window.narrow(1, 1, T));
+  out.lm = cross_entropy_sum(head_logits(prev), window.narrow(1, 1, T));
   for (size_t k = 0; k < mtp.size(); ++k) {
     const int64_t depth = static_cast<int64_t>(k) + 1;
     auto& mod = mtp[k];
     at::Tensor e = embed_tokens(window.narrow(1, depth, T));
     at::Tensor hk = gemm(at::cat({mod->hnorm(prev), mod->enorm(e)}, -1), mod->proj, mode_);
     prev = mod->norm(mod->block->forward(hk, exchange, out.moe));
-    out.mtp.push_back(cross_entropy_sum(gemm(prev, head_weight(), head), window.narrow(1, depth + 1, T)));
+    out.mtp.push_back(cross_entropy_sum(head_logits(prev), window.narrow(1, depth + 1, T)));
   }
 }
 

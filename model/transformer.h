@@ -63,6 +63,8 @@ class TransformerImpl : public torch::nn::Module {
   at::Tensor decode(const at::Tensor& tokens, std::vector<LatentCache>& caches, ExpertExchange& exchange);
   // Last stage: hidden of the last block [B, T, d] -> the main head's logits [B, T, vocab].
   at::Tensor logits(const at::Tensor& h);
+  // The output head alone, on a hidden state already through its final norm (the main one or an MTP module's).
+  at::Tensor head_logits(const at::Tensor& normed);
   // Last stage: hidden of the last block and the full window [B, T + 1 + D] -> loss sums (main and MTP).
   void head_losses(const at::Tensor& h, const at::Tensor& window, ExpertExchange& exchange, LossSums& out);
   // The whole model in one process: window [B, seq_len + 1 + mtp_depth] -> loss sums.

@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/matmul.h>
 #include <ATen/ops/multinomial.h>
 #include <ATen/ops/softmax.h>
 #include <ATen/ops/tensor.h>
@@ -154,6 +155,83 @@ int64_t pick_token(const at::Tensor& logits, double temperature, double top_p, a
   return at::multinomial(probs, 1, /*replacement=*/false, gen).item<int64_t>();
 }
 
+// Greedy speculative decoding with the MTP modules (see evaluate.h). Invariant between rounds: the main model's
+// caches hold every confirmed token but the newest; `hs` holds its normed hidden state per cached position; MTP
+// module k's cache holds its inputs for the positions it has seen (always confirmed ones).
+void speculate(model::TransformerImpl& model, const at::Tensor& prompt, const GenerateOptions& o,
+               std::vector<model::LatentCache>& caches, model::ExpertExchange& exchange, Generated& g) {
+  const int64_t D = static_cast<int64_t>(model.mtp.size());
+  std::vector<int64_t> tokens(prompt.data_ptr<int64_t>(), prompt.data_ptr<int64_t>() + prompt.numel());
+  const auto n_prompt = static_cast<int64_t>(tokens.size());
+  std::vector<at::Tensor> hs;  // [1, 1, d] per main position
+  auto feed_main = [&](const std::vector<int64_t>& ids) {  // -> the new positions' normed hidden states
+    const at::Tensor h = model.norm(model.decode(at::tensor(ids, at::kLong).unsqueeze(0), caches, exchange));
+    std::vector<at::Tensor> out;
+    for (int64_t i = 0; i < h.size(1); ++i) out.push_back(h.narrow(1, i, 1));
+    return out;
+  };
+  auto argmax = [&](const at::Tensor& normed) {
+    return model.head_logits(normed).flatten().argmax().item<int64_t>();
+  };
+  auto done = [&] {
+    const auto n = static_cast<int64_t>(tokens.size()) - n_prompt;
+    return n >= o.max_new_tokens || (n > 0 && tokens.back() == o.stop_id);
+  };
+  for (const at::Tensor& h : feed_main({tokens.begin(), tokens.end()})) hs.push_back(h);
+  tokens.push_back(argmax(hs.back()));
+  // MTP module k's state: its cache and the hidden states it produced per position (the next module's input).
+  std::vector<model::LatentCache> mtp_cache(static_cast<size_t>(D));
+  std::vector<std::vector<at::Tensor>> mtp_h(static_cast<size_t>(D));
+  while (!done()) {
+    // Drafts: module k at position j reads h_{k-1}(j) and token j + k + 1; feed each module every position it can
+    // see now (its token confirmed), in order. Module k's output at the last main position drafts that position
+    // + k + 2; later modules see the earlier drafts as their tokens.
+    std::vector<int64_t> drafts;
+    const auto last = static_cast<int64_t>(hs.size()) - 1;
+    for (int64_t k = 0; k < D; ++k) {
+      auto& mod = model.mtp[static_cast<size_t>(k)];
+      const std::vector<at::Tensor>& below = k == 0 ? hs : mtp_h[static_cast<size_t>(k - 1)];
+      auto& cache = mtp_cache[static_cast<size_t>(k)];
+      for (int64_t j = cache.length(); j <= last && j < static_cast<int64_t>(below.size()); ++j) {
+        const int64_t t = j + k + 1 < static_cast<int64_t>(tokens.size()) ? tokens[static_cast<size_t>(j + k + 1)]
+                                                                           : drafts[static_cast<size_t>(j + k + 1 - tokens.size())];
+        const at::Tensor e = model.embed_tokens(at::full({1, 1}, t, at::kLong));
+        const at::Tensor x = at::matmul(at::cat({mod->hnorm(below[static_cast<size_t>(j)]), mod->enorm(e)}, -1),
+                                        mod->proj.t());
+        mtp_h[static_cast<size_t>(k)].push_back(mod->norm(mod->block->forward_cached(x, cache, exchange)));
+      }
+      if (static_cast<int64_t>(mtp_h[static_cast<size_t>(k)].size()) <= last) break;  // nothing to draft from
+      drafts.push_back(argmax(mtp_h[static_cast<size_t>(k)][static_cast<size_t>(last)]));
+    }
+    // Verify: the newest confirmed token and the drafts in one pass of the main model.
+    std::vector<int64_t> feed{tokens.back()};
+    feed.insert(feed.end(), drafts.begin(), drafts.end());
+    const std::vector<at::Tensor> h = feed_main(feed);
+    size_t kept = 0;  // drafts the main model agrees with
+    while (kept < drafts.size() && argmax(h[kept]) == drafts[kept]) ++kept;
+    g.drafted += static_cast<int64_t>(drafts.size());
+    g.accepted += static_cast<int64_t>(kept);
+    for (size_t i = 0; i <= kept; ++i) hs.push_back(h[i]);
+    tokens.insert(tokens.end(), drafts.begin(), drafts.begin() + static_cast<int64_t>(kept));
+    tokens.push_back(argmax(h[kept]));
+    // The rejected drafts leave the main caches (and their MTP inputs, fed above from drafts, leave the modules').
+    const auto cached = static_cast<int64_t>(hs.size());
+    for (auto& c : caches) c.truncate(cached);
+    for (int64_t k = 0; k < D; ++k) {
+      auto& mh = mtp_h[static_cast<size_t>(k)];
+      const int64_t valid = std::min<int64_t>(static_cast<int64_t>(mh.size()), cached - k - 1);
+      if (valid < static_cast<int64_t>(mh.size())) {
+        mh.resize(static_cast<size_t>(std::max<int64_t>(valid, 0)));
+        mtp_cache[static_cast<size_t>(k)].truncate(std::max<int64_t>(valid, 0));
+      }
+    }
+  }
+  for (int64_t i = n_prompt; i < static_cast<int64_t>(tokens.size()) && i - n_prompt < o.max_new_tokens; ++i) {
+    g.tokens.push_back(tokens[static_cast<size_t>(i)]);
+    if (tokens[static_cast<size_t>(i)] == o.stop_id) break;
+  }
+}
+
 }  // namespace
 
 Generated generate(const GenerateOptions& o) {
@@ -165,6 +243,9 @@ Generated generate(const GenerateOptions& o) {
     if (id < 0 || id >= m.vocab_size)
       throw std::runtime_error(fmt::format("generate: prompt token {} is outside the model's vocabulary [0, {})", id,
                                            m.vocab_size));
+  if (o.mtp && (m.mtp_depth == 0 || o.temperature > 0))
+    throw std::runtime_error(m.mtp_depth == 0 ? "generate --mtp: the model has no MTP module (model.mtp_depth 0)"
+                                              : "generate --mtp: speculative decoding here is greedy (--temperature 0)");
   if (o.temperature < 0 || o.top_p <= 0 || o.top_p > 1)
     throw std::runtime_error(fmt::format("generate: --temperature must be ≥ 0 and --top-p in (0, 1], got {} and {}",
                                          o.temperature, o.top_p));
@@ -178,12 +259,16 @@ Generated generate(const GenerateOptions& o) {
   const auto t0 = std::chrono::steady_clock::now();
   Generated g;
   at::Tensor input = at::tensor(o.prompt, at::kLong).unsqueeze(0);
-  for (int64_t i = 0; i < o.max_new_tokens; ++i) {
-    const at::Tensor h = model->decode(input, caches, exchange);
-    const int64_t next = pick_token(model->logits(h.narrow(1, h.size(1) - 1, 1)).flatten(), o.temperature, o.top_p, gen);
-    g.tokens.push_back(next);
-    if (next == o.stop_id) break;
-    input = at::full({1, 1}, next, at::kLong);
+  if (!o.mtp) {
+    for (int64_t i = 0; i < o.max_new_tokens; ++i) {
+      const at::Tensor h = model->decode(input, caches, exchange);
+      const int64_t next = pick_token(model->logits(h.narrow(1, h.size(1) - 1, 1)).flatten(), o.temperature, o.top_p, gen);
+      g.tokens.push_back(next);
+      if (next == o.stop_id) break;
+      input = at::full({1, 1}, next, at::kLong);
+    }
+  } else {
+    speculate(*model, input, o, caches, exchange, g);
   }
   g.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return g;

@@ -33,7 +33,10 @@ std::string format(const CheckpointEval& r);
 // `moetrain generate`: continues a prompt with a checkpoint's model in one process, FP32, with MLA's latent cache
 // (model/attention.h): the prompt in one pass, then a token at a time. temperature 0: greedy; else sampling from
 // softmax(logits / temperature), restricted to the smallest set of top tokens whose probability reaches top_p,
-// drawn from a generator seeded with `seed`.
+// drawn from a generator seeded with `seed`. With `mtp` (greedy only), speculative decoding as DeepSeek-V3 describes
+// it: MTP module k drafts the token k + 1 ahead from the main model's (normed) hidden state, the main model checks
+// the drafts in one pass and keeps the longest agreeing prefix plus its own next token; the output is greedy
+// decoding's, in fewer main-model passes.
 struct GenerateOptions {
   std::string checkpoint;
   std::vector<int64_t> prompt;  // token ids
@@ -42,11 +45,13 @@ struct GenerateOptions {
   double top_p = 1.0;
   uint64_t seed = 0;
   int64_t stop_id = -1;  // stop after generating this id (-1: none)
+  bool mtp = false;       // speculative decoding: the MTP modules draft, the main model verifies (greedy only)
 };
 
 struct Generated {
   std::vector<int64_t> tokens;  // the new ones
   double seconds = 0;           // generation time (after loading)
+  int64_t drafted = 0, accepted = 0;  // with mtp: draft tokens proposed and accepted
 };
 
 Generated generate(const GenerateOptions& o);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # generate_test.sh MOETRAIN PYTHON: a tiny model trained on a synthetic Markov shard continues a prompt, greedily,
-# with transitions of that corpus (PYTHON reads the shard: tests/cli/bigrams.py); sampling is reproducible from its
-# seed; bad prompts and options are refused by name.
+# with transitions of that corpus (PYTHON reads the shard: tests/cli/bigrams.py); speculative decoding by the MTP
+# module gives the same tokens and reports its acceptance rate; sampling is reproducible from its seed; bad prompts
+# and options are refused by name.
 . "$(dirname "$0")/lib.sh"
 bin=$1
 python=$2
@@ -24,6 +25,15 @@ greedy=$(printf '%s\n' "$out" | sed -n 's/^generated: //p')
 run "$python" tests/cli/bigrams.py "$tmp/s.00000.bin" "5 17 $greedy" --min-seen 0.9 --min-best 0.4
 echo "$out"
 [ "$rc" -eq 0 ] || fail "greedy decoding does not follow the corpus: $out $err"
+
+run "$bin" generate "$tmp/ckpt" --prompt-ids 5,17 --max-new-tokens 40 --mtp
+[ "$rc" -eq 0 ] || fail "generate --mtp: $err"
+echo "$out"
+[ "$(printf '%s\n' "$out" | sed -n 's/^generated: //p')" = "$greedy" ] || fail "--mtp decodes other tokens: $out"
+rate=$(printf '%s\n' "$out" | sed -n 's/^MTP drafts accepted: .*(\([0-9.]*\)%)$/\1/p')
+awk -v r="$rate" 'BEGIN { exit !(r > 50) }' || fail "MTP acceptance rate '$rate' (expected over 50%): $out"
+run "$bin" generate "$tmp/ckpt" --prompt-ids 5 --mtp --temperature 1
+[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "greedy" || fail "--mtp with sampling: $rc $err"
 
 sample() { "$bin" generate "$tmp/ckpt" --prompt-ids 5,17 --max-new-tokens 20 --temperature 1 --top-p 0.9 "$@"; }
 a=$(sample --seed 7 | grep '^generated:')
