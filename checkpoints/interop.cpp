@@ -6,17 +6,16 @@
 #include <ATen/ops/zeros.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <nlohmann/json.hpp>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <stdexcept>
 #include <utility>
 #include <vector>
-
-#include <unistd.h>
 
 #include "config/loader.h"
 #include "data/data_state.h"
@@ -66,8 +65,8 @@ void block_links(const std::string& ours, const std::string& hf, const config::M
   }
   same("moe.router.weight", "mlp.gate.weight");
   same("moe.router.bias", "mlp.gate.e_score_correction_bias");
-  out.push_back({{ours + "moe.experts.w_gate", ours + "moe.experts.w_up"}, hf + "mlp.experts.gate_up_proj",
-                 Link::kFuseExperts});
+  out.push_back(
+      {{ours + "moe.experts.w_gate", ours + "moe.experts.w_up"}, hf + "mlp.experts.gate_up_proj", Link::kFuseExperts});
   same("moe.experts.w_down", "mlp.experts.down_proj");
   if (m.n_shared_experts > 0) {
     same("moe.shared.w_gate", "mlp.shared_experts.gate_proj.weight");
@@ -147,9 +146,12 @@ nlohmann::json hf_config(const config::Config& c, at::ScalarType dtype) {
 
 const char* safetensors_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return "F32";
-    case at::kBFloat16: return "BF16";
-    default: throw std::logic_error("safetensors_dtype: unexpected dtype");
+    case at::kFloat:
+      return "F32";
+    case at::kBFloat16:
+      return "BF16";
+    default:
+      throw std::logic_error("safetensors_dtype: unexpected dtype");
   }
 }
 
@@ -192,7 +194,8 @@ std::map<std::string, at::Tensor> read_safetensors(const fs::path& dir) {
   } else if (fs::exists(dir / "model.safetensors")) {
     files.push_back(dir / "model.safetensors");
   } else {
-    throw std::runtime_error(fmt::format("{}: neither model.safetensors nor model.safetensors.index.json", dir.string()));
+    throw std::runtime_error(
+        fmt::format("{}: neither model.safetensors nor model.safetensors.index.json", dir.string()));
   }
   std::map<std::string, at::Tensor> out;
   for (const fs::path& path : files) {
@@ -212,14 +215,15 @@ std::map<std::string, at::Tensor> read_safetensors(const fs::path& dir) {
     for (const auto& [name, entry] : header.items()) {
       if (name == "__metadata__") continue;
       const std::string dt = entry.at("dtype").get<std::string>();
-      const at::ScalarType type = dt == "F32"    ? at::kFloat
-                                  : dt == "BF16" ? at::kBFloat16
-                                  : dt == "F16"  ? at::kHalf
-                                                 : throw std::runtime_error(fmt::format(
-                                                       "{}: tensor {} has dtype {} (F32, BF16 or F16 expected)",
-                                                       path.string(), name, dt));
+      const at::ScalarType type =
+          dt == "F32"    ? at::kFloat
+          : dt == "BF16" ? at::kBFloat16
+          : dt == "F16"  ? at::kHalf
+                        : throw std::runtime_error(fmt::format("{}: tensor {} has dtype {} (F32, BF16 or F16 expected)",
+                                                               path.string(), name, dt));
       const std::vector<int64_t> shape = entry.at("shape").get<std::vector<int64_t>>();
-      const auto begin = entry.at("data_offsets").at(0).get<int64_t>(), end = entry.at("data_offsets").at(1).get<int64_t>();
+      const auto begin = entry.at("data_offsets").at(0).get<int64_t>(),
+                 end = entry.at("data_offsets").at(1).get<int64_t>();
       at::Tensor t = at::empty(shape, at::TensorOptions().dtype(type));
       if (end - begin != static_cast<int64_t>(t.nbytes()))
         throw std::runtime_error(fmt::format("{}: tensor {}: {} bytes for shape {}", path.string(), name, end - begin,
@@ -254,9 +258,10 @@ config::Config saved_config(const Checkpoint& ck) {
 
 std::string hf_unsupported(const config::ModelConfig& m) {
   if (m.norm_eps != 1e-6)
-    return fmt::format("model.norm_eps is {}: transformers' DeepseekV3 fixes the q and kv latent norms' epsilon at "
-                       "1e-6",
-                       m.norm_eps);
+    return fmt::format(
+        "model.norm_eps is {}: transformers' DeepseekV3 fixes the q and kv latent norms' epsilon at "
+        "1e-6",
+        m.norm_eps);
   return "";
 }
 
@@ -269,14 +274,15 @@ std::string export_hf(const std::string& dir, const std::string& out, at::Scalar
   const fs::path target(out);
   if (fs::exists(target) && (!fs::is_directory(target) || !fs::is_empty(target)))
     throw std::runtime_error(fmt::format("{}: exists and is not an empty directory; --out names a new folder", out));
-  if (fs::exists(fs::path(dir) / "index.json") && fs::absolute(target).string().rfind(fs::absolute(dir).string(), 0) == 0)
+  if (fs::exists(fs::path(dir) / "index.json") &&
+      fs::absolute(target).string().rfind(fs::absolute(dir).string(), 0) == 0)
     throw std::runtime_error(fmt::format("{}: inside the checkpoint {}; write the export outside it", out, dir));
 
   std::vector<Named> tensors;
   for (const Correspondence& c : links(m)) {
     std::vector<at::Tensor> ours;
     for (const std::string& name : c.ours) ours.push_back(ck.read("model/" + name));
-    at::Tensor t = c.link == Link::kFuseExperts ? at::cat(ours, 1)
+    at::Tensor t = c.link == Link::kFuseExperts  ? at::cat(ours, 1)
                    : c.link == Link::kSwapHalves ? swap_halves(ours[0])
                                                  : ours[0];
     tensors.push_back({c.hf, t});
@@ -307,9 +313,9 @@ std::string export_hf(const std::string& dir, const std::string& out, at::Scalar
     f << nlohmann::ordered_json{{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}}.dump(2) << "\n";
   }
   std::ofstream(target / "config.json") << hf_config(c, dtype).dump(2) << "\n";
-  return fmt::format("{}: transformers DeepseekV3 model ({} tensors, {:.1f} MB {}, {} safetensors file{}) from {}",
-                     out, weight_map.size(), static_cast<double>(total) / 1e6,
-                     dtype == at::kBFloat16 ? "BF16" : "FP32", files.size(), files.size() == 1 ? "" : "s", dir);
+  return fmt::format("{}: transformers DeepseekV3 model ({} tensors, {:.1f} MB {}, {} safetensors file{}) from {}", out,
+                     weight_map.size(), static_cast<double>(total) / 1e6, dtype == at::kBFloat16 ? "BF16" : "FP32",
+                     files.size(), files.size() == 1 ? "" : "s", dir);
 }
 
 std::string import_hf(const std::string& hf_dir, const std::string& config_file, const std::string& out) {
@@ -318,9 +324,10 @@ std::string import_hf(const std::string& hf_dir, const std::string& config_file,
   if (const std::string why = hf_unsupported(m); !why.empty())
     throw std::runtime_error(fmt::format("{}: {}", config_file, why));
   if (fs::exists(out) && (!fs::is_directory(out) || !fs::is_empty(out)))
-    throw std::runtime_error(fmt::format("{}: exists and is not an empty directory; --out names a new checkpoint "
-                                         "directory",
-                                         out));
+    throw std::runtime_error(
+        fmt::format("{}: exists and is not an empty directory; --out names a new checkpoint "
+                    "directory",
+                    out));
   const fs::path dir(hf_dir);
   if (!fs::exists(dir / "config.json")) throw std::runtime_error(fmt::format("{}: no config.json", hf_dir));
   // config.json against the config, field by field where both have it.
@@ -377,7 +384,8 @@ std::string import_hf(const std::string& hf_dir, const std::string& config_file,
       const at::Tensor& got = parts[std::min(i, parts.size() - 1)];
       if (got.sizes().vec() != want)
         problems.push_back(fmt::format("{} has shape {}, the config's {} needs {}", link.hf,
-                                       nlohmann::json(t.sizes().vec()).dump(), link.ours[i], nlohmann::json(want).dump()));
+                                       nlohmann::json(t.sizes().vec()).dump(), link.ours[i],
+                                       nlohmann::json(want).dump()));
       else
         ours[link.ours[i]] = got;
     }

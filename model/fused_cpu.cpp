@@ -1,11 +1,11 @@
 #include "model/fused_cpu.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/record_function.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/view_as_real.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/record_function.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -136,8 +136,8 @@ void swiglu_backward_rows(const float* dh, const float* g, const float* u, const
 }
 
 MOETRAIN_ROW_LOOP
-void cross_entropy_rows(const float* logits, const int64_t* target, float* lse, float* loss, int64_t begin,
-                        int64_t end, int64_t v) {
+void cross_entropy_rows(const float* logits, const int64_t* target, float* lse, float* loss, int64_t begin, int64_t end,
+                        int64_t v) {
   for (int64_t r = begin; r < end; ++r) {
     const float* l = logits + r * v;
     float mx = l[0];
@@ -152,8 +152,8 @@ void cross_entropy_rows(const float* logits, const int64_t* target, float* lse, 
 }
 
 MOETRAIN_ROW_LOOP
-void cross_entropy_backward_rows(const float* logits, const int64_t* target, const float* lse, float* dl,
-                                 int64_t begin, int64_t end, int64_t v, float scale) {
+void cross_entropy_backward_rows(const float* logits, const int64_t* target, const float* lse, float* dl, int64_t begin,
+                                 int64_t end, int64_t v, float scale) {
   for (int64_t r = begin; r < end; ++r) {
     const float* l = logits + r * v;
     float* o = dl + r * v;
@@ -225,9 +225,8 @@ std::pair<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_in, const at::Ten
   at::Tensor rstd = at::empty(rshape, x.options());
   const float *xp = x.const_data_ptr<float>(), *wp = w.const_data_ptr<float>();
   float *op = out.data_ptr<float>(), *rp = rstd.data_ptr<float>();
-  for_row_chunks(rows, d, [&](int64_t, int64_t b, int64_t e) {
-    rms_rows(xp, wp, op, rp, b, e, d, static_cast<float>(eps));
-  });
+  for_row_chunks(rows, d,
+                 [&](int64_t, int64_t b, int64_t e) { rms_rows(xp, wp, op, rp, b, e, d, static_cast<float>(eps)); });
   return {out, rstd};
 }
 
@@ -242,9 +241,8 @@ std::pair<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g_in, cons
   const float *gp = g.const_data_ptr<float>(), *xp = x.const_data_ptr<float>(), *wp = w.const_data_ptr<float>(),
               *rp = rstd.const_data_ptr<float>();
   float *dxp = dx.data_ptr<float>(), *pp = partial.data_ptr<float>();
-  const int64_t chunks = for_row_chunks(rows, d, [&](int64_t c, int64_t b, int64_t e) {
-    rms_backward_rows(gp, xp, wp, rp, dxp, pp + c * d, b, e, d);
-  });
+  const int64_t chunks = for_row_chunks(
+      rows, d, [&](int64_t c, int64_t b, int64_t e) { rms_backward_rows(gp, xp, wp, rp, dxp, pp + c * d, b, e, d); });
   at::Tensor dw = partial[0].clone();
   for (int64_t c = 1; c < chunks; ++c) dw.add_(partial[c]);
   return {dx, dw};

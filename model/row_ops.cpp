@@ -1,11 +1,11 @@
 #include "model/row_ops.h"
 
-#include "model/fused_cpu.h"
-
 #include <ATen/ops/cat.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/zeros.h>
 #include <torch/autograd.h>
+
+#include "model/fused_cpu.h"
 
 namespace moetrain::model {
 namespace {

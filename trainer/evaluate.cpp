@@ -2,15 +2,15 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/multinomial.h>
 #include <ATen/ops/softmax.h>
-#include <ATen/ops/tensor.h>
-#include <ATen/ops/zeros_like.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/stack.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/autograd.h>
@@ -130,7 +130,8 @@ CheckpointEval evaluate(const EvalOptions& o) {
   // The MoE layers in the order the forward pass reports them: main layers, then the MTP blocks.
   std::vector<std::string> names;
   for (int64_t l = m.n_dense_layers; l < m.num_layers; ++l) names.push_back(fmt::format("layers.{}", l));
-  for (int64_t k = 0; k < m.mtp_depth && m.n_dense_layers < m.num_layers; ++k) names.push_back(fmt::format("mtp.{}", k));
+  for (int64_t k = 0; k < m.mtp_depth && m.n_dense_layers < m.num_layers; ++k)
+    names.push_back(fmt::format("mtp.{}", k));
   for (size_t l = 0; l < counts.size(); ++l) {
     const at::Tensor n = counts[l].to(at::kDouble);
     const double mean = n.mean().item<double>();
@@ -163,16 +164,14 @@ void speculate(model::TransformerImpl& model, const at::Tensor& prompt, const Ge
   const int64_t D = static_cast<int64_t>(model.mtp.size());
   std::vector<int64_t> tokens(prompt.data_ptr<int64_t>(), prompt.data_ptr<int64_t>() + prompt.numel());
   const auto n_prompt = static_cast<int64_t>(tokens.size());
-  std::vector<at::Tensor> hs;  // [1, 1, d] per main position
+  std::vector<at::Tensor> hs;                              // [1, 1, d] per main position
   auto feed_main = [&](const std::vector<int64_t>& ids) {  // -> the new positions' normed hidden states
     const at::Tensor h = model.norm(model.decode(at::tensor(ids, at::kLong).unsqueeze(0), caches, exchange));
     std::vector<at::Tensor> out;
     for (int64_t i = 0; i < h.size(1); ++i) out.push_back(h.narrow(1, i, 1));
     return out;
   };
-  auto argmax = [&](const at::Tensor& normed) {
-    return model.head_logits(normed).flatten().argmax().item<int64_t>();
-  };
+  auto argmax = [&](const at::Tensor& normed) { return model.head_logits(normed).flatten().argmax().item<int64_t>(); };
   auto done = [&] {
     const auto n = static_cast<int64_t>(tokens.size()) - n_prompt;
     return n >= o.max_new_tokens || (n > 0 && tokens.back() == o.stop_id);
@@ -193,11 +192,12 @@ void speculate(model::TransformerImpl& model, const at::Tensor& prompt, const Ge
       const std::vector<at::Tensor>& below = k == 0 ? hs : mtp_h[static_cast<size_t>(k - 1)];
       auto& cache = mtp_cache[static_cast<size_t>(k)];
       for (int64_t j = cache.length(); j <= last && j < static_cast<int64_t>(below.size()); ++j) {
-        const int64_t t = j + k + 1 < static_cast<int64_t>(tokens.size()) ? tokens[static_cast<size_t>(j + k + 1)]
-                                                                           : drafts[static_cast<size_t>(j + k + 1 - tokens.size())];
+        const int64_t t = j + k + 1 < static_cast<int64_t>(tokens.size())
+                              ? tokens[static_cast<size_t>(j + k + 1)]
+                              : drafts[static_cast<size_t>(j + k + 1 - tokens.size())];
         const at::Tensor e = model.embed_tokens(at::full({1, 1}, t, at::kLong));
-        const at::Tensor x = at::matmul(at::cat({mod->hnorm(below[static_cast<size_t>(j)]), mod->enorm(e)}, -1),
-                                        mod->proj.t());
+        const at::Tensor x =
+            at::matmul(at::cat({mod->hnorm(below[static_cast<size_t>(j)]), mod->enorm(e)}, -1), mod->proj.t());
         mtp_h[static_cast<size_t>(k)].push_back(mod->norm(mod->block->forward_cached(x, cache, exchange)));
       }
       if (static_cast<int64_t>(mtp_h[static_cast<size_t>(k)].size()) <= last) break;  // nothing to draft from
@@ -241,11 +241,12 @@ Generated generate(const GenerateOptions& o) {
   if (o.prompt.empty()) throw std::runtime_error("generate: the prompt is empty");
   for (int64_t id : o.prompt)
     if (id < 0 || id >= m.vocab_size)
-      throw std::runtime_error(fmt::format("generate: prompt token {} is outside the model's vocabulary [0, {})", id,
-                                           m.vocab_size));
+      throw std::runtime_error(
+          fmt::format("generate: prompt token {} is outside the model's vocabulary [0, {})", id, m.vocab_size));
   if (o.mtp && (m.mtp_depth == 0 || o.temperature > 0))
-    throw std::runtime_error(m.mtp_depth == 0 ? "generate --mtp: the model has no MTP module (model.mtp_depth 0)"
-                                              : "generate --mtp: speculative decoding here is greedy (--temperature 0)");
+    throw std::runtime_error(m.mtp_depth == 0
+                                 ? "generate --mtp: the model has no MTP module (model.mtp_depth 0)"
+                                 : "generate --mtp: speculative decoding here is greedy (--temperature 0)");
   if (o.temperature < 0 || o.top_p <= 0 || o.top_p > 1)
     throw std::runtime_error(fmt::format("generate: --temperature must be ≥ 0 and --top-p in (0, 1], got {} and {}",
                                          o.temperature, o.top_p));
@@ -262,7 +263,8 @@ Generated generate(const GenerateOptions& o) {
   if (!o.mtp) {
     for (int64_t i = 0; i < o.max_new_tokens; ++i) {
       const at::Tensor h = model->decode(input, caches, exchange);
-      const int64_t next = pick_token(model->logits(h.narrow(1, h.size(1) - 1, 1)).flatten(), o.temperature, o.top_p, gen);
+      const int64_t next =
+          pick_token(model->logits(h.narrow(1, h.size(1) - 1, 1)).flatten(), o.temperature, o.top_p, gen);
       g.tokens.push_back(next);
       if (next == o.stop_id) break;
       input = at::full({1, 1}, next, at::kLong);

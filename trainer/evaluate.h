@@ -13,8 +13,8 @@
 namespace moetrain::trainer {
 
 struct EvalOptions {
-  std::string checkpoint;   // a step directory or a checkpoint directory with `latest`
-  std::string data;         // token shards' PREFIX
+  std::string checkpoint;  // a step directory or a checkpoint directory with `latest`
+  std::string data;        // token shards' PREFIX
   int64_t max_windows = 64;
   int64_t batch = 8;        // windows per forward pass
   std::string dump_logits;  // "": none; else a .npy file of [windows, seq_len, vocab] FP32 logits
@@ -22,8 +22,8 @@ struct EvalOptions {
 
 struct CheckpointEval {
   int64_t windows = 0, tokens = 0, seq_len = 0;
-  double loss = 0;                                   // mean next-token cross-entropy, nats
-  std::vector<double> mtp_loss;                      // per depth
+  double loss = 0;                                      // mean next-token cross-entropy, nats
+  std::vector<double> mtp_loss;                         // per depth
   std::vector<std::pair<std::string, double>> max_vio;  // per MoE layer over all windows
 };
 
@@ -45,12 +45,12 @@ struct GenerateOptions {
   double top_p = 1.0;
   uint64_t seed = 0;
   int64_t stop_id = -1;  // stop after generating this id (-1: none)
-  bool mtp = false;       // speculative decoding: the MTP modules draft, the main model verifies (greedy only)
+  bool mtp = false;      // speculative decoding: the MTP modules draft, the main model verifies (greedy only)
 };
 
 struct Generated {
-  std::vector<int64_t> tokens;  // the new ones
-  double seconds = 0;           // generation time (after loading)
+  std::vector<int64_t> tokens;        // the new ones
+  double seconds = 0;                 // generation time (after loading)
   int64_t drafted = 0, accepted = 0;  // with mtp: draft tokens proposed and accepted
 };
 

@@ -1,9 +1,10 @@
 // The fused CPU kernels (model/fused_cpu.h, FP32 on the CPU) against the ATen compositions they replace, which
 // FP64 tensors still take: the same functions and gradients within FP32 rounding, the same routing choices.
+#include "model/fused_cpu.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include "model/fused_cpu.h"
 #include "model/layers.h"
 #include "model/router.h"
 #include "model/row_ops.h"
