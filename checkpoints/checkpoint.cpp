@@ -336,14 +336,14 @@ fs::path normalized(const fs::path& p) {
   return n;
 }
 
-// Whether `path` is `dir` or inside it, both made absolute with symbolic links resolved.
+
+}  // namespace
+
 bool within(const fs::path& path, const fs::path& dir) {
   const fs::path p = fs::weakly_canonical(fs::absolute(path)), d = fs::weakly_canonical(fs::absolute(dir));
   const fs::path rel = p.lexically_relative(d);
   return !rel.empty() && *rel.begin() != "..";
 }
-
-}  // namespace
 
 uint64_t checksum(const at::Tensor& t) {
   at::Tensor c = t.contiguous();

@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 #include <nlohmann/json.hpp>
 
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -138,5 +139,8 @@ std::string verify(const std::string& dir);
 std::string export_weights(const std::string& dir, const std::string& out);
 
 uint64_t checksum(const at::Tensor& t);
+
+// Whether `path` is `dir` or inside it, both made absolute with symbolic links resolved.
+bool within(const std::filesystem::path& path, const std::filesystem::path& dir);
 
 }  // namespace moetrain::checkpoints

@@ -48,14 +48,6 @@ Checkpointer::~Checkpointer() {
 
 namespace {
 
-std::string global_name(const model::ParamInfo& info) { return info.routed() ? info.stacked_name : info.name; }
-
-std::vector<int64_t> global_shape(const model::ParamInfo& info) {
-  std::vector<int64_t> shape = info.tensor.sizes().vec();
-  if (info.routed()) shape.insert(shape.begin(), info.expert_rows);
-  return shape;
-}
-
 // Where a piece's first element sits in the flattened global tensor (a routed expert: in its row of the stack).
 int64_t global_offset(const StateTensor& st) {
   return (st.info.routed() ? st.info.expert_row * st.info.tensor.numel() : 0) + st.offset;
@@ -70,7 +62,7 @@ bool Checkpointer::embedding_copy(const model::ParamInfo& info) const {
 bool Checkpointer::writes(const model::ParamInfo& info) const {
   if (!coords_) return true;
   if (embedding_copy(info)) return false;  // the first stage's copy is the same
-  const std::string key = global_name(info);
+  const std::string key = info.global_name();
   const uint64_t h = XXH64(key.data(), key.size(), 0);
   if (info.routed())
     return static_cast<int64_t>(h % static_cast<uint64_t>(c_.parallel.dp / c_.parallel.ep)) == coords_->edp;
@@ -155,9 +147,9 @@ void Checkpointer::save(const TrainerState& s) {
   for (const StateTensor& st : state_) {
     if (st.offset >= 0) {  // a ZeRO-1 piece: saved by the rank holding it (the first stage for the embedding)
       if (embedding_copy(st.info)) continue;
-      TensorEntry e{st.prefix + global_name(st.info), snap(st.tensor)};
+      TensorEntry e{st.prefix + st.info.global_name(), snap(st.tensor)};
       e.flat_begin = global_offset(st);
-      e.global_shape = global_shape(st.info);
+      e.global_shape = st.info.global_shape();
       r.tensors.push_back(std::move(e));
       continue;
     }
@@ -166,7 +158,7 @@ void Checkpointer::save(const TrainerState& s) {
       r.tensors.push_back({st.prefix + st.info.name, snap(st.tensor)});
       continue;
     }
-    const std::string global = st.prefix + global_name(st.info);
+    const std::string global = st.prefix + st.info.global_name();
     auto it = stacked.find(global);
     if (it == stacked.end()) {
       it = stacked.emplace(global, r.tensors.size()).first;
@@ -246,15 +238,15 @@ TrainerState Checkpointer::load(const std::string& dir, bool weights_only) {
   for (const StateTensor& st : state_) {
     if (!st.info.routed() || st.offset >= 0 || skipped(st)) continue;
     const int64_t row = st.info.expert_row;
-    auto [it, fresh] = wanted_rows.emplace(st.prefix + global_name(st.info), std::make_pair(row, row + 1));
+    auto [it, fresh] = wanted_rows.emplace(st.prefix + st.info.global_name(), std::make_pair(row, row + 1));
     it->second = {std::min(it->second.first, row), std::max(it->second.second, row + 1)};
   }
   std::map<std::string, at::Tensor> rows_read;
   for (const StateTensor& st : state_) {
     if (skipped(st)) continue;
     // The global tensor: a parameter, buffer or moment under its name; a routed expert's under the stacked name.
-    const std::string global = st.prefix + global_name(st.info);
-    const std::vector<int64_t> ours = global_shape(st.info);
+    const std::string global = st.prefix + st.info.global_name();
+    const std::vector<int64_t> ours = st.info.global_shape();
     if (need(global) != ours) throw mismatch(global, ck.shape(global), ours);
     at::Tensor t;
     if (st.offset >= 0) {  // a ZeRO-1 piece: its elements, from whichever parts hold them

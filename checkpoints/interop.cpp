@@ -274,8 +274,7 @@ std::string export_hf(const std::string& dir, const std::string& out, at::Scalar
   const fs::path target(out);
   if (fs::exists(target) && (!fs::is_directory(target) || !fs::is_empty(target)))
     throw std::runtime_error(fmt::format("{}: exists and is not an empty directory; --out names a new folder", out));
-  if (fs::exists(fs::path(dir) / "index.json") &&
-      fs::absolute(target).string().rfind(fs::absolute(dir).string(), 0) == 0)
+  if (within(target, dir))
     throw std::runtime_error(fmt::format("{}: inside the checkpoint {}; write the export outside it", out, dir));
 
   std::vector<Named> tensors;
@@ -354,11 +353,7 @@ std::string import_hf(const std::string& hf_dir, const std::string& config_file,
   std::map<std::string, std::vector<int64_t>> expected;
   std::vector<model::ParamInfo> infos = model::parameter_roles(*model);
   for (auto& b : model::buffer_roles(*model)) infos.push_back(std::move(b));
-  for (const model::ParamInfo& p : infos) {
-    std::vector<int64_t> shape = p.tensor.sizes().vec();
-    if (p.routed()) shape.insert(shape.begin(), p.expert_rows);
-    expected[p.routed() ? p.stacked_name : p.name] = shape;
-  }
+  for (const model::ParamInfo& p : infos) expected[p.global_name()] = p.global_shape();
   std::map<std::string, at::Tensor> ours;
   std::vector<std::string> problems;
   std::set<std::string> used;

@@ -27,7 +27,7 @@ using torch::autograd::variable_list;
 // slices would zero-fill a tensor per slice; it keeps only the RoPE table.
 // dst = RoPE(src) (the inverse rotation with `inverse`), src with one head or as many as dst.
 void rotate_into(at::Tensor dst, const at::Tensor& src, const at::Tensor& cis, bool inverse) {
-  if (fused_cpu::applies(dst) && fused_cpu::applies(src) && cis.scalar_type() == at::kComplexFloat)
+  if (fused_cpu::applies({dst, src}) && cis.scalar_type() == at::kComplexFloat)
     return fused_cpu::rope_into(dst, src, cis, inverse);
   dst.copy_(apply_rope(src, {inverse ? cis.conj() : cis}).expand(dst.sizes()));
 }

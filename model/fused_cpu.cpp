@@ -215,6 +215,11 @@ void take_top(float* v, int64_t n, int64_t k, int64_t* out) {
 
 bool applies(const at::Tensor& t) { return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat; }
 
+bool applies(std::initializer_list<at::Tensor> ts) {
+  return ts.size() > 0 && applies(*ts.begin()) &&
+         std::all_of(ts.begin(), ts.end(), [](const at::Tensor& t) { return !t.defined() || applies(t); });
+}
+
 std::pair<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
   RECORD_FUNCTION("moetrain::fused_cpu::rms_norm", std::vector<c10::IValue>());
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();

@@ -9,12 +9,15 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <utility>
 
 namespace moetrain::model::fused_cpu {
 
 // FP32 tensors on the CPU (the rest of a kernel's inputs must match their first).
 bool applies(const at::Tensor& t);
+// All of them (undefined ones are left out; the first must be there).
+bool applies(std::initializer_list<at::Tensor> ts);
 
 // RMSNorm over the last dim: out = x·r·w with r = (mean(x²) + eps)^-½ per row; returns {out, r} (r: x's shape with
 // a last dim of 1).

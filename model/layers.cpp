@@ -1,21 +1,20 @@
 #include "model/layers.h"
 
-#include "model/fused_cpu.h"
-
-#include <torch/autograd.h>
-
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cross_entropy_loss.h>
-#include <ATen/ops/pow.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/ones.h>
-#include <ATen/ops/silu.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/polar.h>
+#include <ATen/ops/pow.h>
+#include <ATen/ops/silu.h>
 #include <ATen/ops/silu_backward.h>
 #include <ATen/ops/view_as_complex.h>
 #include <ATen/ops/view_as_real.h>
+#include <torch/autograd.h>
+
+#include "model/fused_cpu.h"
 
 namespace moetrain::model {
 
@@ -32,7 +31,7 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             double eps) {
-    if (fused_cpu::applies(x) && fused_cpu::applies(w)) {
+    if (fused_cpu::applies({x, w})) {
       auto [out, rstd] = fused_cpu::rms_norm(x, w, eps);
       ctx->save_for_backward({x, w, rstd});
       return out;
@@ -49,7 +48,7 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
-    if (fused_cpu::applies(x) && fused_cpu::applies(w) && fused_cpu::applies(grads[0])) {
+    if (fused_cpu::applies({x, w, grads[0]})) {
       auto [dx, dw] = fused_cpu::rms_norm_backward(grads[0], x, w, rstd);
       return {dx, dw, at::Tensor()};
     }
@@ -99,7 +98,7 @@ class SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
     ctx->saved_data["fused"] = fused;
     ctx->saved_data["gated"] = gated;
     const auto [g, u] = halves(g_or_gu, u_in, fused);
-    if (fused_cpu::applies(g) && fused_cpu::applies(u) && (!gated || fused_cpu::applies(gate)))
+    if (fused_cpu::applies({g, u, gate}))  // gate: the placeholder when there is none
       return fused_cpu::swiglu(g, u, gated ? gate : at::Tensor());
     at::Tensor h = at::silu(g).mul_(u);
     return gated ? h.mul_(gate.unsqueeze(-1)) : h;
@@ -122,7 +121,7 @@ class SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
       du = at::empty_like(u, at::MemoryFormat::Contiguous);
     }
     const at::Tensor dh = grads[0];
-    if (fused_cpu::applies(g) && fused_cpu::applies(u) && fused_cpu::applies(dh) && (!gated || fused_cpu::applies(gate))) {
+    if (fused_cpu::applies({g, u, dh, gate})) {
       dgate = fused_cpu::swiglu_backward(dh, g, u, gated ? gate : at::Tensor(), dg, du);
     } else {
       const at::Tensor silu = at::silu(g);

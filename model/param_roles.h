@@ -32,6 +32,13 @@ struct ParamInfo {
   int64_t expert_rows = 0;   // routed experts: n_routed_experts
 
   bool routed() const { return role == ParamRole::kRoutedExpert; }
+  // The tensor it is part of in checkpoints and exports: its own, or a routed expert's stack [n_routed, ...].
+  const std::string& global_name() const { return routed() ? stacked_name : name; }
+  std::vector<int64_t> global_shape() const {
+    std::vector<int64_t> shape = tensor.sizes().vec();
+    if (routed()) shape.insert(shape.begin(), expert_rows);
+    return shape;
+  }
 };
 
 // In registration order (model.named_parameters() / named_buffers()).

@@ -30,7 +30,7 @@ Routing RouterImpl::forward(const at::Tensor& x) {
   r.scores = at::sigmoid(low ? at::linear(x, weight.to(x.scalar_type())).to(dtype) : at::linear(x.to(dtype), weight.to(dtype)));
   {
     at::NoGradGuard no_grad;
-    if (fused_cpu::applies(r.scores) && fused_cpu::applies(bias)) {  // one pass per token (model/fused_cpu.h)
+    if (fused_cpu::applies({r.scores, bias})) {  // one pass per token (model/fused_cpu.h)
       r.indices = fused_cpu::route_top_k(r.scores, bias, n_group_, topk_group_, top_k_);
     } else {
       at::Tensor biased = r.scores + bias.to(dtype);

@@ -20,6 +20,7 @@
 #include <fstream>
 #include <stdexcept>
 
+#include "checkpoints/checkpointer.h"
 #include "checkpoints/interop.h"
 #include "data/shards.h"
 #include "model/expert_exchange.h"
@@ -30,23 +31,15 @@
 namespace moetrain::trainer {
 namespace {
 
-// Every parameter and buffer of a one-process model from the checkpoint (routed experts: their rows of the
-// stacked tensors), shapes checked.
-void load_weights(checkpoints::Checkpoint& ck, model::TransformerImpl& model) {
-  std::vector<model::ParamInfo> all = model::parameter_roles(model);
-  for (auto& b : model::buffer_roles(model)) all.push_back(std::move(b));
-  at::NoGradGuard no_grad;
-  for (const model::ParamInfo& p : all) {
-    const std::string name = "model/" + (p.routed() ? p.stacked_name : p.name);
-    if (!ck.has(name))
-      throw std::runtime_error(fmt::format("{}: no tensor {} (a checkpoint of another model?)", ck.index_file(), name));
-    at::Tensor t = p.routed() ? ck.read_rows(name, p.expert_row, p.expert_row + 1)[0] : ck.read(name);
-    if (t.sizes() != p.tensor.sizes())
-      throw std::runtime_error(fmt::format("{}: tensor {} has shape {} in the checkpoint but {} in the model",
-                                           ck.index_file(), name, t.sizes().vec(), p.tensor.sizes().vec()));
-    at::Tensor into = p.tensor;
-    into.copy_(t);
-  }
+// The weights of a one-process model from a checkpoint of any layout: the trainer's restore
+// (checkpoints::Checkpointer::load), model/ tensors only.
+void load_weights(const config::Config& c, const std::string& dir, model::TransformerImpl& model) {
+  std::vector<checkpoints::StateTensor> state;
+  for (const model::ParamInfo& p : model::parameter_roles(model)) state.push_back({"model/", p, p.tensor});
+  for (const model::ParamInfo& b : model::buffer_roles(model)) state.push_back({"model/", b, b.tensor});
+  parallel::ControlPlane control;
+  checkpoints::Checkpointer(c, "", control, nullptr, std::move(state), /*verbose=*/false)
+      .load(dir, /*weights_only=*/true);
 }
 
 // NumPy's .npy format, version 1.0: little-endian FP32, C order.
@@ -81,7 +74,7 @@ CheckpointEval evaluate(const EvalOptions& o) {
     throw std::runtime_error(fmt::format("{}: token ids up to {} but the model's vocabulary has {}", o.data,
                                          shards.vocab_size(), m.vocab_size));
   model::Transformer model(m, model::StageSpec::whole(m), precision::policy_for(c.precision).mode);
-  load_weights(ck, *model);
+  load_weights(c, o.checkpoint, *model);
   model->eval();
 
   // The windows, in order.
@@ -110,18 +103,17 @@ CheckpointEval evaluate(const EvalOptions& o) {
   for (size_t b = 0; b < windows.size(); b += static_cast<size_t>(o.batch)) {
     const size_t e = std::min(windows.size(), b + static_cast<size_t>(o.batch));
     const at::Tensor batch = at::stack(std::vector<at::Tensor>(windows.begin() + b, windows.begin() + e));
-    model::LossSums sums = model->forward(batch, exchange);
+    // One pass: the losses and, for the dump, the main head's logits from the same last hidden state.
+    model::LossSums sums;
+    const at::Tensor h = model->run_layers(model->embed_tokens(batch.narrow(1, 0, T)), exchange, sums.moe);
+    model->head_losses(h, batch, exchange, sums);
     lm += sums.lm.item<double>();
     for (size_t k = 0; k < mtp.size(); ++k) mtp[k] += sums.mtp[k].item<double>();
     for (size_t l = 0; l < sums.moe.size(); ++l) {
       if (counts.size() <= l) counts.push_back(at::zeros_like(sums.moe[l].counts));
       counts[l] += sums.moe[l].counts;
     }
-    if (!o.dump_logits.empty()) {
-      std::vector<model::MoeStats> ignored;
-      logits.push_back(model->logits(model->run_layers(model->embed_tokens(batch.narrow(1, 0, T)), exchange, ignored))
-                           .to(at::kFloat));
-    }
+    if (!o.dump_logits.empty()) logits.push_back(model->logits(h).to(at::kFloat));
   }
   r.windows = static_cast<int64_t>(windows.size());
   r.tokens = r.windows * T;
@@ -251,7 +243,7 @@ Generated generate(const GenerateOptions& o) {
     throw std::runtime_error(fmt::format("generate: --temperature must be ≥ 0 and --top-p in (0, 1], got {} and {}",
                                          o.temperature, o.top_p));
   model::Transformer model(m, model::StageSpec::whole(m));
-  load_weights(ck, *model);
+  load_weights(c, o.checkpoint, *model);
   model->eval();
   at::NoGradGuard no_grad;
   at::Generator gen = at::detail::createCPUGenerator(o.seed);
