@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # hf_interop_test.sh MOETRAIN PYTHON: a trained tiny checkpoint exported with `ckpt export --format hf` loads in
 # transformers (PYTHON: the LibTorch virtual environment's, which has it) and gives the logits `moetrain eval
-# --dump-logits` gives on the same windows (max abs difference <= 1e-4, FP32); sharded safetensors with their
-# index; exports transformers cannot express, and exports onto existing files, are refused. `ckpt import` of the
+# --dump-logits` gives on the same windows (max abs difference <= 1e-4, FP32; a --dtype bf16 export holds BF16
+# tensors and, run in BF16, stays within 0.3 with the same most likely token at >= 95% of positions); sharded
+# safetensors with their index; exports transformers cannot express, and exports onto existing files, are refused. `ckpt import` of the
 # export equals the checkpoint bit for bit, and `train --init-from` it starts from the trained weights on one rank
 # and on pp 2 × dp 2 × ep 2; a folder that does not fit the config is refused, naming what differs.
 . "$(dirname "$0")/lib.sh"
@@ -40,6 +41,12 @@ printf '%s' "$out" | grep -q "mtp1 loss" && printf '%s' "$out" | grep -q "max-vi
 run "$python" tests/cli/hf_logits.py "$tmp/hf" "$tmp/logits.npy" "$tmp/synth/s.00000.bin" --tol 1e-4
 echo "$out"
 [ "$rc" -eq 0 ] || fail "transformers' logits differ: $out $err"
+run "$bin" ckpt export "$tmp/ckpt" --format hf --out "$tmp/hf-bf16" --dtype bf16
+[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "BF16" || fail "bf16 export: $out $err"
+run "$python" tests/cli/hf_logits.py "$tmp/hf-bf16" "$tmp/logits.npy" "$tmp/synth/s.00000.bin" --dtype bf16 \
+  --tol 0.3 --min-agree 0.95
+echo "$out"
+[ "$rc" -eq 0 ] || fail "transformers' logits of the bf16 export differ: $out $err"
 
 # Refused: a norm epsilon transformers cannot express; an --out that holds files.
 run train --set logging.name=eps --set checkpoint.dir="$tmp/ckpt-eps" --set train.steps=2 \
