@@ -136,6 +136,7 @@ struct DataConfig {
   int64_t synthetic_tokens = 2000000;
   int64_t synthetic_branching = 4;
   int64_t synthetic_seed = 0;
+  int64_t synthetic_order = 1;  // the Markov source's order: tokens its next token depends on
   int64_t prefetch = 4;
 };
 

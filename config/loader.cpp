@@ -464,6 +464,15 @@ void validate_rest(const Config& c) {
     conflict(c, "data.synthetic_branching",
              fmt::format("data.synthetic_branching = {} exceeds model.vocab_size = {}", c.data.synthetic_branching,
                          c.model.vocab_size));
+  if (c.data.source == DataSource::kSynthetic && c.data.synthetic_order > 1) {
+    double states = 1;
+    for (int64_t i = 0; i < c.data.synthetic_order; ++i) states *= static_cast<double>(c.model.vocab_size);
+    if (states > static_cast<double>(int64_t{1} << 24))
+      conflict(c, "data.synthetic_order",
+               fmt::format("data.synthetic_order = {} over model.vocab_size = {} gives {:.3g} Markov states, more "
+                           "than the 2^24 the synthetic source tabulates; lower the order or the vocabulary",
+                           c.data.synthetic_order, c.model.vocab_size, states));
+  }
   if (c.data.source == DataSource::kShards && c.data.path.empty())
     conflict(c, "data.source", "data.source = shards needs data.path (the token-shard prefix)");
   if (c.checkpoint.interval > 0 && c.checkpoint.dir.empty())

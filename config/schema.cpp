@@ -169,6 +169,10 @@ std::vector<KeySpec> build_schema() {
       {KEY(data, synthetic_branching),
        "Successors per token of the synthetic Markov source (its entropy rate grows with it).", at_least(1)},
       {KEY(data, synthetic_seed), "Seed of the synthetic source's transition table.", at_least(0)},
+      {KEY(data, synthetic_order),
+       "Order of the synthetic Markov source: the next token depends on the last k tokens (1: on the current one "
+       "alone; 2 or more: a model needs attention to reach the entropy rate, and model.vocab_size^k ≤ 2^24).",
+       at_least(1)},
       {KEY(data, prefetch),
        "Training micro-batches prepared ahead on a background thread (queue depth; 0: prepared when asked for).",
        at_least(0)},

@@ -38,13 +38,17 @@ void check_data_state(const DataState& saved, uint64_t seed, uint64_t fingerprin
 }
 
 SyntheticBatches::SyntheticBatches(const config::Config& c)
-    : source_(c.model.vocab_size, c.data.synthetic_branching, static_cast<uint64_t>(c.data.synthetic_seed)),
+    : source_(c.model.vocab_size, c.data.synthetic_branching, static_cast<uint64_t>(c.data.synthetic_seed),
+              c.data.synthetic_order),
       shape_(BatchShape::from(c)),
       train_sequences_(std::max<int64_t>(1, c.data.synthetic_tokens / shape_.window)),
       seed_(static_cast<uint64_t>(c.data.synthetic_seed)) {
   const int64_t parts[] = {c.model.vocab_size, c.data.synthetic_branching, c.data.synthetic_seed, train_sequences_,
                            shape_.window};
-  fingerprint_ = XXH3_64bits(parts, sizeof parts);
+  // Order 1 keeps the fingerprint of the sources from before the order existed (their checkpoints resume).
+  fingerprint_ = c.data.synthetic_order == 1
+                     ? XXH3_64bits(parts, sizeof parts)
+                     : XXH3_64bits_withSeed(parts, sizeof parts, static_cast<uint64_t>(c.data.synthetic_order));
 }
 
 at::Tensor SyntheticBatches::rows(uint64_t stream, int64_t first, bool wrap) const {

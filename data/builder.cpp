@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <optional>
 #include <stdexcept>
 
 #include "data/progress.h"
@@ -80,7 +81,16 @@ SynthSummary synth_shards(const SynthOptions& o) {
   if (o.document_tokens < 1)
     throw std::runtime_error(fmt::format("--doc-tokens {}: must be at least 1", o.document_tokens));
   if (o.tokens < 1) throw std::runtime_error("--tokens: must be at least 1");
-  const MarkovSource source(o.vocab_size - 1, o.branching, o.seed);
+  if (o.order < 1 || o.document_tokens < o.order)
+    throw std::runtime_error(
+        fmt::format("--order {}: must be between 1 and --doc-tokens ({})", o.order, o.document_tokens));
+  std::optional<MarkovSource> made;
+  try {
+    made.emplace(o.vocab_size - 1, o.branching, o.seed, o.order);
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(fmt::format("--order {} with --vocab-size {}: {}", o.order, o.vocab_size, e.what()));
+  }
+  const MarkovSource& source = *made;
   SynthSummary s;
   s.eos_id = o.vocab_size - 1;
   const auto per_doc = static_cast<uint64_t>(o.document_tokens) + 1;
@@ -104,7 +114,8 @@ SynthSummary synth_shards(const SynthOptions& o) {
   for (double p : source.stationary())
     if (p > 0) s.start_entropy -= p * std::log(p);
   const auto L = static_cast<double>(o.document_tokens);
-  s.text_token_entropy = (s.start_entropy + (L - 1) * s.entropy_rate) / L;
+  // A document's first k tokens are a state drawn from π (jointly H(π)); each later one costs H.
+  s.text_token_entropy = (s.start_entropy + (L - static_cast<double>(o.order)) * s.entropy_rate) / L;
   return s;
 }
 

@@ -43,15 +43,16 @@ struct SynthOptions {
   int64_t vocab_size = 256;       // ids 0..vocab_size-2 are Markov text; vocab_size-1 is the end-of-document token
   int64_t branching = 4;
   uint64_t seed = 0;
+  int64_t order = 1;              // the Markov source's order k (data/synthetic.h)
   int64_t document_tokens = 512;  // Markov tokens per document (the end token comes on top)
   uint64_t shard_tokens = uint64_t{1} << 28;
   bool progress = true;
 };
 
 // The synthetic corpus written as shards, and the entropies that bound a model's loss on it (nats/token):
-//   rate            H = Σ_i π_i H(P_i): a Markov token whose predecessor is in the same document
-//   start           H(π) = −Σ_i π_i ln π_i: the first token of a document (documents are independent)
-//   per text token  (H(π) + (L−1)·H) / L over the L Markov tokens of a document (end tokens excluded)
+//   rate            H = Σ_i π_i H(P_i): a Markov token whose k predecessors are in the same document
+//   start           H(π) = −Σ_i π_i ln π_i: the first k tokens of a document jointly (documents are independent)
+//   per text token  (H(π) + (L−k)·H) / L over the L Markov tokens of a document (end tokens excluded)
 struct SynthSummary {
   uint64_t documents = 0, tokens = 0;
   uint32_t shards = 0;

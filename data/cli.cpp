@@ -134,13 +134,14 @@ void run_synth(DataOptions& o) {
   const SynthSummary s = synth_shards(o.synth);
   print(fmt::format(
       "{}: {} documents of {} Markov tokens + end token {} = {} tokens in {} shard{} (vocabulary {} = {} Markov "
-      "states + the end token, branching {}, seed {})\n"
-      "entropy rate H = Σ_i π_i·H(P_i) = {:.6f} nats/token (a text token after a text token of its document)\n"
-      "document start H(π) = {:.6f} nats; per text token (H(π) + (L−1)·H)/L = {:.6f} nats/token (L = {}, end tokens "
+      "states + the end token, order {}, branching {}, seed {})\n"
+      "entropy rate H = Σ_i π_i·H(P_i) = {:.6f} nats/token (a text token after {} text token{} of its document)\n"
+      "document start H(π) = {:.6f} nats; per text token (H(π) + (L−{})·H)/L = {:.6f} nats/token (L = {}, end tokens "
       "excluded)\n",
       o.synth.out, s.documents, o.synth.document_tokens, s.eos_id, s.tokens, s.shards, s.shards == 1 ? "" : "s",
-      o.synth.vocab_size, o.synth.vocab_size - 1, o.synth.branching, o.synth.seed, s.entropy_rate, s.start_entropy,
-      s.text_token_entropy, o.synth.document_tokens));
+      o.synth.vocab_size, o.synth.vocab_size - 1, o.synth.order, o.synth.branching, o.synth.seed, s.entropy_rate,
+      o.synth.order, o.synth.order == 1 ? "" : "s", s.start_entropy, o.synth.order, s.text_token_entropy,
+      o.synth.document_tokens));
 }
 
 }  // namespace
@@ -219,6 +220,10 @@ DataCommands add_data_commands(CLI::App& app) {
   c.synth->add_option("--branching", o.synth.branching, "Successors per token (entropy grows with it)")
       ->capture_default_str();
   c.synth->add_option("--seed", o.synth.seed, "Seed of the transition table")->capture_default_str();
+  c.synth->add_option("--order", o.synth.order,
+                      "Order k of the Markov source: the next token depends on the last k (2 or more: a model needs "
+                      "attention to reach the rate)")
+      ->capture_default_str();
   c.synth->add_option("--doc-tokens", o.synth.document_tokens, "Markov tokens per document (L)")
       ->capture_default_str();
   c.synth->add_option("--shard-tokens", o.synth.shard_tokens, "Tokens per shard")

@@ -1,7 +1,5 @@
 #include "data/synthetic.h"
 
-#include "data/sampler.h"
-
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -9,6 +7,8 @@
 #include <numeric>
 #include <random>
 #include <stdexcept>
+
+#include "data/sampler.h"
 
 namespace moetrain::data {
 namespace {
@@ -30,13 +30,22 @@ int64_t draw(const double* cdf, int64_t n, double u) {
 
 }  // namespace
 
-MarkovSource::MarkovSource(int64_t vocab_size, int64_t branching, uint64_t seed)
-    : vocab_size_(vocab_size), branching_(branching), seed_(seed) {
+MarkovSource::MarkovSource(int64_t vocab_size, int64_t branching, uint64_t seed, int64_t order)
+    : vocab_size_(vocab_size), branching_(branching), order_(order), states_(1), seed_(seed) {
   if (vocab_size < 2 || branching < 1 || branching > vocab_size)
-    throw std::invalid_argument(
-        fmt::format("synthetic corpus: need vocab_size ≥ 2 and 1 ≤ branching ≤ vocab_size, got {} and {}",
-                    vocab_size, branching));
-  const size_t n = static_cast<size_t>(vocab_size * branching);
+    throw std::invalid_argument(fmt::format(
+        "synthetic corpus: need vocab_size ≥ 2 and 1 ≤ branching ≤ vocab_size, got {} and {}", vocab_size, branching));
+  if (order < 1) throw std::invalid_argument(fmt::format("synthetic corpus: order {} (at least 1)", order));
+  for (int64_t i = 0; i < order; ++i) {
+    if (order > 1 && states_ > kMaxStates / vocab_size)
+      throw std::invalid_argument(
+          fmt::format("synthetic corpus: order {} over a vocabulary of {} has {}^{} states, "
+                      "more than the {} the source tabulates; lower the order or the vocabulary",
+                      order, vocab_size, vocab_size, order, kMaxStates));
+    states_ *= vocab_size;
+  }
+  const int64_t S = states_;
+  const size_t n = static_cast<size_t>(S * branching);
   next_.resize(n);
   prob_.resize(n);
   cdf_.resize(n);
@@ -44,7 +53,7 @@ MarkovSource::MarkovSource(int64_t vocab_size, int64_t branching, uint64_t seed)
   std::vector<int32_t> ids(static_cast<size_t>(vocab_size));
   std::iota(ids.begin(), ids.end(), 0);
   std::gamma_distribution<double> gamma(1.0, 1.0);  // Dirichlet(1, ..., 1) via normalized Gamma(1) draws
-  for (int64_t t = 0; t < vocab_size; ++t) {
+  for (int64_t t = 0; t < S; ++t) {
     // `branching` distinct successors: a partial Fisher-Yates shuffle.
     for (int64_t j = 0; j < branching; ++j) {
       std::uniform_int_distribution<int64_t> pick(j, vocab_size - 1);
@@ -65,13 +74,14 @@ MarkovSource::MarkovSource(int64_t vocab_size, int64_t branching, uint64_t seed)
   }
   // Stationary distribution by power iteration, starting uniform. A lazy chain (½ stay) converges even when P is
   // periodic and has the same stationary distribution.
-  pi_.assign(static_cast<size_t>(vocab_size), 1.0 / static_cast<double>(vocab_size));
+  // State t followed by token c is state (t·V + c) mod V^order: the oldest token drops out.
+  pi_.assign(static_cast<size_t>(S), 1.0 / static_cast<double>(S));
   std::vector<double> nxt(pi_.size());
   for (int it = 0; it < 100000; ++it) {
     for (size_t i = 0; i < nxt.size(); ++i) nxt[i] = 0.5 * pi_[i];
-    for (int64_t t = 0; t < vocab_size; ++t)
+    for (int64_t t = 0; t < S; ++t)
       for (int64_t j = 0; j < branching; ++j)
-        nxt[next_[t * branching + j]] += 0.5 * pi_[t] * prob_[t * branching + j];
+        nxt[(t * vocab_size + next_[t * branching + j]) % S] += 0.5 * pi_[t] * prob_[t * branching + j];
     double diff = 0;
     for (size_t i = 0; i < nxt.size(); ++i) diff += std::fabs(nxt[i] - pi_[i]);
     pi_.swap(nxt);
@@ -79,7 +89,7 @@ MarkovSource::MarkovSource(int64_t vocab_size, int64_t branching, uint64_t seed)
   }
   pi_cdf_.resize(pi_.size());
   std::partial_sum(pi_.begin(), pi_.end(), pi_cdf_.begin());
-  for (int64_t t = 0; t < vocab_size; ++t) {
+  for (int64_t t = 0; t < S; ++t) {
     double h = 0;
     for (int64_t j = 0; j < branching; ++j) {
       double p = prob_[t * branching + j];
@@ -93,12 +103,19 @@ void MarkovSource::sequence(uint64_t stream, uint64_t index, int64_t length, int
   SplitMix rng{seed_ ^ (stream * 0xD1B54A32D192ED03ull) ^ (index * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull)};
   rng.next();
   if (length <= 0) return;
-  int64_t token = draw(pi_cdf_.data(), vocab_size_, rng.uniform() * pi_cdf_.back());
-  out[0] = static_cast<int32_t>(token);
-  for (int64_t i = 1; i < length; ++i) {
-    const int64_t j = draw(&cdf_[token * branching_], branching_, rng.uniform() * cdf_[token * branching_ + branching_ - 1]);
-    token = next_[token * branching_ + j];
+  // The first `order` tokens: a state drawn from π, written oldest first (with order 1, the token itself).
+  int64_t state = draw(pi_cdf_.data(), states_, rng.uniform() * pi_cdf_.back());
+  for (int64_t i = 0, rest = state, div = states_ / vocab_size_; i < std::min(order_, length); ++i) {
+    out[i] = static_cast<int32_t>(rest / div);
+    rest %= div;
+    div = std::max<int64_t>(div / vocab_size_, 1);
+  }
+  for (int64_t i = order_; i < length; ++i) {
+    const int64_t j =
+        draw(&cdf_[state * branching_], branching_, rng.uniform() * cdf_[state * branching_ + branching_ - 1]);
+    const int64_t token = next_[state * branching_ + j];
     out[i] = static_cast<int32_t>(token);
+    state = (state * vocab_size_ + token) % states_;
   }
 }
 

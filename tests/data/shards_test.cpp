@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <stdexcept>
 
 #include "data/builder.h"
 #include "data/synthetic.h"
@@ -30,9 +32,7 @@ void poke(const std::string& path, size_t at, const std::string& bytes) {
   write_file(path, data);
 }
 
-void truncate_by(const std::string& path, size_t bytes) {
-  fs::resize_file(path, fs::file_size(path) - bytes);
-}
+void truncate_by(const std::string& path, size_t bytes) { fs::resize_file(path, fs::file_size(path) - bytes); }
 
 TEST(Shards, WriteReadRoundTrip) {
   ScratchDir dir;
@@ -157,12 +157,11 @@ TEST_F(DamagedShards, ShardsOfAnotherCorpus) {
 
 TEST_F(DamagedShards, TokenBeyondTheVocabulary) {
   poke(bin1_, 2 * 3, std::string("\xe8\x03", 2));  // id 1000 at position 3 of shard 1
-  ShardSet set(prefix_);                            // opening reads no tokens...
+  ShardSet set(prefix_);                           // opening reads no tokens...
   std::vector<int64_t> out(17);
   EXPECT_EQ(error_of([&] { set.read(1, 0, 17, out.data()); }),  // ...reading does
             bin1_ + ": token id 1000 at position 3 is not below the vocabulary size 1000 (corrupt shard)");
-  EXPECT_EQ(error_of([&] { set.verify(); }),
-            bin1_ + ": corrupt token data (checksum mismatch with " + idx1_ + ")");
+  EXPECT_EQ(error_of([&] { set.verify(); }), bin1_ + ": corrupt token data (checksum mismatch with " + idx1_ + ")");
 }
 
 TEST_F(DamagedShards, FlippedTokenFoundByVerify) {
@@ -215,6 +214,56 @@ TEST(Synth, WritesTheMarkovCorpusWithItsEntropy) {
   EXPECT_LE(s.entropy_rate, std::log(3.0) + 1e-12);  // at most log(branching)
   EXPECT_LE(s.start_entropy, std::log(63.0) + 1e-12);
   EXPECT_NEAR(s.text_token_entropy, (s.start_entropy + 98 * s.entropy_rate) / 99, 1e-12);
+}
+
+// Order 2: the next token depends on the last two. Measured on a long stretch of sequences, the conditional entropy
+// given the last two tokens matches the exact rate, and given the current token alone it stays well above it (what a
+// model without attention could at best reach); order 1 is the first-order source unchanged.
+TEST(Synth, OrderTwoSourceNeedsTheTokenBefore) {
+  const int64_t V = 12, branching = 3;
+  const MarkovSource two(V, branching, /*seed=*/5, /*order=*/2);
+  EXPECT_EQ(two.stationary().size(), static_cast<size_t>(V * V));
+  double total = 0;
+  for (double p : two.stationary()) total += p;
+  EXPECT_NEAR(total, 1.0, 1e-9);
+  std::map<std::pair<int32_t, int32_t>, std::map<int32_t, int64_t>> by_two;
+  std::map<int32_t, std::map<int32_t, int64_t>> by_one;
+  std::vector<int32_t> seq(256);
+  for (uint64_t i = 0; i < 2000; ++i) {
+    two.sequence(0, i, 256, seq.data());
+    for (size_t t = 2; t < seq.size(); ++t) {
+      ++by_two[{seq[t - 2], seq[t - 1]}][seq[t]];
+      ++by_one[seq[t - 1]][seq[t]];
+    }
+  }
+  auto conditional_entropy = [](const auto& counts) {
+    double n = 0, h = 0;
+    for (const auto& [context, next] : counts) {
+      double m = 0;
+      for (const auto& kv : next) m += static_cast<double>(kv.second);
+      for (const auto& kv : next) h -= static_cast<double>(kv.second) * std::log(static_cast<double>(kv.second) / m);
+      n += m;
+    }
+    return h / n;
+  };
+  for (const auto& [context, next] : by_two) EXPECT_LE(next.size(), static_cast<size_t>(branching));
+  const double h2 = conditional_entropy(by_two), h1 = conditional_entropy(by_one);
+  EXPECT_NEAR(h2, two.entropy_rate(), 0.02) << "empirical H(next | last two) against the exact rate";
+  EXPECT_GT(h1, two.entropy_rate() + 0.3) << "the current token alone already tells the next one";
+
+  // Order 1 as before: the default and an explicit 1 give the same sequences.
+  const MarkovSource a(V, branching, 5), b(V, branching, 5, 1);
+  std::vector<int32_t> sa(64), sb(64);
+  a.sequence(1, 3, 64, sa.data());
+  b.sequence(1, 3, 64, sb.data());
+  EXPECT_EQ(sa, sb);
+  EXPECT_DOUBLE_EQ(a.entropy_rate(), b.entropy_rate());
+  try {
+    MarkovSource(1024, 4, 0, 3);
+    FAIL() << "1024^3 states accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("order 3 over a vocabulary of 1024"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

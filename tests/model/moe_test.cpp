@@ -1,10 +1,13 @@
 // The routed experts' two execution paths: one grouped GEMM per projection over the expert-sorted token blocks
 // (GPU, bf16 mode) and a loop of per-expert GEMMs (CPU, fp32, fp8). Same function, same gradients.
+#include "model/moe.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
+
 #include "model/expert_exchange.h"
-#include "model/moe.h"
 #include "tests/model/test_models.h"
 
 namespace moetrain::model {
@@ -37,8 +40,13 @@ TEST(MoE, GroupedAndLoopExpertGemmsAgree) {
   };
   const auto loop = run(false), grouped = run(true);
   ASSERT_EQ(loop.size(), grouped.size());
-  for (size_t i = 0; i < loop.size(); ++i)
-    EXPECT_LE((loop[i] - grouped[i]).abs().max().item<double>(), 1e-6) << "tensor " << i;
+  // The paths sum in different orders (and BLAS picks kernels by CPU model): agreement to a few FP32 ulps of each
+  // tensor's largest entry.
+  for (size_t i = 0; i < loop.size(); ++i) {
+    const double scale = std::max(1.0, loop[i].abs().max().item<double>());
+    EXPECT_LE((loop[i] - grouped[i]).abs().max().item<double>(), 8 * 1.2e-7 * scale)
+        << "tensor " << i << " (largest entry " << scale << ")";
+  }
   EXPECT_GT(loop[0].abs().max().item<double>(), 0.0);
   // The trainer takes the grouped path on the CPU in FP32 (and BF16), the loop in FP64.
   EXPECT_TRUE(moe->grouped_expert_gemm(tokens));
