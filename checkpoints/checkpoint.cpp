@@ -336,7 +336,6 @@ fs::path normalized(const fs::path& p) {
   return n;
 }
 
-
 }  // namespace
 
 bool within(const fs::path& path, const fs::path& dir) {

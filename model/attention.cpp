@@ -109,7 +109,7 @@ at::Tensor MLAImpl::forward(const at::Tensor& x) {
 
 std::vector<at::Tensor> MLAImpl::project(const at::Tensor& x) {
   const int64_t B = x.size(0), T = x.size(1), H = heads_;
-  at::Tensor q = q_lora_rank_ > 0 ? gemm(q_norm(gemm(x, wq_a, mode_)), wq_b, mode_) : gemm(x, wq, mode_);
+  at::Tensor q = query(x);
   const RopeTables rope =
       rope_tables(T, rope_, rope_theta_, q.options().dtype(at::promote_types(q.scalar_type(), at::kFloat)));
   at::Tensor kv = gemm(x, wkv_a, mode_);
@@ -124,7 +124,7 @@ std::vector<at::Tensor> MLAImpl::project(const at::Tensor& x) {
 
 at::Tensor MLAImpl::core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype) {
   const int64_t B = q.size(0), T = q.size(2);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(nope_ + rope_));
+  const double scale = softmax_scale();
   at::Tensor o = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
                                                   scale);
   o = o.narrow(-1, 0, v_dim_).to(dtype);  // the padding's columns are zero
@@ -133,10 +133,13 @@ at::Tensor MLAImpl::core(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
 at::Tensor MLAImpl::output(const at::Tensor& o) { return gemm(o, wo, mode_); }
 
+at::Tensor MLAImpl::query(const at::Tensor& x) {
+  return q_lora_rank_ > 0 ? gemm(q_norm(gemm(x, wq_a, mode_)), wq_b, mode_) : gemm(x, wq, mode_);
+}
+
 at::Tensor MLAImpl::forward_cached(const at::Tensor& x, LatentCache& cache) {
   const int64_t B = x.size(0), T = x.size(1), H = heads_, pos = cache.length();
-  at::Tensor q = (q_lora_rank_ > 0 ? gemm(q_norm(gemm(x, wq_a, mode_)), wq_b, mode_) : gemm(x, wq, mode_))
-                     .view({B, T, H, nope_ + rope_});
+  at::Tensor q = query(x).view({B, T, H, nope_ + rope_});
   RopeTables rope =
       rope_tables(pos + T, rope_, rope_theta_, q.options().dtype(at::promote_types(q.scalar_type(), at::kFloat)));
   rope.cis = rope.cis.narrow(1, pos, T);  // the new tokens' positions
@@ -154,7 +157,7 @@ at::Tensor MLAImpl::forward_cached(const at::Tensor& x, LatentCache& cache) {
   // Query i (position pos + i) sees the keys of positions 0 .. pos + i.
   const auto idx = x.options().dtype(at::kLong);
   const at::Tensor mask = at::arange(L, idx).unsqueeze(0) <= (at::arange(T, idx) + pos).unsqueeze(1);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(nope_ + rope_));
+  const double scale = softmax_scale();
   at::Tensor o = at::scaled_dot_product_attention(qf, kf, vf, mask, /*dropout_p=*/0.0, /*is_causal=*/false, scale);
   return output(o.transpose(1, 2).reshape({B, T, H * v_dim_}).to(x.scalar_type()));
 }

@@ -7,6 +7,7 @@
 
 #include <torch/nn/module.h>
 
+#include <cmath>
 #include <vector>
 
 #include "config/config.h"
@@ -39,6 +40,9 @@ class MLAImpl : public torch::nn::Module {
   std::vector<at::Tensor> project(const at::Tensor& x);
   at::Tensor core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype);
   at::Tensor output(const at::Tensor& o);
+  // The queries [B, T, heads · (nope + rope)] (through the low-rank path when q_lora_rank > 0).
+  at::Tensor query(const at::Tensor& x);
+  double softmax_scale() const { return 1.0 / std::sqrt(static_cast<double>(nope_ + rope_)); }
   // Inference on the next T tokens ([B, T, d], positions cache.length() .. + T − 1): appends their latents to the
   // cache and attends over all of it (keys and values up-projected from the cached latents).
   at::Tensor forward_cached(const at::Tensor& x, LatentCache& cache);

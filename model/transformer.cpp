@@ -12,12 +12,16 @@
 
 namespace moetrain::model {
 
-MTPModuleImpl::MTPModuleImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode) {
+MTPModuleImpl::MTPModuleImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode) : mode_(mode) {
   hnorm = register_module("hnorm", RMSNorm(m.hidden_size, m.norm_eps));
   enorm = register_module("enorm", RMSNorm(m.hidden_size, m.norm_eps));
   proj = register_parameter("proj", at::empty({m.hidden_size, 2 * m.hidden_size}));
   block = register_module("block", Block(m, mtp_is_moe(m), shard, mode));
   norm = register_module("norm", RMSNorm(m.hidden_size, m.norm_eps));
+}
+
+at::Tensor MTPModuleImpl::input(const at::Tensor& prev, const at::Tensor& embedded) {
+  return gemm(at::cat({hnorm(prev), enorm(embedded)}, -1), proj, mode_);
 }
 
 TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage, Mode mode)
@@ -87,8 +91,7 @@ void TransformerImpl::head_losses(const at::Tensor& h, const at::Tensor& window,
   for (size_t k = 0; k < mtp.size(); ++k) {
     const int64_t depth = static_cast<int64_t>(k) + 1;
     auto& mod = mtp[k];
-    at::Tensor e = embed_tokens(window.narrow(1, depth, T));
-    at::Tensor hk = gemm(at::cat({mod->hnorm(prev), mod->enorm(e)}, -1), mod->proj, mode_);
+    const at::Tensor hk = mod->input(prev, embed_tokens(window.narrow(1, depth, T)));
     prev = mod->norm(mod->block->forward(hk, exchange, out.moe));
     out.mtp.push_back(cross_entropy_sum(head_logits(prev), window.narrow(1, depth + 1, T)));
   }

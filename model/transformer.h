@@ -31,9 +31,15 @@ struct StageSpec {
 class MTPModuleImpl : public torch::nn::Module {
  public:
   MTPModuleImpl(const config::ModelConfig& m, ExpertShard shard, Mode mode);
+  // The block's input: M_k·[hnorm(prev); enorm(embedded)], prev the normed hidden state before this depth (the main
+  // model's or the previous module's), embedded the tokens this depth reads.
+  at::Tensor input(const at::Tensor& prev, const at::Tensor& embedded);
   RMSNorm hnorm{nullptr}, enorm{nullptr}, norm{nullptr};
   at::Tensor proj;  // M_k: [d, 2d]
   Block block{nullptr};
+
+ private:
+  Mode mode_;
 };
 TORCH_MODULE(MTPModule);
 

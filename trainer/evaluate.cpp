@@ -4,7 +4,6 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/matmul.h>
 #include <ATen/ops/multinomial.h>
 #include <ATen/ops/softmax.h>
 #include <ATen/ops/stack.h>
@@ -188,8 +187,7 @@ void speculate(model::TransformerImpl& model, const at::Tensor& prompt, const Ge
                               ? tokens[static_cast<size_t>(j + k + 1)]
                               : drafts[static_cast<size_t>(j + k + 1 - tokens.size())];
         const at::Tensor e = model.embed_tokens(at::full({1, 1}, t, at::kLong));
-        const at::Tensor x =
-            at::matmul(at::cat({mod->hnorm(below[static_cast<size_t>(j)]), mod->enorm(e)}, -1), mod->proj.t());
+        const at::Tensor x = mod->input(below[static_cast<size_t>(j)], e);
         mtp_h[static_cast<size_t>(k)].push_back(mod->norm(mod->block->forward_cached(x, cache, exchange)));
       }
       if (static_cast<int64_t>(mtp_h[static_cast<size_t>(k)].size()) <= last) break;  // nothing to draft from
