@@ -90,7 +90,7 @@ int main(int argc, char** argv) {
     const double per_mb = train_s / static_cast<double>(steps * shape.micro_batches);
     const int64_t requests = std::min<int64_t>(200, std::max<int64_t>(20, static_cast<int64_t>(2.0 / per_mb)));
     data::PrefetchingSource prefetch(std::make_unique<data::ShardBatches>(c), std::max<int64_t>(1, c.data.prefetch),
-                                     shape.micro_batches);
+                                     shape);
     for (int64_t i = 0; i < requests; ++i) {
       prefetch.train(i / shape.micro_batches, 0, i % shape.micro_batches);
       std::this_thread::sleep_for(std::chrono::duration<double>(per_mb));

@@ -9,6 +9,7 @@
 
 #include "config/count.h"
 #include "config/loader.h"
+#include "data/batches.h"
 #include "parallel/topology.h"
 #include "precision/policy.h"
 
@@ -23,19 +24,33 @@ std::string count(double n) {
   return fmt::format("{:.0f}", n);
 }
 
-// The run's length and the recipe's phases: the learning rate's, and where the balancer's bias updates stop.
-std::string schedule_line(const config::Config& c, int64_t tokens_per_step) {
+// The run's length and the recipe's phases: the batch-size ramp, the learning rate's phases, and where the
+// balancer's bias updates stop. Tokens count each step's own batch (a ramp makes the early ones smaller).
+std::string schedule_line(const config::Config& c) {
   const config::TrainConfig& t = c.train;
-  auto tokens = [&](int64_t steps) { return count(static_cast<double>(steps) * static_cast<double>(tokens_per_step)); };
-  std::string s = fmt::format("schedule    {} steps ({} tokens): lr to {:g} over {} warmup steps, {} constant, cosine over "
-                              "{} to {:g}, then {:g}",
-                              t.steps, tokens(t.steps), t.lr, t.warmup_steps, t.constant_steps, t.decay_steps,
-                              t.lr_min, t.lr_min);
+  const data::BatchShape shape = data::BatchShape::from(c);
+  auto before = [&](int64_t step) { return static_cast<double>(shape.sequences_before(step) * t.seq_len); };
+  auto tokens = [&](int64_t steps) { return count(before(t.steps) - before(t.steps - steps)); };
+  std::string s;
+  if (shape.ramp)
+    s += fmt::format("batch ramp  {} → {} sequences in steps of {}, over {} tokens: steps 0–{} ({} tokens)\n",
+                     t.batch_rampup_start, t.global_batch_size, t.batch_rampup_increment,
+                     count(static_cast<double>(t.batch_rampup_tokens)), shape.ramp->ramp_steps() - 1,
+                     count(before(shape.ramp->ramp_steps())));
+  s += fmt::format("schedule    {} steps ({} tokens): lr to {:g} over {} warmup steps, {} constant, cosine over {} to "
+                   "{:g}, then {:g}",
+                   t.steps, tokens(t.steps), t.lr, t.warmup_steps, t.constant_steps, t.decay_steps, t.lr_min, t.lr_min);
   if (t.lr_final_steps > 0)
     s += fmt::format("; the last {} steps ({} tokens) at {:g}", t.lr_final_steps, tokens(t.lr_final_steps), t.lr_final);
-  if (c.model.bias_update_stop_tokens > 0)
-    s += fmt::format("; bias updates stop after {} tokens (step {})", count(static_cast<double>(c.model.bias_update_stop_tokens)),
-                     c.model.bias_update_stop_tokens / std::max<int64_t>(tokens_per_step, 1));
+  if (const int64_t stop = c.model.bias_update_stop_tokens; stop > 0) {
+    int64_t lo = 0, hi = std::max<int64_t>(t.steps, 1);  // the first step with at least `stop` tokens before it
+    while (before(hi) < static_cast<double>(stop)) hi *= 2;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      before(mid) >= static_cast<double>(stop) ? hi = mid : lo = mid + 1;
+    }
+    s += fmt::format("; bias updates stop after {} tokens (step {})", count(static_cast<double>(stop)), lo);
+  }
   return s;
 }
 
@@ -222,7 +237,7 @@ std::string format_plan(const Plan& plan, const config::Config& c) {
   out += fmt::format("batch       {} tokens/step = seq {} × micro-batch {} × {} micro-batches × dp {}\n",
                      plan.tokens_per_step, c.train.seq_len, c.train.micro_batch_size, c.train.micro_batches,
                      par.dp);
-  out += schedule_line(c, plan.tokens_per_step) + "\n\n";
+  out += schedule_line(c) + "\n\n";
 
   out += fmt::format("{:<34}{:>16}{:>18}{:>20}\n", "parameters", "total", "activated/token", "exact total");
   auto row = [&](const std::string& name, int64_t total, int64_t active) {

@@ -108,6 +108,11 @@ struct TrainConfig {
   int64_t micro_batch_size = 4;
   int64_t micro_batches = 1;
   int64_t global_batch_size = 0;  // 0: micro_batch_size · micro_batches · dp
+  // Batch-size ramp: the global batch grows from batch_rampup_start sequences by batch_rampup_increment to
+  // global_batch_size over the first batch_rampup_tokens tokens (0: none). micro_batches is the final batch's.
+  int64_t batch_rampup_start = 0;
+  int64_t batch_rampup_increment = 0;  // 0: micro_batch_size · dp
+  int64_t batch_rampup_tokens = 0;
   double lr = 3e-3;
   double lr_min = 3e-4;
   int64_t warmup_steps = 10;
@@ -137,6 +142,8 @@ struct DataConfig {
   int64_t synthetic_branching = 4;
   int64_t synthetic_seed = 0;
   int64_t synthetic_order = 1;  // the Markov source's order: tokens its next token depends on
+  int64_t synthetic_vocab = 0;  // the source's alphabet: token ids [0, synthetic_vocab); 0: model.vocab_size
+  int64_t synthetic_alphabet(int64_t model_vocab) const { return synthetic_vocab > 0 ? synthetic_vocab : model_vocab; }
   int64_t prefetch = 4;
 };
 

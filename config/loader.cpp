@@ -347,6 +347,51 @@ void batch_counts(const Config& c) {
     (tokens * width).value("the activations of one micro-batch (its tokens × a layer's width)");
 }
 
+
+// The batch-size ramp (train.batch_rampup_*): every step's global batch a whole number of micro-batches on every dp
+// rank, at least pp of them, growing to train.global_batch_size in whole increments.
+void validate_batch_rampup(Config& c) {
+  TrainConfig& t = c.train;
+  const int64_t dp = c.parallel.dp, unit = t.micro_batch_size * dp;
+  if (t.batch_rampup_start == 0) {
+    const std::pair<const char*, int64_t> set[] = {{"train.batch_rampup_tokens", t.batch_rampup_tokens},
+                                                   {"train.batch_rampup_increment", t.batch_rampup_increment}};
+    for (const auto& [key, value] : set)
+      if (value > 0) conflict(c, key, fmt::format("{} = {} but train.batch_rampup_start = 0 (no ramp)", key, value));
+    return;
+  }
+  if (t.batch_rampup_start >= t.global_batch_size)
+    conflict(c, "train.batch_rampup_start",
+             fmt::format("train.batch_rampup_start = {} is not below train.global_batch_size = {} (the batch the "
+                         "ramp grows to)",
+                         t.batch_rampup_start, t.global_batch_size));
+  if (t.batch_rampup_start % unit != 0)
+    conflict(c, "train.batch_rampup_start",
+             fmt::format("train.batch_rampup_start = {} is not divisible by train.micro_batch_size · dp = {} · {}",
+                         t.batch_rampup_start, t.micro_batch_size, dp));
+  if (t.batch_rampup_increment == 0) {
+    t.batch_rampup_increment = unit;
+    c.origins["train.batch_rampup_increment"] = Origin{.note = "derived: micro_batch_size·dp"};
+  }
+  if (t.batch_rampup_increment % unit != 0)
+    conflict(c, "train.batch_rampup_increment",
+             fmt::format("train.batch_rampup_increment = {} is not divisible by train.micro_batch_size · dp = {} · {}",
+                         t.batch_rampup_increment, t.micro_batch_size, dp));
+  if ((t.global_batch_size - t.batch_rampup_start) % t.batch_rampup_increment != 0)
+    conflict(c, "train.batch_rampup_increment",
+             fmt::format("train.global_batch_size − train.batch_rampup_start = {} − {} is not a multiple of "
+                         "train.batch_rampup_increment = {}",
+                         t.global_batch_size, t.batch_rampup_start, t.batch_rampup_increment));
+  if (t.batch_rampup_tokens <= 0)
+    conflict(c, "train.batch_rampup_start",
+             "train.batch_rampup_start > 0 needs train.batch_rampup_tokens (the tokens over which the batch grows)");
+  if (c.parallel.pp > 1 && t.batch_rampup_start / unit < c.parallel.pp)
+    conflict(c, "train.batch_rampup_start",
+             fmt::format("train.batch_rampup_start = {} gives {} micro-batches per dp rank, fewer than parallel.pp "
+                         "= {} (the 1F1B schedule needs at least one micro-batch per stage)",
+                         t.batch_rampup_start, t.batch_rampup_start / unit, c.parallel.pp));
+}
+
 void validate_parallel(Config& c, int launch_world_size) {
   ParallelConfig& p = c.parallel;
   const ModelConfig& m = c.model;
@@ -435,6 +480,7 @@ void validate_parallel(Config& c, int launch_world_size) {
     c.origins["train.global_batch_size"] = Origin{.note = "derived: micro_batch_size·micro_batches·dp"};
   }
   t.global_batch_size = t.micro_batch_size * t.micro_batches * p.dp;
+  validate_batch_rampup(c);
   if (p.pp > 1 && c.train.micro_batches < p.pp)
     conflict(c, c.where("train.micro_batches").empty() ? "train.global_batch_size" : "train.micro_batches",
              fmt::format("train.micro_batches = {} is less than parallel.pp = {} (the 1F1B schedule needs at "
@@ -460,18 +506,30 @@ void validate_rest(const Config& c) {
                              "weight blocks); it is {}",
                              key, value));
   }
-  if (c.data.source == DataSource::kSynthetic && c.data.synthetic_branching > c.model.vocab_size)
+  const int64_t alphabet = c.data.synthetic_alphabet(c.model.vocab_size);
+  if (c.data.source == DataSource::kSynthetic && c.data.synthetic_vocab > c.model.vocab_size)
+    conflict(c, "data.synthetic_vocab",
+             fmt::format("data.synthetic_vocab = {} exceeds model.vocab_size = {} (the source writes token ids "
+                         "below it)",
+                         c.data.synthetic_vocab, c.model.vocab_size));
+  if (c.data.source == DataSource::kSynthetic && c.data.synthetic_vocab == 1)
+    conflict(c, "data.synthetic_vocab",
+             "data.synthetic_vocab = 1: the source needs at least 2 letters (0: model.vocab_size)");
+  if (c.data.source == DataSource::kSynthetic && c.data.synthetic_branching > alphabet)
     conflict(c, "data.synthetic_branching",
-             fmt::format("data.synthetic_branching = {} exceeds model.vocab_size = {}", c.data.synthetic_branching,
-                         c.model.vocab_size));
+             fmt::format("data.synthetic_branching = {} exceeds the source's alphabet of {} ({})",
+                         c.data.synthetic_branching, alphabet,
+                         c.data.synthetic_vocab > 0 ? "data.synthetic_vocab" : "model.vocab_size"));
   if (c.data.source == DataSource::kSynthetic && c.data.synthetic_order > 1) {
     double states = 1;
-    for (int64_t i = 0; i < c.data.synthetic_order; ++i) states *= static_cast<double>(c.model.vocab_size);
+    for (int64_t i = 0; i < c.data.synthetic_order; ++i) states *= static_cast<double>(alphabet);
     if (states > static_cast<double>(int64_t{1} << 24))
       conflict(c, "data.synthetic_order",
-               fmt::format("data.synthetic_order = {} over model.vocab_size = {} gives {:.3g} Markov states, more "
-                           "than the 2^24 the synthetic source tabulates; lower the order or the vocabulary",
-                           c.data.synthetic_order, c.model.vocab_size, states));
+               fmt::format("data.synthetic_order = {} over an alphabet of {} ({}) gives {:.3g} Markov states, more "
+                           "than the 2^24 the synthetic source tabulates; lower the order or the alphabet "
+                           "(data.synthetic_vocab)",
+                           c.data.synthetic_order, alphabet,
+                           c.data.synthetic_vocab > 0 ? "data.synthetic_vocab" : "model.vocab_size", states));
   }
   if (c.data.source == DataSource::kShards && c.data.path.empty())
     conflict(c, "data.source", "data.source = shards needs data.path (the token-shard prefix)");

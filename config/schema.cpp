@@ -117,6 +117,17 @@ std::vector<KeySpec> build_schema() {
        "Sequences per optimizer step over all dp ranks (0: micro_batch_size · micro_batches · dp). When set, "
        "micro_batches = global_batch_size / (micro_batch_size · dp), so the batch stays the same on any layout.",
        at_least(0)},
+      {KEY(train, batch_rampup_start),
+       "Batch-size ramp (Megatron-Core's --rampup-batch-size; DeepSeek-V3 grows 3072 → 15360 sequences over its "
+       "first 469B tokens): the global batch of the first steps, in sequences (0: no ramp). It grows by "
+       "train.batch_rampup_increment each time another 1/n of train.batch_rampup_tokens has been trained (n "
+       "increments in all) until train.global_batch_size; micro-batches per step grow with it. Every step's batch "
+       "must divide into micro_batch_size · dp, and its micro-batches be ≥ pp.",
+       at_least(0)},
+      {KEY(train, batch_rampup_increment),
+       "Sequences the global batch grows by at each ramp increment (0: micro_batch_size · dp).", at_least(0)},
+      {KEY(train, batch_rampup_tokens),
+       "Tokens over which the batch-size ramp reaches train.global_batch_size.", at_least(0)},
       {KEY(train, lr), "Peak learning rate (after warmup); the bound keeps the optimizer's float32 steps finite.",
        positive_up_to(1e3)},
       {KEY(train, lr_min), "Final learning rate (after the cosine decay).", between(0, 1e3)},
@@ -171,8 +182,13 @@ std::vector<KeySpec> build_schema() {
       {KEY(data, synthetic_seed), "Seed of the synthetic source's transition table.", at_least(0)},
       {KEY(data, synthetic_order),
        "Order of the synthetic Markov source: the next token depends on the last k tokens (1: on the current one "
-       "alone; 2 or more: a model needs attention to reach the entropy rate, and model.vocab_size^k ≤ 2^24).",
+       "alone; 2 or more: a model needs attention to reach the entropy rate, and the alphabet^k ≤ 2^24).",
        at_least(1)},
+      {KEY(data, synthetic_vocab),
+       "Alphabet of the synthetic Markov source: it writes token ids below this (0: model.vocab_size; at most "
+       "model.vocab_size). A small alphabet keeps an order-2 source learnable in a short run (32 letters: 1024 "
+       "states).",
+       at_least(0)},
       {KEY(data, prefetch),
        "Training micro-batches prepared ahead on a background thread (queue depth; 0: prepared when asked for).",
        at_least(0)},

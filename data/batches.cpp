@@ -5,6 +5,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 
 #include "data/prefetch.h"
@@ -12,15 +13,51 @@
 
 namespace moetrain::data {
 
+BatchRamp::BatchRamp(int64_t start, int64_t increment, int64_t final, int64_t ramp_sequences) {
+  if (start < 1 || increment < 1 || final <= start || (final - start) % increment != 0 || ramp_sequences < 1)
+    throw std::invalid_argument(fmt::format("batch ramp: start {}, increment {}, final {}, over {} sequences",
+                                            start, increment, final, ramp_sequences));
+  const int64_t n = (final - start) / increment;
+  const double per_increment = static_cast<double>(ramp_sequences) / static_cast<double>(n);
+  int64_t step = 0, before = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    // Batch start + i·increment while fewer than (i + 1)·per_increment sequences have been trained.
+    const int64_t size = start + i * increment;
+    const double left = static_cast<double>(i + 1) * per_increment - static_cast<double>(before);
+    const auto steps = left > 0 ? static_cast<int64_t>(std::ceil(left / static_cast<double>(size))) : 0;
+    if (steps == 0) continue;
+    first_step_.push_back(step), before_.push_back(before), size_.push_back(size);
+    step += steps, before += steps * size;
+  }
+  first_step_.push_back(step), before_.push_back(before), size_.push_back(final);
+}
+
+size_t BatchRamp::phase(int64_t step) const {
+  if (step < 0) throw std::out_of_range(fmt::format("batch ramp: step {}", step));
+  return static_cast<size_t>(std::upper_bound(first_step_.begin(), first_step_.end(), step) - first_step_.begin()) - 1;
+}
+
+int64_t BatchRamp::sequences_at(int64_t step) const { return size_[phase(step)]; }
+
+int64_t BatchRamp::sequences_before(int64_t step) const {
+  const size_t i = phase(step);
+  return before_[i] + (step - first_step_[i]) * size_[i];
+}
+
 BatchShape BatchShape::from(const config::Config& c) {
-  return {c.train.micro_batch_size, c.train.micro_batches, c.parallel.dp,
-          c.train.seq_len + 1 + c.model.mtp_depth};
+  const config::TrainConfig& t = c.train;
+  BatchShape s{t.micro_batch_size, t.micro_batches, c.parallel.dp, t.seq_len + 1 + c.model.mtp_depth, nullptr};
+  if (t.batch_rampup_start > 0)
+    s.ramp = std::make_shared<const BatchRamp>(
+        t.batch_rampup_start, t.batch_rampup_increment > 0 ? t.batch_rampup_increment : t.micro_batch_size * c.parallel.dp,
+        s.global_sequences(), std::max<int64_t>(1, t.batch_rampup_tokens / t.seq_len));
+  return s;
 }
 
 int64_t StreamOrigin::position(const BatchShape& shape, int64_t step, int64_t dp_rank, int64_t micro_batch) const {
   if (step < this->step)
     throw std::out_of_range(fmt::format("data: step {} comes before the resumed step {}", step, this->step));
-  return samples + shape.first_sequence(step - this->step, dp_rank, micro_batch);
+  return samples + shape.first_sequence(step, dp_rank, micro_batch) - shape.sequences_before(this->step);
 }
 
 void check_data_state(const DataState& saved, uint64_t seed, uint64_t fingerprint) {
@@ -38,14 +75,15 @@ void check_data_state(const DataState& saved, uint64_t seed, uint64_t fingerprin
 }
 
 SyntheticBatches::SyntheticBatches(const config::Config& c)
-    : source_(c.model.vocab_size, c.data.synthetic_branching, static_cast<uint64_t>(c.data.synthetic_seed),
-              c.data.synthetic_order),
+    : source_(c.data.synthetic_alphabet(c.model.vocab_size), c.data.synthetic_branching,
+              static_cast<uint64_t>(c.data.synthetic_seed), c.data.synthetic_order),
       shape_(BatchShape::from(c)),
       train_sequences_(std::max<int64_t>(1, c.data.synthetic_tokens / shape_.window)),
       seed_(static_cast<uint64_t>(c.data.synthetic_seed)) {
-  const int64_t parts[] = {c.model.vocab_size, c.data.synthetic_branching, c.data.synthetic_seed, train_sequences_,
+  const int64_t parts[] = {source_.vocab_size(), c.data.synthetic_branching, c.data.synthetic_seed, train_sequences_,
                            shape_.window};
-  // Order 1 keeps the fingerprint of the sources from before the order existed (their checkpoints resume).
+  // Order 1 keeps the fingerprint of the sources from before the order existed (their checkpoints resume); the
+  // alphabet was the model's vocabulary then and is the first part now.
   fingerprint_ = c.data.synthetic_order == 1
                      ? XXH3_64bits(parts, sizeof parts)
                      : XXH3_64bits_withSeed(parts, sizeof parts, static_cast<uint64_t>(c.data.synthetic_order));
@@ -66,7 +104,7 @@ at::Tensor SyntheticBatches::train(int64_t step, int64_t dp_rank, int64_t micro_
 }
 
 at::Tensor SyntheticBatches::validation(int64_t index, int64_t dp_rank, int64_t micro_batch) const {
-  return rows(1, shape_.first_sequence(index, dp_rank, micro_batch), /*wrap=*/false);
+  return rows(1, shape_.first_validation_sequence(index, dp_rank, micro_batch), /*wrap=*/false);
 }
 
 DataState SyntheticBatches::state(int64_t step) const {
@@ -105,7 +143,7 @@ std::unique_ptr<BatchSource> make_batch_source(const config::Config& c) {
     case config::DataSource::kShards: source = std::make_unique<ShardBatches>(c); break;
   }
   if (c.data.prefetch > 0)
-    source = std::make_unique<PrefetchingSource>(std::move(source), c.data.prefetch, c.train.micro_batches);
+    source = std::make_unique<PrefetchingSource>(std::move(source), c.data.prefetch, BatchShape::from(c));
   return source;
 }
 

@@ -1,6 +1,7 @@
 // Where the training loop gets its token windows. A step's global batch is the same token ids whatever the
-// layout: sequence number step·G + dp_rank·(micro_batches·micro_batch_size) + micro_batch·micro_batch_size + row,
-// G = micro_batch_size · micro_batches · dp. dp ranks and micro-batches only split it.
+// layout: sequence number S(step) + dp_rank·(M·micro_batch_size) + micro_batch·micro_batch_size + row, where M is
+// the step's micro-batches per dp rank and S(step) the sequences of all steps before it (step·G without a ramp,
+// G = micro_batch_size · M · dp). dp ranks and micro-batches only split it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,26 +17,55 @@
 
 namespace moetrain::data {
 
+// The batch-size ramp (train.batch_rampup_*, Megatron-Core's --rampup-batch-size): the global batch starts at
+// `start` sequences and grows by `increment` each time another ramp_sequences / n sequences have been trained
+// (n = (final − start) / increment increments), up to `final`. Like Megatron-Core's, a step's batch follows from the
+// sequences trained before it; counted from step 0, it is a pure function of the step, the same on every layout.
+class BatchRamp {
+ public:
+  BatchRamp(int64_t start, int64_t increment, int64_t final, int64_t ramp_sequences);
+  int64_t sequences_at(int64_t step) const;      // the global batch of `step`
+  int64_t sequences_before(int64_t step) const;  // the global batches of steps 0 .. step − 1, summed
+  int64_t ramp_steps() const { return first_step_.back(); }  // the first step at the final batch
+
+ private:
+  size_t phase(int64_t step) const;
+  // One entry per phase of constant batch (the last: the final batch, for good): its first step, the sequences
+  // before it, its batch.
+  std::vector<int64_t> first_step_, before_, size_;
+};
+
 struct BatchShape {
   int64_t micro_batch_size = 1;
-  int64_t micro_batches = 1;
+  int64_t micro_batches = 1;  // per dp rank, of the final (without a ramp: every) step
   int64_t dp = 1;
   int64_t window = 2;  // tokens per sequence: seq_len + 1 + mtp_depth
+  std::shared_ptr<const BatchRamp> ramp;  // null: every step's batch is global_sequences()
 
-  int64_t global_sequences() const { return micro_batch_size * micro_batches * dp; }
-  // Index of the first sequence of (step, dp_rank, micro_batch) in the stream.
+  int64_t global_sequences() const { return micro_batch_size * micro_batches * dp; }  // the final batch
+  int64_t global_sequences(int64_t step) const { return ramp ? ramp->sequences_at(step) : global_sequences(); }
+  int64_t micro_batches_at(int64_t step) const { return global_sequences(step) / (micro_batch_size * dp); }
+  int64_t sequences_before(int64_t step) const {
+    return ramp ? ramp->sequences_before(step) : step * global_sequences();
+  }
+  // Index of the first sequence of (step, dp_rank, micro_batch) in the training stream.
   int64_t first_sequence(int64_t step, int64_t dp_rank, int64_t micro_batch) const {
-    return step * global_sequences() + dp_rank * micro_batches * micro_batch_size + micro_batch * micro_batch_size;
+    return sequences_before(step) + (dp_rank * micro_batches_at(step) + micro_batch) * micro_batch_size;
+  }
+  // The same for validation batch `index`, which always has the final shape.
+  int64_t first_validation_sequence(int64_t index, int64_t dp_rank, int64_t micro_batch) const {
+    return index * global_sequences() + (dp_rank * micro_batches + micro_batch) * micro_batch_size;
   }
   static BatchShape from(const config::Config& c);
 };
 
-// The global sequence position of a micro-batch's first row, counted from a resume point: positions of steps
-// after `step` follow at global_sequences() per step from `samples`. The default origin gives
-// BatchShape::first_sequence; a resume with another global batch size still continues at the saved position.
+// The global sequence position of a micro-batch's first row, counted from a resume point: the steps after `step`
+// follow from `samples` with this run's batches. The default origin gives BatchShape::first_sequence; a resume with
+// another global batch size (or ramp) still continues at the saved position.
 struct StreamOrigin {
   int64_t step = 0, samples = 0;
   int64_t position(const BatchShape& shape, int64_t step, int64_t dp_rank, int64_t micro_batch) const;
+  int64_t samples_before(const BatchShape& shape, int64_t step) const { return position(shape, step, 0, 0); }
 };
 
 // Throws unless `saved` comes from a source with this seed and fingerprint, saying what differs.

@@ -7,11 +7,11 @@
 
 namespace moetrain::data {
 
-PrefetchingSource::PrefetchingSource(std::unique_ptr<BatchSource> inner, int64_t depth, int64_t micro_batches)
-    : inner_(std::move(inner)), depth_(static_cast<size_t>(depth)), micro_batches_(micro_batches) {
-  if (!inner_ || depth < 1 || micro_batches < 1)
+PrefetchingSource::PrefetchingSource(std::unique_ptr<BatchSource> inner, int64_t depth, BatchShape shape)
+    : inner_(std::move(inner)), depth_(static_cast<size_t>(depth)), shape_(std::move(shape)) {
+  if (!inner_ || depth < 1 || shape_.micro_batches < 1)
     throw std::invalid_argument(fmt::format("PrefetchingSource: depth {} and micro_batches {} must be ≥ 1", depth,
-                                            micro_batches));
+                                            shape_.micro_batches));
   worker_ = std::thread([this] { run(); });
 }
 
@@ -25,7 +25,7 @@ PrefetchingSource::~PrefetchingSource() {
 }
 
 PrefetchingSource::Key PrefetchingSource::after(const Key& k) const {
-  if (k.micro_batch + 1 < micro_batches_) return {k.step, k.dp_rank, k.micro_batch + 1};
+  if (k.micro_batch + 1 < shape_.micro_batches_at(k.step)) return {k.step, k.dp_rank, k.micro_batch + 1};
   return {k.step + 1, k.dp_rank, 0};
 }
 

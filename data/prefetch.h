@@ -20,7 +20,8 @@ namespace moetrain::data {
 class PrefetchingSource final : public BatchSource {
  public:
   // `inner`'s const methods must be safe to call from two threads (both sources here are).
-  PrefetchingSource(std::unique_ptr<BatchSource> inner, int64_t depth, int64_t micro_batches);
+  // `shape`: how many micro-batches each step has (with a batch-size ramp, more in later steps).
+  PrefetchingSource(std::unique_ptr<BatchSource> inner, int64_t depth, BatchShape shape);
   ~PrefetchingSource() override;
 
   at::Tensor train(int64_t step, int64_t dp_rank, int64_t micro_batch) const override;
@@ -53,7 +54,7 @@ class PrefetchingSource final : public BatchSource {
 
   std::unique_ptr<BatchSource> inner_;
   size_t depth_;
-  int64_t micro_batches_;
+  BatchShape shape_;
   mutable std::mutex mutex_;
   mutable std::condition_variable cv_;
   mutable std::deque<Item> queue_;

@@ -104,7 +104,7 @@ at::Tensor ShardBatches::train(int64_t step, int64_t dp_rank, int64_t micro_batc
 at::Tensor ShardBatches::validation(int64_t index, int64_t dp_rank, int64_t micro_batch) const {
   at::Tensor out = at::empty({shape_.micro_batch_size, shape_.window}, at::kLong);
   int64_t* p = out.data_ptr<int64_t>();
-  const int64_t first = shape_.first_sequence(index, dp_rank, micro_batch);
+  const int64_t first = shape_.first_validation_sequence(index, dp_rank, micro_batch);
   for (int64_t j = 0; j < shape_.micro_batch_size; ++j) {
     const Blend::Draw d = blend_.at(first + j);
     const PackedStream& held = datasets_[d.dataset]->validation();

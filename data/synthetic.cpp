@@ -99,6 +99,31 @@ MarkovSource::MarkovSource(int64_t vocab_size, int64_t branching, uint64_t seed,
   }
 }
 
+double MarkovSource::entropy_given(int64_t context) const {
+  if (context < 0 || context > order_)
+    throw std::invalid_argument(fmt::format("synthetic corpus: context {} outside [0, order {}]", context, order_));
+  if (context == order_) return entropy_rate_;
+  int64_t contexts = 1;  // V^context; a state's last `context` tokens are state mod V^context
+  for (int64_t i = 0; i < context; ++i) contexts *= vocab_size_;
+  if (contexts > kMaxStates / vocab_size_)
+    throw std::invalid_argument(fmt::format("synthetic corpus: {}^{} next-token tables are too many to tabulate",
+                                            vocab_size_, context + 1));
+  // p(context, next) = Σ over the states ending in `context` of π_s · P_s(next).
+  std::vector<double> joint(static_cast<size_t>(contexts * vocab_size_), 0.0);
+  for (int64_t t = 0; t < states_; ++t)
+    for (int64_t j = 0; j < branching_; ++j)
+      joint[static_cast<size_t>((t % contexts) * vocab_size_ + next_[t * branching_ + j])] +=
+          pi_[t] * prob_[t * branching_ + j];
+  double h = 0;
+  for (int64_t c = 0; c < contexts; ++c) {
+    const double* row = &joint[static_cast<size_t>(c * vocab_size_)];
+    const double mass = std::accumulate(row, row + vocab_size_, 0.0);
+    for (int64_t v = 0; v < vocab_size_; ++v)
+      if (row[v] > 0) h -= row[v] * std::log(row[v] / mass);
+  }
+  return h;
+}
+
 void MarkovSource::sequence(uint64_t stream, uint64_t index, int64_t length, int32_t* out) const {
   SplitMix rng{seed_ ^ (stream * 0xD1B54A32D192ED03ull) ^ (index * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull)};
   rng.next();

@@ -26,6 +26,10 @@ class MarkovSource {
   int64_t vocab_size() const { return vocab_size_; }
   int64_t order() const { return order_; }
   double entropy_rate() const { return entropy_rate_; }  // nats/token
+  // H(next | the last `context` tokens) in the stationary chain, exactly (context in [0, order]; at `order` it is
+  // the entropy rate): the best loss of a model that sees only the last `context` tokens, e.g. one without attention
+  // (context 1). Needs alphabet^(context + 1) ≤ kMaxStates.
+  double entropy_given(int64_t context) const;
   // Over the states (vocab_size^order; state s holds the tokens of s written in base vocab_size, oldest first).
   const std::vector<double>& stationary() const { return pi_; }
 

@@ -19,6 +19,13 @@
 namespace moetrain::model {
 namespace {
 
+// `t` (2-D) contiguous with its standard strides: a one-row tensor counts as contiguous whatever its row stride (a
+// view of one received token can have stride 1 there), which the grouped op's 16-byte stride check rejects.
+at::Tensor standard_rows(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return c.size(0) == 1 && c.stride(0) != c.size(1) ? at::empty(c.sizes(), c.options()).copy_(c) : c;
+}
+
 // One projection of every local expert: y = x_rows(e) · W_eᵀ for each expert's block of rows (ends: the blocks'
 // cumulative ends), in `dtype`. `stacked` is the experts' weights stacked ([E, out, in], differentiable), made of
 // `weights` in order (E of them, or 2E that stack to [2E, out/2, in] for fused gate and up projections); the node
@@ -30,7 +37,7 @@ struct GroupedProjection : public torch::autograd::Function<GroupedProjection> {
     const auto dtype = stacked.scalar_type();
     ctx->save_for_backward({x, ends});
     ctx->saved_data["weights"] = c10::List<at::Tensor>(weights);
-    return at::_grouped_mm(x.to(dtype).contiguous(), stacked.transpose(1, 2), ends);
+    return at::_grouped_mm(standard_rows(x.to(dtype)), stacked.transpose(1, 2), ends);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -39,9 +46,9 @@ struct GroupedProjection : public torch::autograd::Function<GroupedProjection> {
     const at::Tensor& ends = saved[1];
     std::vector<at::Tensor> ws;
     for (const at::Tensor& w : ctx->saved_data["weights"].toTensorList()) ws.push_back(w);
-    const at::Tensor dy = grads[0].contiguous();
+    const at::Tensor dy = standard_rows(grads[0]);
     const at::Tensor w = at::stack(ws).view({ends.size(0), dy.size(1), -1}).to(dy.scalar_type());  // [E, out, in]
-    const at::Tensor xc = x.to(dy.scalar_type()).contiguous();
+    const at::Tensor xc = standard_rows(x.to(dy.scalar_type()));
     at::Tensor dx = at::_grouped_mm(dy, w, ends).to(x.scalar_type());  // each block's rows · W_e
     at::Tensor dw = at::_grouped_mm(dy.t(), xc, ends);  // [E, out, in]: each block's dy_eᵀ · x_e
     return {dx, dw, at::Tensor(), at::Tensor()};

@@ -97,11 +97,16 @@ std::string Progress::line(const StepResult& r, double elapsed_s) const {
       format_duration(eta_s(done, elapsed_s)), memory);
 }
 
-std::string run_header(const config::Config& c, int64_t tokens_per_step, double peak_flops, double entropy_rate) {
-  return fmt::format("training {} for {} steps on {} rank(s) (pp {} × dp {}, ep {}), {}: {} tokens/step, peak {:.1f} "
+std::string run_header(const config::Config& c, const data::BatchShape& shape, double peak_flops, double entropy_rate) {
+  const int64_t T = c.train.seq_len;
+  const std::string per_step =
+      shape.ramp ? fmt::format("{} → {} tokens/step (batch-size ramp over the first {} steps)",
+                               shape.global_sequences(0) * T, shape.global_sequences() * T, shape.ramp->ramp_steps())
+                 : fmt::format("{} tokens/step", shape.global_sequences() * T);
+  return fmt::format("training {} for {} steps on {} rank(s) (pp {} × dp {}, ep {}), {}: {}, peak {:.1f} "
                      "GFLOP/s per rank{}\n",
                      c.file, c.train.steps, c.parallel.world_size, c.parallel.pp, c.parallel.dp, c.parallel.ep,
-                     config::name(c.train.device), tokens_per_step, peak_flops / 1e9,
+                     config::name(c.train.device), per_step, peak_flops / 1e9,
                      entropy_rate >= 0 ? fmt::format(", corpus entropy rate {:.4f} nats/token", entropy_rate) : "");
 }
 

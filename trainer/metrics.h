@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "data/batches.h"
 
 namespace moetrain::trainer {
 
@@ -78,7 +79,7 @@ class Progress {
 };
 
 // The line at the start of a run.
-std::string run_header(const config::Config& c, int64_t tokens_per_step, double peak_flops, double entropy_rate);
+std::string run_header(const config::Config& c, const data::BatchShape& shape, double peak_flops, double entropy_rate);
 std::string eval_line(int64_t steps_done, const EvalResult& e, double entropy_rate);
 std::string stop_line(int64_t steps_done, int64_t steps, int signal, const std::string& checkpoint_root);
 // Writes a progress line to stdout and flushes it; a failed write (a full disk under a redirection) is an error.

@@ -84,7 +84,10 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
     optimizer_->publish();  // master weights: the parameters from them
     if (grad_sync_) grad_sync_->gather_params(optimizer_->piece_values());
     step_ = s.step;
-    if (!weights_only) batches_->resume(s.data);  // the data order continues where the saved run stood, on any dp size
+    if (!weights_only) {
+      batches_->resume(s.data);  // the data order continues where the saved run stood, on any dp size
+      origin_ = {s.step, s.data.samples_consumed};
+    }
   }
   run_dir_.start(c_, /*resumed=*/!resume.empty());
 }
@@ -96,12 +99,11 @@ void Trainer::say(const std::string& line) const {
 }
 
 void Trainer::save_checkpoint() {
-  const int64_t sequences = data::BatchShape::from(c_).global_sequences();
   checkpoints::TrainerState s;
   s.step = step_;
   s.optimizer_steps = optimizer_->steps_taken();
-  s.samples_consumed = step_ * sequences;
-  s.tokens_seen = step_ * sequences * c_.train.seq_len;
+  s.samples_consumed = origin_.samples_before(shape_, step_);
+  s.tokens_seen = tokens_before(step_);
   s.data = batches_->state(step_);
   checkpointer_->save(s);
 }
@@ -126,7 +128,7 @@ parallel::StageOutput Trainer::stage_forward(const at::Tensor& input, const at::
                                              bool training) {
   RECORD_USER_SCOPE("forward");
   const int64_t T = c_.train.seq_len, depth = c_.model.mtp_depth;
-  const double sequences = static_cast<double>(data::BatchShape::from(c_).global_sequences());
+  const double sequences = static_cast<double>(training ? shape_.global_sequences(step_) : shape_.global_sequences());
   const double tokens = sequences * static_cast<double>(T);
   model::LossSums s;
   at::Tensor h = first_stage_ ? model_->embed_tokens(window.narrow(1, 0, T)) : input;
@@ -135,7 +137,7 @@ parallel::StageOutput Trainer::stage_forward(const at::Tensor& input, const at::
   at::Tensor loss;
   if (last_stage_) {
     model_->head_losses(h, window, *exchange_, s);
-    const double lambda = mtp_weight(step_ * static_cast<int64_t>(tokens));  // tokens trained before this step
+    const double lambda = mtp_weight(tokens_before(step_));
     loss = s.lm / tokens;
     sums[0] += s.lm.detach().to(at::kDouble);
     for (const auto& l : s.mtp) {
@@ -154,8 +156,8 @@ parallel::StageOutput Trainer::stage_forward(const at::Tensor& input, const at::
   return out;
 }
 
-parallel::PipelineSpec Trainer::pipeline_spec() const {
-  return {groups_ ? groups_->coords.pp : 0, c_.parallel.pp, c_.train.micro_batches,
+parallel::PipelineSpec Trainer::pipeline_spec(int64_t micro_batches) const {
+  return {groups_ ? groups_->coords.pp : 0, c_.parallel.pp, micro_batches,
           {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
           at::TensorOptions().dtype(model_->activation_dtype()).device(device_),
           [this] { if (grad_sync_) grad_sync_->arm(); }};
@@ -171,7 +173,7 @@ std::vector<MoeLayerMetrics> Trainer::moe_metrics() {
 StepResult Trainer::step() {
   const auto t0 = Clock::now();
   const double waited0 = groups_ ? groups_->waited_s() : 0.0;
-  const int64_t sequences = data::BatchShape::from(c_).global_sequences();
+  const int64_t sequences = shape_.global_sequences(step_), micro_batches = shape_.micro_batches_at(step_);
   const double tokens = static_cast<double>(sequences * c_.train.seq_len);
   const int64_t depth = c_.model.mtp_depth;
   if (groups_) maybe_inject_failure(step_, groups_->rank);
@@ -187,9 +189,9 @@ StepResult Trainer::step() {
   };
   trace_.clear();
   if (c_.parallel.pp == 1)
-    parallel::run_micro_batches(pipeline_spec(), forward);
+    parallel::run_micro_batches(pipeline_spec(micro_batches), forward);
   else
-    parallel::run_1f1b(*groups_->pp, pipeline_spec(), forward, &trace_);
+    parallel::run_1f1b(*groups_->pp, pipeline_spec(micro_batches), forward, &trace_);
 
   if (grad_sync_) grad_sync_->reduce();
   const at::Tensor norm_sq = grad_sync_ ? grad_sync_->global_norm_sq() : grad_norm_sq(optimizer_->params());
@@ -198,7 +200,7 @@ StepResult Trainer::step() {
   if (groups_) reduce(sums, groups_->world.get());  // on the device; then one copy to the host, with the norm
   const at::Tensor host = at::cat({sums, norm_sq.to(sums.device())}).to(at::kCPU);
   r.grad_norm = std::sqrt(host[3].item<double>());
-  const double lambda = mtp_weight(step_ * sequences * c_.train.seq_len);
+  const double lambda = mtp_weight(tokens_before(step_));
   r.lm_loss = host[0].item<double>() / tokens;
   r.mtp_loss = depth > 0 ? host[1].item<double>() / tokens / static_cast<double>(depth) : 0.0;
   r.balance_loss = host[2].item<double>() / static_cast<double>(sequences);
@@ -218,7 +220,7 @@ StepResult Trainer::step() {
   // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
   if (groups_) loads_->reduce([&](at::Tensor& t) { reduce(t, groups_->dp.get()); });
   if (c_.model.balance_mode == config::BalanceMode::kAuxFree && !r.skipped)
-    loads_->update_biases(model::bias_update_rate(c_.model, step_ * sequences * c_.train.seq_len));
+    loads_->update_biases(model::bias_update_rate(c_.model, tokens_before(step_)));
   ++step_;
   r.peak_memory_bytes = peak_bytes_per_rank(device_, groups_ ? groups_->rank : 0, c_.parallel.world_size,
                                             [&](at::Tensor& t) { reduce(t, groups_ ? groups_->world.get() : nullptr); });
@@ -251,15 +253,14 @@ EvalResult Trainer::evaluate() {
     if (c_.parallel.pp == 1) {
       for (int64_t mb = 0; mb < c_.train.micro_batches; ++mb) forward(mb, {});
     } else {
-      parallel::run_forward_only(*groups_->pp, pipeline_spec(), forward);
+      parallel::run_forward_only(*groups_->pp, pipeline_spec(c_.train.micro_batches), forward);
     }
   }
   if (groups_) {
     loads_->reduce([&](at::Tensor& t) { reduce(t, groups_->dp.get()); });
     reduce(sums, groups_->world.get());
   }
-  const double tokens = static_cast<double>(c_.train.eval_batches * data::BatchShape::from(c_).global_sequences() *
-                                            c_.train.seq_len);
+  const double tokens = static_cast<double>(c_.train.eval_batches * shape_.global_sequences() * c_.train.seq_len);
   EvalResult r;
   r.loss = sums.to(at::kCPU)[0].item<double>() / tokens;
   const std::vector<MoeLayerMetrics> moe = moe_metrics();
@@ -270,7 +271,7 @@ EvalResult Trainer::evaluate() {
 
 void Trainer::run() {
   const double entropy = batches_->entropy_rate();
-  say(run_header(c_, data::BatchShape::from(c_).global_sequences() * c_.train.seq_len, peak_flops_, entropy));
+  say(run_header(c_, shape_, peak_flops_, entropy));
   const StopSignals signals(c_.checkpoint.save_on_signal);
   const Progress progress(c_, step_);
   const auto t0 = Clock::now();

@@ -51,6 +51,7 @@ class Trainer {
   int64_t steps_done() const { return step_; }
   model::Transformer& model() { return model_; }
   const data::BatchSource& batches() const { return *batches_; }
+  const data::BatchShape& batch_shape() const { return shape_; }  // every step's global batch and micro-batches
   const std::vector<std::string>& moe_layer_names() const { return loads_->layer_names(); }
   double peak_flops() const { return peak_flops_; }
   const AdamW& optimizer() const { return *optimizer_; }
@@ -62,7 +63,10 @@ class Trainer {
   parallel::StageOutput stage_forward(const at::Tensor& input, const at::Tensor& window, at::Tensor& sums,
                                       bool training);
   double mtp_weight(int64_t tokens_seen) const;
-  parallel::PipelineSpec pipeline_spec() const;
+  parallel::PipelineSpec pipeline_spec(int64_t micro_batches) const;
+  int64_t tokens_before(int64_t step) const {  // trained before `step` (a batch-size ramp counted, from a resume)
+    return origin_.samples_before(shape_, step) * c_.train.seq_len;
+  }
   void reduce(at::Tensor& t, parallel::Communicator* comm) const;
   std::vector<MoeLayerMetrics> moe_metrics();  // collective: every MoE layer of the model, this step's loads
   void say(const std::string& line) const;
@@ -79,6 +83,8 @@ class Trainer {
   model::Transformer model_{nullptr};
   std::unique_ptr<model::ExpertExchange> exchange_;
   std::unique_ptr<data::BatchSource> batches_;
+  data::BatchShape shape_ = data::BatchShape::from(c_);  // each step's global batch (a ramp grows it)
+  data::StreamOrigin origin_;  // the resumed step and the sequences trained before it
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<parallel::GradSync> grad_sync_;
   std::unique_ptr<model::MoeLoadTracker> loads_;

@@ -389,7 +389,7 @@ TEST(Prefetch, SameBatchesInOrderOrNotAndErrorsArriveWithTheirBatch) {
   write_counting_corpus(dir / "c", assorted_lengths(), 1u << 20);
   const config::Config c = shard_config(dir / "c", 1, 2, 3);
   ShardBatches plain(c);
-  PrefetchingSource pre(std::make_unique<ShardBatches>(c), 4, 3);
+  PrefetchingSource pre(std::make_unique<ShardBatches>(c), 4, BatchShape::from(c));
   for (int64_t s = 0; s < 6; ++s)
     for (int64_t mb = 0; mb < 3; ++mb) {
       EXPECT_TRUE(pre.train(s, 0, mb).equal(plain.train(s, 0, mb)));
@@ -434,6 +434,59 @@ TEST(Prefetch, SameBatchesInOrderOrNotAndErrorsArriveWithTheirBatch) {
       EXPECT_EQ(err, "") << "step " << s << " micro-batch " << mb;
     }
   FAIL() << "the corrupt batch was never asked for";
+}
+
+
+// The batch-size ramp gives each step the batch Megatron-Core's rule gives it: start + ⌊consumed / per-increment⌋ ·
+// increment sequences (at most the final batch), where consumed counts the sequences of the steps before.
+TEST(BatchRamp, FollowsMegatronsRule) {
+  for (const auto& [start, inc, final, ramp] : std::vector<std::array<int64_t, 4>>{
+           {4, 4, 16, 60}, {4, 4, 16, 30}, {3072, 128, 15360, 114501953}, {2, 2, 64, 7}, {8, 8, 32, 1000}}) {
+    const BatchRamp r(start, inc, final, ramp);
+    const double per = static_cast<double>(ramp) / static_cast<double>((final - start) / inc);
+    int64_t consumed = 0;
+    for (int64_t step = 0; step < 20000; ++step) {
+      const int64_t want =
+          std::min(final, start + static_cast<int64_t>(static_cast<double>(consumed) / per) * inc);
+      ASSERT_EQ(r.sequences_at(step), want) << "step " << step << " of ramp " << start << "→" << final;
+      ASSERT_EQ(r.sequences_before(step), consumed) << "step " << step;
+      consumed += want;
+    }
+    EXPECT_EQ(r.sequences_at(r.ramp_steps()), final);
+    EXPECT_LT(r.sequences_at(r.ramp_steps() - 1), final);
+    EXPECT_GE(r.sequences_before(r.ramp_steps()), ramp);  // the final batch once the ramp's sequences are trained
+  }
+  EXPECT_THROW(BatchRamp(4, 5, 16, 60), std::invalid_argument);  // 16 − 4 is not a multiple of 5
+  EXPECT_THROW(BatchRamp(16, 4, 16, 60), std::invalid_argument);  // nothing to ramp
+}
+
+// Under a ramp the steps' sequences tile the stream without gap or overlap, each step holds exactly its batch on
+// any dp size and micro-batching, and a resumed origin gives the same positions.
+TEST(BatchRamp, StepsTileTheStreamOnEveryLayout) {
+  const auto ramp = std::make_shared<const BatchRamp>(8, 8, 32, 100);
+  for (const auto& [dp, mbs] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {1, 4}, {2, 2}, {4, 2}, {8, 1}}) {
+    const BatchShape shape{mbs, 32 / (mbs * dp), dp, 9, ramp};
+    std::vector<int64_t> seen;
+    for (int64_t step = 0; step < 12; ++step) {
+      ASSERT_EQ(shape.micro_batches_at(step) * mbs * dp, ramp->sequences_at(step));
+      for (int64_t r = 0; r < dp; ++r)
+        for (int64_t mb = 0; mb < shape.micro_batches_at(step); ++mb)
+          for (int64_t j = 0; j < mbs; ++j) {
+            const int64_t pos = shape.first_sequence(step, r, mb) + j;
+            EXPECT_GE(pos, shape.sequences_before(step));
+            EXPECT_LT(pos, shape.sequences_before(step + 1));
+            seen.push_back(pos);
+          }
+    }
+    std::sort(seen.begin(), seen.end());
+    std::vector<int64_t> all(static_cast<size_t>(shape.sequences_before(12)));
+    std::iota(all.begin(), all.end(), 0);
+    EXPECT_EQ(seen, all) << "dp " << dp << ", micro-batch " << mbs;
+    const StreamOrigin resumed{5, shape.sequences_before(5)};
+    for (int64_t step = 5; step < 12; ++step)
+      EXPECT_EQ(resumed.position(shape, step, dp - 1, 0), shape.first_sequence(step, dp - 1, 0));
+    EXPECT_EQ(shape.first_validation_sequence(1, 0, 0), 32);  // validation batches keep the final shape
+  }
 }
 
 }  // namespace

@@ -250,6 +250,10 @@ TEST(Synth, OrderTwoSourceNeedsTheTokenBefore) {
   const double h2 = conditional_entropy(by_two), h1 = conditional_entropy(by_one);
   EXPECT_NEAR(h2, two.entropy_rate(), 0.02) << "empirical H(next | last two) against the exact rate";
   EXPECT_GT(h1, two.entropy_rate() + 0.3) << "the current token alone already tells the next one";
+  EXPECT_NEAR(two.entropy_given(1), h1, 0.02) << "exact H(next | current token) against the measured one";
+  EXPECT_DOUBLE_EQ(two.entropy_given(2), two.entropy_rate());
+  EXPECT_GT(two.entropy_given(0), two.entropy_given(1));  // the unconditional letter entropy
+  EXPECT_LE(two.entropy_given(0), std::log(static_cast<double>(V)) + 1e-12);
 
   // Order 1 as before: the default and an explicit 1 give the same sequences.
   const MarkovSource a(V, branching, 5), b(V, branching, 5, 1);

@@ -56,6 +56,41 @@ TEST(MoE, GroupedAndLoopExpertGemmsAgree) {
   EXPECT_FALSE(moe->grouped_expert_gemm(torch::randn({4, 17}).narrow(0, 0, 0).narrow(1, 0, 16)));
 }
 
+// A rank that receives a single token: its row (and its gradient's) can come as a one-row view with row stride 1,
+// "contiguous" but refused by the grouped op's 16-byte stride check; the grouped path takes it (and agrees with the
+// loop). The demo on 4 ranks (ep 2) stopped with "strides should be multiple of 16 bytes" before.
+TEST(MoE, GroupedExpertGemmsTakeASingleTokenView) {
+  config::ModelConfig m = testing::tiny_model();
+  m.hidden_size = 16;
+  m.moe_inter_dim = 8;
+  m.n_routed_experts = 4;
+  torch::manual_seed(3);
+  MoE moe(m, ExpertShard{0, 1});
+  for (auto& p : moe->parameters()) {
+    at::NoGradGuard no_grad;
+    p.normal_(0, 0.3);
+  }
+  const std::vector<int64_t> counts{0, 1, 0, 0};
+  const at::Tensor row = torch::randn({16}), grad = torch::randn({16});
+  auto run = [&](bool grouped) {
+    moe->zero_grad();
+    at::Tensor x = row.clone().as_strided({1, 16}, {1, 1}).requires_grad_(true);
+    EXPECT_TRUE(x.is_contiguous());
+    at::Tensor y = moe->run_experts(x, counts, grouped);
+    y.backward(grad.clone().as_strided({1, 16}, {1, 1}));
+    const auto& e = moe->local_experts[1];
+    return std::vector<at::Tensor>{y.detach(), x.grad(), e->w_gate.grad().clone(), e->w_down.grad().clone()};
+  };
+  std::vector<at::Tensor> loop, grouped;
+  auto take = [&](bool g, std::vector<at::Tensor>& out) { out = run(g); };
+  take(false, loop);
+  ASSERT_NO_THROW(take(true, grouped));
+  for (size_t i = 0; i < loop.size(); ++i)
+    EXPECT_LE((loop[i] - grouped[i]).abs().max().item<double>(),
+              8 * 1.2e-7 * std::max(1.0, loop[i].abs().max().item<double>()))
+        << "tensor " << i;
+}
+
 // The shared expert's forward runs while the routed copies travel: the layer hands it to the exchange, which runs
 // it between starting and finishing the dispatch (parallel/expert_exchange.cpp), and the output is the same.
 TEST(MoE, SharedExpertComputesDuringTheDispatch) {

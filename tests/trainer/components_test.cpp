@@ -443,5 +443,48 @@ TEST(AdamW, FusedKernelMatchesThePerTensorOperations) {
   EXPECT_GT((fused_params[2].param - start[2].param).abs().max().item<double>(), 0.0);
 }
 
+
+// The batch-size ramp in the trainer: steps of 4, 4, 4, 8, 12, then 16 sequences (the ramp's 30 sequences over 3
+// increments of 4). The first step is the step of a run with that batch; more, smaller micro-batches compute the same
+// steps; a run resumed inside the ramp continues bit for bit, and its checkpoint counts the sequences trained.
+TEST(Trainer, BatchSizeRampGrowsTheBatchAndResumesExactly) {
+  const fs::path dir = temp_dir("ramp");
+  const std::vector<std::string> ramp{"train.steps=8", "train.eval_interval=0", "train.global_batch_size=16",
+                                      "train.batch_rampup_start=4", "train.batch_rampup_increment=4",
+                                      "train.batch_rampup_tokens=1920", "checkpoint.dir=ck", "checkpoint.interval=4"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.begin(), ramp.begin(), ramp.end());
+    return tiny(extra);
+  };
+  Trainer whole(with({"train.micro_batch_size=2"}), nullptr, (dir / "whole").string(), true);
+  const std::vector<int64_t> batches{4, 4, 4, 8, 12, 16, 16, 16};
+  std::vector<double> losses;
+  for (int64_t step = 0; step < 8; ++step) {
+    EXPECT_EQ(whole.batch_shape().global_sequences(step), batches[step]) << "step " << step;
+    EXPECT_EQ(whole.batch_shape().micro_batches_at(step), batches[step] / 2);
+    losses.push_back(whole.step().loss);
+    if (step == 3) whole.save_checkpoint();
+  }
+  whole.settle_checkpoints();
+
+  Trainer small(tiny({"train.steps=1", "train.global_batch_size=4", "train.micro_batch_size=2"}), nullptr, "", false);
+  EXPECT_EQ(small.step().loss, losses[0]) << "the ramp's first step is a step of its batch";
+  Trainer fewer(with({"train.micro_batch_size=4"}), nullptr, "", false);
+  for (int64_t step = 0; step < 8; ++step)
+    EXPECT_NEAR(fewer.step().loss, losses[step], 1e-5 * losses[step]) << "micro-batches of 4, step " << step;
+
+  const fs::path saved = dir / "whole" / "ck" / "step_0000004";
+  ASSERT_TRUE(fs::exists(saved));
+  Trainer resumed(with({"train.micro_batch_size=2"}), nullptr, (dir / "resumed").string(), true, saved.string());
+  EXPECT_EQ(resumed.steps_done(), 4);
+  for (int64_t step = 4; step < 8; ++step) EXPECT_EQ(resumed.step().loss, losses[step]) << "resumed step " << step;
+  resumed.save_checkpoint();
+  resumed.settle_checkpoints();
+  const auto index = nlohmann::json::parse(std::ifstream(dir / "resumed" / "ck" / "step_0000008" / "index.json"));
+  EXPECT_EQ(index["meta"]["trainer"]["samples_consumed"], 4 + 4 + 4 + 8 + 12 + 16 + 16 + 16);
+  EXPECT_EQ(index["meta"]["trainer"]["tokens_seen"], 80 * 64);
+  fs::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace moetrain::trainer

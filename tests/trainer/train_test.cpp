@@ -4,8 +4,10 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdio>
 
 #include "config/loader.h"
+#include "data/synthetic.h"
 #include "trainer/lr_schedule.h"
 #include "trainer/optimizer.h"
 
@@ -153,16 +155,51 @@ TEST(Trainer, LowPrecisionModesTrackFp32) {
   EXPECT_LT(std::abs(c - d) / d, 0.01) << "fp8 " << c << " vs fp32 " << d;
 }
 
-// The tiny config on the synthetic corpus: validation loss within 0.1 nats of the corpus entropy rate.
+// The tiny config on its synthetic corpus (order 2: the next token depends on the two before it) learns to within
+// 0.1 nats of the corpus entropy rate, which a model needs its attention for.
 TEST(Trainer, TinyConfigLearnsTheSyntheticCorpus) {
-  Trainer t(tiny_single(), nullptr, "", false);
+  const config::Config c = tiny_single();
+  ASSERT_EQ(c.data.synthetic_order, 2);
+  Trainer t(c, nullptr, "", false);
   const double entropy = t.batches().entropy_rate();
   const double start = t.evaluate().loss;
   t.run();
   const double end = t.evaluate().loss;
+  std::printf("validation loss %.4f after %lld steps, entropy rate %.4f (gap %.4f)\n", end,
+              static_cast<long long>(c.train.steps), entropy, end - entropy);
   EXPECT_GT(start, entropy + 3.0);
   EXPECT_LT(end - entropy, 0.1) << "validation loss " << end << ", entropy rate " << entropy;
   EXPECT_GE(end, entropy - 0.02);  // nothing can beat the source's entropy rate (up to sampling noise)
+}
+
+// The same run with attention disabled (every attention output projection held at zero, so each position sees its
+// own token only) stays more than 0.3 nats above the entropy rate: at best it reaches H(next | current token), which
+// the source computes exactly. Together with the test above: the demo's corpus checks the attention.
+TEST(Trainer, WithoutAttentionTheOrderTwoFloorIsOutOfReach) {
+  const config::Config c = tiny_single();
+  const data::MarkovSource source(c.data.synthetic_alphabet(c.model.vocab_size), c.data.synthetic_branching,
+                                  static_cast<uint64_t>(c.data.synthetic_seed), c.data.synthetic_order);
+  const double floor = source.entropy_rate(), one_token = source.entropy_given(1);
+  ASSERT_GT(one_token, floor + 0.3) << "the source must need the token before the current one";
+  Trainer t(c, nullptr, "", false);
+  std::vector<at::Tensor> wo;
+  for (const auto& p : t.model()->named_parameters())
+    if (p.key().size() > 3 && p.key().substr(p.key().size() - 3) == ".wo") wo.push_back(p.value());
+  ASSERT_EQ(wo.size(), static_cast<size_t>(c.model.num_layers + c.model.mtp_depth));  // one per attention block
+  auto disable = [&] {
+    at::NoGradGuard no_grad;
+    for (auto& w : wo) w.zero_();
+  };
+  disable();
+  for (int64_t i = 0; i < c.train.steps; ++i) {
+    t.step();
+    disable();  // the optimizer moved them: back to zero before the next forward pass
+  }
+  const double end = t.evaluate().loss;
+  std::printf("without attention: validation loss %.4f, H(next | current token) %.4f, entropy rate %.4f (gap %.4f)\n",
+              end, one_token, floor, end - floor);
+  EXPECT_GT(end, floor + 0.3) << "validation loss " << end << " without attention, entropy rate " << floor;
+  EXPECT_GE(end, one_token - 0.02) << "below H(next | current token) = " << one_token << " without attention";
 }
 
 }  // namespace
