@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <numeric>
 #include <optional>
 
 #include "checkpoints/checkpoint.h"
@@ -18,6 +19,7 @@
 #include "config/loader.h"
 #include "config/schema.h"
 #include "data/cli.h"
+#include "parallel/mpi_communicator.h"
 #include "parallel/mpi_runtime.h"
 #include "cli/plan.h"
 #include "trainer/train.h"
@@ -159,7 +161,8 @@ int run_main(int argc, char** argv) {
 
   trainer::EvalOptions eval_opts;
   CLI::App* eval_cmd = app.add_subcommand(
-      "eval", "A checkpoint's loss and perplexity on token shards (and per MTP depth, MaxVio per MoE layer), one process");
+      "eval", "A checkpoint's loss and perplexity on token shards (and per MTP depth, MaxVio per MoE layer), in one "
+      "process or data parallel over the ranks mpirun launches");
   eval_cmd->add_option("CKPT", eval_opts.checkpoint, "A checkpoint step directory, or a checkpoint directory with `latest`")
       ->required();
   eval_cmd->add_option("--data", eval_opts.data, "Token shards' PREFIX (moetrain data build / data synth)")->required();
@@ -269,7 +272,16 @@ int run_main(int argc, char** argv) {
                       "\n");
     } else if (*eval_cmd) {
       eval_opts.checkpoint = checkpoints::resolve_resume(eval_opts.checkpoint, eval_opts.checkpoint);
-      if (mpi.rank() == 0) emit(mpi, trainer::format(trainer::evaluate(eval_opts)));
+      std::unique_ptr<parallel::MpiCommunicator> world;  // under mpirun: data parallel over the launched ranks
+      if (mpi.active() && mpi.size() > 1) {
+        std::vector<int64_t> all(static_cast<size_t>(mpi.size()));
+        std::iota(all.begin(), all.end(), 0);
+        world = std::make_unique<parallel::MpiCommunicator>("eval", MPI_COMM_WORLD, all, mpi.rank(),
+                                                            config::ParallelConfig{}.comm_timeout_s);
+        eval_opts.world = world.get();
+      }
+      const trainer::CheckpointEval result = trainer::evaluate(eval_opts);
+      if (mpi.rank() == 0) emit(mpi, trainer::format(result));
     } else if (*gen_cmd) {
       gen_opts.checkpoint = checkpoints::resolve_resume(gen_opts.checkpoint, gen_opts.checkpoint);
       std::optional<data::Tokenizer> tok;

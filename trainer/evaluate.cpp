@@ -15,6 +15,7 @@
 #include <torch/autograd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <cmath>
 #include <fstream>
 #include <stdexcept>
@@ -41,29 +42,32 @@ void load_weights(const config::Config& c, const std::string& dir, model::Transf
       .load(dir, /*weights_only=*/true);
 }
 
-// NumPy's .npy format, version 1.0: little-endian FP32, C order.
-void write_npy(const std::string& path, const at::Tensor& t) {
-  std::string shape;
-  for (int64_t s : t.sizes()) shape += fmt::format("{}, ", s);
-  std::string header = fmt::format("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}", shape);
+// NumPy's .npy format, version 1.0 (little-endian FP32, C order): its header for `shape`.
+std::string npy_header(const std::vector<int64_t>& shape) {
+  std::string dims;
+  for (int64_t s : shape) dims += fmt::format("{}, ", s);
+  std::string header = fmt::format("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}", dims);
   header.append(63 - (10 + header.size()) % 64, ' ');
   header += '\n';
-  std::ofstream f(path, std::ios::binary);
-  f.write("\x93NUMPY\x01\x00", 8);
-  const uint16_t len = static_cast<uint16_t>(header.size());
-  const char len_bytes[2] = {static_cast<char>(len & 0xff), static_cast<char>(len >> 8)};
-  f.write(len_bytes, 2);
-  f.write(header.data(), static_cast<std::streamsize>(header.size()));
+  const auto len = static_cast<uint16_t>(header.size());
+  return std::string("\x93NUMPY\x01\x00", 8) + static_cast<char>(len & 0xff) + static_cast<char>(len >> 8) + header;
+}
+
+// `t`'s FP32 values into `path` at byte `offset` (the file exists: rank 0 wrote its header). "": written; else why not.
+std::string write_at(const std::string& path, int64_t offset, const at::Tensor& t) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
   const at::Tensor c = t.to(at::kFloat).contiguous();
+  f.seekp(offset);
   f.write(static_cast<const char*>(c.const_data_ptr()), static_cast<std::streamsize>(c.numel() * 4));
   f.close();
-  if (!f) throw std::runtime_error(fmt::format("{}: cannot write the logits", path));
+  return f ? "" : fmt::format("{}: cannot write the logits", path);
 }
 
 }  // namespace
 
 CheckpointEval evaluate(const EvalOptions& o) {
-  if (!o.dump_logits.empty() && !std::ofstream(o.dump_logits, std::ios::binary))  // before the work, not after
+  const bool writer = !o.world || o.world->rank() == 0;  // of the logits file's header
+  if (writer && !o.dump_logits.empty() && !std::ofstream(o.dump_logits, std::ios::binary))  // before the work
     throw std::runtime_error(fmt::format("{}: cannot write the logits there", o.dump_logits));
   checkpoints::Checkpoint ck(o.checkpoint);
   const config::Config c = checkpoints::saved_config(ck);
@@ -76,29 +80,42 @@ CheckpointEval evaluate(const EvalOptions& o) {
   load_weights(c, o.checkpoint, *model);
   model->eval();
 
-  // The windows, in order.
+  // The windows' starts, in order; this rank's contiguous block of them (all of them in one process).
   const int64_t T = c.train.seq_len, width = T + 1 + m.mtp_depth;
-  std::vector<at::Tensor> windows;
-  for (size_t s = 0; s < shards.shards().size() && static_cast<int64_t>(windows.size()) < o.max_windows; ++s) {
+  std::vector<std::pair<size_t, int64_t>> starts;  // (shard, first token)
+  for (size_t s = 0; s < shards.shards().size() && static_cast<int64_t>(starts.size()) < o.max_windows; ++s) {
     const auto tokens = static_cast<int64_t>(shards.shards()[s].header.tokens);
-    for (int64_t start = 0; start + width <= tokens && static_cast<int64_t>(windows.size()) < o.max_windows;
-         start += T) {
-      at::Tensor w = at::empty({width}, at::kLong);
-      shards.read(s, static_cast<uint64_t>(start), static_cast<uint64_t>(width), w.data_ptr<int64_t>());
-      windows.push_back(w);
-    }
+    for (int64_t start = 0; start + width <= tokens && static_cast<int64_t>(starts.size()) < o.max_windows;
+         start += T)
+      starts.emplace_back(s, start);
   }
-  if (windows.empty())
+  if (starts.empty())
     throw std::runtime_error(fmt::format("{}: no window of {} tokens (seq_len {} + 1 + mtp_depth {}) in any shard",
                                          o.data, width, T, m.mtp_depth));
+  const int64_t W = static_cast<int64_t>(starts.size()), rank = o.world ? o.world->rank() : 0,
+                ranks = o.world ? o.world->size() : 1;
+  const int64_t first = W * rank / ranks, last = W * (rank + 1) / ranks;
+  std::vector<at::Tensor> windows;
+  for (int64_t i = first; i < last; ++i) {
+    at::Tensor w = at::empty({width}, at::kLong);
+    shards.read(starts[i].first, static_cast<uint64_t>(starts[i].second), static_cast<uint64_t>(width),
+                w.data_ptr<int64_t>());
+    windows.push_back(w);
+  }
 
+  // The MoE layers in the order the forward pass reports them: main layers, then the MTP blocks.
+  std::vector<std::string> names;
+  for (int64_t l = m.n_dense_layers; l < m.num_layers; ++l) names.push_back(fmt::format("layers.{}", l));
+  for (int64_t k = 0; k < m.mtp_depth && m.n_dense_layers < m.num_layers; ++k)
+    names.push_back(fmt::format("mtp.{}", k));
   at::NoGradGuard no_grad;
   model::LocalExpertExchange exchange;
   CheckpointEval r;
   r.seq_len = T;
-  double lm = 0;
-  std::vector<double> mtp(static_cast<size_t>(m.mtp_depth), 0.0);
-  std::vector<at::Tensor> counts, logits;
+  // [lm, mtp per depth] and [MoE layer, expert] token counts, summed over this rank's windows (then over the ranks).
+  at::Tensor losses = at::zeros({1 + m.mtp_depth}, at::kDouble);
+  at::Tensor counts = at::zeros({static_cast<int64_t>(names.size()), m.n_routed_experts}, at::kDouble);
+  std::vector<at::Tensor> logits;
   for (size_t b = 0; b < windows.size(); b += static_cast<size_t>(o.batch)) {
     const size_t e = std::min(windows.size(), b + static_cast<size_t>(o.batch));
     const at::Tensor batch = at::stack(std::vector<at::Tensor>(windows.begin() + b, windows.begin() + e));
@@ -106,30 +123,49 @@ CheckpointEval evaluate(const EvalOptions& o) {
     model::LossSums sums;
     const at::Tensor h = model->run_layers(model->embed_tokens(batch.narrow(1, 0, T)), exchange, sums.moe);
     model->head_losses(h, batch, exchange, sums);
-    lm += sums.lm.item<double>();
-    for (size_t k = 0; k < mtp.size(); ++k) mtp[k] += sums.mtp[k].item<double>();
-    for (size_t l = 0; l < sums.moe.size(); ++l) {
-      if (counts.size() <= l) counts.push_back(at::zeros_like(sums.moe[l].counts));
-      counts[l] += sums.moe[l].counts;
-    }
+    losses[0] += sums.lm.to(at::kDouble);
+    for (int64_t k = 0; k < m.mtp_depth; ++k) losses[1 + k] += sums.mtp[k].to(at::kDouble);
+    if (sums.moe.size() != names.size())
+      throw std::logic_error(fmt::format("eval: {} MoE layers reported, {} expected", sums.moe.size(), names.size()));
+    for (size_t l = 0; l < sums.moe.size(); ++l) counts[static_cast<int64_t>(l)] += sums.moe[l].counts.to(at::kDouble);
     if (!o.dump_logits.empty()) logits.push_back(model->logits(h).to(at::kFloat));
   }
-  r.windows = static_cast<int64_t>(windows.size());
-  r.tokens = r.windows * T;
-  r.loss = lm / static_cast<double>(r.tokens);
-  for (double s : mtp) r.mtp_loss.push_back(s / static_cast<double>(r.tokens));
-  // The MoE layers in the order the forward pass reports them: main layers, then the MTP blocks.
-  std::vector<std::string> names;
-  for (int64_t l = m.n_dense_layers; l < m.num_layers; ++l) names.push_back(fmt::format("layers.{}", l));
-  for (int64_t k = 0; k < m.mtp_depth && m.n_dense_layers < m.num_layers; ++k)
-    names.push_back(fmt::format("mtp.{}", k));
-  for (size_t l = 0; l < counts.size(); ++l) {
-    const at::Tensor n = counts[l].to(at::kDouble);
-    const double mean = n.mean().item<double>();
-    r.max_vio.emplace_back(l < names.size() ? names[l] : fmt::format("moe.{}", l),
-                           mean > 0 ? n.max().item<double>() / mean - 1.0 : 0.0);
+  if (o.world) {
+    o.world->all_reduce(losses, parallel::ReduceOp::kSum);
+    o.world->all_reduce(counts, parallel::ReduceOp::kSum);
   }
-  if (!o.dump_logits.empty()) write_npy(o.dump_logits, at::cat(logits, 0));
+  if (!o.dump_logits.empty()) {
+    // Rank 0 writes the header and sizes the file; then every rank its block, at its windows' offset.
+    const std::string header = npy_header({W, T, m.vocab_size});
+    std::string error;
+    if (writer) {
+      std::ofstream f(o.dump_logits, std::ios::binary | std::ios::trunc);
+      f.write(header.data(), static_cast<std::streamsize>(header.size()));
+      f.close();
+      std::error_code ec;
+      std::filesystem::resize_file(o.dump_logits, header.size() + static_cast<uint64_t>(W * T * m.vocab_size) * 4, ec);
+      if (!f || ec) error = fmt::format("{}: cannot write the logits", o.dump_logits);
+    }
+    if (o.world) o.world->barrier();
+    if (error.empty() && !logits.empty())
+      error = write_at(o.dump_logits, static_cast<int64_t>(header.size()) + first * T * m.vocab_size * 4,
+                       at::cat(logits, 0));
+    at::Tensor failed = at::full({1}, error.empty() ? 0.0 : static_cast<double>(rank + 1), at::kDouble);
+    if (o.world) o.world->all_reduce(failed, parallel::ReduceOp::kMax);
+    if (const auto who = static_cast<int64_t>(failed.item<double>()); who > 0)
+      throw std::runtime_error(error.empty() ? fmt::format("{}: rank {} could not write its logits", o.dump_logits,
+                                                           who - 1)
+                                             : error);
+  }
+  r.windows = W;
+  r.tokens = r.windows * T;
+  r.loss = losses[0].item<double>() / static_cast<double>(r.tokens);
+  for (int64_t k = 0; k < m.mtp_depth; ++k) r.mtp_loss.push_back(losses[1 + k].item<double>() / static_cast<double>(r.tokens));
+  for (size_t l = 0; l < names.size(); ++l) {
+    const at::Tensor n = counts[static_cast<int64_t>(l)];
+    const double mean = n.mean().item<double>();
+    r.max_vio.emplace_back(names[l], mean > 0 ? n.max().item<double>() / mean - 1.0 : 0.0);
+  }
   return r;
 }
 

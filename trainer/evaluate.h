@@ -1,4 +1,6 @@
-// `moetrain eval`: a checkpoint's loss and perplexity on token shards, in one process. Windows of seq_len + 1 +
+// `moetrain eval`: a checkpoint's loss and perplexity on token shards, in one process or data parallel over the
+// launched ranks (each rank the whole model, saved on any layout, and a contiguous block of the windows; the sums
+// are reduced, so the report is the one process's up to summation order). Windows of seq_len + 1 +
 // mtp_depth tokens are read in order from each shard with a stride of seq_len (no window crosses a shard), the
 // whole model runs on them without gradients, and the report gives the main loss, each MTP depth's loss and every
 // MoE layer's MaxVio over all the windows. Optionally the main head's logits go to a NumPy file for exact
@@ -10,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "parallel/communicator.h"
+
 namespace moetrain::trainer {
 
 struct EvalOptions {
@@ -18,6 +22,9 @@ struct EvalOptions {
   int64_t max_windows = 64;
   int64_t batch = 8;        // windows per forward pass
   std::string dump_logits;  // "": none; else a .npy file of [windows, seq_len, vocab] FP32 logits
+  // The launched ranks (null: one process): every rank calls evaluate(); each writes its windows' logits into the
+  // one file at their offset.
+  parallel::Communicator* world = nullptr;
 };
 
 struct CheckpointEval {

@@ -133,7 +133,7 @@ train() {
 }
 expect_error "seq_len larger than the data" "$tmp/synth.00000.idx: the [0-9]+ training documents hold [0-9]+ tokens, fewer than one window of 20002 tokens .* train.seq_len is larger than the data" \
   train --set model.vocab_size=128 --set data.path="$tmp/synth" --set train.seq_len=20000
-expect_error "vocabulary larger than the model's" "$tmp/shards/lic.00000.idx: the shards use a vocabulary of 400 ids, more than model.vocab_size = 256 \(set at configs/tiny.yaml:5\)" \
+expect_error "vocabulary larger than the model's" "$tmp/shards/lic.00000.idx: the shards use a vocabulary of 400 ids, more than model.vocab_size = 256 \(set at configs/tiny.yaml:6\)" \
   train --set data.path="$tmp/shards/lic"
 expect_error "tokenizer of other shards" "$tmp/other.model: tokenizer checksum [0-9a-f]{16} does not match" \
   train --set model.vocab_size=400 --set data.path="$tmp/shards/lic" --set data.tokenizer="$tmp/other.model"

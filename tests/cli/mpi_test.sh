@@ -11,7 +11,7 @@ run mpi -np 4 "$bin" config check configs/tiny.yaml
 run mpi -np 2 "$bin" config check configs/tiny.yaml
 [ "$rc" -ne 0 ] || fail "2 ranks for a 4-rank config exited 0"
 [ "$(printf '%s\n' "$err" | grep -c '^moetrain: error')" -eq 1 ] || fail "expected one error line: $err"
-printf '%s' "$err" | grep -q "configs/tiny.yaml:30: world size 2 (ranks launched) ≠ pp·dp = 2·2 = 4" ||
+printf '%s' "$err" | grep -q "configs/tiny.yaml:31: world size 2 (ranks launched) ≠ pp·dp = 2·2 = 4" ||
   fail "wrong message: $err"
 
 # dp derived from the launch.
