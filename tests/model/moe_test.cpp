@@ -13,17 +13,23 @@
 namespace moetrain::model {
 namespace {
 
-TEST(MoE, GroupedAndLoopExpertGemmsAgree) {
+// A layer of 4 experts on 16-wide rows (the grouped op wants 16-byte aligned rows), weights drawn from `seed`.
+MoE small_moe(uint64_t seed) {
   config::ModelConfig m = testing::tiny_model();
-  m.hidden_size = 16;  // the grouped op wants 16-byte aligned rows
+  m.hidden_size = 16;
   m.moe_inter_dim = 8;
   m.n_routed_experts = 4;
-  torch::manual_seed(7);
+  torch::manual_seed(seed);
   MoE moe(m, ExpertShard{0, 1});
   for (auto& p : moe->parameters()) {
     at::NoGradGuard no_grad;
     p.normal_(0, 0.3);
   }
+  return moe;
+}
+
+TEST(MoE, GroupedAndLoopExpertGemmsAgree) {
+  MoE moe = small_moe(7);
   const std::vector<int64_t> counts{5, 0, 9, 3};  // an expert without tokens among them
   const at::Tensor tokens = torch::randn({17, 16});
   const at::Tensor dy = torch::randn({17, 16});
@@ -60,16 +66,7 @@ TEST(MoE, GroupedAndLoopExpertGemmsAgree) {
 // "contiguous" but refused by the grouped op's 16-byte stride check; the grouped path takes it (and agrees with the
 // loop). The demo on 4 ranks (ep 2) stopped with "strides should be multiple of 16 bytes" before.
 TEST(MoE, GroupedExpertGemmsTakeASingleTokenView) {
-  config::ModelConfig m = testing::tiny_model();
-  m.hidden_size = 16;
-  m.moe_inter_dim = 8;
-  m.n_routed_experts = 4;
-  torch::manual_seed(3);
-  MoE moe(m, ExpertShard{0, 1});
-  for (auto& p : moe->parameters()) {
-    at::NoGradGuard no_grad;
-    p.normal_(0, 0.3);
-  }
+  MoE moe = small_moe(3);
   const std::vector<int64_t> counts{0, 1, 0, 0};
   const at::Tensor row = torch::randn({16}), grad = torch::randn({16});
   auto run = [&](bool grouped) {
