@@ -137,6 +137,8 @@ int main(int argc, char** argv) {
         const double m_ = static_cast<double>(c.train.micro_batches), pp_ = static_cast<double>(p.pp);
         fmt::print("1F1B bubble fraction: executed schedule {:.4f}, theory (pp−1)/(m+pp−1) = {:.4f}\n",
                    parallel::bubble_fraction(traces), (pp_ - 1) / (m_ + pp_ - 1));
+        fmt::print("the executed schedule, each stage's passes replayed in unit time (. idle):\n{}",
+                   parallel::draw_schedule(traces));
       }
     }
   } catch (const std::exception& e) {

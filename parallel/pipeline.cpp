@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <deque>
 #include <map>
+#include <stdexcept>
 
 namespace moetrain::parallel {
 
@@ -121,12 +122,13 @@ void run_forward_only(Communicator& pp, const PipelineSpec& spec, const StageFor
   }
 }
 
-double bubble_fraction(const std::vector<ScheduleTrace>& traces) {
+ScheduleTimeline simulate_schedule(const std::vector<ScheduleTrace>& traces) {
   const size_t stages = traces.size();
+  ScheduleTimeline t;
+  t.slots.resize(stages);
   std::map<std::pair<size_t, std::string>, int64_t> done;  // (stage, pass) -> finish time
   std::vector<size_t> pos(stages, 0);
   std::vector<int64_t> clock(stages, 0);
-  int64_t busy = 0;
   bool progress = true;
   while (progress) {
     progress = false;
@@ -151,15 +153,51 @@ double bubble_fraction(const std::vector<ScheduleTrace>& traces) {
         ready = std::max(ready, it->second);
       }
       if (!ok) continue;
+      t.slots[s].resize(static_cast<size_t>(ready), "");  // idle until its dependencies are done
+      t.slots[s].push_back(op);
       clock[s] = ready + 1;
       done[{s, op}] = clock[s];
-      ++busy;
+      ++t.busy;
       ++pos[s];
       progress = true;
     }
   }
-  int64_t makespan = *std::max_element(clock.begin(), clock.end());
-  return makespan == 0 ? 0.0 : 1.0 - static_cast<double>(busy) / static_cast<double>(stages * makespan);
+  for (size_t s = 0; s < stages; ++s) {
+    if (pos[s] < traces[s].size())
+      throw std::invalid_argument(fmt::format("schedule: stage {} cannot run {} (a dependency never runs)", s,
+                                              traces[s][pos[s]]));
+    t.makespan = std::max(t.makespan, clock[s]);
+  }
+  for (auto& row : t.slots) row.resize(static_cast<size_t>(t.makespan), "");
+  return t;
+}
+
+double bubble_fraction(const std::vector<ScheduleTrace>& traces) {
+  const ScheduleTimeline t = simulate_schedule(traces);
+  return t.makespan == 0 ? 0.0
+                         : 1.0 - static_cast<double>(t.busy) /
+                                     static_cast<double>(static_cast<int64_t>(traces.size()) * t.makespan);
+}
+
+std::string draw_schedule(const std::vector<ScheduleTrace>& traces) {
+  const ScheduleTimeline t = simulate_schedule(traces);
+  size_t width = 1;
+  for (const auto& row : t.slots)
+    for (const auto& op : row) width = std::max(width, op.size());
+  std::string out = fmt::format("{:<8}", "slot");
+  for (int64_t i = 0; i < t.makespan; ++i) out += fmt::format(" {:>{}}", i % 10 == 0 ? std::to_string(i) : "", width);
+  out.erase(out.find_last_not_of(' ') + 1);
+  out += "\n";
+  for (size_t s = 0; s < t.slots.size(); ++s) {
+    int64_t idle = 0;
+    out += fmt::format("{:<8}", fmt::format("stage {}", s));
+    for (const auto& op : t.slots[s]) {
+      out += fmt::format(" {:>{}}", op.empty() ? "." : op, width);
+      idle += op.empty();
+    }
+    out += fmt::format("   idle {}\n", idle);
+  }
+  return out;
 }
 
 }  // namespace moetrain::parallel

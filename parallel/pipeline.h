@@ -43,9 +43,21 @@ void run_1f1b(Communicator& pp, const PipelineSpec& spec, const StageForward& fo
 // Forward only (validation): every micro-batch through every stage in order.
 void run_forward_only(Communicator& pp, const PipelineSpec& spec, const StageForward& forward);
 
-// The bubble fraction of the traced schedule: each pass one time unit, every pass waits for its dependencies
-// (F of micro-batch i on stage s after F_i on s − 1; B_i on s after B_i on s + 1 and F_i on s) and for the
-// previous pass of its stage; bubble = idle units / (stages × makespan).
+// The traced schedule replayed in unit time: each pass takes one slot and waits for its dependencies (F of
+// micro-batch i on stage s after F_i on s − 1; B_i on s after B_i on s + 1 and F_i on s) and for the previous pass
+// of its stage. slots[stage][t]: the pass run in slot t ("" where the stage is idle). Throws when a stage's next pass
+// can never run (a trace that is not a valid schedule).
+struct ScheduleTimeline {
+  std::vector<std::vector<std::string>> slots;
+  int64_t makespan = 0, busy = 0;
+};
+ScheduleTimeline simulate_schedule(const std::vector<ScheduleTrace>& traces);
+
+// Its bubble fraction: idle slots / (stages × makespan).
 double bubble_fraction(const std::vector<ScheduleTrace>& traces);
+
+// Its drawing as text: one row per stage, one column per slot, "." for an idle slot, the row's idle count at its
+// end (e.g. for bench/parallel's report of the executed schedule).
+std::string draw_schedule(const std::vector<ScheduleTrace>& traces);
 
 }  // namespace moetrain::parallel

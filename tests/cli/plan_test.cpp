@@ -91,6 +91,12 @@ TEST(Plan, OneFOneBKeepsPpMinusStageMicroBatchesInFlight) {
   EXPECT_EQ(in_flight, (std::vector<int64_t>{4, 3, 2, 1}));
   // Same layers on stages 1 and 2: activations in proportion to the micro-batches in flight.
   EXPECT_DOUBLE_EQ(plan.stages[1].activation_bytes / 3, plan.stages[2].activation_bytes / 2);
+  // And its bubble, (pp − 1) / (m + pp − 1) = 3 / 11, also at the first step of a batch-size ramp (m = 4: 3 / 7).
+  EXPECT_NE(format_plan(plan, c).find("pipeline    1F1B over 4 stages: bubble (pp−1)/(m+pp−1) = 0.273 at m = 8"),
+            std::string::npos);
+  c = tiny({"parallel.pp=4", "parallel.dp=1", "parallel.ep=1", "train.global_batch_size=32",
+            "train.batch_rampup_start=16", "train.batch_rampup_tokens=100000"});
+  EXPECT_NE(format_plan(make_plan(c), c).find("(0.429 at the ramp's first m = 4)"), std::string::npos);
 }
 
 // Counts that overflow 64 bits raise CountOverflow instead of wrapping; check_plan_counts names the key.
