@@ -167,6 +167,7 @@ struct LoggingConfig {
   int64_t interval = 10;
   int64_t profile_steps = 0;       // steps recorded by the profiler (0: none)
   int64_t profile_start_step = 3;  // the first of them (1-based), after the warm-up
+  bool tensorboard = true;         // TensorBoard event file in the run directory
 };
 
 // Where a value came from: a file and line, a --set override, or the default.

@@ -226,6 +226,11 @@ std::vector<KeySpec> build_schema() {
        at_least(0)},
       {KEY(logging, profile_start_step), "The first step the profiler records (1-based; the first steps warm up).",
        at_least(1)},
+      {KEY(logging, tensorboard),
+       "Write a TensorBoard event file, <run dir>/events.out.tfevents.moetrain (`tensorboard --logdir <logging.dir>`): "
+       "every scalar of metrics.jsonl (losses, gradient norm, learning rate, tokens/s, MFU, validation loss, per MoE "
+       "layer MaxVio and bias range) at every step it is computed, and a histogram of the tokens per expert of each "
+       "MoE layer. A resumed run drops what the interrupted run wrote after the resumed step, then appends."},
   };
 }
 #undef KEY

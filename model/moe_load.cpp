@@ -63,8 +63,9 @@ void MoeLoadTracker::update_biases(double rate) {
 }
 
 at::Tensor MoeLoadTracker::layer_table(bool fill) const {
-  at::Tensor table = at::zeros({static_cast<int64_t>(names_.size()), kColumns}, at::kDouble);
+  at::Tensor table = at::zeros({static_cast<int64_t>(names_.size()), kColumns + n_experts_}, at::kDouble);
   if (!fill || routers_.empty()) return table;
+  const at::Tensor loads = loads_.to(at::kDouble);
   // The biases' minima and maxima in one copy from the device.
   std::vector<at::Tensor> biases;
   for (const auto& r : routers_) biases.push_back(r.router->bias);
@@ -73,12 +74,13 @@ at::Tensor MoeLoadTracker::layer_table(bool fill) const {
   auto* out = table.data_ptr<double>();
   for (size_t i = 0; i < routers_.size(); ++i) {
     const at::Tensor load = loads_[static_cast<int64_t>(i)];
-    double* row = out + routers_[i].layer * kColumns;
+    double* row = out + routers_[i].layer * (kColumns + n_experts_);
     row[kMaxVio] = max_violation(load);
     row[kMinLoad] = static_cast<double>(load.min().item<int64_t>());
     row[kMaxLoad] = static_cast<double>(load.max().item<int64_t>());
     row[kBiasMin] = bias_range[static_cast<int64_t>(i)][0].item<double>();
     row[kBiasMax] = bias_range[static_cast<int64_t>(i)][1].item<double>();
+    std::copy_n(loads[static_cast<int64_t>(i)].data_ptr<double>(), n_experts_, row + kColumns);
   }
   return table;
 }

@@ -40,8 +40,9 @@ class MoeLoadTracker {
   void reduce(const std::function<void(at::Tensor&)>& sum_over_dp);
   // The auxiliary-loss-free update of every router's bias from the loads.
   void update_biases(double rate);
-  // [moe_layer_names().size(), kColumns] FP64 on the host: this stage's layers filled in when `fill`, zeros
-  // elsewhere, so that a sum over one rank per stage gathers the whole model.
+  // [moe_layer_names().size(), kColumns + n_experts] FP64 on the host: the columns above, then each expert's tokens;
+  // this stage's layers filled in when `fill`, zeros elsewhere, so that a sum over one rank per stage gathers the
+  // whole model.
   at::Tensor layer_table(bool fill) const;
 
   const std::vector<std::string>& layer_names() const { return names_; }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstring>
+#include <fstream>
 #include <stdexcept>
 
 #include "model/moe_load.h"
@@ -17,9 +18,21 @@
 
 namespace moetrain::trainer {
 
-MetricsWriter::MetricsWriter(const std::string& path, bool append) : path_(path) {
+MetricsWriter::MetricsWriter(const std::string& path, int64_t resumed_step) : path_(path) {
   if (path.empty()) return;
-  out_.open(path, std::ios::out | (append ? std::ios::app : std::ios::trunc));
+  if (resumed_step >= 0) {  // keep the records up to the resumed step
+    std::ifstream in(path);
+    std::string kept, line;
+    while (std::getline(in, line) && !in.eof()) {  // a last line without its newline is torn
+      const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (j.is_discarded() || !j.contains("step") || !j["step"].is_number_integer()) break;
+      if (j["step"].get<int64_t>() > resumed_step) break;
+      kept += line + '\n';
+    }
+    in.close();
+    std::ofstream(path, std::ios::trunc) << kept;
+  }
+  out_.open(path, std::ios::out | (resumed_step >= 0 ? std::ios::app : std::ios::trunc));
   if (!out_) throw std::runtime_error(fmt::format("{}: cannot write metrics: {}", path, std::strerror(errno)));
 }
 
@@ -38,10 +51,12 @@ std::vector<MoeLayerMetrics> moe_layer_metrics(const at::Tensor& table, const st
   const at::Tensor t = table.to(at::kDouble).contiguous();
   const double* v = t.data_ptr<double>();
   std::vector<MoeLayerMetrics> out;
+  const int64_t width = t.size(1);
   for (size_t i = 0; i < names.size(); ++i) {
-    const double* row = v + i * T::kColumns;
+    const double* row = v + static_cast<int64_t>(i) * width;
     out.push_back({names[i], row[T::kMaxVio], static_cast<int64_t>(row[T::kMinLoad]),
-                   static_cast<int64_t>(row[T::kMaxLoad]), row[T::kBiasMin], row[T::kBiasMax]});
+                   static_cast<int64_t>(row[T::kMaxLoad]), row[T::kBiasMin], row[T::kBiasMax],
+                   std::vector<int64_t>(row + T::kColumns, row + width)});
   }
   return out;
 }
@@ -95,6 +110,36 @@ std::string Progress::line(const StepResult& r, double elapsed_s) const {
       done, fmt::formatted_size("{}", steps_), steps_, r.loss, r.lm_loss, r.mtp_loss, r.grad_norm, r.lr,
       r.tokens_per_s, 100 * r.mfu, r.max_vio.empty() ? 0.0 : *std::max_element(r.max_vio.begin(), r.max_vio.end()),
       format_duration(eta_s(done, elapsed_s)), memory);
+}
+
+const StepResult& RunSummary::add(const StepResult& r) {
+  steps_done_ = r.step + 1;
+  tokens_ += r.tokens_per_s * r.step_time_s;
+  step_s_ += r.step_time_s;
+  mfu_s_ += r.mfu * r.step_time_s;
+  for (double b : r.peak_memory_bytes) peak_bytes_ = std::max(peak_bytes_, b);
+  return r;
+}
+
+const EvalResult& RunSummary::add(int64_t steps_done, const EvalResult& e) {
+  eval_step_ = steps_done, val_loss_ = e.loss;
+  return e;
+}
+
+std::string RunSummary::line(double wall_s, double entropy_rate, const std::string& checkpoint_root) const {
+  const int64_t trained = std::max<int64_t>(steps_done_ - first_step_, 0);
+  std::string s = fmt::format("summary: {} steps ({} → {}), {:.0f} tokens in {} | {:.0f} tokens/s, MFU {:.1f}% | ",
+                              trained, first_step_, std::max(steps_done_, first_step_), tokens_,
+                              format_duration(wall_s), step_s_ > 0 ? tokens_ / step_s_ : 0.0,
+                              step_s_ > 0 ? 100 * mfu_s_ / step_s_ : 0.0);
+  if (eval_step_ >= 0)
+    s += fmt::format("val loss {:.4f} at step {}{} | ", val_loss_, eval_step_,
+                     entropy_rate >= 0 ? fmt::format(" (gap {:.4f} to the entropy rate)", val_loss_ - entropy_rate)
+                                       : "");
+  s += checkpoints_ > 0 ? fmt::format("{} checkpoint(s), the last of step {} in {} | ", checkpoints_, last_saved_,
+                                      checkpoint_root)
+                        : "no checkpoint | ";
+  return s + fmt::format("peak mem {:.1f} MiB\n", peak_bytes_ / (1024.0 * 1024.0));
 }
 
 std::string run_header(const config::Config& c, const data::BatchShape& shape, double peak_flops, double entropy_rate) {

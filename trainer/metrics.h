@@ -25,6 +25,7 @@ struct MoeLayerMetrics {
   double max_vio = 0;
   int64_t min_tokens = 0, max_tokens = 0;
   double bias_min = 0, bias_max = 0;
+  std::vector<int64_t> tokens;  // per expert
 };
 
 // What one optimizer step produced. Losses are global-batch means, the same on every rank.
@@ -48,8 +49,10 @@ struct EvalResult {
 // Appends records to metrics.jsonl; a path of "" writes nothing.
 class MetricsWriter {
  public:
-  // Opens `path` for writing, or for appending when a run resumes.
-  explicit MetricsWriter(const std::string& path, bool append = false);
+  // Opens `path` for writing (resumed_step < 0), or for a run resumed after step `resumed_step`: keeps its records of
+  // steps ≤ resumed_step (what the interrupted run wrote after its checkpoint, and a torn last line, are dropped)
+  // and appends.
+  explicit MetricsWriter(const std::string& path, int64_t resumed_step = -1);
   // Throws when the line cannot be written whole (a full disk): a metric is never dropped in silence.
   void write(const nlohmann::json& record);
 
@@ -77,6 +80,25 @@ class Progress {
  private:
   int64_t steps_, interval_, first_step_;
 };
+
+// What rank 0 prints when a run ends (trained to the end or stopped by a signal): the steps and tokens this process
+// trained, wall time, mean tokens/s and MFU (over the steps' own time), the last validation loss and its gap to the
+// corpus entropy rate when known, the checkpoints written and where, the peak memory of any rank and step.
+class RunSummary {
+ public:
+  explicit RunSummary(int64_t first_step) : first_step_(first_step) {}
+  const StepResult& add(const StepResult& r);
+  const EvalResult& add(int64_t steps_done, const EvalResult& e);
+  void saved(int64_t steps_done) { ++checkpoints_, last_saved_ = steps_done; }
+  std::string line(double wall_s, double entropy_rate, const std::string& checkpoint_root) const;
+
+ private:
+  int64_t first_step_, steps_done_ = 0, checkpoints_ = 0, last_saved_ = -1, eval_step_ = -1;
+  double tokens_ = 0, step_s_ = 0, mfu_s_ = 0, peak_bytes_ = 0, val_loss_ = 0;
+};
+
+using Clock = std::chrono::steady_clock;
+inline double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 // The line at the start of a run.
 std::string run_header(const config::Config& c, const data::BatchShape& shape, double peak_flops, double entropy_rate);

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <initializer_list>
 #include <stdexcept>
 #include <thread>
 
@@ -89,14 +90,48 @@ RunDirectory::~RunDirectory() {
   ::close(fd_);
 }
 
-void RunDirectory::start(const config::Config& c, bool resumed) {
+void RunDirectory::start(const config::Config& c, int64_t resumed_step) {
   if (dir_.empty() || !main_) return;
   config::write_resolved(c, dir_ + "/config.yaml");
-  metrics_ = std::make_unique<MetricsWriter>(dir_ + "/metrics.jsonl", /*append=*/resumed);
+  metrics_ = std::make_unique<MetricsWriter>(dir_ + "/metrics.jsonl", resumed_step);
+  if (c.logging.tensorboard) events_ = std::make_unique<EventFile>(dir_ + "/events.out.tfevents.moetrain", resumed_step);
   if (!stale_.empty()) {
     fmt::print("{}: took over the lock left by {}, which ended without releasing it\n", dir_, stale_);
     std::fflush(stdout);
   }
+}
+
+void RunDirectory::record(const StepResult& r) {
+  if (metrics_) metrics_->write(step_record(r));
+  if (!events_) return;
+  const int64_t step = r.step + 1;  // as in metrics.jsonl: the steps done
+  for (const auto& [tag, v] : std::initializer_list<std::pair<const char*, double>>{
+           {"train/loss", r.loss},
+           {"train/lm_loss", r.lm_loss},
+           {"train/mtp_loss", r.mtp_loss},
+           {"train/balance_loss", r.balance_loss},
+           {"train/grad_norm", r.grad_norm},
+           {"train/lr", r.lr},
+           {"perf/tokens_per_s", r.tokens_per_s},
+           {"perf/step_time_s", r.step_time_s},
+           {"perf/mfu", r.mfu},
+           {"perf/comm_wait_s", r.comm_wait_s}})
+    events_->scalar(tag, step, v);
+  for (const auto& l : r.moe) {
+    events_->scalar("moe/max_vio/" + l.layer, step, l.max_vio);
+    events_->scalar("moe/bias_min/" + l.layer, step, l.bias_min);
+    events_->scalar("moe/bias_max/" + l.layer, step, l.bias_max);
+    events_->histogram("moe/tokens_per_expert/" + l.layer, step, std::vector<double>(l.tokens.begin(), l.tokens.end()));
+  }
+  events_->flush();
+}
+
+void RunDirectory::record(int64_t steps_done, const EvalResult& e) {
+  if (metrics_) metrics_->write(eval_record(steps_done, e));
+  if (!events_) return;
+  events_->scalar("val/loss", steps_done, e.loss);
+  events_->scalar("val/max_vio", steps_done, e.max_vio);
+  events_->flush();
 }
 
 }  // namespace moetrain::trainer

@@ -8,6 +8,7 @@
 
 #include "config/config.h"
 #include "parallel/control_plane.h"
+#include "trainer/event_file.h"
 #include "trainer/metrics.h"
 
 namespace moetrain::trainer {
@@ -22,9 +23,14 @@ class RunDirectory {
   RunDirectory(const RunDirectory&) = delete;
   RunDirectory& operator=(const RunDirectory&) = delete;
 
-  // After a successful start (a resume loaded): config.yaml written, metrics.jsonl opened (appended on a resume).
-  void start(const config::Config& c, bool resumed);
+  // After a successful start (a resume loaded): config.yaml written, metrics.jsonl and the TensorBoard event file
+  // (logging.tensorboard) opened; a run resumed after step `resumed_step` (≥ 0; −1: a fresh run) keeps their records
+  // up to it and appends.
+  void start(const config::Config& c, int64_t resumed_step);
   MetricsWriter* metrics() { return metrics_.get(); }
+  // One step's record, or one evaluation's, into metrics.jsonl and the event file (rank 0; nothing elsewhere).
+  void record(const StepResult& r);
+  void record(int64_t steps_done, const EvalResult& e);
   const std::string& path() const { return dir_; }
   // "pid N on HOST": the holder of a lock left behind by a process that ended without releasing it, or "".
   const std::string& stale_holder() const { return stale_; }
@@ -38,6 +44,7 @@ class RunDirectory {
   int fd_ = -1;
   std::string stale_;
   std::unique_ptr<MetricsWriter> metrics_;
+  std::unique_ptr<EventFile> events_;
 };
 
 }  // namespace moetrain::trainer

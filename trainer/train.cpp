@@ -22,13 +22,6 @@
 #include "trainer/profiler.h"
 
 namespace moetrain::trainer {
-namespace {
-
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-}  // namespace
-
 Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, std::string run_dir, bool main,
                  const std::string& resume)
     : c_(config), groups_(groups), verbose_(main),
@@ -89,7 +82,7 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
       origin_ = {s.step, s.data.samples_consumed};
     }
   }
-  run_dir_.start(c_, /*resumed=*/!resume.empty());
+  run_dir_.start(c_, resume.empty() ? -1 : step_);
 }
 
 Trainer::~Trainer() = default;
@@ -230,7 +223,7 @@ StepResult Trainer::step() {
   r.step_time_s = seconds_since(t0), r.comm_wait_s = groups_ ? groups_->waited_s() - waited0 : 0.0;
   r.tokens_per_s = tokens / r.step_time_s;
   r.mfu = flops_per_token_ * r.tokens_per_s / (peak_flops_ * static_cast<double>(c_.parallel.world_size));
-  if (run_dir_.metrics()) run_dir_.metrics()->write(step_record(r));
+  run_dir_.record(r);
 
   // One agreement per step (identical on every rank whether it is needed): a stop signal anywhere, and whether
   // every rank's asynchronous checkpoint writer is done, so that they commit together.
@@ -265,7 +258,7 @@ EvalResult Trainer::evaluate() {
   r.loss = sums.to(at::kCPU)[0].item<double>() / tokens;
   const std::vector<MoeLayerMetrics> moe = moe_metrics();
   for (const auto& l : moe) r.max_vio += l.max_vio / static_cast<double>(moe.size());
-  if (run_dir_.metrics()) run_dir_.metrics()->write(eval_record(step_, r));
+  run_dir_.record(step_, r);
   return r;
 }
 
@@ -274,27 +267,29 @@ void Trainer::run() {
   say(run_header(c_, shape_, peak_flops_, entropy));
   const StopSignals signals(c_.checkpoint.save_on_signal);
   const Progress progress(c_, step_);
+  RunSummary summary(step_);
   const auto t0 = Clock::now();
   StepProfiler profiler(c_.logging, run_dir_.path(), groups_ ? groups_->rank : 0, device_.is_cuda());
   while (step_ < c_.train.steps) {
     profiler.before(step_ + 1);
-    const StepResult r = step();
+    const StepResult r = summary.add(step());
     if (const std::string trace = profiler.after(step_); !trace.empty()) say("profile trace written: " + trace + "\n");
     const bool last = step_ == c_.train.steps;
     if (progress.due(step_)) say(progress.line(r, seconds_since(t0)));
     const bool interval_save = c_.checkpoint.interval > 0 && (step_ % c_.checkpoint.interval == 0 || last);
-    if (interval_save) save_checkpoint();
+    if (interval_save) save_checkpoint(), summary.saved(step_);
     // A stop signal on any rank: every rank saves this step and stops.
     if (r.stop && !last) {
-      if (!interval_save) save_checkpoint();
+      if (!interval_save) save_checkpoint(), summary.saved(step_);
       settle_checkpoints();
       say(stop_line(step_, c_.train.steps, StopSignals::received(), checkpoint_root()));
-      return;
+      return say(summary.line(seconds_since(t0), entropy, checkpoint_root()));
     }
     if (c_.train.eval_interval > 0 && (step_ % c_.train.eval_interval == 0 || last))
-      say(eval_line(step_, evaluate(), entropy));
+      say(eval_line(step_, summary.add(step_, evaluate()), entropy));
   }
   settle_checkpoints();
+  say(summary.line(seconds_since(t0), entropy, checkpoint_root()));
 }
 
 }  // namespace moetrain::trainer

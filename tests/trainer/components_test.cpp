@@ -18,6 +18,7 @@
 #include "model/param_roles.h"
 #include "parallel/placement.h"
 #include "precision/weight_cache.h"
+#include "trainer/event_file.h"
 #include "trainer/memory_meter.h"
 #include "trainer/metrics.h"
 #include "trainer/run_dir.h"
@@ -484,6 +485,73 @@ TEST(Trainer, BatchSizeRampGrowsTheBatchAndResumesExactly) {
   EXPECT_EQ(index["meta"]["trainer"]["samples_consumed"], 4 + 4 + 4 + 8 + 12 + 16 + 16 + 16);
   EXPECT_EQ(index["meta"]["trainer"]["tokens_seen"], 80 * 64);
   fs::remove_all(dir);
+}
+
+
+// CRC-32C's check value; an event file resumed after step 3 is, byte for byte in length, the file of a run that
+// stopped there (the records of steps 4 and 5 cut, and a torn record at the end too); a fresh one starts over.
+TEST(EventFile, ResumeCutsTheStepsAfterItAndATornTail) {
+  EXPECT_EQ(crc32c("123456789", 9), 0xE3069283u);
+  const fs::path dir = temp_dir("events");
+  auto write = [](const fs::path& p, int64_t resumed, int64_t from, int64_t to) {
+    EventFile f(p.string(), resumed);
+    for (int64_t s = from; s <= to; ++s) {
+      f.scalar("train/loss", s, 1.0 / static_cast<double>(s));
+      f.histogram("moe/tokens_per_expert/layers.1", s, {1, 2, 3, 4, 10});
+    }
+    f.flush();
+  };
+  write(dir / "three", -1, 1, 3);
+  write(dir / "five", -1, 1, 5);
+  const auto three = fs::file_size(dir / "three");
+  EXPECT_GT(fs::file_size(dir / "five"), three);
+  write(dir / "five", 3, 4, 3);  // resumed after step 3, nothing new yet
+  EXPECT_EQ(fs::file_size(dir / "five"), three);
+  std::ofstream(dir / "five", std::ios::app) << "torn";
+  write(dir / "five", 3, 4, 4);
+  write(dir / "three", 3, 4, 4);
+  EXPECT_EQ(fs::file_size(dir / "five"), fs::file_size(dir / "three"));
+  write(dir / "five", -1, 1, 3);
+  EXPECT_EQ(fs::file_size(dir / "five"), three);
+  fs::remove_all(dir);
+}
+
+// metrics.jsonl of a run resumed after step 2 keeps the records up to it, drops later ones and a torn last line.
+TEST(MetricsWriter, ResumeKeepsTheRecordsUpToTheResumedStep) {
+  const fs::path dir = temp_dir("metrics");
+  const std::string path = (dir / "metrics.jsonl").string();
+  std::ofstream(path) << "{\"step\":1,\"loss\":3}\n{\"step\":2,\"loss\":2}\n{\"step\":2,\"val_loss\":2.5}\n"
+                         "{\"step\":3,\"loss\":1}\n{\"step\":4,\"lo";
+  {
+    MetricsWriter w(path, 2);
+    w.write({{"step", 3}, {"loss", 1.5}});
+  }
+  std::ifstream in(path);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text, "{\"step\":1,\"loss\":3}\n{\"step\":2,\"loss\":2}\n{\"step\":2,\"val_loss\":2.5}\n"
+                  "{\"loss\":1.5,\"step\":3}\n");
+  fs::remove_all(dir);
+}
+
+
+// The end-of-run summary: the steps this process trained, tokens and tokens/s over the steps' own time, MFU weighted
+// by it, the last validation loss and its gap, the checkpoints, the peak memory of any rank.
+TEST(RunSummary, SaysWhatTheRunDid) {
+  RunSummary s(3);
+  StepResult a, b;
+  a.step = 3, a.tokens_per_s = 1000, a.step_time_s = 2, a.mfu = 0.2, a.peak_memory_bytes = {1048576, 3145728};
+  b.step = 4, b.tokens_per_s = 3000, b.step_time_s = 1, b.mfu = 0.5, b.peak_memory_bytes = {2097152, 1048576};
+  EXPECT_EQ(&s.add(a), &a);
+  s.add(b);
+  EvalResult e;
+  e.loss = 1.25;
+  s.add(5, e);
+  s.saved(5);
+  EXPECT_EQ(s.line(4.0, 1.0, "ck"), "summary: 2 steps (3 → 5), 5000 tokens in 4s | 1667 tokens/s, MFU 30.0% | val loss "
+                                    "1.2500 at step 5 (gap 0.2500 to the entropy rate) | 1 checkpoint(s), the last of "
+                                    "step 5 in ck | peak mem 3.0 MiB\n");
+  EXPECT_EQ(RunSummary(0).line(0, -1, "ck"), "summary: 0 steps (0 → 0), 0 tokens in 0s | 0 tokens/s, MFU 0.0% | no "
+                                             "checkpoint | peak mem 0.0 MiB\n");
 }
 
 }  // namespace
