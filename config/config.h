@@ -129,6 +129,7 @@ struct TrainConfig {
   int64_t eval_interval = 50;
   int64_t eval_batches = 4;
   double peak_flops = 0.0;  // 0: measured at start-up
+  double exit_duration_mins = 0.0;  // save and exit after this many minutes (0: no budget)
   double memory_budget_gib = 0.0;  // 0: none
   Device device = Device::kCpu;
 };

@@ -148,6 +148,12 @@ std::vector<KeySpec> build_schema() {
        "A step whose loss or gradient norm is NaN or inf is never applied; up to this many such steps in a row are "
        "skipped, then (0: at the first) the run stops with an error naming the step.",
        at_least(0)},
+      {KEY(train, exit_duration_mins),
+       "A wall-clock budget (Megatron-Core's --exit-duration-in-mins), for clusters that send no signal before their "
+       "time limit: once this many minutes have passed since the trainer started (0: no budget), the run saves a "
+       "checkpoint and exits with status 0 after the step it is in, every rank at the same step; --resume auto "
+       "continues. Set it below the job's limit by more than a step and a checkpoint save.",
+       between(0, 1e9)},
       {KEY(train, eval_interval), "Steps between validation-loss evaluations (0: never).", at_least(0)},
       {KEY(train, eval_batches), "Global batches per validation evaluation.", at_least(1)},
       {KEY(train, device),

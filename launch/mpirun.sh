@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # mpirun with what moetrain needs on one machine or many:
-#   launch/mpirun.sh -np N [mpirun options...] -- moetrain ARGS...
-# Adds --oversubscribe when N exceeds the cores here, lets root run (containers), binds nothing (ranks set their
+#   launch/mpirun.sh -np N [--hostfile FILE [--ranks-per-node K]] [mpirun options...] -- moetrain ARGS...
+# Several machines: a hostfile (one host per line, `slots=K` for its ranks) and --ranks-per-node K (mpirun's
+# --map-by ppr:K:node: K consecutive ranks on each node); each rank's GPU is its index among the ranks of its node,
+# from MPI's shared-memory communicator, right under any launcher and mapping. On one machine (no --hostfile, --host
+# or -H) it adds --oversubscribe when N exceeds the cores here. It lets root run (containers), binds nothing (ranks set their
 # own LibTorch threads from parallel.intra_op_threads) and exports OMP_NUM_THREADS=1 to every rank. mpirun runs
 # quiet (-q: the ranks report their own errors, as one line; mpirun's abort banner would repeat it), so a rank that
 # dies without a word — killed by a signal, e.g. by the kernel when memory runs out — is reported here. SIGTERM,
@@ -10,6 +13,7 @@
 set -euo pipefail
 usage="usage: launch/mpirun.sh -np N [mpirun options...] -- moetrain ARGS..."
 np=""
+hosts=""
 opts=()
 while (($#)); do
   case "$1" in
@@ -20,6 +24,22 @@ while (($#)); do
         exit 2
       fi
       np="${2:-}"; opts+=("$1" "$np"); shift 2 || shift ;;
+    --ranks-per-node)
+      if ! [[ "${2:-}" =~ ^[1-9][0-9]*$ ]]; then
+        echo "launch/mpirun.sh: --ranks-per-node '${2:-}' is not a positive number of ranks" >&2
+        exit 2
+      fi
+      opts+=(--map-by "ppr:$2:node"); shift 2 ;;
+    --hostfile|--machinefile|--host|-H)
+      if [ -z "${2:-}" ] || [[ "$2" == -* ]]; then
+        echo "launch/mpirun.sh: $1 needs a value" >&2
+        exit 2
+      fi
+      if [[ "$1" == --hostfile || "$1" == --machinefile ]] && [ ! -r "$2" ]; then
+        echo "launch/mpirun.sh: $1 $2: no such readable file" >&2
+        exit 2
+      fi
+      hosts=1; opts+=("$1" "$2"); shift 2 ;;
     :) echo "launch/mpirun.sh: ':' (several programs, MPMD) is not supported; moetrain runs one program on every rank" >&2
        exit 2 ;;
     *) opts+=("$1"); shift ;;
@@ -43,7 +63,7 @@ if [ "$(id -u)" -eq 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 extra=(-q --bind-to none -x OMP_NUM_THREADS=1)
-if [ "$np" -gt "$(nproc)" ]; then
+if [ -z "$hosts" ] && [ "$np" -gt "$(nproc)" ]; then
   extra+=(--oversubscribe)
 fi
 

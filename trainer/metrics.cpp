@@ -163,9 +163,9 @@ std::string eval_line(int64_t steps_done, const EvalResult& e, double entropy_ra
                      e.max_vio);
 }
 
-std::string stop_line(int64_t steps_done, int64_t steps, int signal, const std::string& checkpoint_root) {
-  return fmt::format("stopped at step {} of {} on {}: checkpoint saved in {}; continue with --resume auto\n",
-                     steps_done, steps, StopSignals::name(signal), checkpoint_root);
+std::string stop_line(int64_t steps_done, int64_t steps, const std::string& why, const std::string& checkpoint_root) {
+  return fmt::format("stopped at step {} of {} {}: checkpoint saved in {}; continue with --resume auto\n", steps_done,
+                     steps, why, checkpoint_root);
 }
 
 std::string format_duration(double seconds) {

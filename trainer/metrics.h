@@ -103,7 +103,8 @@ inline double seconds_since(Clock::time_point t0) { return std::chrono::duration
 // The line at the start of a run.
 std::string run_header(const config::Config& c, const data::BatchShape& shape, double peak_flops, double entropy_rate);
 std::string eval_line(int64_t steps_done, const EvalResult& e, double entropy_rate);
-std::string stop_line(int64_t steps_done, int64_t steps, int signal, const std::string& checkpoint_root);
+// `why`: "on SIGTERM", "at its time budget (...)", ...
+std::string stop_line(int64_t steps_done, int64_t steps, const std::string& why, const std::string& checkpoint_root);
 // Writes a progress line to stdout and flushes it; a failed write (a full disk under a redirection) is an error.
 void print_line(const std::string& line);
 

@@ -227,8 +227,8 @@ StepResult Trainer::step() {
 
   // One agreement per step (identical on every rank whether it is needed): a stop signal anywhere, and whether
   // every rank's asynchronous checkpoint writer is done, so that they commit together.
-  if (c_.checkpoint.save_on_signal || checkpointer_->pending()) {
-    const StepVote v = vote(control_, StopSignals::received() != 0, checkpointer_->busy());
+  if (c_.checkpoint.save_on_signal || checkpointer_->pending() || c_.train.exit_duration_mins > 0) {
+    const StepVote v = vote(control_, StopSignals::received() != 0 || over_budget(), checkpointer_->busy());
     if (checkpointer_->pending() && v.writers_done) checkpointer_->commit();
     r.stop = v.stop;
   }
@@ -282,7 +282,12 @@ void Trainer::run() {
     if (r.stop && !last) {
       if (!interval_save) save_checkpoint(), summary.saved(step_);
       settle_checkpoints();
-      say(stop_line(step_, c_.train.steps, StopSignals::received(), checkpoint_root()));
+      const int signal = StopSignals::received();
+      say(stop_line(step_, c_.train.steps,
+                    signal == 0 && over_budget()
+                        ? fmt::format("at its time budget (train.exit_duration_mins = {:g})", c_.train.exit_duration_mins)
+                        : fmt::format("on {}", StopSignals::name(signal)),
+                    checkpoint_root()));
       return say(summary.line(seconds_since(t0), entropy, checkpoint_root()));
     }
     if (c_.train.eval_interval > 0 && (step_ % c_.train.eval_interval == 0 || last))

@@ -93,6 +93,10 @@ class Trainer {
   DivergenceGuard divergence_{c_.train.skip_nonfinite_steps};
   double flops_per_token_ = 0, peak_flops_ = 0;
   int64_t step_ = 0;
+  std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();  // train.exit_duration_mins
+  bool over_budget() const {
+    return c_.train.exit_duration_mins > 0 && seconds_since(started_) >= 60 * c_.train.exit_duration_mins;
+  }
 };
 
 }  // namespace moetrain::trainer

@@ -3,6 +3,7 @@
 #  - one process, SIGTERM: the run stops after its step with a checkpoint of that step, exit status 0, and
 #    --resume auto continues from it;
 #  - two ranks under mpirun, SIGUSR1 to one rank only: both agree, save the same step (2 shards) and exit 0;
+#  - train.exit_duration_mins (a time budget, no signal) on two ranks: the same, at the step the budget ran out in;
 #  - checkpoint.save_on_signal: false: SIGTERM ends the process as usual, nothing saved.
 . "$(dirname "$0")/../cli/lib.sh"
 bin=$1
@@ -59,6 +60,20 @@ latest=$(cat "$dir/usr1/checkpoints/latest" 2>/dev/null)
 import json, sys
 assert json.load(open(sys.argv[1]))["shards"] == 2
 PY
+
+# A time budget (train.exit_duration_mins: 3 s here) on two ranks and no signal: both stop at the same step after it,
+# save it (2 shards), exit 0, and --resume auto continues.
+run mpi -np 2 "$bin" train "${base[@]}" "${two[@]}" --set logging.name=budget --set train.exit_duration_mins=0.05
+[ "$rc" -eq 0 ] || fail "time budget: exit status $rc: $err"
+step=$(printf '%s\n' "$out" | sed -n 's/^stopped at step \([0-9]*\) of 100000 at its time budget (train.exit_duration_mins = 0.05).*/\1/p')
+[ -n "$step" ] || fail "time budget: no stop message: $out"
+[ "$(cat "$dir/budget/checkpoints/latest" 2>/dev/null)" = "$(printf 'step_%07d' "$step")" ] ||
+  fail "time budget: latest is not the step it stopped at ($step)"
+run "$bin" ckpt verify "$dir/budget/checkpoints"
+[ "$rc" -eq 0 ] || fail "time budget: the checkpoint does not verify: $err"
+run mpi -np 2 "$bin" train "${base[@]}" "${two[@]}" --set logging.name=budget --set train.steps=$((step + 1)) --resume auto
+[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "resumed from .*step_$(printf '%07d' "$step") at step $step" ||
+  fail "time budget: did not resume from step $step: rc $rc: $out $err"
 
 # save_on_signal off: SIGTERM is the default, immediate end.
 "$bin" train "${base[@]}" "${one[@]}" --set logging.name=off --set checkpoint.save_on_signal=false >"$dir/off.log" 2>&1 &

@@ -20,6 +20,17 @@ run "$launch" -np x -- true
 [ "$rc" -eq 2 ] && grep -q "not a positive number" <<<"$err" || fail "-np x: rc $rc: $err"
 run "$launch" -np 2 -- true
 [ "$rc" -eq 0 ] || fail "a plain launch: rc $rc: $err"
+# A hostfile and ranks per node (here one node, this one): the ranks' node-local index is their index on it.
+printf 'localhost slots=4\n' >"$dir/hosts"
+run "$launch" -np 4 --hostfile "$dir/hosts" --ranks-per-node 4 -- bash -c 'echo "$OMPI_COMM_WORLD_LOCAL_RANK/$OMPI_COMM_WORLD_LOCAL_SIZE"'
+[ "$rc" -eq 0 ] && [ "$(printf '%s\n' "$out" | sort | tr '\n' ' ')" = "0/4 1/4 2/4 3/4 " ] ||
+  fail "hostfile launch: rc $rc: $out $err"
+run "$launch" -np 4 --hostfile "$dir/hosts" --ranks-per-node 4 -- "$bin" config check configs/tiny.yaml
+[ "$rc" -eq 0 ] || fail "hostfile launch of moetrain: rc $rc: $out $err"
+run "$launch" -np 2 --ranks-per-node 0 -- true
+[ "$rc" -eq 2 ] && grep -q "ranks-per-node '0' is not a positive number" <<<"$err" || fail "--ranks-per-node 0: rc $rc: $err"
+run "$launch" -np 2 --hostfile "$dir/none" -- true
+[ "$rc" -eq 2 ] && grep -q "hostfile $dir/none: no such readable file" <<<"$err" || fail "missing hostfile: rc $rc: $err"
 
 # SIGUSR1 to the launch script: passed on, every rank saves its step and the job exits 0.
 "$launch" -np 2 -- "$bin" train --config configs/tiny.yaml --set logging.dir="$dir" --set logging.name=sig \
