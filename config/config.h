@@ -111,7 +111,7 @@ struct TrainConfig {
   // Batch-size ramp: the global batch grows from batch_rampup_start sequences by batch_rampup_increment to
   // global_batch_size over the first batch_rampup_tokens tokens (0: none). micro_batches is the final batch's.
   int64_t batch_rampup_start = 0;
-  int64_t batch_rampup_increment = 0;  // 0: micro_batch_size · dp
+  int64_t batch_rampup_increment = 0;  // sequences per increment (needed with a ramp)
   int64_t batch_rampup_tokens = 0;
   double lr = 3e-3;
   double lr_min = 3e-4;

@@ -369,10 +369,11 @@ void validate_batch_rampup(Config& c) {
     conflict(c, "train.batch_rampup_start",
              fmt::format("train.batch_rampup_start = {} is not divisible by train.micro_batch_size · dp = {} · {}",
                          t.batch_rampup_start, t.micro_batch_size, dp));
-  if (t.batch_rampup_increment == 0) {
-    t.batch_rampup_increment = unit;
-    c.origins["train.batch_rampup_increment"] = Origin{.note = "derived: micro_batch_size·dp"};
-  }
+  if (t.batch_rampup_increment == 0)  // not derived from the layout: a resume on another dp keeps the same ramp
+    conflict(c, "train.batch_rampup_start",
+             fmt::format("train.batch_rampup_start > 0 needs train.batch_rampup_increment (the sequences the batch "
+                         "grows by, a multiple of train.micro_batch_size · dp = {} · {})",
+                         t.micro_batch_size, dp));
   if (t.batch_rampup_increment % unit != 0)
     conflict(c, "train.batch_rampup_increment",
              fmt::format("train.batch_rampup_increment = {} is not divisible by train.micro_batch_size · dp = {} · {}",

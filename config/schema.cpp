@@ -125,7 +125,9 @@ std::vector<KeySpec> build_schema() {
        "must divide into micro_batch_size · dp, and its micro-batches be ≥ pp.",
        at_least(0)},
       {KEY(train, batch_rampup_increment),
-       "Sequences the global batch grows by at each ramp increment (0: micro_batch_size · dp).", at_least(0)},
+       "Sequences the global batch grows by at each ramp increment (needed with a ramp; a multiple of "
+       "micro_batch_size · dp on every layout the run uses).",
+       at_least(0)},
       {KEY(train, batch_rampup_tokens),
        "Tokens over which the batch-size ramp reaches train.global_batch_size.", at_least(0)},
       {KEY(train, lr), "Peak learning rate (after warmup); the bound keeps the optimizer's float32 steps finite.",

@@ -48,9 +48,8 @@ BatchShape BatchShape::from(const config::Config& c) {
   const config::TrainConfig& t = c.train;
   BatchShape s{t.micro_batch_size, t.micro_batches, c.parallel.dp, t.seq_len + 1 + c.model.mtp_depth, nullptr};
   if (t.batch_rampup_start > 0)
-    s.ramp = std::make_shared<const BatchRamp>(
-        t.batch_rampup_start, t.batch_rampup_increment > 0 ? t.batch_rampup_increment : t.micro_batch_size * c.parallel.dp,
-        s.global_sequences(), std::max<int64_t>(1, t.batch_rampup_tokens / t.seq_len));
+    s.ramp = std::make_shared<const BatchRamp>(t.batch_rampup_start, t.batch_rampup_increment, s.global_sequences(),
+                                               std::max<int64_t>(1, t.batch_rampup_tokens / t.seq_len));
   return s;
 }
 

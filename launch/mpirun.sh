@@ -11,9 +11,11 @@
 # SIGUSR1, SIGUSR2, SIGINT and SIGHUP sent to this script are passed to mpirun, which forwards them to the ranks.
 # Open MPI's own echo of a vanished peer ("Read -1, expected …, errno = 3") is filtered out of the ranks' stderr.
 set -euo pipefail
-usage="usage: launch/mpirun.sh -np N [mpirun options...] -- moetrain ARGS..."
+usage="usage: launch/mpirun.sh -np N [--hostfile FILE [--ranks-per-node K]] [mpirun options...] -- moetrain ARGS..."
 np=""
 hosts=""
+per_node=""
+mapped=""
 opts=()
 while (($#)); do
   case "$1" in
@@ -29,7 +31,8 @@ while (($#)); do
         echo "launch/mpirun.sh: --ranks-per-node '${2:-}' is not a positive number of ranks" >&2
         exit 2
       fi
-      opts+=(--map-by "ppr:$2:node"); shift 2 ;;
+      per_node=$2; opts+=(--map-by "ppr:$2:node"); shift 2 ;;
+    --map-by|--map-by=*) mapped=1; opts+=("$1"); shift ;;
     --hostfile|--machinefile|--host|-H)
       if [ -z "${2:-}" ] || [[ "$2" == -* ]]; then
         echo "launch/mpirun.sh: $1 needs a value" >&2
@@ -47,6 +50,10 @@ while (($#)); do
 done
 if [ -z "$np" ] || [ $# -eq 0 ]; then
   echo "$usage" >&2
+  exit 2
+fi
+if [ -n "$per_node" ] && [ -n "$mapped" ]; then
+  echo "launch/mpirun.sh: --ranks-per-node $per_node is a --map-by; give one of them" >&2
   exit 2
 fi
 if ! [[ "$np" =~ ^[1-9][0-9]*$ ]]; then

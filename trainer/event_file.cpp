@@ -97,21 +97,23 @@ int64_t event_step(const std::string& e) {
   return step;
 }
 
-// The byte length of `path`'s whole records of steps ≤ `last_step` (stopping at the first later or torn one).
+// The byte length of `path`'s whole records of steps ≤ `last_step` (stopping at the first later or torn one), read
+// one record at a time.
 uint64_t kept_length(const std::string& path, int64_t last_step) {
   std::ifstream in(path, std::ios::binary);
-  std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   uint64_t pos = 0;
-  while (pos + 12 <= data.size()) {
+  std::string event;
+  for (;;) {
+    char header[12];
     uint64_t len = 0;
     uint32_t len_crc = 0, data_crc = 0;
-    std::memcpy(&len, data.data() + pos, 8);
-    std::memcpy(&len_crc, data.data() + pos + 8, 4);
-    if (len_crc != masked_crc(data.data() + pos, 8) || len > data.size() - pos - 12 ||
-        data.size() - pos - 12 - len < 4)
+    if (!in.read(header, 12)) break;
+    std::memcpy(&len, header, 8);
+    std::memcpy(&len_crc, header + 8, 4);
+    if (len_crc != masked_crc(header, 8) || len > (uint64_t{1} << 32)) break;
+    event.resize(len);
+    if (!in.read(event.data(), static_cast<std::streamsize>(len)) || !in.read(reinterpret_cast<char*>(&data_crc), 4))
       break;
-    const std::string event = data.substr(pos + 12, len);
-    std::memcpy(&data_crc, data.data() + pos + 12 + len, 4);
     if (data_crc != masked_crc(event.data(), event.size())) break;
     const int64_t step = event_step(event);
     if (step == -2 || step > last_step) break;

@@ -30,7 +30,13 @@ MetricsWriter::MetricsWriter(const std::string& path, int64_t resumed_step) : pa
       kept += line + '\n';
     }
     in.close();
-    std::ofstream(path, std::ios::trunc) << kept;
+    const std::string tmp = path + ".tmp";  // the old records stay until the kept ones are safely written
+    std::ofstream out(tmp, std::ios::trunc);
+    out << kept;
+    out.close();
+    if (!out || std::rename(tmp.c_str(), path.c_str()) != 0)
+      throw std::runtime_error(fmt::format("{}: cannot keep the metrics up to step {} for the resume: {}", path,
+                                           resumed_step, std::strerror(errno)));
   }
   out_.open(path, std::ios::out | (resumed_step >= 0 ? std::ios::app : std::ios::trunc));
   if (!out_) throw std::runtime_error(fmt::format("{}: cannot write metrics: {}", path, std::strerror(errno)));

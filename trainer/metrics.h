@@ -37,6 +37,7 @@ struct StepResult {
   std::vector<double> max_vio;        // per MoE layer of the whole model (main layers, then MTP)
   std::vector<MoeLayerMetrics> moe;   // the same layers in full
   bool stop = false;                  // a stop signal reached some rank during the step (save_on_signal)
+  bool out_of_time = false;           // or some rank ran out of train.exit_duration_mins
   bool skipped = false;               // not applied: the loss or gradient norm was not finite (trainer/divergence.h)
   std::vector<double> peak_memory_bytes;  // per rank (world order): peak live tensor bytes over the step
 };

@@ -43,9 +43,9 @@ const char* StopSignals::name(int signal) {
   return signal == SIGTERM ? "SIGTERM" : signal == SIGUSR1 ? "SIGUSR1" : "a signal to another rank";
 }
 
-StepVote vote(parallel::ControlPlane& control, bool stop_here, bool writer_busy_here) {
-  const std::vector<bool> any = control.any({stop_here, writer_busy_here});
-  return {any[0], !any[1]};
+StepVote vote(parallel::ControlPlane& control, bool signal_here, bool out_of_time_here, bool writer_busy_here) {
+  const std::vector<bool> any = control.any({signal_here, out_of_time_here, writer_busy_here});
+  return {any[0] || any[1], any[1], !any[2]};
 }
 
 void maybe_inject_failure(int64_t step, int64_t rank) {

@@ -29,12 +29,13 @@ class StopSignals {
 };
 
 struct StepVote {
-  bool stop = false;          // some rank received a stop signal
+  bool stop = false;          // some rank received a stop signal or ran out of its time budget
+  bool out_of_time = false;   // some rank ran out of train.exit_duration_mins
   bool writers_done = true;   // no rank's asynchronous checkpoint writer is still busy
 };
-// Collective over the control plane: every rank calls it after every step when save_on_signal is on or a save is
-// pending (both the same on every rank).
-StepVote vote(parallel::ControlPlane& control, bool stop_here, bool writer_busy_here);
+// Collective over the control plane: every rank calls it after every step when save_on_signal is on, a save is
+// pending or a time budget is set (all the same on every rank).
+StepVote vote(parallel::ControlPlane& control, bool signal_here, bool out_of_time_here, bool writer_busy_here);
 
 // Test-only fault injection: MOETRAIN_TEST_FAIL_STEP=k [MOETRAIN_TEST_FAIL_RANK=r] makes rank r throw at step k.
 void maybe_inject_failure(int64_t step, int64_t rank);

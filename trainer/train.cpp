@@ -228,9 +228,9 @@ StepResult Trainer::step() {
   // One agreement per step (identical on every rank whether it is needed): a stop signal anywhere, and whether
   // every rank's asynchronous checkpoint writer is done, so that they commit together.
   if (c_.checkpoint.save_on_signal || checkpointer_->pending() || c_.train.exit_duration_mins > 0) {
-    const StepVote v = vote(control_, StopSignals::received() != 0 || over_budget(), checkpointer_->busy());
+    const StepVote v = vote(control_, StopSignals::received() != 0, over_budget(), checkpointer_->busy());
     if (checkpointer_->pending() && v.writers_done) checkpointer_->commit();
-    r.stop = v.stop;
+    r.stop = v.stop, r.out_of_time = v.out_of_time;
   }
   return r;
 }
@@ -282,11 +282,10 @@ void Trainer::run() {
     if (r.stop && !last) {
       if (!interval_save) save_checkpoint(), summary.saved(step_);
       settle_checkpoints();
-      const int signal = StopSignals::received();
       say(stop_line(step_, c_.train.steps,
-                    signal == 0 && over_budget()
-                        ? fmt::format("at its time budget (train.exit_duration_mins = {:g})", c_.train.exit_duration_mins)
-                        : fmt::format("on {}", StopSignals::name(signal)),
+                    r.out_of_time ? fmt::format("at its time budget (train.exit_duration_mins = {:g})",
+                                                c_.train.exit_duration_mins)
+                                  : fmt::format("on {}", StopSignals::name(StopSignals::received())),
                     checkpoint_root()));
       return say(summary.line(seconds_since(t0), entropy, checkpoint_root()));
     }

@@ -29,6 +29,8 @@ run "$launch" -np 4 --hostfile "$dir/hosts" --ranks-per-node 4 -- "$bin" config 
 [ "$rc" -eq 0 ] || fail "hostfile launch of moetrain: rc $rc: $out $err"
 run "$launch" -np 2 --ranks-per-node 0 -- true
 [ "$rc" -eq 2 ] && grep -q "ranks-per-node '0' is not a positive number" <<<"$err" || fail "--ranks-per-node 0: rc $rc: $err"
+run "$launch" -np 2 --ranks-per-node 2 --map-by core -- true
+[ "$rc" -eq 2 ] && grep -q "ranks-per-node 2 is a --map-by; give one of them" <<<"$err" || fail "two mappings: rc $rc: $err"
 run "$launch" -np 2 --hostfile "$dir/none" -- true
 [ "$rc" -eq 2 ] && grep -q "hostfile $dir/none: no such readable file" <<<"$err" || fail "missing hostfile: rc $rc: $err"
 

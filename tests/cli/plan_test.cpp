@@ -95,7 +95,7 @@ TEST(Plan, OneFOneBKeepsPpMinusStageMicroBatchesInFlight) {
   EXPECT_NE(format_plan(plan, c).find("pipeline    1F1B over 4 stages: bubble (pp−1)/(m+pp−1) = 0.273 at m = 8"),
             std::string::npos);
   c = tiny({"parallel.pp=4", "parallel.dp=1", "parallel.ep=1", "train.global_batch_size=32",
-            "train.batch_rampup_start=16", "train.batch_rampup_tokens=100000"});
+            "train.batch_rampup_start=16", "train.batch_rampup_increment=4", "train.batch_rampup_tokens=100000"});
   EXPECT_NE(format_plan(make_plan(c), c).find("(0.429 at the ramp's first m = 4)"), std::string::npos);
 }
 

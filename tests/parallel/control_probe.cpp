@@ -31,7 +31,8 @@ int main(int argc, char** argv) {
     parallel::ControlPlane& control = *g.control;
     if (mode == "agree") {
       // Rank 1 received a stop signal; only the last rank's writer is still busy.
-      const trainer::StepVote v = trainer::vote(control, g.rank == 1, g.rank == mpi.size() - 1);
+      const trainer::StepVote v =
+          trainer::vote(control, g.rank == 1, /*out_of_time_here=*/false, g.rank == mpi.size() - 1);
       const bool same = control.same_everywhere(42);
       const bool differ = control.same_everywhere(static_cast<uint64_t>(g.rank));
       const auto all = control.gather(fmt::format("r{}", g.rank));
@@ -44,7 +45,7 @@ int main(int argc, char** argv) {
     } else if (mode == "hang") {
       const int hang_rank = argc > 2 ? std::atoi(argv[2]) : 1;
       if (g.rank == hang_rank) std::this_thread::sleep_for(std::chrono::seconds(60));
-      trainer::vote(control, false, false);
+      trainer::vote(control, false, false, false);
     }
   } catch (const std::exception& e) {
     error = e.what();
