@@ -72,6 +72,7 @@ nlohmann::json step_record(const StepResult& r) {
                       {"mtp_loss", r.mtp_loss},      {"balance_loss", r.balance_loss},
                       {"grad_norm", r.grad_norm},    {"lr", r.lr},             {"tokens_per_s", r.tokens_per_s},
                       {"step_time_s", r.step_time_s}, {"mfu", r.mfu},   {"comm_wait_s", r.comm_wait_s}};
+  if (!r.mtp_losses.empty()) j["mtp_losses"] = r.mtp_losses;
   if (r.skipped) j["skipped"] = true;
   if (!r.peak_memory_bytes.empty()) j["peak_mem_bytes"] = r.peak_memory_bytes;
   for (const auto& l : r.moe)

@@ -31,7 +31,8 @@ struct MoeLayerMetrics {
 // What one optimizer step produced. Losses are global-batch means, the same on every rank.
 struct StepResult {
   int64_t step = 0;  // the step trained (0-based); the record names the steps done after it (step + 1)
-  double loss = 0, lm_loss = 0, mtp_loss = 0, balance_loss = 0, grad_norm = 0, lr = 0;
+  double loss = 0, lm_loss = 0, mtp_loss = 0, balance_loss = 0, grad_norm = 0, lr = 0;  // mtp_loss: over depths
+  std::vector<double> mtp_losses;  // per MTP depth (1, 2, ...)
   double step_time_s = 0, tokens_per_s = 0, mfu = 0;
   double comm_wait_s = 0;  // of the step time, this rank's host blocked on collectives (Communicator::waited_s)
   std::vector<double> max_vio;        // per MoE layer of the whole model (main layers, then MTP)

@@ -117,6 +117,8 @@ void RunDirectory::record(const StepResult& r) {
            {"perf/mfu", r.mfu},
            {"perf/comm_wait_s", r.comm_wait_s}})
     events_->scalar(tag, step, v);
+  for (size_t k = 0; k < r.mtp_losses.size(); ++k)
+    events_->scalar("train/mtp_loss_depth" + std::to_string(k + 1), step, r.mtp_losses[k]);
   for (const auto& l : r.moe) {
     events_->scalar("moe/max_vio/" + l.layer, step, l.max_vio);
     events_->scalar("moe/bias_min/" + l.layer, step, l.bias_min);

@@ -133,16 +133,16 @@ parallel::StageOutput Trainer::stage_forward(const at::Tensor& input, const at::
     const double lambda = mtp_weight(tokens_before(step_));
     loss = s.lm / tokens;
     sums[0] += s.lm.detach().to(at::kDouble);
-    for (const auto& l : s.mtp) {
-      loss = loss + l * (lambda / static_cast<double>(depth) / tokens);
-      sums[1] += l.detach().to(at::kDouble);
+    for (size_t k = 0; k < s.mtp.size(); ++k) {  // sums: [LM, balance, MTP depth 1, ..., depth D]
+      loss = loss + s.mtp[k] * (lambda / static_cast<double>(depth) / tokens);
+      sums[2 + static_cast<int64_t>(k)] += s.mtp[k].detach().to(at::kDouble);
     }
   } else {
     out.activations = h;
   }
   for (const auto& moe : s.moe) {
     if (training) loss = loss.defined() ? loss + moe.balance_loss / sequences : moe.balance_loss / sequences;
-    sums[2] += moe.balance_loss.detach().to(at::kDouble);
+    sums[1] += moe.balance_loss.detach().to(at::kDouble);
   }
   loads_->add(s.moe);
   out.loss = loss;
@@ -176,7 +176,7 @@ StepResult Trainer::step() {
   r.lr = lr_at(c_.train, step_);
   grad_sync_ ? grad_sync_->zero_grads() : optimizer_->zero_grad();
   loads_->reset();
-  at::Tensor sums = at::zeros({3}, at::TensorOptions().dtype(at::kDouble).device(device_));
+  at::Tensor sums = at::zeros({2 + depth}, at::TensorOptions().dtype(at::kDouble).device(device_));
   auto forward = [&](int64_t mb, const at::Tensor& input) {
     return stage_forward(input, model::to_device(batches_->train(step_, dp_rank_, mb), device_), sums, true);
   };
@@ -192,11 +192,12 @@ StepResult Trainer::step() {
   // step whose loss or gradient norm is not finite is not applied (trainer/divergence.h).
   if (groups_) reduce(sums, groups_->world.get());  // on the device; then one copy to the host, with the norm
   const at::Tensor host = at::cat({sums, norm_sq.to(sums.device())}).to(at::kCPU);
-  r.grad_norm = std::sqrt(host[3].item<double>());
+  r.grad_norm = std::sqrt(host[2 + depth].item<double>());
+  for (int64_t k = 0; k < depth; ++k) r.mtp_losses.push_back(host[2 + k].item<double>() / tokens);
   const double lambda = mtp_weight(tokens_before(step_));
   r.lm_loss = host[0].item<double>() / tokens;
-  r.mtp_loss = depth > 0 ? host[1].item<double>() / tokens / static_cast<double>(depth) : 0.0;
-  r.balance_loss = host[2].item<double>() / static_cast<double>(sequences);
+  r.mtp_loss = depth > 0 ? host.narrow(0, 2, depth).sum().item<double>() / tokens / static_cast<double>(depth) : 0.0;
+  r.balance_loss = host[1].item<double>() / static_cast<double>(sequences);
   r.loss = r.lm_loss + lambda * r.mtp_loss + r.balance_loss;
   const auto verdict = divergence_.judge(r, optimizer_->params(), control_);
   if (verdict == DivergenceGuard::Verdict::kStop) {
@@ -238,7 +239,7 @@ StepResult Trainer::step() {
 EvalResult Trainer::evaluate() {
   at::NoGradGuard no_grad;
   loads_->reset();
-  at::Tensor sums = at::zeros({3}, at::TensorOptions().dtype(at::kDouble).device(device_));
+  at::Tensor sums = at::zeros({2 + c_.model.mtp_depth}, at::TensorOptions().dtype(at::kDouble).device(device_));
   for (int64_t i = 0; i < c_.train.eval_batches; ++i) {
     auto forward = [&](int64_t mb, const at::Tensor& input) {
       return stage_forward(input, model::to_device(batches_->validation(i, dp_rank_, mb), device_), sums, false);

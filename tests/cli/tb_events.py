@@ -2,7 +2,8 @@
 
   tb_events.py RUN_DIR EXPERTS TOKENS_PER_STEP_TIMES_TOP_K
 
-Every scalar of every metrics.jsonl record (train/*, perf/*, val/*, moe/max_vio|bias_min|bias_max/LAYER) is in the
+Every scalar of every metrics.jsonl record (train/*, train/mtp_loss_depthK, perf/*, val/*,
+moe/max_vio|bias_min|bias_max/LAYER) is in the
 event file at that step, equal in float32; no tag has a step twice (a resumed run cut what came after its checkpoint);
 each MoE layer has a tokens-per-expert histogram at every step, over EXPERTS experts summing to the routed tokens."""
 import json
@@ -25,6 +26,8 @@ for r in records:
     for k, tag in keys.items():
         if k in r:
             want[(tag, r["step"])] = r[k]
+    for k, v in enumerate(r.get("mtp_losses", [])):
+        want[(f"train/mtp_loss_depth{k + 1}", r["step"])] = v
     for layer in r.get("moe", []):
         for k in ("max_vio", "bias_min", "bias_max"):
             want[(f"moe/{k}/{layer['layer']}", r["step"])] = layer[k]

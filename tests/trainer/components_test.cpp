@@ -554,5 +554,16 @@ TEST(RunSummary, SaysWhatTheRunDid) {
                                              "checkpoint | peak mem 0.0 MiB\n");
 }
 
+
+// The MTP loss of each depth: two depths, their mean the step's mtp_loss, each in metrics.jsonl's mtp_losses.
+TEST(Trainer, ReportsTheMtpLossOfEachDepth) {
+  Trainer t(tiny({"model.mtp_depth=2", "train.steps=1"}), nullptr, "", false);
+  const StepResult r = t.step();
+  ASSERT_EQ(r.mtp_losses.size(), 2u);
+  EXPECT_NE(r.mtp_losses[0], r.mtp_losses[1]);
+  EXPECT_NEAR((r.mtp_losses[0] + r.mtp_losses[1]) / 2, r.mtp_loss, 1e-12 * r.mtp_loss);
+  EXPECT_EQ(step_record(r)["mtp_losses"], nlohmann::json(r.mtp_losses));
+}
+
 }  // namespace
 }  // namespace moetrain::trainer
