@@ -134,9 +134,8 @@ int main(int argc, char** argv) {
                  "micro-batch, plus the split sizes; dp/edp: one all-reduce of the gradients; pp: one activation and "
                  "one gradient per micro-batch and stage boundary)\n");
       if (p.pp > 1) {
-        const double m_ = static_cast<double>(c.train.micro_batches), pp_ = static_cast<double>(p.pp);
         fmt::print("1F1B bubble fraction: executed schedule {:.4f}, theory (pp−1)/(m+pp−1) = {:.4f}\n",
-                   parallel::bubble_fraction(traces), (pp_ - 1) / (m_ + pp_ - 1));
+                   parallel::bubble_fraction(traces), parallel::one_f_one_b_bubble(p.pp, c.train.micro_batches));
         fmt::print("the executed schedule, each stage's passes replayed in unit time (. idle):\n{}",
                    parallel::draw_schedule(traces));
       }

@@ -10,6 +10,7 @@
 #include "config/count.h"
 #include "config/loader.h"
 #include "data/batches.h"
+#include "parallel/pipeline.h"
 #include "parallel/topology.h"
 #include "precision/policy.h"
 
@@ -272,8 +273,8 @@ std::string format_plan(const Plan& plan, const config::Config& c) {
                        bytes(s.grad_bytes), bytes(s.optimizer_bytes), bytes(s.activation_bytes),
                        s.in_flight_micro_batches, bytes(s.total_bytes()));
   }
-  if (par.pp > 1) {  // 1F1B's bubble, (pp − 1) / (m + pp − 1) with m micro-batches per dp rank (unit-time passes)
-    auto bubble = [&](int64_t m) { return static_cast<double>(par.pp - 1) / static_cast<double>(m + par.pp - 1); };
+  if (par.pp > 1) {  // 1F1B's bubble with m micro-batches per dp rank
+    auto bubble = [&](int64_t m) { return parallel::one_f_one_b_bubble(par.pp, m); };
     const data::BatchShape shape = data::BatchShape::from(c);
     out += fmt::format("pipeline    1F1B over {} stages: bubble (pp−1)/(m+pp−1) = {:.3f} at m = {} micro-batches", par.pp,
                        bubble(shape.micro_batches), shape.micro_batches);
@@ -300,8 +301,7 @@ nlohmann::json plan_json(const Plan& plan, const config::Config& c) {
                  {"mtp_total_with_copies", p.mtp_total_with_copies()}};
   j["flops_per_token"] = {{"main", plan.flops.main}, {"mtp", plan.flops.mtp}, {"total", plan.flops.total()}};
   j["tokens_per_step"] = plan.tokens_per_step;
-  j["pipeline_bubble"] =  // 1F1B's (pp − 1) / (m + pp − 1); 0 without a pipeline
-      static_cast<double>(c.parallel.pp - 1) / static_cast<double>(c.train.micro_batches + c.parallel.pp - 1);
+  j["pipeline_bubble"] = parallel::one_f_one_b_bubble(c.parallel.pp, c.train.micro_batches);  // 0 without a pipeline
   j["schedule"] = {{"steps", c.train.steps},
                    {"lr_final", c.train.lr_final},
                    {"lr_final_steps", c.train.lr_final_steps},

@@ -489,6 +489,34 @@ void validate_parallel(Config& c, int launch_world_size) {
                          c.train.micro_batches, p.pp));
 }
 
+// data.source = synthetic: the Markov source's alphabet, branching and states.
+void validate_synthetic(const Config& c) {
+  const DataConfig& d = c.data;
+  const int64_t alphabet = d.synthetic_alphabet(c.model.vocab_size);
+  const char* alphabet_key = d.synthetic_vocab > 0 ? "data.synthetic_vocab" : "model.vocab_size";
+  if (d.synthetic_vocab > c.model.vocab_size)
+    conflict(c, "data.synthetic_vocab",
+             fmt::format("data.synthetic_vocab = {} exceeds model.vocab_size = {} (the source writes token ids "
+                         "below it)",
+                         d.synthetic_vocab, c.model.vocab_size));
+  if (d.synthetic_vocab == 1)
+    conflict(c, "data.synthetic_vocab",
+             "data.synthetic_vocab = 1: the source needs at least 2 letters (0: model.vocab_size)");
+  if (d.synthetic_branching > alphabet)
+    conflict(c, "data.synthetic_branching",
+             fmt::format("data.synthetic_branching = {} exceeds the source's alphabet of {} ({})",
+                         d.synthetic_branching, alphabet, alphabet_key));
+  if (d.synthetic_order == 1) return;
+  double states = 1;
+  for (int64_t i = 0; i < d.synthetic_order; ++i) states *= static_cast<double>(alphabet);
+  if (states > static_cast<double>(int64_t{1} << 24))
+    conflict(c, "data.synthetic_order",
+             fmt::format("data.synthetic_order = {} over an alphabet of {} ({}) gives {:.3g} Markov states, more "
+                         "than the 2^24 the synthetic source tabulates; lower the order or the alphabet "
+                         "(data.synthetic_vocab)",
+                         d.synthetic_order, alphabet, alphabet_key, states));
+}
+
 void validate_rest(const Config& c) {
   const TrainConfig& t = c.train;
   if (t.lr_min > t.lr)
@@ -507,31 +535,7 @@ void validate_rest(const Config& c) {
                              "weight blocks); it is {}",
                              key, value));
   }
-  const int64_t alphabet = c.data.synthetic_alphabet(c.model.vocab_size);
-  if (c.data.source == DataSource::kSynthetic && c.data.synthetic_vocab > c.model.vocab_size)
-    conflict(c, "data.synthetic_vocab",
-             fmt::format("data.synthetic_vocab = {} exceeds model.vocab_size = {} (the source writes token ids "
-                         "below it)",
-                         c.data.synthetic_vocab, c.model.vocab_size));
-  if (c.data.source == DataSource::kSynthetic && c.data.synthetic_vocab == 1)
-    conflict(c, "data.synthetic_vocab",
-             "data.synthetic_vocab = 1: the source needs at least 2 letters (0: model.vocab_size)");
-  if (c.data.source == DataSource::kSynthetic && c.data.synthetic_branching > alphabet)
-    conflict(c, "data.synthetic_branching",
-             fmt::format("data.synthetic_branching = {} exceeds the source's alphabet of {} ({})",
-                         c.data.synthetic_branching, alphabet,
-                         c.data.synthetic_vocab > 0 ? "data.synthetic_vocab" : "model.vocab_size"));
-  if (c.data.source == DataSource::kSynthetic && c.data.synthetic_order > 1) {
-    double states = 1;
-    for (int64_t i = 0; i < c.data.synthetic_order; ++i) states *= static_cast<double>(alphabet);
-    if (states > static_cast<double>(int64_t{1} << 24))
-      conflict(c, "data.synthetic_order",
-               fmt::format("data.synthetic_order = {} over an alphabet of {} ({}) gives {:.3g} Markov states, more "
-                           "than the 2^24 the synthetic source tabulates; lower the order or the alphabet "
-                           "(data.synthetic_vocab)",
-                           c.data.synthetic_order, alphabet,
-                           c.data.synthetic_vocab > 0 ? "data.synthetic_vocab" : "model.vocab_size", states));
-  }
+  if (c.data.source == DataSource::kSynthetic) validate_synthetic(c);
   if (c.data.source == DataSource::kShards && c.data.path.empty())
     conflict(c, "data.source", "data.source = shards needs data.path (the token-shard prefix)");
   if (c.checkpoint.interval > 0 && c.checkpoint.dir.empty())

@@ -172,6 +172,10 @@ ScheduleTimeline simulate_schedule(const std::vector<ScheduleTrace>& traces) {
   return t;
 }
 
+double one_f_one_b_bubble(int64_t stages, int64_t micro_batches) {
+  return static_cast<double>(stages - 1) / static_cast<double>(micro_batches + stages - 1);
+}
+
 double bubble_fraction(const std::vector<ScheduleTrace>& traces) {
   const ScheduleTimeline t = simulate_schedule(traces);
   return t.makespan == 0 ? 0.0

@@ -53,6 +53,9 @@ struct ScheduleTimeline {
 };
 ScheduleTimeline simulate_schedule(const std::vector<ScheduleTrace>& traces);
 
+// 1F1B's bubble fraction in theory, (stages − 1) / (m + stages − 1) with m micro-batches (unit-time passes).
+double one_f_one_b_bubble(int64_t stages, int64_t micro_batches);
+
 // Its bubble fraction: idle slots / (stages × makespan).
 double bubble_fraction(const std::vector<ScheduleTrace>& traces);
 

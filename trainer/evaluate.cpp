@@ -24,6 +24,7 @@
 #include "checkpoints/interop.h"
 #include "data/shards.h"
 #include "model/expert_exchange.h"
+#include "model/moe_load.h"
 #include "model/param_roles.h"
 #include "model/transformer.h"
 #include "precision/policy.h"
@@ -66,8 +67,8 @@ std::string write_at(const std::string& path, int64_t offset, const at::Tensor& 
 }  // namespace
 
 CheckpointEval evaluate(const EvalOptions& o) {
-  const bool writer = !o.world || o.world->rank() == 0;  // of the logits file's header
-  if (writer && !o.dump_logits.empty() && !std::ofstream(o.dump_logits, std::ios::binary))  // before the work
+  const int64_t rank = o.world ? o.world->rank() : 0, ranks = o.world ? o.world->size() : 1;
+  if (rank == 0 && !o.dump_logits.empty() && !std::ofstream(o.dump_logits, std::ios::binary))  // before the work
     throw std::runtime_error(fmt::format("{}: cannot write the logits there", o.dump_logits));
   checkpoints::Checkpoint ck(o.checkpoint);
   const config::Config c = checkpoints::saved_config(ck);
@@ -92,8 +93,7 @@ CheckpointEval evaluate(const EvalOptions& o) {
   if (starts.empty())
     throw std::runtime_error(fmt::format("{}: no window of {} tokens (seq_len {} + 1 + mtp_depth {}) in any shard",
                                          o.data, width, T, m.mtp_depth));
-  const int64_t W = static_cast<int64_t>(starts.size()), rank = o.world ? o.world->rank() : 0,
-                ranks = o.world ? o.world->size() : 1;
+  const int64_t W = static_cast<int64_t>(starts.size());
   const int64_t first = W * rank / ranks, last = W * (rank + 1) / ranks;
   std::vector<at::Tensor> windows;
   for (int64_t i = first; i < last; ++i) {
@@ -103,11 +103,7 @@ CheckpointEval evaluate(const EvalOptions& o) {
     windows.push_back(w);
   }
 
-  // The MoE layers in the order the forward pass reports them: main layers, then the MTP blocks.
-  std::vector<std::string> names;
-  for (int64_t l = m.n_dense_layers; l < m.num_layers; ++l) names.push_back(fmt::format("layers.{}", l));
-  for (int64_t k = 0; k < m.mtp_depth && m.n_dense_layers < m.num_layers; ++k)
-    names.push_back(fmt::format("mtp.{}", k));
+  const std::vector<std::string> names = model::moe_layer_names(m);  // in the order the forward pass reports them
   at::NoGradGuard no_grad;
   model::LocalExpertExchange exchange;
   CheckpointEval r;
@@ -138,7 +134,7 @@ CheckpointEval evaluate(const EvalOptions& o) {
     // Rank 0 writes the header and sizes the file; then every rank its block, at its windows' offset.
     const std::string header = npy_header({W, T, m.vocab_size});
     std::string error;
-    if (writer) {
+    if (rank == 0) {
       std::ofstream f(o.dump_logits, std::ios::binary | std::ios::trunc);
       f.write(header.data(), static_cast<std::streamsize>(header.size()));
       f.close();

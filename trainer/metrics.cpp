@@ -10,6 +10,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <stdexcept>
 
@@ -20,23 +21,21 @@ namespace moetrain::trainer {
 
 MetricsWriter::MetricsWriter(const std::string& path, int64_t resumed_step) : path_(path) {
   if (path.empty()) return;
-  if (resumed_step >= 0) {  // keep the records up to the resumed step
+  if (resumed_step >= 0 && std::filesystem::exists(path)) {  // cut after the last record of a step ≤ resumed_step
     std::ifstream in(path);
-    std::string kept, line;
-    while (std::getline(in, line) && !in.eof()) {  // a last line without its newline is torn
+    uint64_t kept = 0;
+    for (std::string line; std::getline(in, line) && !in.eof();) {  // a last line without its newline is torn
       const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
       if (j.is_discarded() || !j.contains("step") || !j["step"].is_number_integer()) break;
       if (j["step"].get<int64_t>() > resumed_step) break;
-      kept += line + '\n';
+      kept += line.size() + 1;
     }
     in.close();
-    const std::string tmp = path + ".tmp";  // the old records stay until the kept ones are safely written
-    std::ofstream out(tmp, std::ios::trunc);
-    out << kept;
-    out.close();
-    if (!out || std::rename(tmp.c_str(), path.c_str()) != 0)
-      throw std::runtime_error(fmt::format("{}: cannot keep the metrics up to step {} for the resume: {}", path,
-                                           resumed_step, std::strerror(errno)));
+    std::error_code ec;
+    std::filesystem::resize_file(path, kept, ec);
+    if (ec)
+      throw std::runtime_error(fmt::format("{}: cannot cut the metrics after step {} for the resume: {}", path,
+                                           resumed_step, ec.message()));
   }
   out_.open(path, std::ios::out | (resumed_step >= 0 ? std::ios::app : std::ios::trunc));
   if (!out_) throw std::runtime_error(fmt::format("{}: cannot write metrics: {}", path, std::strerror(errno)));

@@ -196,7 +196,7 @@ StepResult Trainer::step() {
   for (int64_t k = 0; k < depth; ++k) r.mtp_losses.push_back(host[2 + k].item<double>() / tokens);
   const double lambda = mtp_weight(tokens_before(step_));
   r.lm_loss = host[0].item<double>() / tokens;
-  r.mtp_loss = depth > 0 ? host.narrow(0, 2, depth).sum().item<double>() / tokens / static_cast<double>(depth) : 0.0;
+  for (double l : r.mtp_losses) r.mtp_loss += l / static_cast<double>(depth);  // the mean over the depths
   r.balance_loss = host[1].item<double>() / static_cast<double>(sequences);
   r.loss = r.lm_loss + lambda * r.mtp_loss + r.balance_loss;
   const auto verdict = divergence_.judge(r, optimizer_->params(), control_);

@@ -13,8 +13,7 @@ trap 'rm -rf "$tmp"' EXIT
 # The built-in source of tiny.yaml (16 letters, branching 3, seed 0, order 2) as shards: 16 letters + end token.
 run "$bin" data synth --out "$tmp/s" --tokens 1000000 --vocab-size 17 --branching 3 --order 2
 [ "$rc" -eq 0 ] || fail "data synth: $err"
-run "$bin" train --config configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=1 --set parallel.ep=1 \
-  --set train.eval_interval=0 --set checkpoint.interval=1200 --set checkpoint.dir="$tmp/ckpt" \
+run tiny1 "$bin" --set train.eval_interval=0 --set checkpoint.interval=1200 --set checkpoint.dir="$tmp/ckpt" \
   --set logging.dir="$tmp/runs"
 [ "$rc" -eq 0 ] || fail "train: $err"
 

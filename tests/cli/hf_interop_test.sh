@@ -14,8 +14,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 train() {
-  "$bin" train --config configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=1 --set parallel.ep=1 \
-    --set train.steps=20 --set train.eval_interval=0 --set checkpoint.interval=20 \
+  tiny1 "$bin" --set train.steps=20 --set train.eval_interval=0 --set checkpoint.interval=20 \
     --set logging.dir="$tmp/runs" "$@"
 }
 run train --set logging.name=tiny --set checkpoint.dir="$tmp/ckpt"

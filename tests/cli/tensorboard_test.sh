@@ -11,9 +11,8 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 train() {
-  "$bin" train --config configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=1 --set parallel.ep=1 \
-    --set train.steps=6 --set train.eval_interval=3 --set checkpoint.interval=3 --set logging.dir="$tmp/runs" \
-    --set logging.name=tb "$@"
+  tiny1 "$bin" --set train.steps=6 --set train.eval_interval=3 --set checkpoint.interval=3 \
+    --set logging.dir="$tmp/runs" --set logging.name=tb "$@"
 }
 run train
 [ "$rc" -eq 0 ] || fail "train: $err"
