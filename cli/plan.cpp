@@ -96,7 +96,9 @@ Plan make_plan(const config::Config& c) {
   plan.tokens_per_step = (Count(c.train.seq_len) * c.train.micro_batch_size * c.train.micro_batches * c.parallel.dp)
                              .value("the tokens of one step");
 
-  const auto counts = parallel::stage_layer_counts(m.num_layers, pp, c.parallel.stage_layers);
+  // Virtual stage j = chunk·pp + rank (one chunk per rank with 1F1B).
+  const int64_t v = c.parallel.virtual_stages;
+  const auto counts = parallel::stage_layer_counts(m.num_layers, pp * v, c.parallel.stage_layers);
   const auto firsts = parallel::stage_first_layers(counts);
   const double tokens_per_micro_batch = static_cast<double>(c.train.micro_batch_size * c.train.seq_len);
   const double act = policy.activation_bytes;
@@ -105,26 +107,32 @@ Plan make_plan(const config::Config& c) {
   for (int64_t s = 0; s < pp; ++s) {
     StagePlan st;
     st.stage = s;
-    st.first_layer = firsts[s];
-    st.layers = counts[s];
-    // The stage's dense layers come first (layers < n_dense_layers), then its MoE layers: counted per kind.
-    const int64_t dense = std::clamp<int64_t>(m.n_dense_layers - st.first_layer, 0, st.layers);
     Count params, routed;  // routed: the routed experts' share of params
-    // Per in-flight micro-batch; and once, the largest block being recomputed (full recomputation), which happens
-    // after the output heads' backward pass has freed what they kept.
-    model::ActivationElems a, heads;
+    // Per in-flight forward of each chunk; and once, the largest block being recomputed (full recomputation), which
+    // happens after the output heads' backward pass has freed what they kept.
+    std::vector<model::ActivationElems> per_chunk(static_cast<size_t>(v));
+    model::ActivationElems heads;
     double transient = 0;
     auto recomputed = [&](bool moe) {
       const model::ActivationElems t = model::recompute_transient(m, moe);
       transient = std::max(transient, t.bytes(act, fp8));
     };
-    for (auto [n, layer] : {std::pair{dense, st.first_layer}, std::pair{st.layers - dense, st.first_layer + dense}}) {
-      if (n == 0) continue;
-      params += Count(n) * block_local_params(model::block_params(m, layer), ep);
-      routed += Count(n) * (model::block_params(m, layer).routed_experts / ep);
-      a += times(model::block_activations(m, model::is_moe_layer(m, layer)), n);
-      recomputed(model::is_moe_layer(m, layer));
+    for (int64_t chunk = 0; chunk < v; ++chunk) {
+      const auto j = static_cast<size_t>(chunk * pp + s);
+      st.chunks.push_back({firsts[j], counts[j]});
+      st.layers += counts[j];
+      // The chunk's dense layers come first (layers < n_dense_layers), then its MoE layers: counted per kind.
+      const int64_t dense = std::clamp<int64_t>(m.n_dense_layers - firsts[j], 0, counts[j]);
+      for (auto [n, layer] : {std::pair{dense, firsts[j]}, std::pair{counts[j] - dense, firsts[j] + dense}}) {
+        if (n == 0) continue;
+        params += Count(n) * block_local_params(model::block_params(m, layer), ep);
+        routed += Count(n) * (model::block_params(m, layer).routed_experts / ep);
+        per_chunk[static_cast<size_t>(chunk)] += times(model::block_activations(m, model::is_moe_layer(m, layer)), n);
+        recomputed(model::is_moe_layer(m, layer));
+      }
     }
+    st.first_layer = st.chunks.front().first;
+    model::ActivationElems& a = per_chunk.back();  // the heads run after the last chunk (on the last rank)
     const bool first = s == 0, last = s == pp - 1;
     if (first) params += plan.params.embedding;
     if (last) {
@@ -145,7 +153,6 @@ Plan make_plan(const config::Config& c) {
       if (m.mtp_depth > 0) recomputed(model::mtp_is_moe(m));
     }
     st.params = params.value(kStageParams);
-    st.in_flight_micro_batches = std::min<int64_t>(pp - s, c.train.micro_batches);
     const double p = static_cast<double>(st.params);
     st.weight_bytes = p * static_cast<double>(policy.weight_bytes_per_param());
     st.grad_bytes = p * policy.grad_bytes;
@@ -157,13 +164,21 @@ Plan make_plan(const config::Config& c) {
     const double mine = (p - r) / dp + r / edp;  // the parameter elements this rank's optimizer updates
     st.master_bytes = mine * policy.master_weight_bytes;
     st.optimizer_bytes = mine * static_cast<double>(policy.optimizer_bytes_per_param());
-    const double kept = a.bytes(act, fp8);
+    // The schedule's peak of what its live forwards keep (1F1B: min(pp − stage, m) forwards of the one chunk).
+    double kept = 0, live = 0;
+    int64_t alive = 0;
+    for (const auto& pass : parallel::interleaved_order(s, pp, v, c.train.micro_batches)) {
+      const double chunk_bytes = per_chunk[static_cast<size_t>(pass.chunk)].bytes(act, fp8);
+      live += pass.kind == 'F' ? chunk_bytes : -chunk_bytes;
+      alive += pass.kind == 'F' ? 1 : -1;
+      kept = std::max(kept, live);
+      st.in_flight_micro_batches = std::max(st.in_flight_micro_batches, alive);
+    }
     const double freed = heads.bytes(act, fp8);
     // The heads' backward pass first, with everything held; then the blocks', the heads' activations freed.
     const bool fused_loss = c.train.device == config::Device::kCpu && policy.mode == precision::Mode::kFp32;
     const double head_backward = last ? model::head_backward_transient(m, fused_loss).bytes(act, fp8) : 0.0;
-    st.activation_bytes = (kept * static_cast<double>(st.in_flight_micro_batches) +
-                           std::max(head_backward, transient - freed)) *
+    st.activation_bytes = (kept + std::max(head_backward, transient - freed)) *
                           tokens_per_micro_batch;
     plan.stages.push_back(st);
   }
@@ -227,6 +242,18 @@ void check_memory_budget(const Plan& plan, const config::Config& c) {
   }
 }
 
+namespace {
+
+// "3", "0-1", or with several chunks "0-1,4-5".
+std::string layer_ranges(const StagePlan& s) {
+  std::string out;
+  for (const auto& [first, n] : s.chunks)
+    out += (out.empty() ? "" : ",") + (n == 1 ? fmt::format("{}", first) : fmt::format("{}-{}", first, first + n - 1));
+  return out;
+}
+
+}  // namespace
+
 std::string format_plan(const Plan& plan, const config::Config& c) {
   const auto& p = plan.params;
   const auto& par = c.parallel;
@@ -258,8 +285,8 @@ std::string format_plan(const Plan& plan, const config::Config& c) {
                      c.train.seq_len, flops(plan.flops.main), flops(plan.flops.mtp), flops(plan.flops.total()),
                      plan.flops.total() * static_cast<double>(plan.tokens_per_step));
 
-  out += fmt::format("\nmemory per rank (activation recomputation: {}; activations of the in-flight 1F1B "
-                     "micro-batches; ZeRO-1 {}; the total holds the larger of activations and the gradient slices "
+  out += fmt::format("\nmemory per rank (activation recomputation: {}; activations of the schedule's in-flight "
+                     "forward passes; ZeRO-1 {}; the total holds the larger of activations and the gradient slices "
                      "ZeRO-1 reduces after them)\n",
                      config::name(c.model.recompute),
                      c.parallel.distributed_optimizer && par.dp > 1 ? "on: master and optimizer over dp / edp" : "off");
@@ -267,17 +294,19 @@ std::string format_plan(const Plan& plan, const config::Config& c) {
                      "params", "weights", "master", "grads", "optimizer", "activations", "in-flight", "total");
   for (const auto& s : plan.stages) {
     out += fmt::format("{:>5} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>12}\n", s.stage,
-                       s.layers == 1 ? fmt::format("{}", s.first_layer)
-                                     : fmt::format("{}-{}", s.first_layer, s.first_layer + s.layers - 1),
+                       layer_ranges(s),
                        count(static_cast<double>(s.params)), bytes(s.weight_bytes), bytes(s.master_bytes),
                        bytes(s.grad_bytes), bytes(s.optimizer_bytes), bytes(s.activation_bytes),
                        s.in_flight_micro_batches, bytes(s.total_bytes()));
   }
-  if (par.pp > 1) {  // 1F1B's bubble with m micro-batches per dp rank
-    auto bubble = [&](int64_t m) { return parallel::one_f_one_b_bubble(par.pp, m); };
+  if (par.pp > 1) {  // the schedule's bubble with m micro-batches per dp rank
+    const int64_t v = par.virtual_stages;
+    auto bubble = [&](int64_t m) { return parallel::one_f_one_b_bubble(par.pp, m, v); };
     const data::BatchShape shape = data::BatchShape::from(c);
-    out += fmt::format("pipeline    1F1B over {} stages: bubble (pp−1)/(m+pp−1) = {:.3f} at m = {} micro-batches", par.pp,
-                       bubble(shape.micro_batches), shape.micro_batches);
+    out += v == 1 ? fmt::format("pipeline    1F1B over {} stages: bubble (pp−1)/(m+pp−1)", par.pp)
+                  : fmt::format("pipeline    interleaved 1F1B over {} stages × {} chunks: bubble (pp−1)/(v·m+pp−1)",
+                                par.pp, v);
+    out += fmt::format(" = {:.3f} at m = {} micro-batches", bubble(shape.micro_batches), shape.micro_batches);
     if (shape.ramp)
       out += fmt::format(" ({:.3f} at the ramp's first m = {})", bubble(shape.micro_batches_at(0)),
                          shape.micro_batches_at(0));
@@ -301,7 +330,9 @@ nlohmann::json plan_json(const Plan& plan, const config::Config& c) {
                  {"mtp_total_with_copies", p.mtp_total_with_copies()}};
   j["flops_per_token"] = {{"main", plan.flops.main}, {"mtp", plan.flops.mtp}, {"total", plan.flops.total()}};
   j["tokens_per_step"] = plan.tokens_per_step;
-  j["pipeline_bubble"] = parallel::one_f_one_b_bubble(c.parallel.pp, c.train.micro_batches);  // 0 without a pipeline
+  j["pipeline_bubble"] =  // 0 without a pipeline
+      parallel::one_f_one_b_bubble(c.parallel.pp, c.train.micro_batches, c.parallel.virtual_stages);
+  j["pipeline_schedule"] = config::name(c.parallel.schedule);
   j["schedule"] = {{"steps", c.train.steps},
                    {"lr_final", c.train.lr_final},
                    {"lr_final_steps", c.train.lr_final_steps},
@@ -310,6 +341,7 @@ nlohmann::json plan_json(const Plan& plan, const config::Config& c) {
     j["stages"].push_back({{"stage", s.stage},
                            {"first_layer", s.first_layer},
                            {"layers", s.layers},
+                           {"chunks", s.chunks},
                            {"params", s.params},
                            {"in_flight_micro_batches", s.in_flight_micro_batches},
                            {"weight_bytes", s.weight_bytes},

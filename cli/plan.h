@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json_fwd.hpp>
@@ -17,9 +18,12 @@ namespace moetrain::cli {
 struct StagePlan {
   int64_t stage = 0;
   int64_t first_layer = 0;
-  int64_t layers = 0;
+  int64_t layers = 0;                                 // over all of its chunks
+  std::vector<std::pair<int64_t, int64_t>> chunks;    // (first layer, layers) of each model chunk, in run order
   int64_t params = 0;                 // parameters held by one rank of this stage (routed experts: 1/ep of them)
-  int64_t in_flight_micro_batches = 0;  // 1F1B keeps min(pp − stage, micro_batches) forward passes alive
+  // The most forward passes (of any chunk) alive at once under the schedule: 1F1B keeps min(pp − stage,
+  // micro_batches); interleaved 1F1B more, each of one chunk's layers.
+  int64_t in_flight_micro_batches = 0;
   // weight_bytes: the model's parameters (and fp8 mode's E4M3 copies), on every replica. master_bytes: the FP32
   // master weights the optimizer keeps in the bf16 and fp8 modes, optimizer_bytes: the AdamW moments — with
   // ZeRO-1 this rank's dp / edp part of both. (ZeRO-1's reduce-scatter is in place: its slices take no memory of

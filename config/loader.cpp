@@ -393,6 +393,49 @@ void validate_batch_rampup(Config& c) {
                          t.batch_rampup_start, t.batch_rampup_start / unit, c.parallel.pp));
 }
 
+// parallel.schedule and parallel.virtual_stages (the batch's micro-batch count is checked with the batch).
+void validate_schedule(const Config& c) {
+  const ParallelConfig& p = c.parallel;
+  if (p.schedule == Schedule::k1F1B && p.virtual_stages != 1)
+    conflict(c, "parallel.virtual_stages",
+             fmt::format("parallel.virtual_stages = {} needs parallel.schedule = interleaved (1f1b runs one model "
+                         "chunk per rank)",
+                         p.virtual_stages));
+  if (p.schedule != Schedule::kInterleaved) return;
+  if (p.pp < 2)
+    conflict(c, "parallel.schedule", "parallel.schedule = interleaved needs parallel.pp ≥ 2 (a pipeline)");
+  if (p.virtual_stages < 2)
+    conflict(c, "parallel.virtual_stages",
+             fmt::format("parallel.schedule = interleaved needs parallel.virtual_stages ≥ 2 (model chunks per rank; "
+                         "it is {})",
+                         p.virtual_stages));
+  if (c.train.device == Device::kCuda)
+    conflict(c, "parallel.schedule",
+             "parallel.schedule = interleaved runs on the CPU (MPI) only for now: its transfers are not yet ordered "
+             "for NCCL's one stream per communicator; use parallel.schedule = 1f1b with train.device = cuda");
+}
+
+// Interleaved 1F1B runs the micro-batches in groups of pp: every step's count must be a multiple of pp.
+void validate_interleaved_batches(const Config& c) {
+  const ParallelConfig& p = c.parallel;
+  const TrainConfig& t = c.train;
+  if (p.schedule != Schedule::kInterleaved) return;
+  if (t.micro_batches % p.pp != 0)
+    conflict(c, c.where("train.micro_batches").empty() ? "train.global_batch_size" : "train.micro_batches",
+             fmt::format("train.micro_batches = {} is not a multiple of parallel.pp = {} (the interleaved schedule "
+                         "runs micro-batches in groups of pp)",
+                         t.micro_batches, p.pp));
+  const int64_t unit = t.micro_batch_size * p.dp * p.pp;
+  const std::pair<const char*, int64_t> ramp[] = {{"train.batch_rampup_start", t.batch_rampup_start},
+                                                  {"train.batch_rampup_increment", t.batch_rampup_increment}};
+  for (const auto& [key, value] : ramp)
+    if (value % unit != 0)
+      conflict(c, key,
+               fmt::format("{} = {} is not divisible by train.micro_batch_size · dp · pp = {} · {} · {} (the "
+                           "interleaved schedule needs a multiple of pp micro-batches at every step)",
+                           key, value, t.micro_batch_size, p.dp, p.pp));
+}
+
 void validate_parallel(Config& c, int launch_world_size) {
   ParallelConfig& p = c.parallel;
   const ModelConfig& m = c.model;
@@ -437,15 +480,18 @@ void validate_parallel(Config& c, int launch_world_size) {
                          m.n_routed_experts, p.ep));
   if (!has_moe && p.ep > 1)
     conflict(c, "parallel.ep", fmt::format("parallel.ep = {} but the model has no MoE layer", p.ep));
-  if (p.pp > m.num_layers)
+  validate_schedule(c);
+  const int64_t stages = p.pp * p.virtual_stages;  // virtual stages (pp with 1F1B)
+  const std::string what = p.virtual_stages > 1 ? fmt::format("pp·virtual_stages = {}·{} = {}", p.pp,
+                                                              p.virtual_stages, stages)
+                                                 : fmt::format("parallel.pp = {}", p.pp);
+  if (stages > m.num_layers)
     conflict(c, "parallel.pp",
-             fmt::format("parallel.pp = {} exceeds model.num_layers = {} (every stage needs a layer)", p.pp,
-                         m.num_layers));
+             fmt::format("{} exceeds model.num_layers = {} (every stage needs a layer)", what, m.num_layers));
   if (!p.stage_layers.empty()) {
-    if (static_cast<int64_t>(p.stage_layers.size()) != p.pp)
+    if (static_cast<int64_t>(p.stage_layers.size()) != stages)
       conflict(c, "parallel.stage_layers",
-               fmt::format("parallel.stage_layers has {} entries but parallel.pp = {}", p.stage_layers.size(),
-                           p.pp));
+               fmt::format("parallel.stage_layers has {} entries but {}", p.stage_layers.size(), what));
     int64_t sum = 0;
     for (size_t s = 0; s < p.stage_layers.size(); ++s) {
       if (p.stage_layers[s] < 1)
@@ -487,6 +533,7 @@ void validate_parallel(Config& c, int launch_world_size) {
              fmt::format("train.micro_batches = {} is less than parallel.pp = {} (the 1F1B schedule needs at "
                          "least one micro-batch per stage)",
                          c.train.micro_batches, p.pp));
+  validate_interleaved_batches(c);
 }
 
 // data.source = synthetic: the Markov source's alphabet, branching and states.

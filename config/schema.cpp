@@ -85,9 +85,19 @@ std::vector<KeySpec> build_schema() {
       {KEY(parallel, ep), "Expert-parallel size, carved out of dp (dp = ep·edp); routed experts are sharded "
                           "over it.",
        at_least(1)},
+      {KEY(parallel, schedule),
+       "The pipeline schedule: 1f1b (PipeDream-Flush, as Megatron-Core) or interleaved (Megatron-Core's interleaved "
+       "1F1B: each rank holds parallel.virtual_stages model chunks, virtual stage c·pp + rank on rank `rank`, so the "
+       "bubble shrinks to (pp − 1)/(virtual_stages·m + pp − 1) at the price of more in-flight activations and "
+       "transfers; the micro-batches per step must be a multiple of pp; CPU (MPI) only for now)."},
+      {KEY(parallel, virtual_stages),
+       "Model chunks per pipeline rank (Megatron-Core's virtual_pipeline_model_parallel_size): 1 with schedule "
+       "1f1b, at least 2 with interleaved (every virtual stage needs a layer: pp·virtual_stages ≤ num_layers).",
+       between(1, 64)},
       {KEY(parallel, stage_layers),
-       "Layers per pipeline stage, one entry per stage summing to num_layers (empty: even split, the first "
-       "stages taking the remainder)."},
+       "Layers per pipeline stage, one entry per stage summing to num_layers (with schedule interleaved one entry "
+       "per virtual stage, pp·virtual_stages of them, in virtual-stage order); empty: even split, the first stages "
+       "taking the remainder."},
       {KEY(parallel, intra_op_threads), "LibTorch intra-op threads per rank.", between(1, 1024)},
       {KEY(parallel, comm_timeout_s), "A collective not finished after this many seconds aborts the job.",
        positive_up_to(1e6)},

@@ -21,15 +21,15 @@ std::vector<std::string> moe_layer_names(const config::ModelConfig& m) {
 
 std::vector<MoeRouterRef> moe_routers(TransformerImpl& model) {
   const config::ModelConfig& m = model.config();
-  int64_t main_moe_layers = 0, before_stage = 0;
-  for (int64_t l = 0; l < m.num_layers; ++l) {
-    if (!is_moe_layer(m, l)) continue;
-    ++main_moe_layers;
-    if (l < model.stage().first_layer) ++before_stage;
-  }
+  std::vector<int64_t> moe_index(static_cast<size_t>(m.num_layers), -1);  // per layer: its place among MoE layers
+  int64_t main_moe_layers = 0;
+  for (int64_t l = 0; l < m.num_layers; ++l)
+    if (is_moe_layer(m, l)) moe_index[static_cast<size_t>(l)] = main_moe_layers++;
   std::vector<MoeRouterRef> out;
-  for (const auto& block : model.layers)
-    if (block->moe) out.push_back({before_stage++, block->moe->router});
+  size_t block = 0;  // model.layers holds the chunks' blocks in chunk order
+  for (const LayerChunk& chunk : model.stage().chunks)
+    for (int64_t l = chunk.first_layer; l < chunk.first_layer + chunk.num_layers; ++l, ++block)
+      if (model.layers[block]->moe) out.push_back({moe_index[static_cast<size_t>(l)], model.layers[block]->moe->router});
   for (size_t k = 0; k < model.mtp.size(); ++k)
     if (model.mtp[k]->block->moe)
       out.push_back({main_moe_layers + static_cast<int64_t>(k), model.mtp[k]->block->moe->router});
@@ -48,7 +48,14 @@ void MoeLoadTracker::reset() { loads_ = at::zeros({static_cast<int64_t>(routers_
 void MoeLoadTracker::add(const std::vector<MoeStats>& stats) {
   if (stats.size() != routers_.size())
     throw std::logic_error(fmt::format("MoE loads: {} layers reported, {} held", stats.size(), routers_.size()));
-  for (size_t i = 0; i < stats.size(); ++i) loads_[static_cast<int64_t>(i)] += stats[i].counts;
+  add(stats, 0);
+}
+
+void MoeLoadTracker::add(const std::vector<MoeStats>& stats, int64_t first) {
+  if (first < 0 || first + static_cast<int64_t>(stats.size()) > static_cast<int64_t>(routers_.size()))
+    throw std::logic_error(fmt::format("MoE loads: {} layers reported from the {}th on, {} held", stats.size(), first,
+                                       routers_.size()));
+  for (size_t i = 0; i < stats.size(); ++i) loads_[first + static_cast<int64_t>(i)] += stats[i].counts;
 }
 
 void MoeLoadTracker::reduce(const std::function<void(at::Tensor&)>& sum_over_dp) {

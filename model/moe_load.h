@@ -35,6 +35,8 @@ class MoeLoadTracker {
 
   void reset();                                   // before a step or an evaluation
   void add(const std::vector<MoeStats>& stats);   // one micro-batch's forward pass on this rank
+  // One chunk's forward pass (model/transformer.h): its MoE layers are the held ones from the `first`th on.
+  void add(const std::vector<MoeStats>& stats, int64_t first);
   // Sums the loads over the dp ranks with `sum_over_dp` (in place; not called for one process): afterwards they
   // are the global batch's, identical on every replica.
   void reduce(const std::function<void(at::Tensor&)>& sum_over_dp);

@@ -33,8 +33,9 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage, 
     embed = e->register_parameter("weight", at::empty({m.vocab_size, m.hidden_size}));
   }
   auto blocks = register_module("layers", std::make_shared<torch::nn::Module>());
-  for (int64_t l = stage.first_layer; l < stage.first_layer + stage.num_layers; ++l)
-    layers.push_back(blocks->register_module(std::to_string(l), Block(m, is_moe_layer(m, l), stage.shard, mode)));
+  for (const LayerChunk& chunk : stage.chunks)
+    for (int64_t l = chunk.first_layer; l < chunk.first_layer + chunk.num_layers; ++l)
+      layers.push_back(blocks->register_module(std::to_string(l), Block(m, is_moe_layer(m, l), stage.shard, mode)));
   if (stage.last) {
     norm = register_module("norm", RMSNorm(m.hidden_size, m.norm_eps));
     if (!m.tie_embeddings) {
@@ -61,6 +62,23 @@ at::ScalarType TransformerImpl::activation_dtype() const {
 at::Tensor TransformerImpl::run_layers(at::Tensor h, ExpertExchange& exchange, std::vector<MoeStats>& stats) {
   for (auto& block : layers) h = block->forward(h, exchange, stats);
   return h;
+}
+
+at::Tensor TransformerImpl::run_chunk(size_t chunk, at::Tensor h, ExpertExchange& exchange,
+                                      std::vector<MoeStats>& stats) {
+  int64_t begin = 0;
+  for (size_t c = 0; c < chunk; ++c) begin += stage_.chunks[c].num_layers;
+  for (int64_t i = begin; i < begin + stage_.chunks.at(chunk).num_layers; ++i)
+    h = layers[static_cast<size_t>(i)]->forward(h, exchange, stats);
+  return h;
+}
+
+int64_t TransformerImpl::moe_blocks_before(size_t chunk) const {
+  int64_t n = 0;
+  for (size_t c = 0; c < chunk; ++c)
+    for (int64_t l = stage_.chunks[c].first_layer; l < stage_.chunks[c].first_layer + stage_.chunks[c].num_layers; ++l)
+      n += is_moe_layer(m_, l);
+  return n;
 }
 
 

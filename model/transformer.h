@@ -11,21 +11,40 @@
 
 #include <torch/nn/module.h>
 
+#include <vector>
+
 #include "config/config.h"
 #include "model/block.h"
 #include "model/expert_exchange.h"
 
 namespace moetrain::model {
 
-// What part of the model a process holds.
-struct StageSpec {
+// A run of consecutive blocks a process holds: one virtual pipeline stage (model chunk).
+struct LayerChunk {
   int64_t first_layer = 0;
-  int64_t num_layers = 0;  // blocks of this stage
-  bool first = true;       // holds the embedding
-  bool last = true;        // holds final norm, head, MTP modules (and an embedding copy for MTP if not first)
+  int64_t num_layers = 0;
+  bool embed = false;  // the model's first virtual stage: the token embedding runs before its blocks
+  bool head = false;   // the model's last virtual stage: final norm, head and MTP modules run after its blocks
+};
+
+// What part of the model a process holds: one chunk per pipeline rank (1F1B), or several (the interleaved
+// schedule's virtual stages), in the order the rank runs them.
+struct StageSpec {
+  std::vector<LayerChunk> chunks{LayerChunk{}};
+  bool first = true;  // holds the embedding (a chunk with `embed`)
+  bool last = true;   // holds final norm, head, MTP modules (and an embedding copy for MTP if not first)
   ExpertShard shard;
 
-  static StageSpec whole(const config::ModelConfig& m) { return {0, m.num_layers, true, true, {}}; }
+  static StageSpec whole(const config::ModelConfig& m) { return {{{0, m.num_layers, true, true}}, true, true, {}}; }
+  // One chunk of layers [first_layer, first_layer + num_layers).
+  static StageSpec contiguous(int64_t first_layer, int64_t num_layers, bool first, bool last, ExpertShard shard = {}) {
+    return {{{first_layer, num_layers, first, last}}, first, last, shard};
+  }
+  int64_t num_layers() const {  // blocks held, over all chunks
+    int64_t n = 0;
+    for (const auto& c : chunks) n += c.num_layers;
+    return n;
+  }
 };
 
 class MTPModuleImpl : public torch::nn::Module {
@@ -62,8 +81,13 @@ class TransformerImpl : public torch::nn::Module {
   // modes (as DeepSeek-V3 and Megatron-Core train), the parameters' own (FP32) in fp32 mode. Norms, router
   // probabilities, softmax and the losses compute in FP32 whatever it is.
   at::ScalarType activation_dtype() const;
-  // This stage's blocks.
+  // This stage's blocks, every chunk in order.
   at::Tensor run_layers(at::Tensor h, ExpertExchange& exchange, std::vector<MoeStats>& stats);
+  // The blocks of chunk `chunk` of stage().chunks.
+  at::Tensor run_chunk(size_t chunk, at::Tensor h, ExpertExchange& exchange, std::vector<MoeStats>& stats);
+  // MoE blocks of the chunks before `chunk` (where the chunk's expert loads start among the stage's MoE layers,
+  // model/moe_load.h; the MTP modules' follow the last chunk's).
+  int64_t moe_blocks_before(size_t chunk) const;
   // Inference, the whole model: the next tokens [B, T] -> the last block's hidden [B, T, d], with one latent cache
   // per layer (resized to num_layers on first use) holding what came before.
   at::Tensor decode(const at::Tensor& tokens, std::vector<LatentCache>& caches, ExpertExchange& exchange);

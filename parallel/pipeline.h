@@ -1,8 +1,13 @@
-// The 1F1B pipeline schedule (PipeDream-Flush, as in Megatron-Core): stage s runs min(pp − s − 1, m) warm-up
-// forwards, then alternates one forward and one backward, then drains the remaining backwards. Activations go to
-// the next stage and their gradients come back over the pp group; in the steady state a send and the matching
-// receive of the neighbour are one operation, so two stages sending to each other never deadlock. The other
-// sends (warm-up forwards, drain backwards) do not block the stage: they complete while it computes on.
+// The pipeline schedules.
+// 1F1B (PipeDream-Flush, as in Megatron-Core): stage s runs min(pp − s − 1, m) warm-up forwards, then alternates
+// one forward and one backward, then drains the remaining backwards. Activations go to the next stage and their
+// gradients come back over the pp group; in the steady state a send and the matching receive of the neighbour are
+// one operation, so two stages sending to each other never deadlock. The other sends (warm-up forwards, drain
+// backwards) do not block the stage: they complete while it computes on.
+// Interleaved 1F1B (Megatron-Core's virtual pipeline): each rank holds v model chunks, chunk c of rank r being
+// virtual stage c·pp + r, so a micro-batch passes every rank v times (the last rank hands it back to the first);
+// the passes are ordered as Megatron-Core orders them (interleaved_order), every send is non-blocking and tagged
+// with its micro-batch and chunk, and a pass waits only for the one transfer it needs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,10 +28,12 @@ struct StageOutput {
   at::Tensor activations;
   at::Tensor loss;
 };
-using StageForward = std::function<StageOutput(int64_t mb, const at::Tensor& input)>;
+// `chunk`: which of the rank's model chunks (0 with one chunk per rank).
+using StageForward = std::function<StageOutput(int64_t chunk, int64_t mb, const at::Tensor& input)>;
 
 struct PipelineSpec {
   int64_t stage = 0, stages = 1, micro_batches = 1;
+  int64_t chunks = 1;  // model chunks per rank (the interleaved schedule's virtual stages)
   std::vector<int64_t> activation_shape;  // [micro_batch_size, seq_len, hidden]
   at::TensorOptions activation_options;
   std::function<void()> before_last_backward;  // called before the step's last backward pass on this stage
@@ -35,17 +42,37 @@ struct PipelineSpec {
 // One stage (pp = 1): each micro-batch's forward, then its backward.
 void run_micro_batches(const PipelineSpec& spec, const StageForward& forward);
 
-// The order this stage ran its passes in ("F0", "B0", ...), for the bubble measurement of bench/parallel.
+// The order this stage ran its passes in ("F0", "B0", ...; with several chunks per rank "F0.1": micro-batch 0,
+// chunk 1), for the bubble measurement of bench/parallel.
 using ScheduleTrace = std::vector<std::string>;
 
-void run_1f1b(Communicator& pp, const PipelineSpec& spec, const StageForward& forward, ScheduleTrace* trace);
+// One pass of a stage: forward ('F') or backward ('B') of a micro-batch through one of its chunks.
+struct PipelinePass {
+  char kind = 'F';
+  int64_t chunk = 0, mb = 0;
+  std::string name(int64_t chunks) const;  // as in a ScheduleTrace
+};
 
-// Forward only (validation): every micro-batch through every stage in order.
+// The order stage `stage` runs its passes in under interleaved 1F1B with `chunks` chunks per rank (Megatron-Core's
+// forward_backward_pipelining_with_interleaving): forward k is micro-batch ⌊k / (pp·v)⌋·pp + k mod pp of chunk
+// ⌊k / pp⌋ mod v (backward k the same micro-batch of chunk v − 1 − that); (pp − s − 1)·2 + (v − 1)·pp warm-up
+// forwards (all of them when m = pp), then one forward and one backward alternately, then the remaining backwards.
+// With one chunk it is 1F1B's order. micro_batches must be a multiple of stages when chunks > 1.
+std::vector<PipelinePass> interleaved_order(int64_t stage, int64_t stages, int64_t chunks, int64_t micro_batches);
+
+void run_1f1b(Communicator& pp, const PipelineSpec& spec, const StageForward& forward, ScheduleTrace* trace);
+void run_interleaved(Communicator& pp, const PipelineSpec& spec, const StageForward& forward, ScheduleTrace* trace);
+
+// The step's passes under the spec's schedule: one stage (no communicator needed), 1F1B, or interleaved 1F1B
+// (spec.chunks > 1).
+void run_schedule(Communicator* pp, const PipelineSpec& spec, const StageForward& forward, ScheduleTrace* trace);
+
+// Forward only (validation): every micro-batch through every (virtual) stage in order.
 void run_forward_only(Communicator& pp, const PipelineSpec& spec, const StageForward& forward);
 
 // The traced schedule replayed in unit time: each pass takes one slot and waits for its dependencies (F of
-// micro-batch i on stage s after F_i on s − 1; B_i on s after B_i on s + 1 and F_i on s) and for the previous pass
-// of its stage. slots[stage][t]: the pass run in slot t ("" where the stage is idle). Throws when a stage's next pass
+// micro-batch i on virtual stage j after F_i on j − 1; B_i on j after B_i on j + 1 and F_i on j) and for the
+// previous pass of its stage; chunk c of stage s is virtual stage c·stages + s. slots[stage][t]: the pass run in slot t ("" where the stage is idle). Throws when a stage's next pass
 // can never run (a trace that is not a valid schedule).
 struct ScheduleTimeline {
   std::vector<std::vector<std::string>> slots;
@@ -53,8 +80,9 @@ struct ScheduleTimeline {
 };
 ScheduleTimeline simulate_schedule(const std::vector<ScheduleTrace>& traces);
 
-// 1F1B's bubble fraction in theory, (stages − 1) / (m + stages − 1) with m micro-batches (unit-time passes).
-double one_f_one_b_bubble(int64_t stages, int64_t micro_batches);
+// 1F1B's bubble fraction in theory, (stages − 1) / (m + stages − 1) with m micro-batches (unit-time passes); with
+// v chunks per rank (interleaved 1F1B), (stages − 1) / (v·m + stages − 1) (a chunk's pass taking 1/v of the time).
+double one_f_one_b_bubble(int64_t stages, int64_t micro_batches, int64_t chunks = 1);
 
 // Its bubble fraction: idle slots / (stages × makespan).
 double bubble_fraction(const std::vector<ScheduleTrace>& traces);

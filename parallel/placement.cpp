@@ -17,11 +17,17 @@ model::StageSpec stage_spec(const ProcessGroups* groups, const config::Config& c
     return stage;
   }
   const Coords& coords = groups->coords;
-  const auto counts = stage_layer_counts(c.model.num_layers, c.parallel.pp, c.parallel.stage_layers);
-  stage.first_layer = stage_first_layers(counts)[static_cast<size_t>(coords.pp)];
-  stage.num_layers = counts[static_cast<size_t>(coords.pp)];
-  stage.first = coords.pp == 0;
-  stage.last = coords.pp == c.parallel.pp - 1;
+  // Virtual stage j = chunk·pp + rank (1F1B: one chunk, j = rank).
+  const int64_t pp = c.parallel.pp, v = c.parallel.virtual_stages;
+  const auto counts = stage_layer_counts(c.model.num_layers, pp * v, c.parallel.stage_layers);
+  const auto firsts = stage_first_layers(counts);
+  stage.chunks.clear();
+  for (int64_t chunk = 0; chunk < v; ++chunk) {
+    const auto j = static_cast<size_t>(chunk * pp + coords.pp);
+    stage.chunks.push_back({firsts[j], counts[j], j == 0, static_cast<int64_t>(j) == pp * v - 1});
+  }
+  stage.first = stage.chunks.front().embed;
+  stage.last = stage.chunks.back().head;
   stage.shard = model::ExpertShard{coords.ep, c.parallel.ep};
   return stage;
 }

@@ -39,8 +39,6 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
                              "launch every rank with the same config file and --set overrides");
   // This rank's part of the model: its pipeline stage's layers and its ep shard of the routed experts.
   dp_rank_ = groups_ ? groups_->coords.dp : 0;
-  first_stage_ = stage.first;
-  last_stage_ = stage.last;
   const auto policy = precision::policy_for(c_.precision);
   model_ = model::Transformer(c_.model, stage, policy.mode);
   model::init_parameters(*model_, static_cast<uint64_t>(c_.train.seed), c_.model.init_std);
@@ -117,18 +115,19 @@ double Trainer::mtp_weight(int64_t tokens_seen) const {
 // One micro-batch through this stage: the loss to differentiate (main, MTP and balance terms, each divided by the
 // global batch's token or sequence count) and, on a stage before the last, the activations to send on. Adds the
 // loss sums to `sums` and the expert loads to the tracker.
-parallel::StageOutput Trainer::stage_forward(const at::Tensor& input, const at::Tensor& window, at::Tensor& sums,
-                                             bool training) {
+parallel::StageOutput Trainer::stage_forward(int64_t chunk, const at::Tensor& input, const at::Tensor& window,
+                                             at::Tensor& sums, bool training) {
   RECORD_USER_SCOPE("forward");
   const int64_t T = c_.train.seq_len, depth = c_.model.mtp_depth;
   const double sequences = static_cast<double>(training ? shape_.global_sequences(step_) : shape_.global_sequences());
   const double tokens = sequences * static_cast<double>(T);
   model::LossSums s;
-  at::Tensor h = first_stage_ ? model_->embed_tokens(window.narrow(1, 0, T)) : input;
-  h = model_->run_layers(h, *exchange_, s.moe);
+  const model::LayerChunk& part = model_->stage().chunks.at(static_cast<size_t>(chunk));
+  at::Tensor h = part.embed ? model_->embed_tokens(window.narrow(1, 0, T)) : input;
+  h = model_->run_chunk(static_cast<size_t>(chunk), h, *exchange_, s.moe);
   parallel::StageOutput out;
   at::Tensor loss;
-  if (last_stage_) {
+  if (part.head) {
     model_->head_losses(h, window, *exchange_, s);
     const double lambda = mtp_weight(tokens_before(step_));
     loss = s.lm / tokens;
@@ -144,13 +143,13 @@ parallel::StageOutput Trainer::stage_forward(const at::Tensor& input, const at::
     if (training) loss = loss.defined() ? loss + moe.balance_loss / sequences : moe.balance_loss / sequences;
     sums[1] += moe.balance_loss.detach().to(at::kDouble);
   }
-  loads_->add(s.moe);
+  loads_->add(s.moe, model_->moe_blocks_before(static_cast<size_t>(chunk)));
   out.loss = loss;
   return out;
 }
 
 parallel::PipelineSpec Trainer::pipeline_spec(int64_t micro_batches) const {
-  return {groups_ ? groups_->coords.pp : 0, c_.parallel.pp, micro_batches,
+  return {groups_ ? groups_->coords.pp : 0, c_.parallel.pp, micro_batches, c_.parallel.virtual_stages,
           {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
           at::TensorOptions().dtype(model_->activation_dtype()).device(device_),
           [this] { if (grad_sync_) grad_sync_->arm(); }};
@@ -177,14 +176,11 @@ StepResult Trainer::step() {
   grad_sync_ ? grad_sync_->zero_grads() : optimizer_->zero_grad();
   loads_->reset();
   at::Tensor sums = at::zeros({2 + depth}, at::TensorOptions().dtype(at::kDouble).device(device_));
-  auto forward = [&](int64_t mb, const at::Tensor& input) {
-    return stage_forward(input, model::to_device(batches_->train(step_, dp_rank_, mb), device_), sums, true);
+  auto forward = [&](int64_t chunk, int64_t mb, const at::Tensor& input) {
+    return stage_forward(chunk, input, model::to_device(batches_->train(step_, dp_rank_, mb), device_), sums, true);
   };
   trace_.clear();
-  if (c_.parallel.pp == 1)
-    parallel::run_micro_batches(pipeline_spec(micro_batches), forward);
-  else
-    parallel::run_1f1b(*groups_->pp, pipeline_spec(micro_batches), forward, &trace_);
+  parallel::run_schedule(groups_ ? groups_->pp.get() : nullptr, pipeline_spec(micro_batches), forward, &trace_);
 
   if (grad_sync_) grad_sync_->reduce();
   const at::Tensor norm_sq = grad_sync_ ? grad_sync_->global_norm_sq() : grad_norm_sq(optimizer_->params());
@@ -241,11 +237,12 @@ EvalResult Trainer::evaluate() {
   loads_->reset();
   at::Tensor sums = at::zeros({2 + c_.model.mtp_depth}, at::TensorOptions().dtype(at::kDouble).device(device_));
   for (int64_t i = 0; i < c_.train.eval_batches; ++i) {
-    auto forward = [&](int64_t mb, const at::Tensor& input) {
-      return stage_forward(input, model::to_device(batches_->validation(i, dp_rank_, mb), device_), sums, false);
+    auto forward = [&](int64_t chunk, int64_t mb, const at::Tensor& input) {
+      return stage_forward(chunk, input, model::to_device(batches_->validation(i, dp_rank_, mb), device_), sums,
+                           false);
     };
     if (c_.parallel.pp == 1) {
-      for (int64_t mb = 0; mb < c_.train.micro_batches; ++mb) forward(mb, {});
+      for (int64_t mb = 0; mb < c_.train.micro_batches; ++mb) forward(0, mb, {});
     } else {
       parallel::run_forward_only(*groups_->pp, pipeline_spec(c_.train.micro_batches), forward);
     }

@@ -60,8 +60,8 @@ class Trainer {
   const parallel::ScheduleTrace& schedule_trace() const { return trace_; }
 
  private:
-  parallel::StageOutput stage_forward(const at::Tensor& input, const at::Tensor& window, at::Tensor& sums,
-                                      bool training);
+  parallel::StageOutput stage_forward(int64_t chunk, const at::Tensor& input, const at::Tensor& window,
+                                      at::Tensor& sums, bool training);
   double mtp_weight(int64_t tokens_seen) const;
   parallel::PipelineSpec pipeline_spec(int64_t micro_batches) const;
   int64_t tokens_before(int64_t step) const {  // trained before `step` (a batch-size ramp counted, from a resume)
@@ -79,7 +79,6 @@ class Trainer {
   RunDirectory run_dir_;  // locked for the trainer's lifetime
   at::Device device_{at::kCPU};
   int64_t dp_rank_ = 0;
-  bool first_stage_ = true, last_stage_ = true;
   model::Transformer model_{nullptr};
   std::unique_ptr<model::ExpertExchange> exchange_;
   std::unique_ptr<data::BatchSource> batches_;

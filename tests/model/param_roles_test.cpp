@@ -14,7 +14,7 @@ namespace {
 // The last stage (layer 1 of 2, MoE, plus MTP) holding ep shard 1 of 2: experts 2 and 3 of every MoE layer.
 Transformer last_stage_shard() {
   config::ModelConfig m = testing::tiny_model();
-  StageSpec stage{1, 1, /*first=*/false, /*last=*/true, ExpertShard{1, 2}};
+  StageSpec stage = StageSpec::contiguous(1, 1, /*first=*/false, /*last=*/true, ExpertShard{1, 2});
   return Transformer(m, stage);
 }
 
@@ -62,11 +62,11 @@ TEST(MoeLoad, RoutersOfAStageKnowTheirLayerInTheWholeModel) {
   config::ModelConfig m = testing::tiny_model();
   m.num_layers = 4;  // layer 0 dense, 1..3 MoE, then the MTP block
   EXPECT_EQ(moe_layer_names(m), (std::vector<std::string>{"layers.1", "layers.2", "layers.3", "mtp.0"}));
-  Transformer second(m, StageSpec{2, 2, false, true, {}});  // layers 2 and 3, the last stage
+  Transformer second(m, StageSpec::contiguous(2, 2, false, true));  // layers 2 and 3, the last stage
   std::vector<int64_t> layers;
   for (const auto& r : moe_routers(*second)) layers.push_back(r.layer);
   EXPECT_EQ(layers, (std::vector<int64_t>{1, 2, 3}));
-  Transformer first(m, StageSpec{0, 2, true, false, {}});  // layers 0 (dense) and 1
+  Transformer first(m, StageSpec::contiguous(0, 2, true, false));  // layers 0 (dense) and 1
   ASSERT_EQ(moe_routers(*first).size(), 1u);
   EXPECT_EQ(moe_routers(*first)[0].layer, 0);
 }
