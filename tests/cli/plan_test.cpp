@@ -99,6 +99,34 @@ TEST(Plan, OneFOneBKeepsPpMinusStageMicroBatchesInFlight) {
   EXPECT_NE(format_plan(make_plan(c), c).find("(0.429 at the ramp's first m = 4)"), std::string::npos);
 }
 
+// Interleaved 1F1B: rank s holds chunks s and pp + s (virtual stages c·pp + s) and its warm-up keeps more chunk
+// forwards alive, (pp − s − 1)·2 + (v − 1)·pp + 1 of them (11, 9, 7, 5 at pp 4, v 2, m 8), each of one chunk.
+TEST(Plan, InterleavedHoldsTwoChunksPerRankAndMoreForwardsInFlight) {
+  config::Config c = tiny({"parallel.pp=4", "parallel.dp=1", "parallel.ep=1", "train.global_batch_size=32",
+                           "model.num_layers=8", "parallel.schedule=interleaved", "parallel.virtual_stages=2"});
+  Plan plan = make_plan(c);
+  std::vector<int64_t> in_flight;
+  for (const auto& s : plan.stages) in_flight.push_back(s.in_flight_micro_batches);
+  EXPECT_EQ(in_flight, (std::vector<int64_t>{11, 9, 7, 5}));
+  EXPECT_EQ(plan.stages[1].chunks, (std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {5, 1}}));
+  EXPECT_EQ(plan.stages[1].layers, 2);
+  // Stages 1 and 2 hold the same kinds of layers: activations in proportion to the chunk forwards in flight.
+  EXPECT_DOUBLE_EQ(plan.stages[1].activation_bytes / 9, plan.stages[2].activation_bytes / 7);
+  // The same layers under 1F1B: 3 forwards of 2 layers on stage 1, against 9 of one layer here.
+  config::Config one = tiny({"parallel.pp=4", "parallel.dp=1", "parallel.ep=1", "train.global_batch_size=32",
+                             "model.num_layers=8"});
+  EXPECT_DOUBLE_EQ(plan.stages[1].activation_bytes / make_plan(one).stages[1].activation_bytes, 9.0 / 6.0);
+  EXPECT_EQ(plan.stages[1].params, make_plan(one).stages[1].params);
+  const std::string text = format_plan(plan, c);
+  EXPECT_NE(text.find("pipeline    interleaved 1F1B over 4 stages × 2 chunks: bubble (pp−1)/(v·m+pp−1) = 0.158 at "
+                      "m = 8"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("    1 "), std::string::npos);
+  EXPECT_NE(text.find("1,5"), std::string::npos) << text;
+  EXPECT_EQ(plan_json(plan, c)["pipeline_schedule"], "interleaved");
+}
+
 // Counts that overflow 64 bits raise CountOverflow instead of wrapping; check_plan_counts names the key.
 TEST(Plan, CountsThatOverflowNameTheKey) {
   config::Config c = tiny({"model.num_layers=1e18"});  // the loader's batch and layout products all fit

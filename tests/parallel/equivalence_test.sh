@@ -6,7 +6,7 @@
 # layouts with activation recomputation (full, selective), and bf16 with ZeRO-1 (master weights 1/dp, 1/edp).
 # Gradient buckets are small (many per stage), so that parallel.overlap_grad_reduce (on by default) starts most of
 # them during the backward pass (checked); one layout runs without overlap. Then a starved expert: no hang, zero
-# gradient.
+# gradient. The interleaved schedule on five layouts (pp 2 and 4) against one process.
 . "$(dirname "$0")/../cli/lib.sh"
 prog=$1
 dir=$(mktemp -d)
@@ -67,6 +67,21 @@ for layout in "2 2 2 full" "1 2 2 selective"; do
   run "$prog" --compare "$dir/1-1-1" "$dir/$1-$2-$3-$4"
   echo "$out"
   [ "$rc" -eq 0 ] || fail "layout pp $1 dp $2 ep $3 with recompute $4 differs from one process: $out"
+done
+
+# Interleaved 1F1B (parallel.schedule = interleaved): v model chunks per rank, virtual stage c·pp + rank. 8 layers,
+# so that pp 4 × 2 chunks and pp 2 × 4 chunks have a layer per virtual stage; the reference is one process on them.
+eight=(--set model.num_layers=8 --steps 10)
+run mpi -np 1 "$prog" "${common[@]}" "${eight[@]}" --set parallel.pp=1 --set parallel.ep=1 --out "$dir/eight"
+[ "$rc" -eq 0 ] || fail "8 layers in one process: rc $rc: $err"
+for layout in "2 1 1 2" "2 2 2 2" "4 1 1 2" "4 2 2 2" "2 1 1 4"; do
+  set -- $layout
+  run mpi -np $(($1 * $2)) "$prog" "${common[@]}" "${eight[@]}" --set parallel.pp="$1" --set parallel.ep="$3" \
+      --set parallel.schedule=interleaved --set parallel.virtual_stages="$4" --out "$dir/interleaved-$*"
+  [ "$rc" -eq 0 ] || fail "interleaved pp $1 dp $2 ep $3, $4 chunks per rank: rc $rc: $err"
+  run "$prog" --compare "$dir/eight" "$dir/interleaved-$*"
+  echo "interleaved pp $1 dp $2 ep $3 × $4 chunks: $out"
+  [ "$rc" -eq 0 ] || fail "interleaved pp $1 dp $2 ep $3 with $4 chunks per rank differs from one process: $out"
 done
 
 # An expert the router never picks: every rank still takes part in every exchange, its gradient stays zero.

@@ -1,6 +1,7 @@
 // The pipeline schedule's replay in unit time: its bubble fraction and its drawing (parallel/pipeline.h).
 #include <gtest/gtest.h>
 
+#include <set>
 #include <stdexcept>
 
 #include "parallel/pipeline.h"
@@ -35,6 +36,40 @@ TEST(Schedule, OneFOneBBubbleIsItsFormula) {
       EXPECT_EQ(t.makespan, 2 * (m + pp - 1));
       EXPECT_EQ(t.busy, 2 * m * pp);
     }
+}
+
+// Every stage's pass names under interleaved_order (what run_interleaved runs and traces).
+std::vector<ScheduleTrace> interleaved(int64_t pp, int64_t v, int64_t m) {
+  std::vector<ScheduleTrace> traces(static_cast<size_t>(pp));
+  for (int64_t s = 0; s < pp; ++s)
+    for (const PipelinePass& p : interleaved_order(s, pp, v, m)) traces[static_cast<size_t>(s)].push_back(p.name(v));
+  return traces;
+}
+
+TEST(Schedule, OneChunkIsOneFOneB) {
+  for (int64_t pp : {2, 4})
+    for (int64_t m : {1, 4, 8}) EXPECT_EQ(interleaved(pp, 1, m), one_f_one_b(pp, m)) << "pp " << pp << ", m " << m;
+}
+
+// Megatron-Core's interleaved order is a valid schedule (the replay runs every pass: no stage waits for a pass that
+// never comes, which in the executor would be a hang), each (chunk, micro-batch) once forward and once backward, and
+// its bubble in units of a chunk's pass is (pp − 1)/(v·m + pp − 1), below 1F1B's.
+TEST(Schedule, InterleavedOrderIsValidAndShrinksTheBubble) {
+  for (int64_t pp : {2, 3, 4})
+    for (int64_t v : {2, 3})
+      for (int64_t m : {pp, 2 * pp, 4 * pp}) {
+        const auto traces = interleaved(pp, v, m);
+        for (const auto& t : traces) {
+          EXPECT_EQ(static_cast<int64_t>(t.size()), 2 * v * m);
+          EXPECT_EQ(std::set<std::string>(t.begin(), t.end()).size(), t.size());
+        }
+        const ScheduleTimeline timeline = simulate_schedule(traces);
+        EXPECT_EQ(timeline.busy, 2 * v * m * pp);
+        const double bubble = bubble_fraction(traces);
+        EXPECT_NEAR(bubble, one_f_one_b_bubble(pp, m, v), 1e-12) << "pp " << pp << ", v " << v << ", m " << m;
+        EXPECT_LT(bubble, one_f_one_b_bubble(pp, m)) << "pp " << pp << ", v " << v << ", m " << m;
+      }
+  EXPECT_THROW(interleaved_order(0, 4, 2, 6), std::invalid_argument);  // m not a multiple of pp
 }
 
 TEST(Schedule, DrawsEachStagesSlotsWithTheIdleOnes) {
