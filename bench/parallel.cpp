@@ -110,15 +110,17 @@ Measured measure(const config::Config& c, parallel::ProcessGroups& groups, int64
   }
   const double act = static_cast<double>(c.train.micro_batch_size * c.train.seq_len * m.hidden_size) * 4.0 *
                      static_cast<double>(c.train.micro_batches);
-  const bool first = groups.coords.pp == 0, last = groups.coords.pp == p.pp - 1;
   // Each chunk sends its activations on (but the model's last virtual stage) and its input's gradient back (but the
-  // first).
+  // first), unless the next (previous) virtual stage is on this rank (the bottom of DualPipeV's V).
+  const parallel::VirtualStages where{p.pp, p.virtual_stages, p.schedule == config::Schedule::kDualPipeV};
   double boundaries = 0;
   for (int64_t chunk = 0; chunk < p.virtual_stages; ++chunk) {
-    const int64_t j = chunk * p.pp + groups.coords.pp, stages = p.pp * p.virtual_stages;
-    boundaries += (j < stages - 1 ? 1 : 0) + (j > 0 ? 1 : 0);
+    const int64_t j = where.of(groups.coords.pp, chunk);
+    if (j < where.count() - 1 && where.home(j + 1).first != groups.coords.pp) boundaries += 1;
+    if (j > 0 && where.home(j - 1).first != groups.coords.pp) boundaries += 1;
   }
   const double pp_theory = p.pp > 1 ? act * boundaries : 0.0;
+  const bool embedding_group = groups.embedding && groups.embedding->size() > 1;
 
   Measured out;
   out.schedule = std::string(config::name(p.schedule));
@@ -133,11 +135,32 @@ Measured measure(const config::Config& c, parallel::ProcessGroups& groups, int64
   add(groups.ep.get(), "all_to_all_v", ep_tokens + ep_counts);
   add(groups.dp.get(), "all_reduce", p.dp > 1 ? static_cast<double>(params) * 4.0 : 0.0);
   add(groups.edp.get(), "all_reduce", p.dp / p.ep > 1 ? static_cast<double>(expert_params) * 4.0 : 0.0);
-  add(groups.embedding.get(), "all_reduce", p.pp > 1 && (first || last) ? static_cast<double>(embed) * 4.0 : 0.0);
+  add(groups.embedding.get(), "all_reduce", embedding_group ? static_cast<double>(embed) * 4.0 : 0.0);
   add(groups.pp.get(), "send", pp_theory);
   out.traces = gather_traces(groups, t.schedule_trace());
   out.step_s = bench::median(times);
   return out;
+}
+
+// Every schedule replayed in the same units: a chunk's forward 1 slot, its full backward 2 (input and weight
+// gradients, one GEMM each), a split backward's halves 1 each.
+parallel::ReplayOptions replay_options(const config::Config& c) {
+  return {c.parallel.schedule == config::Schedule::kDualPipeV, 1, 2, 1, 1};
+}
+
+const char* formula_name(const config::Config& c) {
+  switch (c.parallel.schedule) {
+    case config::Schedule::kDualPipeV: return "(pp−1)/(6m+pp−1)";
+    case config::Schedule::kInterleaved: return "(pp−1)/(v·m+pp−1)";
+    default: return "(pp−1)/(m+pp−1)";
+  }
+}
+
+double theory(const config::Config& c) {
+  const auto& p = c.parallel;
+  return p.schedule == config::Schedule::kDualPipeV
+             ? parallel::dualpipev_bubble(p.pp, c.train.micro_batches)
+             : parallel::one_f_one_b_bubble(p.pp, c.train.micro_batches, p.virtual_stages);
 }
 
 void print_measured(const Measured& r, const config::Config& c, int64_t steps) {
@@ -155,11 +178,12 @@ void print_measured(const Measured& r, const config::Config& c, int64_t steps) {
              "micro-batch, plus the split sizes; dp/edp: one all-reduce of the gradients; pp: one activation and "
              "one gradient per micro-batch and (virtual) stage boundary)\n");
   if (p.pp > 1) {
-    fmt::print("{} bubble fraction: executed schedule {:.4f}, theory {} = {:.4f}\n", r.schedule,
-               parallel::bubble_fraction(r.traces), p.virtual_stages > 1 ? "(pp−1)/(v·m+pp−1)" : "(pp−1)/(m+pp−1)",
-               parallel::one_f_one_b_bubble(p.pp, c.train.micro_batches, p.virtual_stages));
-    fmt::print("the executed schedule, each stage's passes replayed in unit time (. idle):\n{}\n",
-               parallel::draw_schedule(r.traces));
+    const parallel::ReplayOptions replay = replay_options(c);
+    fmt::print("{} bubble fraction: executed schedule {:.4f}, theory {} = {:.4f} (passes replayed with F = 1, B = 2, "
+               "I = W = 1 slots)\n",
+               r.schedule, parallel::bubble_fraction(r.traces, replay), formula_name(c), theory(c));
+    fmt::print("the executed schedule, each stage's passes replayed (. idle):\n{}\n",
+               parallel::draw_schedule(r.traces, replay));
   }
 }
 
@@ -185,16 +209,19 @@ int main(int argc, char** argv) {
       std::vector<std::string> sets = overrides;
       if (!schedule.empty())
         sets.insert(sets.end(), {"parallel.schedule=" + schedule,
-                                 fmt::format("parallel.virtual_stages={}", schedule == "1f1b" ? 1 : virtual_stages)});
+                                 fmt::format("parallel.virtual_stages={}", schedule == "interleaved" ? virtual_stages
+                                                                           : schedule == "dualpipev"  ? 2
+                                                                                                      : 1)});
       return config::load_config(file, {sets, mpi.size()});
     };
     if (schedules.empty()) schedules.push_back("");
     const config::Config base = load(schedules.front());
-    auto groups = std::make_unique<parallel::ProcessGroups>(
-        parallel::ProcessGroups::create(base.parallel, parallel::Backend::kMpi));
     std::vector<Measured> results;
     for (const auto& schedule : schedules) {
       const config::Config c = load(schedule);
+      // Per schedule: DualPipeV's embedding group differs (the head is on pipeline rank 0).
+      auto groups = std::make_unique<parallel::ProcessGroups>(
+          parallel::ProcessGroups::create(c.parallel, parallel::Backend::kMpi));
       results.push_back(measure(c, *groups, steps));
       if (mpi.rank() == 0) print_measured(results.back(), c, steps);
     }
@@ -206,9 +233,8 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < results.size(); ++i) {
         const config::Config c = load(schedules[i]);
         fmt::print("{:<14} {:>10.4f} {:>10.4f} {:>12.4f} {:>8.3f}\n", results[i].schedule,
-                   parallel::bubble_fraction(results[i].traces),
-                   parallel::one_f_one_b_bubble(c.parallel.pp, c.train.micro_batches, c.parallel.virtual_stages),
-                   results[i].step_s, results[i].step_s / reference);
+                   parallel::bubble_fraction(results[i].traces, replay_options(c)), theory(c), results[i].step_s,
+                   results[i].step_s / reference);
       }
     }
   } catch (const std::exception& e) {

@@ -96,8 +96,10 @@ Plan make_plan(const config::Config& c) {
   plan.tokens_per_step = (Count(c.train.seq_len) * c.train.micro_batch_size * c.train.micro_batches * c.parallel.dp)
                              .value("the tokens of one step");
 
-  // Virtual stage j = chunk·pp + rank (one chunk per rank with 1F1B).
+  // The ranks' chunks and their virtual stages (parallel/pipeline.h).
   const int64_t v = c.parallel.virtual_stages;
+  const bool v_shape = c.parallel.schedule == config::Schedule::kDualPipeV;
+  const parallel::VirtualStages where{pp, v, v_shape};
   const auto counts = parallel::stage_layer_counts(m.num_layers, pp * v, c.parallel.stage_layers);
   const auto firsts = parallel::stage_first_layers(counts);
   const double tokens_per_micro_batch = static_cast<double>(c.train.micro_batch_size * c.train.seq_len);
@@ -118,7 +120,7 @@ Plan make_plan(const config::Config& c) {
       transient = std::max(transient, t.bytes(act, fp8));
     };
     for (int64_t chunk = 0; chunk < v; ++chunk) {
-      const auto j = static_cast<size_t>(chunk * pp + s);
+      const auto j = static_cast<size_t>(where.of(s, chunk));
       st.chunks.push_back({firsts[j], counts[j]});
       st.layers += counts[j];
       // The chunk's dense layers come first (layers < n_dense_layers), then its MoE layers: counted per kind.
@@ -132,8 +134,8 @@ Plan make_plan(const config::Config& c) {
       }
     }
     st.first_layer = st.chunks.front().first;
-    model::ActivationElems& a = per_chunk.back();  // the heads run after the last chunk (on the last rank)
-    const bool first = s == 0, last = s == pp - 1;
+    model::ActivationElems& a = per_chunk.back();  // the heads run after the rank's last chunk (where it has them)
+    const bool first = s == 0, last = s == where.home(where.count() - 1).first;
     if (first) params += plan.params.embedding;
     if (last) {
       params += plan.params.final_norm;
@@ -164,10 +166,14 @@ Plan make_plan(const config::Config& c) {
     const double mine = (p - r) / dp + r / edp;  // the parameter elements this rank's optimizer updates
     st.master_bytes = mine * policy.master_weight_bytes;
     st.optimizer_bytes = mine * static_cast<double>(policy.optimizer_bytes_per_param());
-    // The schedule's peak of what its live forwards keep (1F1B: min(pp − stage, m) forwards of the one chunk).
+    // The schedule's peak of what its live forwards keep (1F1B: min(pp − stage, m) forwards of the one chunk). A
+    // split backward (I) keeps its linear layers' inputs and output gradients until its W pass: freed there.
     double kept = 0, live = 0;
     int64_t alive = 0;
-    for (const auto& pass : parallel::interleaved_order(s, pp, v, c.train.micro_batches)) {
+    const auto order = v_shape ? parallel::dualpipev_order(s, pp, c.train.micro_batches)
+                               : parallel::interleaved_order(s, pp, v, c.train.micro_batches);
+    for (const auto& pass : order) {
+      if (pass.kind == 'I') continue;
       const double chunk_bytes = per_chunk[static_cast<size_t>(pass.chunk)].bytes(act, fp8);
       live += pass.kind == 'F' ? chunk_bytes : -chunk_bytes;
       alive += pass.kind == 'F' ? 1 : -1;
@@ -301,12 +307,20 @@ std::string format_plan(const Plan& plan, const config::Config& c) {
   }
   if (par.pp > 1) {  // the schedule's bubble with m micro-batches per dp rank
     const int64_t v = par.virtual_stages;
-    auto bubble = [&](int64_t m) { return parallel::one_f_one_b_bubble(par.pp, m, v); };
+    auto bubble = [&](int64_t m) {
+      return par.schedule == config::Schedule::kDualPipeV ? parallel::dualpipev_bubble(par.pp, m)
+                                                          : parallel::one_f_one_b_bubble(par.pp, m, v);
+    };
     const data::BatchShape shape = data::BatchShape::from(c);
-    out += v == 1 ? fmt::format("pipeline    1F1B over {} stages: bubble (pp−1)/(m+pp−1)", par.pp)
-                  : fmt::format("pipeline    interleaved 1F1B over {} stages × {} chunks: bubble (pp−1)/(v·m+pp−1)",
-                                par.pp, v);
-    out += fmt::format(" = {:.3f} at m = {} micro-batches", bubble(shape.micro_batches), shape.micro_batches);
+    const std::string formula =
+        par.schedule == config::Schedule::kDualPipeV
+            ? fmt::format("DualPipeV over {} ranks × 2 chunks in a V: bubble (pp−1)/(6m+pp−1) (chunk passes F = B = "
+                          "W, no F&B overlap)",
+                          par.pp)
+        : v == 1 ? fmt::format("1F1B over {} stages: bubble (pp−1)/(m+pp−1)", par.pp)
+                 : fmt::format("interleaved 1F1B over {} stages × {} chunks: bubble (pp−1)/(v·m+pp−1)", par.pp, v);
+    out += fmt::format("pipeline    {} = {:.3f} at m = {} micro-batches", formula, bubble(shape.micro_batches),
+                       shape.micro_batches);
     if (shape.ramp)
       out += fmt::format(" ({:.3f} at the ramp's first m = {})", bubble(shape.micro_batches_at(0)),
                          shape.micro_batches_at(0));
@@ -331,7 +345,9 @@ nlohmann::json plan_json(const Plan& plan, const config::Config& c) {
   j["flops_per_token"] = {{"main", plan.flops.main}, {"mtp", plan.flops.mtp}, {"total", plan.flops.total()}};
   j["tokens_per_step"] = plan.tokens_per_step;
   j["pipeline_bubble"] =  // 0 without a pipeline
-      parallel::one_f_one_b_bubble(c.parallel.pp, c.train.micro_batches, c.parallel.virtual_stages);
+      c.parallel.schedule == config::Schedule::kDualPipeV
+          ? parallel::dualpipev_bubble(c.parallel.pp, c.train.micro_batches)
+          : parallel::one_f_one_b_bubble(c.parallel.pp, c.train.micro_batches, c.parallel.virtual_stages);
   j["pipeline_schedule"] = config::name(c.parallel.schedule);
   j["schedule"] = {{"steps", c.train.steps},
                    {"lr_final", c.train.lr_final},

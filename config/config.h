@@ -38,9 +38,9 @@ enum class Recompute { kNone, kSelective, kFull };
 inline constexpr std::array<std::string_view, 3> kRecomputeNames{"none", "selective", "full"};
 constexpr const auto& choice_names(Recompute) { return kRecomputeNames; }
 
-// The pipeline schedule (Megatron-Core's 1F1B and interleaved 1F1B with virtual stages).
-enum class Schedule { k1F1B, kInterleaved };
-inline constexpr std::array<std::string_view, 2> kScheduleNames{"1f1b", "interleaved"};
+// The pipeline schedule (Megatron-Core's 1F1B and interleaved 1F1B with virtual stages; DeepSeek's DualPipeV).
+enum class Schedule { k1F1B, kInterleaved, kDualPipeV };
+inline constexpr std::array<std::string_view, 3> kScheduleNames{"1f1b", "interleaved", "dualpipev"};
 constexpr const auto& choice_names(Schedule) { return kScheduleNames; }
 
 enum class MomentDtype { kFp32, kBf16 };
@@ -99,7 +99,7 @@ struct ParallelConfig {
   int64_t dp = 0;  // 0: world_size / pp
   int64_t ep = 1;
   Schedule schedule = Schedule::k1F1B;
-  int64_t virtual_stages = 1;         // model chunks per rank (interleaved: ≥ 2)
+  int64_t virtual_stages = 1;         // model chunks per rank (interleaved: ≥ 2; dualpipev: 2)
   std::vector<int64_t> stage_layers;  // empty: even split; one entry per virtual stage
   int64_t intra_op_threads = 1;
   double comm_timeout_s = 300.0;

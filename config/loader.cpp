@@ -394,16 +394,28 @@ void validate_batch_rampup(Config& c) {
 }
 
 // parallel.schedule and parallel.virtual_stages (the batch's micro-batch count is checked with the batch).
-void validate_schedule(const Config& c) {
-  const ParallelConfig& p = c.parallel;
+void validate_schedule(Config& c) {
+  ParallelConfig& p = c.parallel;
+  const std::string schedule(config::name(p.schedule));
   if (p.schedule == Schedule::k1F1B && p.virtual_stages != 1)
     conflict(c, "parallel.virtual_stages",
              fmt::format("parallel.virtual_stages = {} needs parallel.schedule = interleaved (1f1b runs one model "
                          "chunk per rank)",
                          p.virtual_stages));
-  if (p.schedule != Schedule::kInterleaved) return;
+  if (p.schedule == Schedule::k1F1B) return;
   if (p.pp < 2)
-    conflict(c, "parallel.schedule", "parallel.schedule = interleaved needs parallel.pp ≥ 2 (a pipeline)");
+    conflict(c, "parallel.schedule", fmt::format("parallel.schedule = {} needs parallel.pp ≥ 2 (a pipeline)", schedule));
+  if (p.schedule == Schedule::kDualPipeV) {
+    if (p.virtual_stages == 1) {
+      p.virtual_stages = 2;
+      c.origins["parallel.virtual_stages"] = Origin{.note = "derived: dualpipev's two chunks per rank"};
+    }
+    if (p.virtual_stages != 2)
+      conflict(c, "parallel.virtual_stages",
+               fmt::format("parallel.virtual_stages = {} but parallel.schedule = dualpipev holds exactly two chunks "
+                           "per rank (the V)",
+                           p.virtual_stages));
+  }
   if (p.virtual_stages < 2)
     conflict(c, "parallel.virtual_stages",
              fmt::format("parallel.schedule = interleaved needs parallel.virtual_stages ≥ 2 (model chunks per rank; "
@@ -411,17 +423,29 @@ void validate_schedule(const Config& c) {
                          p.virtual_stages));
   if (c.train.device == Device::kCuda)
     conflict(c, "parallel.schedule",
-             "parallel.schedule = interleaved runs on the CPU (MPI) only for now: its transfers are not yet ordered "
-             "for NCCL's one stream per communicator; use parallel.schedule = 1f1b with train.device = cuda");
+             fmt::format("parallel.schedule = {} runs on the CPU (MPI) only for now: its transfers are not yet "
+                         "ordered for NCCL's one stream per communicator; use parallel.schedule = 1f1b with "
+                         "train.device = cuda",
+                         schedule));
 }
 
-// Interleaved 1F1B runs the micro-batches in groups of pp: every step's count must be a multiple of pp.
-void validate_interleaved_batches(const Config& c) {
+// Interleaved 1F1B runs the micro-batches in groups of pp; DualPipeV needs at least 2·pp of them.
+void validate_schedule_batches(const Config& c) {
   const ParallelConfig& p = c.parallel;
   const TrainConfig& t = c.train;
+  const char* batch_key = c.where("train.micro_batches").empty() ? "train.global_batch_size" : "train.micro_batches";
+  if (p.schedule == Schedule::kDualPipeV) {
+    const int64_t fewest = t.batch_rampup_start > 0 ? t.batch_rampup_start / (t.micro_batch_size * p.dp)
+                                                    : t.micro_batches;
+    if (fewest < 2 * p.pp)
+      conflict(c, t.batch_rampup_start > 0 ? "train.batch_rampup_start" : batch_key,
+               fmt::format("{} micro-batches per step{} but parallel.schedule = dualpipev needs at least 2·pp = {}",
+                           fewest, t.batch_rampup_start > 0 ? " at the ramp's start" : "", 2 * p.pp));
+    return;
+  }
   if (p.schedule != Schedule::kInterleaved) return;
   if (t.micro_batches % p.pp != 0)
-    conflict(c, c.where("train.micro_batches").empty() ? "train.global_batch_size" : "train.micro_batches",
+    conflict(c, batch_key,
              fmt::format("train.micro_batches = {} is not a multiple of parallel.pp = {} (the interleaved schedule "
                          "runs micro-batches in groups of pp)",
                          t.micro_batches, p.pp));
@@ -533,7 +557,7 @@ void validate_parallel(Config& c, int launch_world_size) {
              fmt::format("train.micro_batches = {} is less than parallel.pp = {} (the 1F1B schedule needs at "
                          "least one micro-batch per stage)",
                          c.train.micro_batches, p.pp));
-  validate_interleaved_batches(c);
+  validate_schedule_batches(c);
 }
 
 // data.source = synthetic: the Markov source's alphabet, branching and states.

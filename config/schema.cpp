@@ -86,13 +86,18 @@ std::vector<KeySpec> build_schema() {
                           "over it.",
        at_least(1)},
       {KEY(parallel, schedule),
-       "The pipeline schedule: 1f1b (PipeDream-Flush, as Megatron-Core) or interleaved (Megatron-Core's interleaved "
+       "The pipeline schedule: 1f1b (PipeDream-Flush, as Megatron-Core); interleaved (Megatron-Core's interleaved "
        "1F1B: each rank holds parallel.virtual_stages model chunks, virtual stage c·pp + rank on rank `rank`, so the "
        "bubble shrinks to (pp − 1)/(virtual_stages·m + pp − 1) at the price of more in-flight activations and "
-       "transfers; the micro-batches per step must be a multiple of pp; CPU (MPI) only for now)."},
+       "transfers; the micro-batches per step must be a multiple of pp); or dualpipev (DeepSeek's DualPipeV, the "
+       "cut-in-half DualPipe: two chunks per rank folded into a V — rank r holds virtual stages r and 2·pp − 1 − r, so "
+       "rank 0 embeds and computes the losses — with its eight-phase order and the backward split into input- and "
+       "weight-gradient passes that fill the bubbles; at least 2·pp micro-batches per step). interleaved and "
+       "dualpipev run on the CPU (MPI) only for now."},
       {KEY(parallel, virtual_stages),
        "Model chunks per pipeline rank (Megatron-Core's virtual_pipeline_model_parallel_size): 1 with schedule "
-       "1f1b, at least 2 with interleaved (every virtual stage needs a layer: pp·virtual_stages ≤ num_layers).",
+       "1f1b, at least 2 with interleaved, 2 with dualpipev (taken as 2 when left at 1); every virtual stage needs a "
+       "layer (pp·virtual_stages ≤ num_layers).",
        between(1, 64)},
       {KEY(parallel, stage_layers),
        "Layers per pipeline stage, one entry per stage summing to num_layers (with schedule interleaved one entry "

@@ -15,6 +15,7 @@
 #include "model/device_copy.h"
 #include "model/fused_cpu.h"
 #include "model/row_ops.h"
+#include "precision/weight_grad_store.h"
 
 namespace moetrain::model {
 namespace {
@@ -50,8 +51,14 @@ struct GroupedProjection : public torch::autograd::Function<GroupedProjection> {
     const at::Tensor w = at::stack(ws).view({ends.size(0), dy.size(1), -1}).to(dy.scalar_type());  // [E, out, in]
     const at::Tensor xc = standard_rows(x.to(dy.scalar_type()));
     at::Tensor dx = at::_grouped_mm(dy, w, ends).to(x.scalar_type());  // each block's rows · W_e
-    at::Tensor dw = at::_grouped_mm(dy.t(), xc, ends);  // [E, out, in]: each block's dy_eᵀ · x_e
-    return {dx, dw, at::Tensor(), at::Tensor()};
+    auto wgrad = [dy, xc, ends] { return at::_grouped_mm(dy.t(), xc, ends); };  // [E, out, in]: dy_eᵀ · x_e
+    // A zero-bubble schedule's split backward: the weights' gradients later, each expert weight's slice of the
+    // stacked gradient accumulated into it (precision/weight_grad_store.h).
+    const bool deferred = precision::WeightGradStore::defer([wgrad, ws] {
+      const at::Tensor dw = wgrad().reshape({static_cast<int64_t>(ws.size()), ws[0].size(0), ws[0].size(1)});
+      for (size_t i = 0; i < ws.size(); ++i) precision::accumulate_grad(ws[i], dw[static_cast<int64_t>(i)]);
+    });
+    return {dx, deferred ? at::Tensor() : wgrad(), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -9,6 +9,9 @@
 #include <deque>
 #include <map>
 #include <stdexcept>
+#include <tuple>
+
+#include "precision/weight_grad_store.h"
 
 namespace moetrain::parallel {
 
@@ -143,93 +146,176 @@ std::vector<PipelinePass> interleaved_order(int64_t stage, int64_t stages, int64
   return order;
 }
 
-namespace {
-
-// Where virtual stage j of an interleaved pipeline lives: (rank, chunk).
-std::pair<int, int64_t> virtual_stage_home(int64_t j, int64_t stages) {
-  return {static_cast<int>(j % stages), j / stages};
+std::vector<PipelinePass> dualpipev_order(int64_t stage, int64_t stages, int64_t micro_batches) {
+  if (micro_batches < 2 * stages)
+    throw std::invalid_argument(fmt::format("dualpipev schedule: {} micro-batches, fewer than 2·pp = {}",
+                                            micro_batches, 2 * stages));
+  const int64_t r = stage, pp = stages;
+  std::vector<PipelinePass> order;
+  int64_t forwards[2] = {0, 0}, backwards[2] = {0, 0};
+  std::deque<PipelinePass> deferred;  // the split backwards whose weight gradients wait, oldest first
+  auto F = [&](int64_t c) { order.push_back({'F', c, forwards[c]++}); };
+  auto B = [&](int64_t c, bool split) {
+    order.push_back({split ? 'I' : 'B', c, backwards[c]++});
+    if (split) deferred.push_back({'W', c, order.back().mb});
+  };
+  auto W = [&] {
+    order.push_back(deferred.front());
+    deferred.pop_front();
+  };
+  for (int64_t i = 0; i < (pp - r - 1) * 2; ++i) F(0);  // 1: nF0
+  for (int64_t i = 0; i < r + 1; ++i) F(0), F(1);        // 2: nF0F1
+  for (int64_t i = 0; i < pp - r - 1; ++i) B(1, true), W(), F(1);  // 3: nB1W1F1, split
+  for (int64_t i = 0; i < micro_batches - 2 * pp + r + 1; ++i) F(0), B(1, false), F(1), B(0, false);  // 4
+  for (int64_t i = 0; i < pp - r - 1; ++i) B(1, false), F(1), B(0, false);  // 5: nB1F1B0
+  bool split = false;                                                           // 6: nB1B0, the second half split
+  for (int64_t i = 0; i < r + 1; ++i) {
+    if (i == (r + 1) / 2 && r % 2 == 1) split = true;
+    B(1, split);
+    if (i == (r + 1) / 2 && r % 2 == 0) split = true;
+    B(0, split);
+  }
+  for (int64_t i = 0; i < pp - r - 1; ++i) W(), B(0, true);  // 7: nWB0, split
+  while (!deferred.empty()) W();                             // 8: nW (r + 1 of them)
+  return order;
 }
+
+namespace {
 
 // A transfer's tag: unique per direction, micro-batch and receiving chunk, so transfers between two ranks never
 // match out of order.
 int transfer_tag(char kind, int64_t chunk, int64_t mb, int64_t chunks) {
-  return static_cast<int>(2 * (mb * chunks + chunk) + (kind == 'B' ? 1 : 0));
+  return static_cast<int>(2 * (mb * chunks + chunk) + (kind == 'F' ? 0 : 1));
 }
 
-}  // namespace
+VirtualStages placement(const PipelineSpec& spec) { return {spec.stages, spec.chunks, spec.v_shape}; }
 
-void run_interleaved(Communicator& pp, const PipelineSpec& spec, const StageForward& forward, ScheduleTrace* trace) {
-  const int64_t S = spec.stages, v = spec.chunks, V = S * v;
-  const std::vector<PipelinePass> order = interleaved_order(spec.stage, S, v, spec.micro_batches);
+// Runs this rank's passes in `order`: forwards and backwards through its chunks, split backwards deferring their
+// weight gradients, W passes running them. Transfers to another rank are non-blocking sends (each tensor kept until
+// its send completed, checked after every pass) and blocking receives just before the pass that needs them; a
+// hand-over between two chunks of this rank stays here.
+void run_passes(Communicator& pp, const PipelineSpec& spec, const std::vector<PipelinePass>& order,
+                const StageForward& forward, ScheduleTrace* trace) {
+  const VirtualStages where = placement(spec);
+  const int64_t V = where.count(), v = spec.chunks, me = spec.stage;
   auto buffer = [&] { return at::empty(spec.activation_shape, spec.activation_options); };
   std::map<std::pair<int64_t, int64_t>, InFlight> live;  // (chunk, mb) -> its forward, until its backward
-  std::vector<std::unique_ptr<PendingOp>> sends;          // each send's tensor lives until it completed
+  std::map<std::pair<int64_t, int64_t>, at::Tensor> local_inputs, local_grads;  // hand-overs within this rank
+  std::vector<std::unique_ptr<PendingOp>> sends;  // each send's tensor lives until it completed
+  // With overlap the gradient buckets start reducing during the last backward pass; deferred weight gradients would
+  // land after that, so a schedule with W passes reduces them all after its passes (GradSync::reduce()).
+  bool splits = false;
   size_t last_backward = 0;
-  for (size_t i = 0; i < order.size(); ++i)
-    if (order[i].kind == 'B') last_backward = i;
+  for (size_t i = 0; i < order.size(); ++i) {
+    splits = splits || order[i].kind == 'W';
+    if (order[i].kind == 'B' || order[i].kind == 'I') last_backward = i;
+  }
+  auto hand_over = [&](char kind, int64_t j, int64_t mb, const at::Tensor& t) {  // to virtual stage j
+    const auto [rank, chunk] = where.home(j);
+    if (rank == me)
+      (kind == 'F' ? local_inputs : local_grads)[{chunk, mb}] = t.detach();
+    else
+      sends.push_back(pp.start_send(t.detach().contiguous(), static_cast<int>(rank), transfer_tag(kind, chunk, mb, v)));
+  };
+  auto take = [&](char kind, int64_t j_from, int64_t chunk, int64_t mb) {  // from virtual stage j_from
+    auto& local = kind == 'F' ? local_inputs : local_grads;
+    if (auto it = local.find({chunk, mb}); it != local.end()) {
+      at::Tensor t = std::move(it->second);
+      local.erase(it);
+      return t;
+    }
+    at::Tensor t = buffer();
+    pp.recv(t, static_cast<int>(where.home(j_from).first), transfer_tag(kind, chunk, mb, v));
+    return t;
+  };
+  std::deque<std::string> deferred;  // the split backwards whose W passes are still to come, oldest first
   for (size_t i = 0; i < order.size(); ++i) {
     const PipelinePass& p = order[i];
-    const int64_t j = p.chunk * S + spec.stage;
+    const int64_t j = where.of(me, p.chunk);
     if (p.kind == 'F') {
       InFlight f{p.mb, {}, {}, {}};
-      if (j > 0) {
-        f.input = buffer();
-        pp.recv(f.input, virtual_stage_home(j - 1, S).first, transfer_tag('F', p.chunk, p.mb, v));
-        f.input.requires_grad_(true);
-      }
+      if (j > 0) f.input = take('F', j - 1, p.chunk, p.mb).requires_grad_(true);
       StageOutput out = forward(p.chunk, p.mb, f.input);
       f.activations = out.activations;
       f.loss = out.loss;
-      if (j < V - 1) {
-        const auto [rank, chunk] = virtual_stage_home(j + 1, S);
-        sends.push_back(pp.start_send(f.activations.detach().contiguous(), rank, transfer_tag('F', chunk, p.mb, v)));
-      }
+      if (j < V - 1) hand_over('F', j + 1, p.mb, f.activations);
       live.emplace(std::pair{p.chunk, p.mb}, std::move(f));
+    } else if (p.kind == 'W') {
+      if (deferred.empty() || deferred.front() != PipelinePass{'I', p.chunk, p.mb}.name(v))
+        throw std::logic_error(fmt::format("pipeline schedule: {} is not the oldest deferred pass", p.name(v)));
+      deferred.pop_front();
+      RECORD_USER_SCOPE("backward");
+      precision::WeightGradStore::run_oldest();
     } else {
       auto it = live.find({p.chunk, p.mb});
       if (it == live.end())
-        throw std::logic_error(fmt::format("interleaved schedule: {} before its forward", p.name(v)));
-      at::Tensor grad_out;
-      if (j < V - 1) {
-        grad_out = buffer();
-        pp.recv(grad_out, virtual_stage_home(j + 1, S).first, transfer_tag('B', p.chunk, p.mb, v));
+        throw std::logic_error(fmt::format("pipeline schedule: {} before its forward", p.name(v)));
+      const at::Tensor grad_out = j < V - 1 ? take('B', j + 1, p.chunk, p.mb) : at::Tensor();
+      if (i == last_backward && !splits && spec.before_last_backward) spec.before_last_backward();
+      at::Tensor grad_in;
+      {
+        const precision::DeferWeightGrads split(p.kind == 'I');
+        grad_in = backward_pass(it->second, grad_out, j == V - 1);
       }
-      if (i == last_backward && spec.before_last_backward) spec.before_last_backward();
-      const at::Tensor grad_in = backward_pass(it->second, grad_out, j == V - 1);
+      if (p.kind == 'I') deferred.push_back(p.name(v));
       live.erase(it);
-      if (j > 0) {
-        const auto [rank, chunk] = virtual_stage_home(j - 1, S);
-        sends.push_back(pp.start_send(grad_in.contiguous(), rank, transfer_tag('B', chunk, p.mb, v)));
-      }
+      if (j > 0) hand_over('B', j - 1, p.mb, grad_in);
     }
     if (trace) trace->push_back(p.name(v));
     std::erase_if(sends, [](const std::unique_ptr<PendingOp>& s) { return s->test(); });
   }
   for (auto& s : sends) s->wait();
+  if (!deferred.empty() || precision::WeightGradStore::units() != 0)
+    throw std::logic_error("pipeline schedule: deferred weight gradients left at the end of the step");
+}
+
+}  // namespace
+
+void run_interleaved(Communicator& pp, const PipelineSpec& spec, const StageForward& forward, ScheduleTrace* trace) {
+  run_passes(pp, spec, interleaved_order(spec.stage, spec.stages, spec.chunks, spec.micro_batches), forward, trace);
+}
+
+void run_dualpipev(Communicator& pp, const PipelineSpec& spec, const StageForward& forward, ScheduleTrace* trace) {
+  // The forwards record linear layers whose backward can defer its weight gradients.
+  struct SplitForward {
+    SplitForward() { precision::WeightGradStore::set_split_forward(true); }
+    ~SplitForward() {
+      precision::WeightGradStore::set_split_forward(false);
+      precision::WeightGradStore::clear();  // nothing left queued after a failed step
+    }
+  } split;
+  run_passes(pp, spec, dualpipev_order(spec.stage, spec.stages, spec.micro_batches), forward, trace);
 }
 
 void run_schedule(Communicator* pp, const PipelineSpec& spec, const StageForward& forward, ScheduleTrace* trace) {
   if (spec.stages == 1) return run_micro_batches(spec, forward);
   if (!pp) throw std::logic_error("a pipeline of several stages needs its communicator");
+  if (spec.v_shape) return run_dualpipev(*pp, spec, forward, trace);
   if (spec.chunks > 1) return run_interleaved(*pp, spec, forward, trace);
   run_1f1b(*pp, spec, forward, trace);
 }
 
 void run_forward_only(Communicator& pp, const PipelineSpec& spec, const StageForward& forward) {
-  const int64_t S = spec.stages, v = spec.chunks, V = S * v;
+  const VirtualStages where = placement(spec);
+  const int64_t V = where.count(), v = spec.chunks;
   for (int64_t mb = 0; mb < spec.micro_batches; ++mb) {
-    for (int64_t chunk = 0; chunk < v; ++chunk) {
-      const int64_t j = chunk * S + spec.stage;
-      at::Tensor in;
-      if (j > 0) {
+    at::Tensor local;  // a hand-over between two chunks of this rank (the bottom of a V)
+    for (int64_t j = 0; j < V; ++j) {  // the micro-batch down the pipeline, this rank's chunks where it is
+      const auto [rank, chunk] = where.home(j);
+      if (rank != spec.stage) continue;
+      at::Tensor in = local;
+      if (j > 0 && !in.defined()) {
         in = at::empty(spec.activation_shape, spec.activation_options);
-        pp.recv(in, virtual_stage_home(j - 1, S).first, transfer_tag('F', chunk, mb, v));
+        pp.recv(in, static_cast<int>(where.home(j - 1).first), transfer_tag('F', chunk, mb, v));
       }
       StageOutput out = forward(chunk, mb, in);
-      if (j < V - 1) {
-        const auto [rank, next_chunk] = virtual_stage_home(j + 1, S);
-        pp.send(out.activations.contiguous(), rank, transfer_tag('F', next_chunk, mb, v));
-      }
+      local = at::Tensor();
+      if (j == V - 1) continue;
+      const auto [next_rank, next_chunk] = where.home(j + 1);
+      if (next_rank == spec.stage)
+        local = out.activations;
+      else
+        pp.send(out.activations.contiguous(), static_cast<int>(next_rank), transfer_tag('F', next_chunk, mb, v));
     }
   }
 }
@@ -248,20 +334,24 @@ PipelinePass parse_pass(const std::string& op) {
 
 }  // namespace
 
-ScheduleTimeline simulate_schedule(const std::vector<ScheduleTrace>& traces) {
+ScheduleTimeline simulate_schedule(const std::vector<ScheduleTrace>& traces, const ReplayOptions& options) {
   const auto stages = static_cast<int64_t>(traces.size());
   int64_t chunks = 1;
   for (const auto& trace : traces)
     for (const auto& op : trace) chunks = std::max(chunks, parse_pass(op).chunk + 1);
-  const int64_t V = stages * chunks;
-  // A pass on virtual stage j, by its name there.
-  auto at_stage = [&](char kind, int64_t mb, int64_t j) {
-    const auto [rank, chunk] = virtual_stage_home(j, stages);
-    return std::pair<size_t, std::string>{rank, PipelinePass{kind, chunk, mb}.name(chunks)};
+  const VirtualStages where{stages, chunks, options.v_shape};
+  auto duration = [&](char kind) {
+    switch (kind) {
+      case 'F': return options.forward;
+      case 'B': return options.backward;
+      case 'I': return options.input_grad;
+      default: return options.weight_grad;
+    }
   };
   ScheduleTimeline t;
   t.slots.resize(traces.size());
-  std::map<std::pair<size_t, std::string>, int64_t> done;  // (stage, pass) -> finish time
+  // (pass class, virtual stage, micro-batch) -> finish time; 'B' stands for B and I (the input gradient is there).
+  std::map<std::tuple<char, int64_t, int64_t>, int64_t> done;
   std::vector<size_t> pos(traces.size(), 0);
   std::vector<int64_t> clock(traces.size(), 0);
   bool progress = true;
@@ -271,13 +361,15 @@ ScheduleTimeline simulate_schedule(const std::vector<ScheduleTrace>& traces) {
       if (pos[s] >= traces[s].size()) continue;
       const std::string& op = traces[s][pos[s]];
       const PipelinePass p = parse_pass(op);
-      const int64_t j = p.chunk * stages + static_cast<int64_t>(s);
-      std::vector<std::pair<size_t, std::string>> deps;
-      if (p.kind == 'F' && j > 0) deps.push_back(at_stage('F', p.mb, j - 1));
-      if (p.kind != 'F') {
-        deps.push_back(at_stage('F', p.mb, j));
-        if (j + 1 < V) deps.push_back(at_stage(p.kind, p.mb, j + 1));
+      const int64_t j = where.of(static_cast<int64_t>(s), p.chunk);
+      const char cls = p.kind == 'I' ? 'B' : p.kind;
+      std::vector<std::tuple<char, int64_t, int64_t>> deps;
+      if (cls == 'F' && j > 0) deps.push_back({'F', j - 1, p.mb});
+      if (cls == 'B') {
+        deps.push_back({'F', j, p.mb});
+        if (j + 1 < where.count()) deps.push_back({'B', j + 1, p.mb});
       }
+      if (cls == 'W') deps.push_back({'B', j, p.mb});
       int64_t ready = clock[s];
       bool ok = true;
       for (const auto& d : deps) {
@@ -289,11 +381,12 @@ ScheduleTimeline simulate_schedule(const std::vector<ScheduleTrace>& traces) {
         ready = std::max(ready, it->second);
       }
       if (!ok) continue;
+      const int64_t length = duration(p.kind);
       t.slots[s].resize(static_cast<size_t>(ready), "");  // idle until its dependencies are done
-      t.slots[s].push_back(op);
-      clock[s] = ready + 1;
-      done[{s, op}] = clock[s];
-      ++t.busy;
+      t.slots[s].insert(t.slots[s].end(), static_cast<size_t>(length), op);
+      clock[s] = ready + length;
+      done[{cls, j, p.mb}] = clock[s];
+      t.busy += length;
       ++pos[s];
       progress = true;
     }
@@ -312,15 +405,19 @@ double one_f_one_b_bubble(int64_t stages, int64_t micro_batches, int64_t chunks)
   return static_cast<double>(stages - 1) / static_cast<double>(chunks * micro_batches + stages - 1);
 }
 
-double bubble_fraction(const std::vector<ScheduleTrace>& traces) {
-  const ScheduleTimeline t = simulate_schedule(traces);
+double dualpipev_bubble(int64_t stages, int64_t micro_batches) {
+  return static_cast<double>(stages - 1) / static_cast<double>(6 * micro_batches + stages - 1);
+}
+
+double bubble_fraction(const std::vector<ScheduleTrace>& traces, const ReplayOptions& options) {
+  const ScheduleTimeline t = simulate_schedule(traces, options);
   return t.makespan == 0 ? 0.0
                          : 1.0 - static_cast<double>(t.busy) /
                                      static_cast<double>(static_cast<int64_t>(traces.size()) * t.makespan);
 }
 
-std::string draw_schedule(const std::vector<ScheduleTrace>& traces) {
-  const ScheduleTimeline t = simulate_schedule(traces);
+std::string draw_schedule(const std::vector<ScheduleTrace>& traces, const ReplayOptions& options) {
+  const ScheduleTimeline t = simulate_schedule(traces, options);
   size_t width = 1;
   for (const auto& row : t.slots)
     for (const auto& op : row) width = std::max(width, op.size());

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <torch/cuda.h>
 
+#include "parallel/pipeline.h"
 #include "parallel/topology.h"
 
 namespace moetrain::parallel {
@@ -17,17 +18,23 @@ model::StageSpec stage_spec(const ProcessGroups* groups, const config::Config& c
     return stage;
   }
   const Coords& coords = groups->coords;
-  // Virtual stage j = chunk·pp + rank (1F1B: one chunk, j = rank).
+  if (groups->topology.layout().head_on_first != (c.parallel.schedule == config::Schedule::kDualPipeV))
+    throw std::logic_error("the process groups were made for another pipeline schedule (the embedding group differs "
+                           "under dualpipev): create them from this config's parallel section");
+  // The rank's chunks and their virtual stages (parallel/pipeline.h: chunk·pp + rank, or the V of DualPipeV).
   const int64_t pp = c.parallel.pp, v = c.parallel.virtual_stages;
+  const VirtualStages where{pp, v, c.parallel.schedule == config::Schedule::kDualPipeV};
   const auto counts = stage_layer_counts(c.model.num_layers, pp * v, c.parallel.stage_layers);
   const auto firsts = stage_first_layers(counts);
   stage.chunks.clear();
+  stage.first = stage.last = false;
   for (int64_t chunk = 0; chunk < v; ++chunk) {
-    const auto j = static_cast<size_t>(chunk * pp + coords.pp);
-    stage.chunks.push_back({firsts[j], counts[j], j == 0, static_cast<int64_t>(j) == pp * v - 1});
+    const int64_t j = where.of(coords.pp, chunk);
+    const auto at = static_cast<size_t>(j);
+    stage.chunks.push_back({firsts[at], counts[at], j == 0, j == where.count() - 1});
+    stage.first = stage.first || j == 0;
+    stage.last = stage.last || j == where.count() - 1;
   }
-  stage.first = stage.chunks.front().embed;
-  stage.last = stage.chunks.back().head;
   stage.shard = model::ExpertShard{coords.ep, c.parallel.ep};
   return stage;
 }

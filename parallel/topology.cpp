@@ -7,7 +7,9 @@
 namespace moetrain::parallel {
 
 // Checked once, where every layout is used: the Topology constructor.
-Layout Layout::from(const config::ParallelConfig& p) { return Layout{p.pp, p.dp, p.ep}; }
+Layout Layout::from(const config::ParallelConfig& p) {
+  return Layout{p.pp, p.dp, p.ep, p.schedule == config::Schedule::kDualPipeV};
+}
 
 const char* group_name(GroupKind kind) {
   switch (kind) {
@@ -59,9 +61,9 @@ std::vector<int64_t> Topology::group(GroupKind kind, int64_t r) const {
       for (int64_t e = 0; e < layout_.edp(); ++e) out.push_back(rank(c.pp, e, c.ep));
       break;
     case GroupKind::kEmbedding:
-      if (c.pp == 0 || c.pp == layout_.pp - 1) {
+      if (c.pp == 0 || c.pp == last_pp()) {
         out.push_back(rank(0, c.edp, c.ep));
-        if (layout_.pp > 1) out.push_back(rank(layout_.pp - 1, c.edp, c.ep));
+        if (last_pp() != 0) out.push_back(rank(last_pp(), c.edp, c.ep));
       }
       break;
   }

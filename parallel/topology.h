@@ -13,6 +13,9 @@ namespace moetrain::parallel {
 
 struct Layout {
   int64_t pp = 1, dp = 1, ep = 1;
+  // DualPipeV folds the pipeline into a V: the model's last virtual stage (final norm, head, MTP) is on pipeline
+  // rank 0, with its first; else it is on rank pp − 1.
+  bool head_on_first = false;
 
   int64_t edp() const { return dp / ep; }
   int64_t world() const { return pp * dp; }
@@ -38,11 +41,13 @@ class Topology {
   int64_t rank(int64_t pp, int64_t edp, int64_t ep) const;
 
   // The ranks of `rank`'s group of that kind, in group order (a rank's index in it is its rank in the group).
-  // The embedding group is the first and last stage of rank's dp slice; empty for a middle stage's rank.
+  // The embedding group is the first and last stage of rank's dp slice (one rank when both are pipeline rank 0);
+  // empty for a middle stage's rank.
   std::vector<int64_t> group(GroupKind kind, int64_t rank) const;
 
   bool first_stage(int64_t rank) const { return coords(rank).pp == 0; }
-  bool last_stage(int64_t rank) const { return coords(rank).pp == layout_.pp - 1; }
+  bool last_stage(int64_t rank) const { return coords(rank).pp == last_pp(); }
+  int64_t last_pp() const { return layout_.head_on_first ? 0 : layout_.pp - 1; }  // the pipeline rank with the head
 
  private:
   Layout layout_;

@@ -2,10 +2,12 @@
 
 #include <ATen/ops/linear.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/mm.h>
 #include <torch/autograd.h>
 
 #include "precision/fp8.h"
 #include "precision/weight_cache.h"
+#include "precision/weight_grad_store.h"
 
 namespace moetrain::precision {
 namespace {
@@ -29,8 +31,35 @@ struct Bf16Linear : public torch::autograd::Function<Bf16Linear> {
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
     const at::Tensor dy = grads[0].to(at::kBFloat16);
     at::Tensor dx = at::matmul(dy, bf16_weight(w)).to(dtype);
-    at::Tensor dw = at::matmul(dy.reshape({-1, dy.size(-1)}).t(), xb.reshape({-1, xb.size(-1)})).to(w.scalar_type());
-    return {dx, dw};
+    auto wgrad = [dy, xb, w] {
+      return at::matmul(dy.reshape({-1, dy.size(-1)}).t(), xb.reshape({-1, xb.size(-1)})).to(w.scalar_type());
+    };
+    if (WeightGradStore::defer([wgrad, w] { accumulate_grad(w, wgrad()); })) return {dx, at::Tensor()};
+    return {dx, wgrad()};
+  }
+};
+
+// y = x · wᵀ in FP32 as at::linear computes it, with a backward whose weight gradient can be deferred
+// (precision/weight_grad_store.h): dx = dy · w and dw = (xᵀ · dy)ᵀ over the flattened tokens, the GEMMs autograd
+// runs for at::linear.
+struct SplitLinear : public torch::autograd::Function<SplitLinear> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
+    ctx->save_for_backward({x, w});
+    return at::linear(x, w);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& w = saved[1];
+    const at::Tensor dy = grads[0];
+    at::Tensor dx = at::matmul(dy, w);
+    auto wgrad = [dy, x] {
+      return at::mm(x.reshape({-1, x.size(-1)}).t(), dy.reshape({-1, dy.size(-1)})).t();
+    };
+    if (WeightGradStore::defer([wgrad, w] { accumulate_grad(w, wgrad()); })) return {dx, at::Tensor()};
+    return {dx, wgrad()};
   }
 };
 
@@ -39,7 +68,7 @@ struct Bf16Linear : public torch::autograd::Function<Bf16Linear> {
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, Mode mode) {
   switch (mode) {
     case Mode::kFp32:
-      return at::linear(x, weight);
+      return WeightGradStore::split_forward() ? SplitLinear::apply(x, weight) : at::linear(x, weight);
     case Mode::kBf16:
       return Bf16Linear::apply(x, weight);
     case Mode::kFp8:

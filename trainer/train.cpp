@@ -150,6 +150,7 @@ parallel::StageOutput Trainer::stage_forward(int64_t chunk, const at::Tensor& in
 
 parallel::PipelineSpec Trainer::pipeline_spec(int64_t micro_batches) const {
   return {groups_ ? groups_->coords.pp : 0, c_.parallel.pp, micro_batches, c_.parallel.virtual_stages,
+          c_.parallel.schedule == config::Schedule::kDualPipeV,
           {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
           at::TensorOptions().dtype(model_->activation_dtype()).device(device_),
           [this] { if (grad_sync_) grad_sync_->arm(); }};
