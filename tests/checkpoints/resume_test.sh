@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # resume_test.sh MOETRAIN: checkpoints end to end.
 #  - 20 uninterrupted steps vs 10 steps, stop, --resume auto, 10 more: bit-identical losses, on (1,1,1) and (2,2,2),
-#    (2,2,2) in bf16 (BF16 parameters restored from the saved FP32 master weights) and (2,2,2) under the interleaved
-#    schedule (2 chunks per rank);
+#    (2,2,2) in bf16 (BF16 parameters restored from the saved FP32 master weights), (2,2,2) under the interleaved
+#    schedule (2 chunks per rank) and (2,1,1) under DualPipeV (its split backward's W passes included);
 #  - saved at (2,2,2) (ZeRO-1 on: each rank saves its part of the optimizer state as element ranges), resumed at
-#    (1,4,4), (2,4,2), (1,1,1), at (2,4,2) with ZeRO-1 off and at (2,2,2) interleaved; saved with ZeRO-1 off,
-#    resumed at (2,4,2) with it; saved interleaved, resumed in one process: the next five losses within 1e-5 relative;
+#    (1,4,4), (2,4,2), (1,1,1), at (2,4,2) with ZeRO-1 off, at (2,2,2) interleaved and at (2,1,1) under DualPipeV;
+#    saved with ZeRO-1 off, resumed at (2,4,2) with it; saved interleaved, resumed in one process: the next five
+#    losses within 1e-5 relative;
 #  - a save killed with SIGKILL before its commit: the job resumes from the previous checkpoint;
 #  - flipped bytes in a shard: `ckpt verify` and --resume fail naming the file and the dataset;
 #  - `ckpt inspect` and `ckpt export`.
@@ -23,12 +24,11 @@ train() {  # NP NAME STEPS [args...]
   [ "$rc" -eq 0 ] || fail "train $name ($np ranks, $steps steps): rc $rc: $err"
 }
 
-interleaved=(--set parallel.schedule=interleaved --set parallel.virtual_stages=2)
-for layout in "1 1 1" "2 2 2" "2 2 2 bf16" "2 2 2 fp32 interleaved"; do
+for layout in "1 1 1" "2 2 2" "2 2 2 bf16" "2 2 2 fp32 interleaved" "2 1 1 fp32 dualpipev"; do
   set -- $layout
   np=$(($1 * $2)) tag="$1$2$3${4:-}${5:-}"
   lay=(--set parallel.pp="$1" --set parallel.ep="$3" --set precision.mode="${4:-fp32}")
-  [ -z "${5:-}" ] || lay+=("${interleaved[@]}")
+  [ -z "${5:-}" ] || lay+=(--set parallel.schedule="$5" --set parallel.virtual_stages=2)
   train "$np" "full$tag" 20 "${lay[@]}"
   train "$np" "split$tag" 10 "${lay[@]}" --set checkpoint.interval=10
   train "$np" "split$tag" 20 "${lay[@]}" --set checkpoint.interval=10 --resume auto
@@ -68,13 +68,14 @@ train 4 off222 10 --set parallel.pp=2 --set parallel.ep=2 --set checkpoint.inter
 ! grep -q '"flat"' "$dir/off222/checkpoints/step_0000010/index.json" || fail "ZeRO-1 off: element-range parts"
 want=$(losses "$dir/full222/metrics.jsonl" | sed -n '11,15p')
 for layout in "1 4 4 true split222" "2 4 2 true split222" "1 1 1 true split222" "2 4 2 false split222" \
-              "2 4 2 true off222" "2 2 2 true split222 interleaved" "1 1 1 true split222fp32interleaved"; do
+              "2 4 2 true off222" "2 2 2 true split222 interleaved" "1 1 1 true split222fp32interleaved" \
+              "2 1 1 true split222 dualpipev"; do
   set -- $layout
   name="reshard$1$2$3$4$5${6:-}"
   mkdir -p "$dir/$name"
   cp -r "$dir/$5/checkpoints" "$dir/$name/"
   sched=()
-  [ -z "${6:-}" ] || sched=("${interleaved[@]}")
+  [ -z "${6:-}" ] || sched=(--set parallel.schedule="$6" --set parallel.virtual_stages=2)
   train $(($1 * $2)) "$name" 15 --set parallel.pp="$1" --set parallel.ep="$3" \
     --set parallel.distributed_optimizer="$4" "${sched[@]}" --resume "$dir/$name/checkpoints/step_0000010"
   got=$(losses "$dir/$name/metrics.jsonl")

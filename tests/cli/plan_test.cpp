@@ -127,6 +127,30 @@ TEST(Plan, InterleavedHoldsTwoChunksPerRankAndMoreForwardsInFlight) {
   EXPECT_EQ(plan_json(plan, c)["pipeline_schedule"], "interleaved");
 }
 
+// DualPipeV: rank r holds virtual stages r and 2·pp − 1 − r, so rank 0 holds the embedding and the head; every rank
+// keeps at most 2·pp + 1 chunk forwards alive (a split backward's inputs count until its W pass), the same on every
+// rank (DualPipe's balanced activations), against 1F1B's pp − stage.
+TEST(Plan, DualPipeVFoldsTheStagesIntoAV) {
+  config::Config c = tiny({"parallel.pp=4", "parallel.dp=1", "parallel.ep=1", "train.global_batch_size=32",
+                           "model.num_layers=8", "parallel.schedule=dualpipev"});
+  EXPECT_EQ(c.parallel.virtual_stages, 2);  // derived
+  Plan plan = make_plan(c);
+  std::vector<int64_t> in_flight;
+  for (const auto& s : plan.stages) in_flight.push_back(s.in_flight_micro_batches);
+  EXPECT_EQ(in_flight, (std::vector<int64_t>{9, 9, 9, 9}));
+  EXPECT_EQ(plan.stages[0].chunks, (std::vector<std::pair<int64_t, int64_t>>{{0, 1}, {7, 1}}));
+  EXPECT_EQ(plan.stages[3].chunks, (std::vector<std::pair<int64_t, int64_t>>{{3, 1}, {4, 1}}));
+  // Rank 0: the embedding and the head (MTP too); the others: two MoE layers each, as rank 1 of 1F1B.
+  EXPECT_GT(plan.stages[0].params, plan.stages[1].params + plan.params.embedding);
+  EXPECT_EQ(plan.stages[1].params, plan.stages[3].params);
+  const std::string text = format_plan(plan, c);
+  EXPECT_NE(text.find("pipeline    DualPipeV over 4 ranks × 2 chunks in a V: bubble (pp−1)/(6m+pp−1) (chunk passes F = "
+                      "B = W, no F&B overlap) = 0.059 at m = 8"),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(plan_json(plan, c)["pipeline_schedule"], "dualpipev");
+}
+
 // Counts that overflow 64 bits raise CountOverflow instead of wrapping; check_plan_counts names the key.
 TEST(Plan, CountsThatOverflowNameTheKey) {
   config::Config c = tiny({"model.num_layers=1e18"});  // the loader's batch and layout products all fit

@@ -6,7 +6,7 @@
 # layouts with activation recomputation (full, selective), and bf16 with ZeRO-1 (master weights 1/dp, 1/edp).
 # Gradient buckets are small (many per stage), so that parallel.overlap_grad_reduce (on by default) starts most of
 # them during the backward pass (checked); one layout runs without overlap. Then a starved expert: no hang, zero
-# gradient. The interleaved schedule on five layouts (pp 2 and 4) against one process.
+# gradient. The interleaved schedule on five layouts and DualPipeV on three (pp 2 and 4) against one process.
 . "$(dirname "$0")/../cli/lib.sh"
 prog=$1
 dir=$(mktemp -d)
@@ -69,19 +69,21 @@ for layout in "2 2 2 full" "1 2 2 selective"; do
   [ "$rc" -eq 0 ] || fail "layout pp $1 dp $2 ep $3 with recompute $4 differs from one process: $out"
 done
 
-# Interleaved 1F1B (parallel.schedule = interleaved): v model chunks per rank, virtual stage c·pp + rank. 8 layers,
-# so that pp 4 × 2 chunks and pp 2 × 4 chunks have a layer per virtual stage; the reference is one process on them.
+# Interleaved 1F1B (parallel.schedule = interleaved: v model chunks per rank, virtual stage c·pp + rank) and
+# DualPipeV (two chunks in a V, the backward split into input- and weight-gradient passes). 8 layers, so that pp 4 ×
+# 2 chunks and pp 2 × 4 chunks have a layer per virtual stage; the reference is one process on them.
 eight=(--set model.num_layers=8 --steps 10)
 run mpi -np 1 "$prog" "${common[@]}" "${eight[@]}" --set parallel.pp=1 --set parallel.ep=1 --out "$dir/eight"
 [ "$rc" -eq 0 ] || fail "8 layers in one process: rc $rc: $err"
-for layout in "2 1 1 2" "2 2 2 2" "4 1 1 2" "4 2 2 2" "2 1 1 4"; do
+for layout in "interleaved 2 1 1 2" "interleaved 2 2 2 2" "interleaved 4 1 1 2" "interleaved 4 2 2 2" \
+              "interleaved 2 1 1 4" "dualpipev 2 1 1 2" "dualpipev 2 2 2 2" "dualpipev 4 1 1 2"; do
   set -- $layout
-  run mpi -np $(($1 * $2)) "$prog" "${common[@]}" "${eight[@]}" --set parallel.pp="$1" --set parallel.ep="$3" \
-      --set parallel.schedule=interleaved --set parallel.virtual_stages="$4" --out "$dir/interleaved-$*"
-  [ "$rc" -eq 0 ] || fail "interleaved pp $1 dp $2 ep $3, $4 chunks per rank: rc $rc: $err"
-  run "$prog" --compare "$dir/eight" "$dir/interleaved-$*"
-  echo "interleaved pp $1 dp $2 ep $3 × $4 chunks: $out"
-  [ "$rc" -eq 0 ] || fail "interleaved pp $1 dp $2 ep $3 with $4 chunks per rank differs from one process: $out"
+  run mpi -np $(($2 * $3)) "$prog" "${common[@]}" "${eight[@]}" --set parallel.pp="$2" --set parallel.ep="$4" \
+      --set parallel.schedule="$1" --set parallel.virtual_stages="$5" --out "$dir/$1-$2-$3-$4-$5"
+  [ "$rc" -eq 0 ] || fail "$1 pp $2 dp $3 ep $4, $5 chunks per rank: rc $rc: $err"
+  run "$prog" --compare "$dir/eight" "$dir/$1-$2-$3-$4-$5"
+  echo "$1 pp $2 dp $3 ep $4 × $5 chunks: $out"
+  [ "$rc" -eq 0 ] || fail "$1 pp $2 dp $3 ep $4 with $5 chunks per rank differs from one process: $out"
 done
 
 # An expert the router never picks: every rank still takes part in every exchange, its gradient stays zero.

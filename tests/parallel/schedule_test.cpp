@@ -1,6 +1,7 @@
 // The pipeline schedule's replay in unit time: its bubble fraction and its drawing (parallel/pipeline.h).
 #include <gtest/gtest.h>
 
+#include <map>
 #include <set>
 #include <stdexcept>
 
@@ -70,6 +71,49 @@ TEST(Schedule, InterleavedOrderIsValidAndShrinksTheBubble) {
         EXPECT_LT(bubble, one_f_one_b_bubble(pp, m)) << "pp " << pp << ", v " << v << ", m " << m;
       }
   EXPECT_THROW(interleaved_order(0, 4, 2, 6), std::invalid_argument);  // m not a multiple of pp
+}
+
+std::vector<ScheduleTrace> dualpipev(int64_t pp, int64_t m) {
+  std::vector<ScheduleTrace> traces(static_cast<size_t>(pp));
+  for (int64_t s = 0; s < pp; ++s)
+    for (const PipelinePass& p : dualpipev_order(s, pp, m)) traces[static_cast<size_t>(s)].push_back(p.name(2));
+  return traces;
+}
+
+// DualPipeV's eight phases (deepseek-ai/DualPipe's dualpipev.py): every rank runs each (chunk, micro-batch) forward
+// once and backward once — whole (B) or split into I and a later W, in order of the splits — and the replay (V-shaped
+// placement, F = 1, B = 2, I = W = 1) runs every pass with the bubble of (pp − 1)(F&B + B − 3W) = pp − 1 slots per
+// rank, (pp − 1)/(6m + pp − 1), below 1F1B's and interleaved 1F1B's in the same units.
+TEST(Schedule, DualPipeVOrderIsValidAndHasTheSmallestBubble) {
+  const ReplayOptions replay{true, 1, 2, 1, 1};
+  for (int64_t pp : {2, 3, 4})
+    for (int64_t m : {2 * pp, 2 * pp + 1, 4 * pp}) {
+      const auto traces = dualpipev(pp, m);
+      for (const auto& t : traces) {
+        std::map<char, int64_t> kinds;
+        std::vector<std::string> splits, weights;
+        for (const auto& op : t) {
+          ++kinds[op[0]];
+          if (op[0] == 'I') splits.push_back(op.substr(1));
+          if (op[0] == 'W') weights.push_back(op.substr(1));
+        }
+        EXPECT_EQ(kinds['F'], 2 * m);
+        EXPECT_EQ(kinds['B'] + kinds['I'], 2 * m);
+        EXPECT_EQ(splits, weights);  // each split backward's weight pass, first in first out
+        EXPECT_GT(kinds['I'], 0);
+      }
+      const double bubble = bubble_fraction(traces, replay);
+      EXPECT_NEAR(bubble, dualpipev_bubble(pp, m), 1e-12) << "pp " << pp << ", m " << m;
+      EXPECT_LT(bubble, one_f_one_b_bubble(pp, m, 2)) << "pp " << pp << ", m " << m;
+    }
+  EXPECT_THROW(dualpipev_order(0, 4, 7), std::invalid_argument);  // fewer than 2·pp micro-batches
+  // Rank 0 holds the first and the last virtual stage; rank pp − 1 the two middle ones.
+  const VirtualStages v{4, 2, true};
+  EXPECT_EQ(v.of(0, 0), 0);
+  EXPECT_EQ(v.of(0, 1), 7);
+  EXPECT_EQ(v.of(3, 0), 3);
+  EXPECT_EQ(v.of(3, 1), 4);
+  EXPECT_EQ(v.home(5), (std::pair<int64_t, int64_t>{2, 1}));
 }
 
 TEST(Schedule, DrawsEachStagesSlotsWithTheIdleOnes) {
