@@ -34,7 +34,8 @@ double world_sum(double v) {
 }
 
 // Rank 0 receives each stage's schedule trace from that stage's first rank (pass names joined by spaces).
-std::vector<parallel::ScheduleTrace> gather_traces(const parallel::ProcessGroups& g, const parallel::ScheduleTrace& mine) {
+std::vector<parallel::ScheduleTrace> gather_traces(const parallel::ProcessGroups& g,
+                                                   const parallel::ScheduleTrace& mine) {
   const int64_t pp = g.topology.layout().pp;
   std::vector<parallel::ScheduleTrace> out(static_cast<size_t>(pp));
   std::string encoded;
@@ -89,7 +90,8 @@ Measured measure(const config::Config& c, parallel::ProcessGroups& groups, int64
 
   const auto& m = c.model;
   const auto& p = c.parallel;
-  const double tokens_per_rank_step = static_cast<double>(c.train.micro_batch_size * c.train.micro_batches * c.train.seq_len);
+  const double tokens_per_rank_step =
+      static_cast<double>(c.train.micro_batch_size * c.train.micro_batches * c.train.seq_len);
   // MoE layers on each stage: every exchange moves top_k copies of each token's hidden state.
   int64_t local_moe = 0;
   for (auto& b : t.model()->layers) local_moe += b->moe ? 1 : 0;
@@ -130,7 +132,8 @@ Measured measure(const config::Config& c, parallel::ProcessGroups& groups, int64
       auto it = comm->stats().find(op);
       if (it != comm->stats().end()) bytes = static_cast<double>(it->second.bytes_sent);
     }
-    out.rows.push_back({comm ? comm->name() : "-", op, world_sum(bytes) / static_cast<double>(steps), world_sum(theory)});
+    out.rows.push_back(
+        {comm ? comm->name() : "-", op, world_sum(bytes) / static_cast<double>(steps), world_sum(theory)});
   };
   add(groups.ep.get(), "all_to_all_v", ep_tokens + ep_counts);
   add(groups.dp.get(), "all_reduce", p.dp > 1 ? static_cast<double>(params) * 4.0 : 0.0);

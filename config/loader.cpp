@@ -404,7 +404,8 @@ void validate_schedule(Config& c) {
                          p.virtual_stages));
   if (p.schedule == Schedule::k1F1B) return;
   if (p.pp < 2)
-    conflict(c, "parallel.schedule", fmt::format("parallel.schedule = {} needs parallel.pp ≥ 2 (a pipeline)", schedule));
+    conflict(c, "parallel.schedule",
+             fmt::format("parallel.schedule = {} needs parallel.pp ≥ 2 (a pipeline)", schedule));
   if (p.schedule == Schedule::kDualPipeV) {
     if (p.virtual_stages == 1) {
       p.virtual_stages = 2;

@@ -29,7 +29,8 @@ std::vector<MoeRouterRef> moe_routers(TransformerImpl& model) {
   size_t block = 0;  // model.layers holds the chunks' blocks in chunk order
   for (const LayerChunk& chunk : model.stage().chunks)
     for (int64_t l = chunk.first_layer; l < chunk.first_layer + chunk.num_layers; ++l, ++block)
-      if (model.layers[block]->moe) out.push_back({moe_index[static_cast<size_t>(l)], model.layers[block]->moe->router});
+      if (model.layers[block]->moe)
+        out.push_back({moe_index[static_cast<size_t>(l)], model.layers[block]->moe->router});
   for (size_t k = 0; k < model.mtp.size(); ++k)
     if (model.mtp[k]->block->moe)
       out.push_back({main_moe_layers + static_cast<int64_t>(k), model.mtp[k]->block->moe->router});

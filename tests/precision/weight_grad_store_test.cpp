@@ -29,7 +29,8 @@ std::pair<Grads, Grads> pass(Mode mode, bool split_forward, bool defer) {
   model::Transformer t(m, model::StageSpec::whole(m), mode);
   model::init_parameters(*t, 7, 0.05);
   at::Generator gen = at::detail::createCPUGenerator(11);
-  const at::Tensor window = at::randint(m.vocab_size, {2, 16 + 1 + m.mtp_depth}, gen, at::TensorOptions().dtype(at::kLong));
+  const at::Tensor window =
+      at::randint(m.vocab_size, {2, 16 + 1 + m.mtp_depth}, gen, at::TensorOptions().dtype(at::kLong));
   model::LocalExpertExchange exchange;
   WeightGradStore::set_split_forward(split_forward);
   model::LossSums s = t->forward(window, exchange);
