@@ -22,6 +22,7 @@
 #include "parallel/mpi_communicator.h"
 #include "parallel/mpi_runtime.h"
 #include "cli/plan.h"
+#include "trainer/preemption.h"
 #include "trainer/train.h"
 #include "cli/version.h"
 
@@ -131,6 +132,14 @@ int run_main(int argc, char** argv) {
   train_cmd->add_option("--resume", resume,
                         "Continue from a checkpoint: auto (the run's latest checkpoint, or a fresh start if there is "
                         "none) or a checkpoint directory");
+  int exit_code_on_stop = 0;
+  train_cmd
+      ->add_option("--exit-code-on-stop", exit_code_on_stop,
+                   "Exit status when the run stopped before train.steps after saving a checkpoint (a stop signal or "
+                   "train.exit_duration_mins), so that a launcher can tell it from a finished run: the Slurm template "
+                   "passes 75 and requeues the job on it (default 0)")
+      ->check(CLI::Range(0, 255));
+  bool stopped_early = false;
 
   std::string ckpt_dir, export_out, export_format = "h5", export_dtype = "fp32", import_config, import_out;
   double export_shard_gb = 5.0;
@@ -235,6 +244,7 @@ int run_main(int argc, char** argv) {
                                  "a checkpoint's weights; pass one");
       if (!init_from.empty()) train_args.overrides.push_back("checkpoint.init_from=" + init_from);
       config::Config c = load(train_args, mpi);
+      const trainer::StopSignals listening(c.checkpoint.save_on_signal);  // from here on (trainer/preemption.h)
       if (!c.checkpoint.init_from.empty())  // a step directory, also where `latest` names it
         c.checkpoint.init_from = checkpoints::resolve_resume(c.checkpoint.init_from, c.checkpoint.init_from);
       check_fits_in_ram(make_plan(c), c, physical_ram_bytes());
@@ -256,6 +266,7 @@ int run_main(int argc, char** argv) {
             c.parallel, c.train.device == config::Device::kCuda ? parallel::Backend::kNccl : parallel::Backend::kMpi));
       trainer::Trainer trainer(c, groups.get(), run_dir, mpi.rank() == 0, resume_dir);
       trainer.run();
+      stopped_early = trainer.steps_done() < c.train.steps;  // the same step on every rank (the stop vote)
     } else if (*ckpt_inspect) {
       emit(mpi, checkpoints::inspect(checkpoints::resolve_resume(ckpt_dir, ckpt_dir)));
     } else if (*ckpt_verify) {
@@ -320,7 +331,8 @@ int run_main(int argc, char** argv) {
   } catch (...) {
     error = "unknown error";
   }
-  return mpi.finish(error);
+  const int rc = mpi.finish(error);
+  return rc == 0 && stopped_early ? exit_code_on_stop : rc;
 }
 
 }  // namespace moetrain::cli

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what moetrain needs and is missing; idempotent (a second run installs nothing).
 #   apt: OpenMPI, parallel HDF5, yaml-cpp, GoogleTest, SentencePiece, CLI11, nlohmann-json, fmt, xxHash,
-#        ninja, ccache, hdf5-tools, patchelf (scripts/gpu-bundle.sh)
+#        ninja, ccache, hdf5-tools, patchelf (scripts/gpu-bundle.sh); Slurm (slurm-wlm: slurmctld, slurmd, sbatch)
+#        with munge and OpenMPI's PMIx plugin, for the test that starts a private single-node Slurm
+#        (tests/launch/slurm_test.sh)
 #   PyPI: torch==2.11.0 (LibTorch) in a virtual environment in a cache directory outside the clone, shared by
 #         every clone on this machine; transformers and tensorboard (pinned) in the same venv, for bench/gpu_peer.py
 #         and for reading training logs.
@@ -23,6 +25,7 @@ APT_PACKAGES=(
   libsentencepiece-dev sentencepiece
   libcli11-dev nlohmann-json3-dev libfmt-dev libxxhash-dev
   patchelf
+  slurm-wlm munge
 )
 
 installed=()

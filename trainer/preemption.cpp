@@ -12,6 +12,7 @@ namespace {
 
 std::atomic<int> stop_signal{0};
 extern "C" void record_stop_signal(int sig) { stop_signal.store(sig); }
+int installed = 0;  // StopSignals alive (nested: the command's, then the training loop's)
 
 }  // namespace
 
@@ -22,7 +23,7 @@ struct StopSignals::Saved {
 StopSignals::StopSignals(bool on) {
   if (!on) return;
   saved_ = std::make_unique<Saved>();
-  stop_signal.store(0);
+  if (installed++ == 0) stop_signal.store(0);  // an inner one keeps what arrived while the outer one listened
   struct sigaction sa = {};
   sa.sa_handler = record_stop_signal;
   sigemptyset(&sa.sa_mask);
@@ -33,6 +34,7 @@ StopSignals::StopSignals(bool on) {
 
 StopSignals::~StopSignals() {
   if (!saved_) return;
+  --installed;
   sigaction(SIGTERM, &saved_->term, nullptr);
   sigaction(SIGUSR1, &saved_->usr1, nullptr);
 }

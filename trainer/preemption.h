@@ -12,7 +12,9 @@ namespace moetrain::trainer {
 
 // Installs the SIGTERM and SIGUSR1 handlers for its lifetime (when `on`) and restores the previous ones after. A
 // repeated signal (Slurm and mpirun may both forward one) changes nothing; SIGINT and SIGKILL still end the
-// process at once.
+// process at once. Nested: `moetrain train` listens from start-up (a signal while the model is built or a checkpoint
+// loaded would otherwise end the process), the training loop inside it; a signal the outer one recorded stays
+// recorded, and the first step's vote stops the run.
 class StopSignals {
  public:
   explicit StopSignals(bool on);

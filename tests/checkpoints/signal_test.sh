@@ -3,7 +3,10 @@
 #  - one process, SIGTERM: the run stops after its step with a checkpoint of that step, exit status 0, and
 #    --resume auto continues from it;
 #  - two ranks under mpirun, SIGUSR1 to one rank only: both agree, save the same step (2 shards) and exit 0;
-#  - train.exit_duration_mins (a time budget, no signal) on two ranks: the same, at the step the budget ran out in;
+#  - train.exit_duration_mins (a time budget, no signal) on two ranks: the same, at the step the budget ran out in,
+#    with --exit-code-on-stop 75 exit status 75 (a launcher's cue to requeue), and 0 once the resumed run finishes;
+#  - SIGUSR1 while the run starts up (after its config is read, before training): not fatal, the run stops after
+#    its first step with a checkpoint;
 #  - checkpoint.save_on_signal: false: SIGTERM ends the process as usual, nothing saved.
 . "$(dirname "$0")/../cli/lib.sh"
 bin=$1
@@ -63,17 +66,37 @@ PY
 
 # A time budget (train.exit_duration_mins: 3 s here) on two ranks and no signal: both stop at the same step after it,
 # save it (2 shards), exit 0, and --resume auto continues.
-run mpi -np 2 "$bin" train "${base[@]}" "${two[@]}" --set logging.name=budget --set train.exit_duration_mins=0.05
-[ "$rc" -eq 0 ] || fail "time budget: exit status $rc: $err"
+run mpi -np 2 "$bin" train "${base[@]}" "${two[@]}" --set logging.name=budget --set train.exit_duration_mins=0.05 \
+  --exit-code-on-stop 75
+[ "$rc" -eq 75 ] || fail "time budget with --exit-code-on-stop 75: exit status $rc: $err"
 step=$(printf '%s\n' "$out" | sed -n 's/^stopped at step \([0-9]*\) of 100000 at its time budget (train.exit_duration_mins = 0.05).*/\1/p')
 [ -n "$step" ] || fail "time budget: no stop message: $out"
 [ "$(cat "$dir/budget/checkpoints/latest" 2>/dev/null)" = "$(printf 'step_%07d' "$step")" ] ||
   fail "time budget: latest is not the step it stopped at ($step)"
 run "$bin" ckpt verify "$dir/budget/checkpoints"
 [ "$rc" -eq 0 ] || fail "time budget: the checkpoint does not verify: $err"
-run mpi -np 2 "$bin" train "${base[@]}" "${two[@]}" --set logging.name=budget --set train.steps=$((step + 1)) --resume auto
+run mpi -np 2 "$bin" train "${base[@]}" "${two[@]}" --set logging.name=budget --set train.steps=$((step + 1)) --resume auto \
+  --exit-code-on-stop 75
 [ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "resumed from .*step_$(printf '%07d' "$step") at step $step" ||
   fail "time budget: did not resume from step $step: rc $rc: $out $err"
+
+# SIGUSR1 during start-up (the handler is in place once the config is read: SigCgt has bit 10; the peak measurement
+# and the model still to come): the run is not killed, it stops after step 1 with its checkpoint.
+"$bin" train "${base[@]}" "${one[@]}" --set logging.name=early --set train.peak_flops=0 >"$dir/early.log" 2>&1 &
+pid=$!
+for _ in $(seq 500); do
+  mask=$(sed -n 's/^SigCgt:\s*//p' "/proc/$pid/status" 2>/dev/null)
+  [ -n "$mask" ] && (( (16#$mask >> 9) & 1 )) && break
+  sleep 0.01
+done
+grep -q "^training " "$dir/early.log" && fail "SIGUSR1 at start-up: no handler before the training loop began"
+kill -USR1 "$pid"
+wait "$pid"
+rc=$?
+[ "$rc" -eq 0 ] || fail "SIGUSR1 at start-up: exit status $rc: $(tail -3 "$dir/early.log")"
+grep -q "stopped at step 1 of 100000 on SIGUSR1" "$dir/early.log" ||
+  fail "SIGUSR1 at start-up: no stop after step 1: $(tail -3 "$dir/early.log")"
+[ "$(cat "$dir/early/checkpoints/latest" 2>/dev/null)" = step_0000001 ] || fail "SIGUSR1 at start-up: no checkpoint"
 
 # save_on_signal off: SIGTERM is the default, immediate end.
 "$bin" train "${base[@]}" "${one[@]}" --set logging.name=off --set checkpoint.save_on_signal=false >"$dir/off.log" 2>&1 &
