@@ -5,7 +5,7 @@
 // formula, median step time and its ratio to 1F1B's, measured in this run.
 //
 //   launch/mpirun.sh -np 8 -- build/bin/bench_parallel [--config configs/tiny.yaml] [--steps 3] [--set k=v ...]
-//                                [--schedules 1f1b,interleaved] [--virtual-stages 2]
+//                                [--schedules 1f1b,interleaved,dualpipev,dualpipev-sequential] [--virtual-stages 2]
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <mpi.h>
@@ -208,13 +208,17 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
     if (!mpi.active()) throw std::runtime_error("run under mpirun (launch/mpirun.sh -np N -- ...)");
-    auto load = [&](const std::string& schedule) {
+    // A schedule's name: 1f1b, interleaved, dualpipev, or dualpipev-sequential (its chunk pairs not overlapped).
+    auto load = [&](const std::string& name) {
       std::vector<std::string> sets = overrides;
+      const bool sequential = name == "dualpipev-sequential";
+      const std::string schedule = sequential ? "dualpipev" : name;
       if (!schedule.empty())
         sets.insert(sets.end(), {"parallel.schedule=" + schedule,
                                  fmt::format("parallel.virtual_stages={}", schedule == "interleaved" ? virtual_stages
                                                                            : schedule == "dualpipev"  ? 2
                                                                                                       : 1)});
+      if (sequential) sets.push_back("parallel.overlap_chunk_pairs=false");
       return config::load_config(file, {sets, mpi.size()});
     };
     if (schedules.empty()) schedules.push_back("");
@@ -226,16 +230,17 @@ int main(int argc, char** argv) {
       auto groups = std::make_unique<parallel::ProcessGroups>(
           parallel::ProcessGroups::create(c.parallel, parallel::Backend::kMpi));
       results.push_back(measure(c, *groups, steps));
+      if (!schedule.empty()) results.back().schedule = schedule;
       if (mpi.rank() == 0) print_measured(results.back(), c, steps);
     }
     if (mpi.rank() == 0 && results.size() > 1 && base.parallel.pp > 1) {
       const double reference = results.front().step_s;
       fmt::print("schedules on this layout ({} micro-batches, median step time of {} steps, ratio to {}):\n",
                  base.train.micro_batches, steps, results.front().schedule);
-      fmt::print("{:<14} {:>10} {:>10} {:>12} {:>8}\n", "schedule", "bubble", "theory", "step (s)", "ratio");
+      fmt::print("{:<22} {:>10} {:>10} {:>12} {:>8}\n", "schedule", "bubble", "theory", "step (s)", "ratio");
       for (size_t i = 0; i < results.size(); ++i) {
         const config::Config c = load(schedules[i]);
-        fmt::print("{:<14} {:>10.4f} {:>10.4f} {:>12.4f} {:>8.3f}\n", results[i].schedule,
+        fmt::print("{:<22} {:>10.4f} {:>10.4f} {:>12.4f} {:>8.3f}\n", results[i].schedule,
                    parallel::bubble_fraction(results[i].traces, replay_options(c)), theory(c), results[i].step_s,
                    results[i].step_s / reference);
       }

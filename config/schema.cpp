@@ -99,6 +99,11 @@ std::vector<KeySpec> build_schema() {
        "1f1b, at least 2 with interleaved, 2 with dualpipev (taken as 2 when left at 1); every virtual stage needs a "
        "layer (pp·virtual_stages ≤ num_layers).",
        between(1, 64)},
+      {KEY(parallel, overlap_chunk_pairs),
+       "With parallel.schedule = dualpipev: where the schedule pairs a forward chunk with a backward chunk of another "
+       "micro-batch (its F0B1 / F1B0 steps), run the two at once on two threads, the backward's expert all-to-alls on "
+       "an ep communicator of their own, so that one pass's exchanges wait while the other computes (DualPipe's "
+       "F&B overlap). Same numbers as running them one after the other."},
       {KEY(parallel, stage_layers),
        "Layers per pipeline stage, one entry per stage summing to num_layers (with schedule interleaved one entry "
        "per virtual stage, pp·virtual_stages of them, in virtual-stage order); empty: even split, the first stages "

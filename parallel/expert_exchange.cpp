@@ -14,6 +14,13 @@
 namespace moetrain::parallel {
 namespace {
 
+thread_local bool t_backward_lane = false;
+
+// The communicator of the calling thread's lane.
+Communicator* lane_of(int64_t forward_comm, int64_t backward_comm) {
+  return reinterpret_cast<Communicator*>(t_backward_lane && backward_comm ? backward_comm : forward_comm);
+}
+
 // An exchange already started (outside autograd): the forward pass of AllToAllFn waits for it.
 struct Started {
   std::unique_ptr<PendingOp> op;
@@ -23,8 +30,10 @@ struct Started {
 struct AllToAllFn : public torch::autograd::Function<AllToAllFn> {
   // started: 0, or a Started* whose exchange of x is under way.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t comm,
-                            std::vector<int64_t> send_rows, std::vector<int64_t> recv_rows, int64_t started) {
+                            int64_t backward_comm, std::vector<int64_t> send_rows, std::vector<int64_t> recv_rows,
+                            int64_t started) {
     ctx->saved_data["comm"] = comm;
+    ctx->saved_data["backward_comm"] = backward_comm;
     ctx->saved_data["send"] = send_rows;
     ctx->saved_data["recv"] = recv_rows;
     if (started) {
@@ -32,16 +41,17 @@ struct AllToAllFn : public torch::autograd::Function<AllToAllFn> {
       s->op->wait();
       return s->out;
     }
-    return reinterpret_cast<Communicator*>(comm)->all_to_all_v(x.contiguous(), send_rows, recv_rows);
+    return lane_of(comm, backward_comm)->all_to_all_v(x.contiguous(), send_rows, recv_rows);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    auto* comm = reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
+    // On the lane of the thread running the backward pass.
+    auto* comm = lane_of(ctx->saved_data["comm"].toInt(), ctx->saved_data["backward_comm"].toInt());
     auto send = ctx->saved_data["send"].toIntVector();
     auto recv = ctx->saved_data["recv"].toIntVector();
     // The reverse exchange: what came from rank r goes back to rank r.
     return {comm->all_to_all_v(grads[0].contiguous(), recv, send), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -54,13 +64,20 @@ struct ExchangeState {
 
 }  // namespace
 
+BackwardLane::BackwardLane() : previous_(t_backward_lane) { t_backward_lane = true; }
+BackwardLane::~BackwardLane() { t_backward_lane = previous_; }
+bool BackwardLane::active() { return t_backward_lane; }
+
 at::Tensor all_to_all_autograd(const at::Tensor& x, Communicator& comm, const std::vector<int64_t>& send_rows,
-                               const std::vector<int64_t>& recv_rows) {
-  return AllToAllFn::apply(x, reinterpret_cast<int64_t>(&comm), send_rows, recv_rows, int64_t{0});
+                               const std::vector<int64_t>& recv_rows, Communicator* backward_lane) {
+  return AllToAllFn::apply(x, reinterpret_cast<int64_t>(&comm), reinterpret_cast<int64_t>(backward_lane), send_rows,
+                           recv_rows, int64_t{0});
 }
 
-AllToAllExpertExchange::AllToAllExpertExchange(Communicator& ep, int64_t n_routed_experts)
+AllToAllExpertExchange::AllToAllExpertExchange(Communicator& ep, int64_t n_routed_experts,
+                                               Communicator* ep_backward_lane)
     : ep_(ep),
+      ep_back_(ep_backward_lane),
       n_experts_(n_routed_experts),
       local_(model::ExpertShard{ep.rank(), ep.size()}.local_count(n_routed_experts)) {}
 
@@ -72,7 +89,8 @@ model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, con
   at::Tensor my_counts = at::tensor(counts, at::kLong).view({n_experts_, 1});
   if (tokens.is_cuda()) my_counts = my_counts.to(tokens.device());
   std::vector<int64_t> per_rank(static_cast<size_t>(ep), local_);
-  at::Tensor got = ep_.all_to_all_v(my_counts, per_rank, per_rank).to(at::kCPU).contiguous();  // [ep·local] src-major
+  Communicator& comm = lane();
+  at::Tensor got = comm.all_to_all_v(my_counts, per_rank, per_rank).to(at::kCPU).contiguous();  // [ep·local] src-major
   const int64_t* g = got.data_ptr<int64_t>();
 
   ExchangeState st;
@@ -87,10 +105,10 @@ model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, con
   // computes while they travel.
   const at::Tensor x = at::cat({tokens, gates.to(tokens.scalar_type()).unsqueeze(1)}, 1);
   Started started;
-  started.op = ep_.start_all_to_all_v(x.detach(), st.send_rows, st.recv_rows, started.out);
+  started.op = comm.start_all_to_all_v(x.detach(), st.send_rows, st.recv_rows, started.out);
   if (meanwhile) meanwhile();
-  at::Tensor received = AllToAllFn::apply(x, reinterpret_cast<int64_t>(&ep_), st.send_rows, st.recv_rows,
-                                          reinterpret_cast<int64_t>(&started));
+  at::Tensor received = AllToAllFn::apply(x, reinterpret_cast<int64_t>(&ep_), reinterpret_cast<int64_t>(ep_back_),
+                                          st.send_rows, st.recv_rows, reinterpret_cast<int64_t>(&started));
 
   // 3. Received rows are grouped by source rank, then expert; the experts want them grouped by expert.
   std::vector<int64_t> block_start(static_cast<size_t>(ep * local_));
@@ -124,7 +142,7 @@ model::Dispatched AllToAllExpertExchange::dispatch(const at::Tensor& tokens, con
 at::Tensor AllToAllExpertExchange::combine(const at::Tensor& outputs, const model::Dispatched& dispatched) {
   const auto& st = std::any_cast<const ExchangeState&>(dispatched.state);
   at::Tensor by_rank = model::permute_rows(outputs, st.to_rank_order, st.to_expert_order);
-  return all_to_all_autograd(by_rank, ep_, st.recv_rows, st.send_rows);
+  return all_to_all_autograd(by_rank, ep_, st.recv_rows, st.send_rows, ep_back_);
 }
 
 }  // namespace moetrain::parallel

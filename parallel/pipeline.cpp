@@ -1,5 +1,6 @@
 #include "parallel/pipeline.h"
 
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones_like.h>
 #include <fmt/format.h>
@@ -9,8 +10,10 @@
 #include <deque>
 #include <map>
 #include <stdexcept>
+#include <thread>
 #include <tuple>
 
+#include "parallel/expert_exchange.h"
 #include "precision/weight_grad_store.h"
 
 namespace moetrain::parallel {
@@ -229,17 +232,87 @@ void run_passes(Communicator& pp, const PipelineSpec& spec, const std::vector<Pi
     return t;
   };
   std::deque<std::string> deferred;  // the split backwards whose W passes are still to come, oldest first
+  // A forward in three parts: its input received, its computation (which may run on another thread), its output
+  // handed on.
+  auto forward_input = [&](const PipelinePass& p) {
+    InFlight f{p.mb, {}, {}, {}};
+    const int64_t j = where.of(me, p.chunk);
+    if (j > 0) f.input = take('F', j - 1, p.chunk, p.mb).requires_grad_(true);
+    return f;
+  };
+  auto forward_compute = [&](const PipelinePass& p, InFlight& f) {
+    StageOutput out = forward(p.chunk, p.mb, f.input);
+    f.activations = out.activations;
+    f.loss = out.loss;
+  };
+  auto forward_done = [&](const PipelinePass& p, InFlight f) {
+    const int64_t j = where.of(me, p.chunk);
+    if (j < V - 1) hand_over('F', j + 1, p.mb, f.activations);
+    live.emplace(std::pair{p.chunk, p.mb}, std::move(f));
+  };
+  // A backward likewise: its live forward and output gradient, its computation, its input's gradient handed back.
+  struct Backward {
+    std::map<std::pair<int64_t, int64_t>, InFlight>::iterator it;
+    at::Tensor grad_out, grad_in;
+  };
+  auto backward_input = [&](const PipelinePass& p) {
+    Backward b{live.find({p.chunk, p.mb}), {}, {}};
+    if (b.it == live.end())
+      throw std::logic_error(fmt::format("pipeline schedule: {} before its forward", p.name(v)));
+    const int64_t j = where.of(me, p.chunk);
+    if (j < V - 1) b.grad_out = take('B', j + 1, p.chunk, p.mb);
+    return b;
+  };
+  auto backward_compute = [&](const PipelinePass& p, Backward& b) {
+    const precision::DeferWeightGrads split(p.kind == 'I');
+    b.grad_in = backward_pass(b.it->second, b.grad_out, where.of(me, p.chunk) == V - 1);
+  };
+  auto backward_done = [&](const PipelinePass& p, Backward& b) {
+    if (p.kind == 'I') deferred.push_back(p.name(v));
+    live.erase(b.it);
+    if (const int64_t j = where.of(me, p.chunk); j > 0) hand_over('B', j - 1, p.mb, b.grad_in);
+  };
+  auto is_backward = [](const PipelinePass& p) { return p.kind == 'B' || p.kind == 'I'; };
   for (size_t i = 0; i < order.size(); ++i) {
     const PipelinePass& p = order[i];
-    const int64_t j = where.of(me, p.chunk);
-    if (p.kind == 'F') {
-      InFlight f{p.mb, {}, {}, {}};
-      if (j > 0) f.input = take('F', j - 1, p.chunk, p.mb).requires_grad_(true);
-      StageOutput out = forward(p.chunk, p.mb, f.input);
-      f.activations = out.activations;
-      f.loss = out.loss;
-      if (j < V - 1) hand_over('F', j + 1, p.mb, f.activations);
-      live.emplace(std::pair{p.chunk, p.mb}, std::move(f));
+    const bool pair = spec.overlap_pairs && i + 1 < order.size() &&
+                      ((p.kind == 'F' && is_backward(order[i + 1])) || (is_backward(p) && order[i + 1].kind == 'F')) &&
+                      (p.chunk != order[i + 1].chunk || p.mb != order[i + 1].mb);
+    if (pair) {
+      // DualPipe's overlapped pair: both inputs first, then the forward on a thread of its own while the backward
+      // runs here on the backward lane of the expert exchange (its all-to-alls on their own communicator), then
+      // both outputs handed on, in the schedule's order.
+      const PipelinePass& fp = p.kind == 'F' ? p : order[i + 1];
+      const PipelinePass& bp = p.kind == 'F' ? order[i + 1] : p;
+      InFlight f = forward_input(fp);
+      Backward b = backward_input(bp);
+      std::exception_ptr failed;
+      const at::ThreadLocalState state;  // grad mode, the profiler's ranges
+      std::thread worker([&, state] {
+        const at::ThreadLocalStateGuard guard(state);
+        try {
+          forward_compute(fp, f);
+        } catch (...) {
+          failed = std::current_exception();
+        }
+      });
+      try {
+        const BackwardLane lane;
+        backward_compute(bp, b);
+      } catch (...) {
+        worker.join();
+        throw;
+      }
+      worker.join();
+      if (failed) std::rethrow_exception(failed);
+      forward_done(fp, std::move(f));
+      backward_done(bp, b);
+      if (trace) trace->insert(trace->end(), {p.name(v), order[i + 1].name(v)});
+      ++i;
+    } else if (p.kind == 'F') {
+      InFlight f = forward_input(p);
+      forward_compute(p, f);
+      forward_done(p, std::move(f));
     } else if (p.kind == 'W') {
       if (deferred.empty() || deferred.front() != PipelinePass{'I', p.chunk, p.mb}.name(v))
         throw std::logic_error(fmt::format("pipeline schedule: {} is not the oldest deferred pass", p.name(v)));
@@ -247,21 +320,12 @@ void run_passes(Communicator& pp, const PipelineSpec& spec, const std::vector<Pi
       RECORD_USER_SCOPE("backward");
       precision::WeightGradStore::run_oldest();
     } else {
-      auto it = live.find({p.chunk, p.mb});
-      if (it == live.end())
-        throw std::logic_error(fmt::format("pipeline schedule: {} before its forward", p.name(v)));
-      const at::Tensor grad_out = j < V - 1 ? take('B', j + 1, p.chunk, p.mb) : at::Tensor();
+      Backward b = backward_input(p);
       if (i == last_backward && !splits && spec.before_last_backward) spec.before_last_backward();
-      at::Tensor grad_in;
-      {
-        const precision::DeferWeightGrads split(p.kind == 'I');
-        grad_in = backward_pass(it->second, grad_out, j == V - 1);
-      }
-      if (p.kind == 'I') deferred.push_back(p.name(v));
-      live.erase(it);
-      if (j > 0) hand_over('B', j - 1, p.mb, grad_in);
+      backward_compute(p, b);
+      backward_done(p, b);
     }
-    if (trace) trace->push_back(p.name(v));
+    if (trace && !pair) trace->push_back(p.name(v));
     std::erase_if(sends, [](const std::unique_ptr<PendingOp>& s) { return s->test(); });
   }
   for (auto& s : sends) s->wait();

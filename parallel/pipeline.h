@@ -52,6 +52,9 @@ struct PipelineSpec {
   int64_t stage = 0, stages = 1, micro_batches = 1;
   int64_t chunks = 1;  // model chunks per rank (the interleaved schedule's virtual stages)
   bool v_shape = false;  // DualPipeV's placement and order (chunks = 2)
+  // DualPipeV: a forward and the backward that follows it (or the reverse) run at once, the forward on a thread of
+  // its own, the backward on the backward lane of the expert exchange (parallel/expert_exchange.h).
+  bool overlap_pairs = false;
   std::vector<int64_t> activation_shape;  // [micro_batch_size, seq_len, hidden]
   at::TensorOptions activation_options;
   std::function<void()> before_last_backward;  // called before the step's last backward pass on this stage

@@ -38,7 +38,7 @@ std::unique_ptr<Communicator> make(const char* name, const std::vector<int64_t>&
 
 double ProcessGroups::waited_s() const {
   double s = 0;
-  for (const auto* c : {world.get(), pp.get(), dp.get(), ep.get(), edp.get(), embedding.get()})
+  for (const auto* c : {world.get(), pp.get(), dp.get(), ep.get(), edp.get(), embedding.get(), ep_backward.get()})
     if (c) s += c->waited_s();
   return s;
 }
@@ -74,6 +74,8 @@ ProcessGroups ProcessGroups::create(const config::ParallelConfig& p, Backend bac
   g.ep = make("ep", g.topology.group(GroupKind::kExpert, world_rank), world_rank, t, backend);
   g.edp = make("edp", g.topology.group(GroupKind::kExpertData, world_rank), world_rank, t, backend);
   g.embedding = make("embedding", g.topology.group(GroupKind::kEmbedding, world_rank), world_rank, t, backend);
+  if (p.schedule == config::Schedule::kDualPipeV && p.overlap_chunk_pairs)
+    g.ep_backward = make("ep-backward", g.topology.group(GroupKind::kExpert, world_rank), world_rank, t, backend);
   return g;
 }
 

@@ -22,6 +22,8 @@ struct ProcessGroups {
   // This rank among the ranks of its node (MPI_COMM_TYPE_SHARED): right under mpirun, srun and any placement.
   int64_t local_rank = 0, local_size = 1;
   std::unique_ptr<Communicator> world, pp, dp, ep, edp, embedding;
+  // The ep group's backward lane (parallel/expert_exchange.h): DualPipeV with overlapped chunk pairs only.
+  std::unique_ptr<Communicator> ep_backward;
   std::unique_ptr<ControlPlane> control;
 
   // The seconds this rank has spent blocked on the data plane's groups (Communicator::waited_s), summed.

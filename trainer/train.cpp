@@ -44,7 +44,8 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   model::init_parameters(*model_, static_cast<uint64_t>(c_.train.seed), c_.model.init_std);
   model_->to(device_);
   if (groups_ && c_.parallel.ep > 1)
-    exchange_ = std::make_unique<parallel::AllToAllExpertExchange>(*groups_->ep, c_.model.n_routed_experts);
+    exchange_ = std::make_unique<parallel::AllToAllExpertExchange>(*groups_->ep, c_.model.n_routed_experts,
+                                                                   groups_->ep_backward.get());
   else
     exchange_ = std::make_unique<model::LocalExpertExchange>();
   const std::vector<model::ParamInfo> params = model::parameter_roles(*model_);
@@ -151,6 +152,7 @@ parallel::StageOutput Trainer::stage_forward(int64_t chunk, const at::Tensor& in
 parallel::PipelineSpec Trainer::pipeline_spec(int64_t micro_batches) const {
   return {groups_ ? groups_->coords.pp : 0, c_.parallel.pp, micro_batches, c_.parallel.virtual_stages,
           c_.parallel.schedule == config::Schedule::kDualPipeV,
+          c_.parallel.schedule == config::Schedule::kDualPipeV && c_.parallel.overlap_chunk_pairs,
           {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
           at::TensorOptions().dtype(model_->activation_dtype()).device(device_),
           [this] { if (grad_sync_) grad_sync_->arm(); }};

@@ -6,7 +6,8 @@
 # layouts with activation recomputation (full, selective), and bf16 with ZeRO-1 (master weights 1/dp, 1/edp).
 # Gradient buckets are small (many per stage), so that parallel.overlap_grad_reduce (on by default) starts most of
 # them during the backward pass (checked); one layout runs without overlap. Then a starved expert: no hang, zero
-# gradient. The interleaved schedule on five layouts and DualPipeV on three (pp 2 and 4) against one process.
+# gradient. The interleaved schedule on five layouts and DualPipeV on three (pp 2 and 4; its chunk pairs overlapped,
+# and on one layout one after the other) against one process.
 . "$(dirname "$0")/../cli/lib.sh"
 prog=$1
 dir=$(mktemp -d)
@@ -76,13 +77,18 @@ eight=(--set model.num_layers=8 --steps 10)
 run mpi -np 1 "$prog" "${common[@]}" "${eight[@]}" --set parallel.pp=1 --set parallel.ep=1 --out "$dir/eight"
 [ "$rc" -eq 0 ] || fail "8 layers in one process: rc $rc: $err"
 for layout in "interleaved 2 1 1 2" "interleaved 2 2 2 2" "interleaved 4 1 1 2" "interleaved 4 2 2 2" \
-              "interleaved 2 1 1 4" "dualpipev 2 1 1 2" "dualpipev 2 2 2 2" "dualpipev 4 1 1 2"; do
+              "interleaved 2 1 1 4" "dualpipev 2 1 1 2" "dualpipev 2 2 2 2" "dualpipev 4 1 1 2" \
+              "dualpipev 2 2 2 2 sequential"; do
   set -- $layout
+  # DualPipeV runs its forward/backward chunk pairs at once (two threads, the backward's all-to-alls on the ep
+  # group's second communicator) unless "sequential" (parallel.overlap_chunk_pairs = false).
   run mpi -np $(($2 * $3)) "$prog" "${common[@]}" "${eight[@]}" --set parallel.pp="$2" --set parallel.ep="$4" \
-      --set parallel.schedule="$1" --set parallel.virtual_stages="$5" --out "$dir/$1-$2-$3-$4-$5"
+      --set parallel.schedule="$1" --set parallel.virtual_stages="$5" \
+      --set parallel.overlap_chunk_pairs="$([ "${6:-}" = sequential ] && echo false || echo true)" \
+      --out "$dir/$1-$2-$3-$4-$5${6:-}"
   [ "$rc" -eq 0 ] || fail "$1 pp $2 dp $3 ep $4, $5 chunks per rank: rc $rc: $err"
-  run "$prog" --compare "$dir/eight" "$dir/$1-$2-$3-$4-$5"
-  echo "$1 pp $2 dp $3 ep $4 × $5 chunks: $out"
+  run "$prog" --compare "$dir/eight" "$dir/$1-$2-$3-$4-$5${6:-}"
+  echo "$1 pp $2 dp $3 ep $4 × $5 chunks ${6:-}: $out"
   [ "$rc" -eq 0 ] || fail "$1 pp $2 dp $3 ep $4 with $5 chunks per rank differs from one process: $out"
 done
 
