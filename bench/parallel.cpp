@@ -78,6 +78,7 @@ Measured measure(const config::Config& c, parallel::ProcessGroups& groups, int64
   t.step();  // warm-up step, not counted
   for (auto* comm : {groups.pp.get(), groups.dp.get(), groups.ep.get(), groups.edp.get(), groups.embedding.get()})
     if (comm) comm->reset_stats();
+  for (auto& [key, comm] : groups.pp_channels) comm->reset_stats();
   std::vector<double> times;
   for (int64_t s = 0; s < steps; ++s) {
     MPI_Barrier(MPI_COMM_WORLD);
@@ -139,7 +140,16 @@ Measured measure(const config::Config& c, parallel::ProcessGroups& groups, int64
   add(groups.dp.get(), "all_reduce", p.dp > 1 ? static_cast<double>(params) * 4.0 : 0.0);
   add(groups.edp.get(), "all_reduce", p.dp / p.ep > 1 ? static_cast<double>(expert_params) * 4.0 : 0.0);
   add(groups.embedding.get(), "all_reduce", embedding_group ? static_cast<double>(embed) * 4.0 : 0.0);
-  add(groups.pp.get(), "send", pp_theory);
+  // The pipeline's sends: over the pp group (1F1B) or the schedule's channels (interleaved, DualPipeV).
+  double pp_bytes = 0;
+  std::vector<parallel::Communicator*> pipeline{groups.pp.get()};
+  for (auto& [key, comm] : groups.pp_channels) pipeline.push_back(comm.get());
+  for (auto* comm : pipeline) {
+    if (!comm) continue;
+    auto it = comm->stats().find("send");
+    if (it != comm->stats().end()) pp_bytes += static_cast<double>(it->second.bytes_sent);
+  }
+  out.rows.push_back({"pp", "send", world_sum(pp_bytes) / static_cast<double>(steps), world_sum(pp_theory)});
   out.traces = gather_traces(groups, t.schedule_trace());
   out.step_s = bench::median(times);
   return out;

@@ -422,12 +422,17 @@ void validate_schedule(Config& c) {
              fmt::format("parallel.schedule = interleaved needs parallel.virtual_stages ≥ 2 (model chunks per rank; "
                          "it is {})",
                          p.virtual_stages));
-  if (c.train.device == Device::kCuda)
-    conflict(c, "parallel.schedule",
-             fmt::format("parallel.schedule = {} runs on the CPU (MPI) only for now: its transfers are not yet "
-                         "ordered for NCCL's one stream per communicator; use parallel.schedule = 1f1b with "
-                         "train.device = cuda",
-                         schedule));
+  // On a GPU the CPU autograd engine's thread is not the one that runs the backward pass (CUDA backward passes run
+  // on autograd's device threads), so the backward lane of an overlapped pair cannot be told apart there: the pairs
+  // run in turn.
+  if (p.schedule == Schedule::kDualPipeV && p.overlap_chunk_pairs && c.train.device == Device::kCuda) {
+    if (c.origins.count("parallel.overlap_chunk_pairs"))
+      conflict(c, "parallel.overlap_chunk_pairs",
+               "parallel.overlap_chunk_pairs = true needs train.device = cpu for now (on a GPU DualPipeV runs its "
+               "chunk pairs in turn); leave it unset or set it to false");
+    p.overlap_chunk_pairs = false;
+    c.origins["parallel.overlap_chunk_pairs"] = Origin{.note = "derived: train.device = cuda runs the pairs in turn"};
+  }
 }
 
 // Interleaved 1F1B runs the micro-batches in groups of pp; DualPipeV needs at least 2·pp of them.

@@ -92,8 +92,9 @@ std::vector<KeySpec> build_schema() {
        "transfers; the micro-batches per step must be a multiple of pp); or dualpipev (DeepSeek's DualPipeV, the "
        "cut-in-half DualPipe: two chunks per rank folded into a V — rank r holds virtual stages r and 2·pp − 1 − r, so "
        "rank 0 embeds and computes the losses — with its eight-phase order and the backward split into input- and "
-       "weight-gradient passes that fill the bubbles; at least 2·pp micro-batches per step). interleaved and "
-       "dualpipev run on the CPU (MPI) only for now."},
+       "weight-gradient passes that fill the bubbles; at least 2·pp micro-batches per step). Both send their "
+       "activations and gradients over pipeline channels: a communicator of two ranks per direction and kind between "
+       "neighbouring stages, so that NCCL sees one ordered stream of transfers on each."},
       {KEY(parallel, virtual_stages),
        "Model chunks per pipeline rank (Megatron-Core's virtual_pipeline_model_parallel_size): 1 with schedule "
        "1f1b, at least 2 with interleaved, 2 with dualpipev (taken as 2 when left at 1); every virtual stage needs a "
@@ -103,7 +104,8 @@ std::vector<KeySpec> build_schema() {
        "With parallel.schedule = dualpipev: where the schedule pairs a forward chunk with a backward chunk of another "
        "micro-batch (its F0B1 / F1B0 steps), run the two at once on two threads, the backward's expert all-to-alls on "
        "an ep communicator of their own, so that one pass's exchanges wait while the other computes (DualPipe's "
-       "F&B overlap). Same numbers as running them one after the other."},
+       "F&B overlap). Same numbers as running them one after the other. CPU only for now: with train.device = cuda "
+       "the pairs run in turn (false is derived; true is refused)."},
       {KEY(parallel, stage_layers),
        "Layers per pipeline stage, one entry per stage summing to num_layers (with schedule interleaved one entry "
        "per virtual stage, pp·virtual_stages of them, in virtual-stage order); empty: even split, the first stages "

@@ -193,6 +193,20 @@ int transfer_tag(char kind, int64_t chunk, int64_t mb, int64_t chunks) {
 
 VirtualStages placement(const PipelineSpec& spec) { return {spec.stages, spec.chunks, spec.v_shape}; }
 
+// A transfer of `kind` to or from pipeline rank `peer`: over its channel when the spec has one (group rank 0 sends,
+// 1 receives: one ordered stream per direction and kind, as NCCL needs), else over the pp group by tag.
+std::unique_ptr<PendingOp> send_to(Communicator& pp, const PipelineSpec& spec, char kind, int64_t peer,
+                                   const at::Tensor& t, int tag) {
+  if (Communicator* ch = spec.channels ? spec.channels(kind, spec.stage, peer) : nullptr)
+    return ch->start_send(t, 1, tag);
+  return pp.start_send(t, static_cast<int>(peer), tag);
+}
+
+void recv_from(Communicator& pp, const PipelineSpec& spec, char kind, int64_t peer, at::Tensor& t, int tag) {
+  if (Communicator* ch = spec.channels ? spec.channels(kind, peer, spec.stage) : nullptr) return ch->recv(t, 0, tag);
+  pp.recv(t, static_cast<int>(peer), tag);
+}
+
 // Runs this rank's passes in `order`: forwards and backwards through its chunks, split backwards deferring their
 // weight gradients, W passes running them. Transfers to another rank are non-blocking sends (each tensor kept until
 // its send completed, checked after every pass) and blocking receives just before the pass that needs them; a
@@ -218,7 +232,7 @@ void run_passes(Communicator& pp, const PipelineSpec& spec, const std::vector<Pi
     if (rank == me)
       (kind == 'F' ? local_inputs : local_grads)[{chunk, mb}] = t.detach();
     else
-      sends.push_back(pp.start_send(t.detach().contiguous(), static_cast<int>(rank), transfer_tag(kind, chunk, mb, v)));
+      sends.push_back(send_to(pp, spec, kind, rank, t.detach().contiguous(), transfer_tag(kind, chunk, mb, v)));
   };
   auto take = [&](char kind, int64_t j_from, int64_t chunk, int64_t mb) {  // from virtual stage j_from
     auto& local = kind == 'F' ? local_inputs : local_grads;
@@ -228,7 +242,7 @@ void run_passes(Communicator& pp, const PipelineSpec& spec, const std::vector<Pi
       return t;
     }
     at::Tensor t = buffer();
-    pp.recv(t, static_cast<int>(where.home(j_from).first), transfer_tag(kind, chunk, mb, v));
+    recv_from(pp, spec, kind, where.home(j_from).first, t, transfer_tag(kind, chunk, mb, v));
     return t;
   };
   std::deque<std::string> deferred;  // the split backwards whose W passes are still to come, oldest first
@@ -370,7 +384,7 @@ void run_forward_only(Communicator& pp, const PipelineSpec& spec, const StageFor
       at::Tensor in = local;
       if (j > 0 && !in.defined()) {
         in = at::empty(spec.activation_shape, spec.activation_options);
-        pp.recv(in, static_cast<int>(where.home(j - 1).first), transfer_tag('F', chunk, mb, v));
+        recv_from(pp, spec, 'F', where.home(j - 1).first, in, transfer_tag('F', chunk, mb, v));
       }
       StageOutput out = forward(chunk, mb, in);
       local = at::Tensor();
@@ -379,7 +393,7 @@ void run_forward_only(Communicator& pp, const PipelineSpec& spec, const StageFor
       if (next_rank == spec.stage)
         local = out.activations;
       else
-        pp.send(out.activations.contiguous(), static_cast<int>(next_rank), transfer_tag('F', next_chunk, mb, v));
+        send_to(pp, spec, 'F', next_rank, out.activations.contiguous(), transfer_tag('F', next_chunk, mb, v))->wait();
     }
   }
 }

@@ -45,6 +45,11 @@ struct VirtualStages {
   }
 };
 
+// The pipeline channels of the interleaved and DualPipeV schedules: for a transfer of `kind` ('F': activations,
+// 'B': their gradients) from pipeline rank `from` to `to`, a communicator of two ranks whose rank 0 sends and rank 1
+// receives (parallel/process_groups.h); null where there is none (then the pp group carries it, by tag).
+using PipelineChannels = std::function<Communicator*(char kind, int64_t from, int64_t to)>;
+
 // `chunk`: which of the rank's model chunks (0 with one chunk per rank).
 using StageForward = std::function<StageOutput(int64_t chunk, int64_t mb, const at::Tensor& input)>;
 
@@ -58,6 +63,7 @@ struct PipelineSpec {
   std::vector<int64_t> activation_shape;  // [micro_batch_size, seq_len, hidden]
   at::TensorOptions activation_options;
   std::function<void()> before_last_backward;  // called before the step's last backward pass on this stage
+  PipelineChannels channels;                   // interleaved and DualPipeV: each direction's own communicator
 };
 
 // One stage (pp = 1): each micro-batch's forward, then its backward.

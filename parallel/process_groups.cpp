@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 #include <mpi.h>
 
+#include <set>
+
 #include "parallel/mpi_communicator.h"
 #include "moetrain/build_info.h"
 #if MOETRAIN_WITH_CUDA
@@ -40,7 +42,16 @@ double ProcessGroups::waited_s() const {
   double s = 0;
   for (const auto* c : {world.get(), pp.get(), dp.get(), ep.get(), edp.get(), embedding.get(), ep_backward.get()})
     if (c) s += c->waited_s();
+  for (const auto& [key, c] : pp_channels) s += c->waited_s();
   return s;
+}
+
+PipelineChannels ProcessGroups::channels() const {
+  if (pp_channels.empty()) return {};
+  return [this](char kind, int64_t from, int64_t to) -> Communicator* {
+    auto it = pp_channels.find({kind, from, to});
+    return it == pp_channels.end() ? nullptr : it->second.get();
+  };
 }
 
 ProcessGroups ProcessGroups::create(const config::ParallelConfig& p, Backend backend) {
@@ -76,6 +87,26 @@ ProcessGroups ProcessGroups::create(const config::ParallelConfig& p, Backend bac
   g.embedding = make("embedding", g.topology.group(GroupKind::kEmbedding, world_rank), world_rank, t, backend);
   if (p.schedule == config::Schedule::kDualPipeV && p.overlap_chunk_pairs)
     g.ep_backward = make("ep-backward", g.topology.group(GroupKind::kExpert, world_rank), world_rank, t, backend);
+  if (p.schedule != config::Schedule::k1F1B && p.pp > 1) {
+    // Each direction between neighbouring virtual stages on different ranks, for activations (F) and gradients (B);
+    // the same keys in the same order on every rank (each creation is collective over the world).
+    const VirtualStages where{p.pp, p.virtual_stages, p.schedule == config::Schedule::kDualPipeV};
+    std::set<std::tuple<char, int64_t, int64_t>> keys;
+    for (int64_t j = 0; j + 1 < where.count(); ++j) {
+      const int64_t a = where.home(j).first, b = where.home(j + 1).first;
+      if (a == b) continue;  // the bottom of DualPipeV's V: a hand-over within the rank
+      keys.insert({'F', a, b});
+      keys.insert({'B', b, a});
+    }
+    for (const auto& [kind, from, to] : keys) {
+      std::vector<int64_t> members;
+      if (g.coords.pp == from || g.coords.pp == to)
+        members = {g.topology.rank(from, g.coords.edp, g.coords.ep), g.topology.rank(to, g.coords.edp, g.coords.ep)};
+      const std::string name = fmt::format("pp-{}-{}>{}", kind, from, to);
+      if (auto comm = make(name.c_str(), members, world_rank, t, backend))
+        g.pp_channels[{kind, from, to}] = std::move(comm);
+    }
+  }
   return g;
 }
 

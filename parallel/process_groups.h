@@ -4,6 +4,11 @@
 // them, the control plane (parallel/control_plane.h): a CPU communicator of the world for small agreements.
 #pragma once
 
+#include <map>
+#include <tuple>
+
+#include "parallel/pipeline.h"
+
 #include <memory>
 
 #include "config/config.h"
@@ -24,6 +29,10 @@ struct ProcessGroups {
   std::unique_ptr<Communicator> world, pp, dp, ep, edp, embedding;
   // The ep group's backward lane (parallel/expert_exchange.h): DualPipeV with overlapped chunk pairs only.
   std::unique_ptr<Communicator> ep_backward;
+  // The interleaved and DualPipeV schedules' pipeline channels (parallel/pipeline.h): for each (kind, from pp rank,
+  // to pp rank) a transfer takes, a communicator of this dp slice's two ranks there, the sender first.
+  std::map<std::tuple<char, int64_t, int64_t>, std::unique_ptr<Communicator>> pp_channels;
+  PipelineChannels channels() const;  // a lookup into pp_channels (null where none)
   std::unique_ptr<ControlPlane> control;
 
   // The seconds this rank has spent blocked on the data plane's groups (Communicator::waited_s), summed.

@@ -150,12 +150,11 @@ parallel::StageOutput Trainer::stage_forward(int64_t chunk, const at::Tensor& in
 }
 
 parallel::PipelineSpec Trainer::pipeline_spec(int64_t micro_batches) const {
-  return {groups_ ? groups_->coords.pp : 0, c_.parallel.pp, micro_batches, c_.parallel.virtual_stages,
-          c_.parallel.schedule == config::Schedule::kDualPipeV,
-          c_.parallel.schedule == config::Schedule::kDualPipeV && c_.parallel.overlap_chunk_pairs,
-          {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
+  const bool v = c_.parallel.schedule == config::Schedule::kDualPipeV;
+  return {groups_ ? groups_->coords.pp : 0, c_.parallel.pp, micro_batches, c_.parallel.virtual_stages, v,
+          v && c_.parallel.overlap_chunk_pairs, {c_.train.micro_batch_size, c_.train.seq_len, c_.model.hidden_size},
           at::TensorOptions().dtype(model_->activation_dtype()).device(device_),
-          [this] { if (grad_sync_) grad_sync_->arm(); }};
+          [this] { if (grad_sync_) grad_sync_->arm(); }, groups_ ? groups_->channels() : parallel::PipelineChannels{}};
 }
 
 std::vector<MoeLayerMetrics> Trainer::moe_metrics() {
