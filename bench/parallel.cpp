@@ -115,7 +115,7 @@ Measured measure(const config::Config& c, parallel::ProcessGroups& groups, int64
                      static_cast<double>(c.train.micro_batches);
   // Each chunk sends its activations on (but the model's last virtual stage) and its input's gradient back (but the
   // first), unless the next (previous) virtual stage is on this rank (the bottom of DualPipeV's V).
-  const parallel::VirtualStages where{p.pp, p.virtual_stages, p.schedule == config::Schedule::kDualPipeV};
+  const auto where = parallel::VirtualStages::from(p);
   double boundaries = 0;
   for (int64_t chunk = 0; chunk < p.virtual_stages; ++chunk) {
     const int64_t j = where.of(groups.coords.pp, chunk);
@@ -169,12 +169,7 @@ const char* formula_name(const config::Config& c) {
   }
 }
 
-double theory(const config::Config& c) {
-  const auto& p = c.parallel;
-  return p.schedule == config::Schedule::kDualPipeV
-             ? parallel::dualpipev_bubble(p.pp, c.train.micro_batches)
-             : parallel::one_f_one_b_bubble(p.pp, c.train.micro_batches, p.virtual_stages);
-}
+double theory(const config::Config& c) { return parallel::schedule_bubble(c.parallel, c.train.micro_batches); }
 
 void print_measured(const Measured& r, const config::Config& c, int64_t steps) {
   const auto& p = c.parallel;

@@ -11,7 +11,7 @@
 #include "config/loader.h"
 #include "data/batches.h"
 #include "parallel/pipeline.h"
-#include "parallel/topology.h"
+#include "parallel/placement.h"
 #include "precision/policy.h"
 
 namespace moetrain::cli {
@@ -96,12 +96,7 @@ Plan make_plan(const config::Config& c) {
   plan.tokens_per_step = (Count(c.train.seq_len) * c.train.micro_batch_size * c.train.micro_batches * c.parallel.dp)
                              .value("the tokens of one step");
 
-  // The ranks' chunks and their virtual stages (parallel/pipeline.h).
-  const int64_t v = c.parallel.virtual_stages;
   const bool v_shape = c.parallel.schedule == config::Schedule::kDualPipeV;
-  const parallel::VirtualStages where{pp, v, v_shape};
-  const auto counts = parallel::stage_layer_counts(m.num_layers, pp * v, c.parallel.stage_layers);
-  const auto firsts = parallel::stage_first_layers(counts);
   const double tokens_per_micro_batch = static_cast<double>(c.train.micro_batch_size * c.train.seq_len);
   const double act = policy.activation_bytes;
   // A GEMM input kept for the backward pass: E4M3 and an FP32 scale per 1×128 tile in fp8 mode.
@@ -112,30 +107,31 @@ Plan make_plan(const config::Config& c) {
     Count params, routed;  // routed: the routed experts' share of params
     // Per in-flight forward of each chunk; and once, the largest block being recomputed (full recomputation), which
     // happens after the output heads' backward pass has freed what they kept.
-    std::vector<model::ActivationElems> per_chunk(static_cast<size_t>(v));
+    const std::vector<model::LayerChunk> chunks = parallel::rank_chunks(c, s);  // as the trainer places them
+    std::vector<model::ActivationElems> per_chunk(chunks.size());
     model::ActivationElems heads;
     double transient = 0;
     auto recomputed = [&](bool moe) {
       const model::ActivationElems t = model::recompute_transient(m, moe);
       transient = std::max(transient, t.bytes(act, fp8));
     };
-    for (int64_t chunk = 0; chunk < v; ++chunk) {
-      const auto j = static_cast<size_t>(where.of(s, chunk));
-      st.chunks.push_back({firsts[j], counts[j]});
-      st.layers += counts[j];
+    for (size_t chunk = 0; chunk < chunks.size(); ++chunk) {
+      const int64_t first = chunks[chunk].first_layer, count = chunks[chunk].num_layers;
+      st.chunks.push_back({first, count});
+      st.layers += count;
       // The chunk's dense layers come first (layers < n_dense_layers), then its MoE layers: counted per kind.
-      const int64_t dense = std::clamp<int64_t>(m.n_dense_layers - firsts[j], 0, counts[j]);
-      for (auto [n, layer] : {std::pair{dense, firsts[j]}, std::pair{counts[j] - dense, firsts[j] + dense}}) {
+      const int64_t dense = std::clamp<int64_t>(m.n_dense_layers - first, 0, count);
+      for (auto [n, layer] : {std::pair{dense, first}, std::pair{count - dense, first + dense}}) {
         if (n == 0) continue;
         params += Count(n) * block_local_params(model::block_params(m, layer), ep);
         routed += Count(n) * (model::block_params(m, layer).routed_experts / ep);
-        per_chunk[static_cast<size_t>(chunk)] += times(model::block_activations(m, model::is_moe_layer(m, layer)), n);
+        per_chunk[chunk] += times(model::block_activations(m, model::is_moe_layer(m, layer)), n);
         recomputed(model::is_moe_layer(m, layer));
       }
     }
     st.first_layer = st.chunks.front().first;
     model::ActivationElems& a = per_chunk.back();  // the heads run after the rank's last chunk (where it has them)
-    const bool first = s == 0, last = s == where.home(where.count() - 1).first;
+    const bool first = chunks.front().embed, last = chunks.back().head;
     if (first) params += plan.params.embedding;
     if (last) {
       params += plan.params.final_norm;
@@ -171,7 +167,7 @@ Plan make_plan(const config::Config& c) {
     double kept = 0, live = 0;
     int64_t alive = 0;
     const auto order = v_shape ? parallel::dualpipev_order(s, pp, c.train.micro_batches)
-                               : parallel::interleaved_order(s, pp, v, c.train.micro_batches);
+                               : parallel::interleaved_order(s, pp, c.parallel.virtual_stages, c.train.micro_batches);
     for (const auto& pass : order) {
       if (pass.kind == 'I') continue;
       const double chunk_bytes = per_chunk[static_cast<size_t>(pass.chunk)].bytes(act, fp8);
@@ -307,10 +303,7 @@ std::string format_plan(const Plan& plan, const config::Config& c) {
   }
   if (par.pp > 1) {  // the schedule's bubble with m micro-batches per dp rank
     const int64_t v = par.virtual_stages;
-    auto bubble = [&](int64_t m) {
-      return par.schedule == config::Schedule::kDualPipeV ? parallel::dualpipev_bubble(par.pp, m)
-                                                          : parallel::one_f_one_b_bubble(par.pp, m, v);
-    };
+    auto bubble = [&](int64_t m) { return parallel::schedule_bubble(par, m); };
     const data::BatchShape shape = data::BatchShape::from(c);
     const std::string formula =
         par.schedule == config::Schedule::kDualPipeV
@@ -344,10 +337,7 @@ nlohmann::json plan_json(const Plan& plan, const config::Config& c) {
                  {"mtp_total_with_copies", p.mtp_total_with_copies()}};
   j["flops_per_token"] = {{"main", plan.flops.main}, {"mtp", plan.flops.mtp}, {"total", plan.flops.total()}};
   j["tokens_per_step"] = plan.tokens_per_step;
-  j["pipeline_bubble"] =  // 0 without a pipeline
-      c.parallel.schedule == config::Schedule::kDualPipeV
-          ? parallel::dualpipev_bubble(c.parallel.pp, c.train.micro_batches)
-          : parallel::one_f_one_b_bubble(c.parallel.pp, c.train.micro_batches, c.parallel.virtual_stages);
+  j["pipeline_bubble"] = parallel::schedule_bubble(c.parallel, c.train.micro_batches);  // 0 without a pipeline
   j["pipeline_schedule"] = config::name(c.parallel.schedule);
   j["schedule"] = {{"steps", c.train.steps},
                    {"lr_final", c.train.lr_final},

@@ -245,7 +245,6 @@ void run_passes(Communicator& pp, const PipelineSpec& spec, const std::vector<Pi
     recv_from(pp, spec, kind, where.home(j_from).first, t, transfer_tag(kind, chunk, mb, v));
     return t;
   };
-  std::deque<std::string> deferred;  // the split backwards whose W passes are still to come, oldest first
   // A forward in three parts: its input received, its computation (which may run on another thread), its output
   // handed on.
   auto forward_input = [&](const PipelinePass& p) {
@@ -282,7 +281,6 @@ void run_passes(Communicator& pp, const PipelineSpec& spec, const std::vector<Pi
     b.grad_in = backward_pass(b.it->second, b.grad_out, where.of(me, p.chunk) == V - 1);
   };
   auto backward_done = [&](const PipelinePass& p, Backward& b) {
-    if (p.kind == 'I') deferred.push_back(p.name(v));
     live.erase(b.it);
     if (const int64_t j = where.of(me, p.chunk); j > 0) hand_over('B', j - 1, p.mb, b.grad_in);
   };
@@ -327,10 +325,7 @@ void run_passes(Communicator& pp, const PipelineSpec& spec, const std::vector<Pi
       InFlight f = forward_input(p);
       forward_compute(p, f);
       forward_done(p, std::move(f));
-    } else if (p.kind == 'W') {
-      if (deferred.empty() || deferred.front() != PipelinePass{'I', p.chunk, p.mb}.name(v))
-        throw std::logic_error(fmt::format("pipeline schedule: {} is not the oldest deferred pass", p.name(v)));
-      deferred.pop_front();
+    } else if (p.kind == 'W') {  // the oldest split backward's weight gradients (dualpipev_order keeps them FIFO)
       RECORD_USER_SCOPE("backward");
       precision::WeightGradStore::run_oldest();
     } else {
@@ -343,7 +338,7 @@ void run_passes(Communicator& pp, const PipelineSpec& spec, const std::vector<Pi
     std::erase_if(sends, [](const std::unique_ptr<PendingOp>& s) { return s->test(); });
   }
   for (auto& s : sends) s->wait();
-  if (!deferred.empty() || precision::WeightGradStore::units() != 0)
+  if (precision::WeightGradStore::units() != 0)
     throw std::logic_error("pipeline schedule: deferred weight gradients left at the end of the step");
 }
 
@@ -485,6 +480,11 @@ double one_f_one_b_bubble(int64_t stages, int64_t micro_batches, int64_t chunks)
 
 double dualpipev_bubble(int64_t stages, int64_t micro_batches) {
   return static_cast<double>(stages - 1) / static_cast<double>(6 * micro_batches + stages - 1);
+}
+
+double schedule_bubble(const config::ParallelConfig& p, int64_t micro_batches) {
+  return p.schedule == config::Schedule::kDualPipeV ? dualpipev_bubble(p.pp, micro_batches)
+                                                    : one_f_one_b_bubble(p.pp, micro_batches, p.virtual_stages);
 }
 
 double bubble_fraction(const std::vector<ScheduleTrace>& traces, const ReplayOptions& options) {

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "config/config.h"
 #include "parallel/communicator.h"
 
 namespace moetrain::parallel {
@@ -35,6 +36,9 @@ struct StageOutput {
 struct VirtualStages {
   int64_t stages = 1, chunks = 1;
   bool v_shape = false;
+  static VirtualStages from(const config::ParallelConfig& p) {
+    return {p.pp, p.virtual_stages, p.schedule == config::Schedule::kDualPipeV};
+  }
   int64_t count() const { return stages * chunks; }
   int64_t of(int64_t rank, int64_t chunk) const {
     return v_shape && chunk == 1 ? 2 * stages - 1 - rank : chunk * stages + rank;
@@ -136,6 +140,10 @@ double one_f_one_b_bubble(int64_t stages, int64_t micro_batches, int64_t chunks 
 // no computation-communication overlap), as a fraction of the step in chunk-pass units F = B = W = 1:
 // (stages − 1) / (6m + stages − 1).
 double dualpipev_bubble(int64_t stages, int64_t micro_batches);
+
+// The theoretical bubble of p's schedule with m micro-batches per dp rank (dualpipev_bubble for DualPipeV, else
+// one_f_one_b_bubble with its chunks); 0 without a pipeline.
+double schedule_bubble(const config::ParallelConfig& p, int64_t micro_batches);
 
 // Its bubble fraction: idle slots / (stages × makespan).
 double bubble_fraction(const std::vector<ScheduleTrace>& traces, const ReplayOptions& options = {});

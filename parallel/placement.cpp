@@ -3,10 +3,25 @@
 #include <fmt/format.h>
 #include <torch/cuda.h>
 
+#include <algorithm>
+
 #include "parallel/pipeline.h"
 #include "parallel/topology.h"
 
 namespace moetrain::parallel {
+
+std::vector<model::LayerChunk> rank_chunks(const config::Config& c, int64_t pp_rank) {
+  const VirtualStages where = VirtualStages::from(c.parallel);
+  const auto counts = stage_layer_counts(c.model.num_layers, where.count(), c.parallel.stage_layers);
+  const auto firsts = stage_first_layers(counts);
+  std::vector<model::LayerChunk> chunks;
+  for (int64_t chunk = 0; chunk < where.chunks; ++chunk) {
+    const int64_t j = where.of(pp_rank, chunk);
+    const auto at = static_cast<size_t>(j);
+    chunks.push_back({firsts[at], counts[at], j == 0, j == where.count() - 1});
+  }
+  return chunks;
+}
 
 model::StageSpec stage_spec(const ProcessGroups* groups, const config::Config& c) {
   model::StageSpec stage = model::StageSpec::whole(c.model);
@@ -21,20 +36,9 @@ model::StageSpec stage_spec(const ProcessGroups* groups, const config::Config& c
   if (groups->topology.layout().head_on_first != (c.parallel.schedule == config::Schedule::kDualPipeV))
     throw std::logic_error("the process groups were made for another pipeline schedule (the embedding group differs "
                            "under dualpipev): create them from this config's parallel section");
-  // The rank's chunks and their virtual stages (parallel/pipeline.h: chunk·pp + rank, or the V of DualPipeV).
-  const int64_t pp = c.parallel.pp, v = c.parallel.virtual_stages;
-  const VirtualStages where{pp, v, c.parallel.schedule == config::Schedule::kDualPipeV};
-  const auto counts = stage_layer_counts(c.model.num_layers, pp * v, c.parallel.stage_layers);
-  const auto firsts = stage_first_layers(counts);
-  stage.chunks.clear();
-  stage.first = stage.last = false;
-  for (int64_t chunk = 0; chunk < v; ++chunk) {
-    const int64_t j = where.of(coords.pp, chunk);
-    const auto at = static_cast<size_t>(j);
-    stage.chunks.push_back({firsts[at], counts[at], j == 0, j == where.count() - 1});
-    stage.first = stage.first || j == 0;
-    stage.last = stage.last || j == where.count() - 1;
-  }
+  stage.chunks = rank_chunks(c, coords.pp);
+  stage.first = std::any_of(stage.chunks.begin(), stage.chunks.end(), [](const auto& k) { return k.embed; });
+  stage.last = std::any_of(stage.chunks.begin(), stage.chunks.end(), [](const auto& k) { return k.head; });
   stage.shard = model::ExpertShard{coords.ep, c.parallel.ep};
   return stage;
 }

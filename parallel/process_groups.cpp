@@ -90,7 +90,7 @@ ProcessGroups ProcessGroups::create(const config::ParallelConfig& p, Backend bac
   if (p.schedule != config::Schedule::k1F1B && p.pp > 1) {
     // Each direction between neighbouring virtual stages on different ranks, for activations (F) and gradients (B);
     // the same keys in the same order on every rank (each creation is collective over the world).
-    const VirtualStages where{p.pp, p.virtual_stages, p.schedule == config::Schedule::kDualPipeV};
+    const VirtualStages where = VirtualStages::from(p);
     std::set<std::tuple<char, int64_t, int64_t>> keys;
     for (int64_t j = 0; j + 1 < where.count(); ++j) {
       const int64_t a = where.home(j).first, b = where.home(j + 1).first;

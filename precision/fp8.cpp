@@ -96,13 +96,11 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
     at::Tensor dx = fp8_mm_nt(dyq, wq.cols, dtype).view(dx_shape);
     // wgrad over the tokens: both operands re-quantized in tiles along the token dimension (padded to whole tiles
     // of 128 tokens: zero tokens add nothing and leave every tile's amax as it is).
-    auto wgrad = [dyq, xq, w] {
-      const at::Tensor dyt = pad_rows(dequantize(dyq, at::kFloat), kTile).t();
-      const at::Tensor xt = pad_rows(dequantize(xq, at::kFloat), kTile).t();
-      return fp8_mm_nt(quantize_tiles(dyt), quantize_tiles(xt), w.scalar_type());
-    };
-    if (WeightGradStore::defer([wgrad, w] { accumulate_grad(w, wgrad()); })) return {dx, at::Tensor()};
-    return {dx, wgrad()};
+    return {dx, weight_grad_or_defer(w, [dyq, xq, w] {
+              const at::Tensor dyt = pad_rows(dequantize(dyq, at::kFloat), kTile).t();
+              const at::Tensor xt = pad_rows(dequantize(xq, at::kFloat), kTile).t();
+              return fp8_mm_nt(quantize_tiles(dyt), quantize_tiles(xt), w.scalar_type());
+            })};
   }
 };
 

@@ -31,11 +31,9 @@ struct Bf16Linear : public torch::autograd::Function<Bf16Linear> {
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
     const at::Tensor dy = grads[0].to(at::kBFloat16);
     at::Tensor dx = at::matmul(dy, bf16_weight(w)).to(dtype);
-    auto wgrad = [dy, xb, w] {
-      return at::matmul(dy.reshape({-1, dy.size(-1)}).t(), xb.reshape({-1, xb.size(-1)})).to(w.scalar_type());
-    };
-    if (WeightGradStore::defer([wgrad, w] { accumulate_grad(w, wgrad()); })) return {dx, at::Tensor()};
-    return {dx, wgrad()};
+    return {dx, weight_grad_or_defer(w, [dy, xb, w] {
+              return at::matmul(dy.reshape({-1, dy.size(-1)}).t(), xb.reshape({-1, xb.size(-1)})).to(w.scalar_type());
+            })};
   }
 };
 
@@ -55,11 +53,8 @@ struct SplitLinear : public torch::autograd::Function<SplitLinear> {
     const at::Tensor& w = saved[1];
     const at::Tensor dy = grads[0];
     at::Tensor dx = at::matmul(dy, w);
-    auto wgrad = [dy, x] {
-      return at::mm(x.reshape({-1, x.size(-1)}).t(), dy.reshape({-1, dy.size(-1)})).t();
-    };
-    if (WeightGradStore::defer([wgrad, w] { accumulate_grad(w, wgrad()); })) return {dx, at::Tensor()};
-    return {dx, wgrad()};
+    return {dx, weight_grad_or_defer(
+                    w, [dy, x] { return at::mm(x.reshape({-1, x.size(-1)}).t(), dy.reshape({-1, dy.size(-1)})).t(); })};
   }
 };
 

@@ -61,6 +61,11 @@ void accumulate_grad(const at::Tensor& p, const at::Tensor& g) {
     p.mutable_grad() = g.to(p.scalar_type());
 }
 
+at::Tensor weight_grad_or_defer(const at::Tensor& w, std::function<at::Tensor()> wgrad) {
+  if (WeightGradStore::defer([w, wgrad] { accumulate_grad(w, wgrad()); })) return {};
+  return wgrad();
+}
+
 DeferWeightGrads::DeferWeightGrads(bool on) : on_(on) {
   if (on_) WeightGradStore::set_deferring(true);
 }

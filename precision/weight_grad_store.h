@@ -40,6 +40,10 @@ class WeightGradStore {
 // (or taken as the gradient when p has none yet).
 void accumulate_grad(const at::Tensor& p, const at::Tensor& g);
 
+// In a backward function, the gradient of weight w: `wgrad()` now, or — when deferring — undefined (autograd then
+// accumulates nothing) with `wgrad()` queued to be accumulated into w's .grad by the W pass.
+at::Tensor weight_grad_or_defer(const at::Tensor& w, std::function<at::Tensor()> wgrad);
+
 // RAII: deferral on for one backward pass, its queue flushed into a W unit at the end.
 class DeferWeightGrads {
  public:
