@@ -3,7 +3,9 @@
 // the validation loss, side by side. The sequence-wise loss is off in all three so that only the balancing
 // method differs (as in the Loss-Free Balancing paper's comparison).
 //
-//   balance_ablation [--config configs/small-cpu.yaml] [--steps N] [--set key=value ...]
+// Each mode's run directory (config.yaml, metrics.jsonl, event file) goes to RUNS/<mode>, for `moetrain report`.
+//
+//   balance_ablation [--config configs/small-cpu.yaml] [--steps N] [--runs DIR] [--set key=value ...]
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -20,8 +22,10 @@ int main(int argc, char** argv) {
   std::string file = "configs/small-cpu.yaml";
   int64_t steps = 0;
   double aux_alpha = 1e-3;
+  std::string runs = "runs/balance_ablation";
   std::vector<std::string> overrides;
   app.add_option("--config", file, "Config (default configs/small-cpu.yaml)");
+  app.add_option("--runs", runs, "Where the three run directories go (default runs/balance_ablation)");
   app.add_option("--steps", steps, "Optimizer steps per mode (default: the config's train.steps)");
   app.add_option("--aux-alpha", aux_alpha, "α of the auxiliary-loss baseline");
   cli::add_set_option(&app, overrides);
@@ -40,7 +44,7 @@ int main(int argc, char** argv) {
       o.push_back(fmt::format("model.aux_loss_alpha={}", aux_alpha));
       if (steps > 0) o.push_back(fmt::format("train.steps={}", steps));
       config::Config c = config::load_config(file, {o, 0});
-      trainer::Trainer t(c, nullptr, "", false);
+      trainer::Trainer t(c, nullptr, runs + "/" + mode, /*main=*/true);
       auto t0 = bench::Clock::now();
       double train_vio = 0;
       const int64_t tail = std::min<int64_t>(10, c.train.steps);
@@ -70,5 +74,6 @@ int main(int argc, char** argv) {
   fmt::print("\naux_free vs aux_loss: MaxVio ratio {:.2f}, val loss difference {:+.4f} nats "
              "(Loss-Free Balancing paper, 1B model: MaxVio 0.04 vs 0.72, perplexity 9.50 vs 9.56)\n",
              free.val_max_vio / aux.val_max_vio, free.val_loss - aux.val_loss);
+  fmt::print("runs in {0}: moetrain report {0}/aux_free {0}/aux_loss {0}/none --out balance_ablation.html\n", runs);
   return 0;
 }

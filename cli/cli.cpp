@@ -23,6 +23,7 @@
 #include "parallel/mpi_runtime.h"
 #include "cli/plan.h"
 #include "trainer/preemption.h"
+#include "trainer/report.h"
 #include "trainer/train.h"
 #include "cli/version.h"
 
@@ -202,6 +203,15 @@ int run_main(int argc, char** argv) {
                     "Speculative decoding: the MTP modules draft, the main model verifies (greedy); prints the "
                     "acceptance rate");
 
+  std::vector<std::string> report_runs;
+  std::string report_out = "report.html";
+  CLI::App* report_cmd = app.add_subcommand(
+      "report", "One self-contained HTML page (inline SVG plots) of one or more run directories, overlaid: losses and "
+                "the entropy floor, learning rate, gradient norm, tokens/s, MFU, expert-load heatmaps, MaxVio, bias "
+                "trajectories, config and summary");
+  report_cmd->add_option("RUN", report_runs, "Run directories (logging.dir/logging.name)")->required();
+  report_cmd->add_option("--out", report_out, "The HTML file to write (default report.html)");
+
   data::DataCommands data_cmds = data::add_data_commands(app);
 
   std::optional<std::string> error;
@@ -319,6 +329,8 @@ int run_main(int argc, char** argv) {
                                             : 0.0);
         emit(mpi, line);
       }
+    } else if (*report_cmd) {
+      if (mpi.rank() == 0) emit(mpi, trainer::write_report(report_runs, report_out));
     } else if (data_cmds.selected()) {
       if (mpi.rank() == 0) data::run_data_command(data_cmds);  // one writer of the files
     }

@@ -177,6 +177,7 @@ struct LoggingConfig {
   int64_t profile_steps = 0;       // steps recorded by the profiler (0: none)
   int64_t profile_start_step = 3;  // the first of them (1-based), after the warm-up
   bool tensorboard = true;         // TensorBoard event file in the run directory
+  int64_t expert_loads_interval = 1;  // steps between per-expert tokens and biases in metrics.jsonl (0: never)
 };
 
 // Where a value came from: a file and line, a --set override, or the default.

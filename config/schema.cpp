@@ -261,6 +261,12 @@ std::vector<KeySpec> build_schema() {
        "every scalar of metrics.jsonl (losses, gradient norm, learning rate, tokens/s, MFU, validation loss, per MoE "
        "layer MaxVio and bias range) at every step it is computed, and a histogram of the tokens per expert of each "
        "MoE layer. A resumed run drops what the interrupted run wrote after the resumed step, then appends."},
+      {KEY(logging, expert_loads_interval),
+       "Steps between records of metrics.jsonl that carry each MoE layer's tokens and bias per expert (`tokens`, "
+       "`bias`; `moetrain report` draws its expert-load heatmaps and bias trajectories from them); 0: never. Every "
+       "record keeps the per-layer MaxVio, token range and bias range. At DeepSeek-V3's 58 MoE layers × 256 experts "
+       "a record with them is ~250 KB: raise it for long runs of wide models.",
+       at_least(0)},
   };
 }
 #undef KEY

@@ -71,24 +71,29 @@ void MoeLoadTracker::update_biases(double rate) {
 }
 
 at::Tensor MoeLoadTracker::layer_table(bool fill) const {
-  at::Tensor table = at::zeros({static_cast<int64_t>(names_.size()), kColumns + n_experts_}, at::kDouble);
+  const int64_t width = kColumns + 2 * n_experts_;
+  at::Tensor table = at::zeros({static_cast<int64_t>(names_.size()), width}, at::kDouble);
   if (!fill || routers_.empty()) return table;
   const at::Tensor loads = loads_.to(at::kDouble);
-  // The biases' minima and maxima in one copy from the device.
+  // The biases, their minima and maxima in one copy from the device.
   std::vector<at::Tensor> biases;
   for (const auto& r : routers_) biases.push_back(r.router->bias);
-  auto [lo, hi] = at::aminmax(at::stack(biases), /*dim=*/1);
-  const at::Tensor bias_range = at::stack({lo, hi}, 1).to(at::kDouble).to(at::kCPU);
+  const at::Tensor bias = at::stack(biases);
+  auto [lo, hi] = at::aminmax(bias, /*dim=*/1);
+  const at::Tensor bias_table = at::cat({lo.unsqueeze(1), hi.unsqueeze(1), bias}, 1).to(at::kDouble).to(at::kCPU);
+  const double* b = bias_table.data_ptr<double>();
   auto* out = table.data_ptr<double>();
   for (size_t i = 0; i < routers_.size(); ++i) {
     const at::Tensor load = loads_[static_cast<int64_t>(i)];
-    double* row = out + routers_[i].layer * (kColumns + n_experts_);
+    double* row = out + routers_[i].layer * width;
+    const double* bias_row = b + static_cast<int64_t>(i) * (2 + n_experts_);
     row[kMaxVio] = max_violation(load);
     row[kMinLoad] = static_cast<double>(load.min().item<int64_t>());
     row[kMaxLoad] = static_cast<double>(load.max().item<int64_t>());
-    row[kBiasMin] = bias_range[static_cast<int64_t>(i)][0].item<double>();
-    row[kBiasMax] = bias_range[static_cast<int64_t>(i)][1].item<double>();
+    row[kBiasMin] = bias_row[0];
+    row[kBiasMax] = bias_row[1];
     std::copy_n(loads[static_cast<int64_t>(i)].data_ptr<double>(), n_experts_, row + kColumns);
+    std::copy_n(bias_row + 2, n_experts_, row + kColumns + n_experts_);
   }
   return table;
 }

@@ -42,7 +42,8 @@ class MoeLoadTracker {
   void reduce(const std::function<void(at::Tensor&)>& sum_over_dp);
   // The auxiliary-loss-free update of every router's bias from the loads.
   void update_biases(double rate);
-  // [moe_layer_names().size(), kColumns + n_experts] FP64 on the host: the columns above, then each expert's tokens;
+  // [moe_layer_names().size(), kColumns + 2 n_experts] FP64 on the host: the columns above, each expert's tokens, then
+  // each expert's bias;
   // this stage's layers filled in when `fill`, zeros elsewhere, so that a sum over one rank per stage gathers the
   // whole model.
   at::Tensor layer_table(bool fill) const;

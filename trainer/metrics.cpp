@@ -56,17 +56,18 @@ std::vector<MoeLayerMetrics> moe_layer_metrics(const at::Tensor& table, const st
   const at::Tensor t = table.to(at::kDouble).contiguous();
   const double* v = t.data_ptr<double>();
   std::vector<MoeLayerMetrics> out;
-  const int64_t width = t.size(1);
+  const int64_t width = t.size(1), experts = (width - T::kColumns) / 2;
   for (size_t i = 0; i < names.size(); ++i) {
     const double* row = v + static_cast<int64_t>(i) * width;
     out.push_back({names[i], row[T::kMaxVio], static_cast<int64_t>(row[T::kMinLoad]),
                    static_cast<int64_t>(row[T::kMaxLoad]), row[T::kBiasMin], row[T::kBiasMax],
-                   std::vector<int64_t>(row + T::kColumns, row + width)});
+                   std::vector<int64_t>(row + T::kColumns, row + T::kColumns + experts),
+                   std::vector<double>(row + T::kColumns + experts, row + width)});
   }
   return out;
 }
 
-nlohmann::json step_record(const StepResult& r) {
+nlohmann::json step_record(const StepResult& r, bool experts) {
   nlohmann::json j = {{"step", r.step + 1},          {"loss", r.loss},         {"lm_loss", r.lm_loss},
                       {"mtp_loss", r.mtp_loss},      {"balance_loss", r.balance_loss},
                       {"grad_norm", r.grad_norm},    {"lr", r.lr},             {"tokens_per_s", r.tokens_per_s},
@@ -74,18 +75,19 @@ nlohmann::json step_record(const StepResult& r) {
   if (!r.mtp_losses.empty()) j["mtp_losses"] = r.mtp_losses;
   if (r.skipped) j["skipped"] = true;
   if (!r.peak_memory_bytes.empty()) j["peak_mem_bytes"] = r.peak_memory_bytes;
-  for (const auto& l : r.moe)
-    j["moe"].push_back({{"layer", l.layer},
-                        {"max_vio", l.max_vio},
-                        {"min_tokens", l.min_tokens},
-                        {"max_tokens", l.max_tokens},
-                        {"bias_min", l.bias_min},
-                        {"bias_max", l.bias_max}});
+  for (const auto& l : r.moe) {
+    nlohmann::json layer = {{"layer", l.layer},         {"max_vio", l.max_vio},   {"min_tokens", l.min_tokens},
+                            {"max_tokens", l.max_tokens}, {"bias_min", l.bias_min}, {"bias_max", l.bias_max}};
+    if (experts) layer["tokens"] = l.tokens, layer["bias"] = l.bias;
+    j["moe"].push_back(std::move(layer));
+  }
   return j;
 }
 
 nlohmann::json eval_record(int64_t steps_done, const EvalResult& e) {
-  return {{"step", steps_done}, {"val_loss", e.loss}, {"val_max_vio", e.max_vio}};
+  nlohmann::json j = {{"step", steps_done}, {"val_loss", e.loss}, {"val_max_vio", e.max_vio}};
+  if (e.entropy_rate >= 0) j["entropy_rate"] = e.entropy_rate;
+  return j;
 }
 
 Progress::Progress(const config::Config& c, int64_t first_step)

@@ -26,6 +26,7 @@ struct MoeLayerMetrics {
   int64_t min_tokens = 0, max_tokens = 0;
   double bias_min = 0, bias_max = 0;
   std::vector<int64_t> tokens;  // per expert
+  std::vector<double> bias;     // per expert: the balancer's bias after the step
 };
 
 // What one optimizer step produced. Losses are global-batch means, the same on every rank.
@@ -46,6 +47,7 @@ struct StepResult {
 struct EvalResult {
   double loss = 0;     // validation LM loss, nats/token
   double max_vio = 0;  // MaxVio over the whole validation set, averaged over MoE layers
+  double entropy_rate = -1;  // of the corpus, nats/token, the floor of `loss` (< 0: unknown)
 };
 
 // Appends records to metrics.jsonl; a path of "" writes nothing.
@@ -66,7 +68,8 @@ class MetricsWriter {
 // Rows of a model::MoeLoadTracker::layer_table (summed over the ranks), named.
 std::vector<MoeLayerMetrics> moe_layer_metrics(const at::Tensor& table, const std::vector<std::string>& names);
 
-nlohmann::json step_record(const StepResult& r);
+// experts: with each MoE layer's tokens and bias per expert ("tokens", "bias"; logging.expert_loads_interval).
+nlohmann::json step_record(const StepResult& r, bool experts = true);
 nlohmann::json eval_record(int64_t steps_done, const EvalResult& e);
 
 // The progress lines of one process, which may have resumed at `first_step` (steps done before it started). A

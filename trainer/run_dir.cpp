@@ -92,6 +92,7 @@ RunDirectory::~RunDirectory() {
 
 void RunDirectory::start(const config::Config& c, int64_t resumed_step) {
   if (dir_.empty() || !main_) return;
+  expert_loads_interval_ = c.logging.expert_loads_interval;
   config::write_resolved(c, dir_ + "/config.yaml");
   metrics_ = std::make_unique<MetricsWriter>(dir_ + "/metrics.jsonl", resumed_step);
   if (c.logging.tensorboard) events_ = std::make_unique<EventFile>(dir_ + "/events.out.tfevents.moetrain", resumed_step);
@@ -102,9 +103,9 @@ void RunDirectory::start(const config::Config& c, int64_t resumed_step) {
 }
 
 void RunDirectory::record(const StepResult& r) {
-  if (metrics_) metrics_->write(step_record(r));
-  if (!events_) return;
   const int64_t step = r.step + 1;  // as in metrics.jsonl: the steps done
+  if (metrics_) metrics_->write(step_record(r, expert_loads_interval_ > 0 && step % expert_loads_interval_ == 0));
+  if (!events_) return;
   for (const auto& [tag, v] : std::initializer_list<std::pair<const char*, double>>{
            {"train/loss", r.loss},
            {"train/lm_loss", r.lm_loss},

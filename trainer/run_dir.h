@@ -45,6 +45,7 @@ class RunDirectory {
   std::string stale_;
   std::unique_ptr<MetricsWriter> metrics_;
   std::unique_ptr<EventFile> events_;
+  int64_t expert_loads_interval_ = 1;  // logging.expert_loads_interval
 };
 
 }  // namespace moetrain::trainer

@@ -254,8 +254,7 @@ EvalResult Trainer::evaluate() {
     reduce(sums, groups_->world.get());
   }
   const double tokens = static_cast<double>(c_.train.eval_batches * shape_.global_sequences() * c_.train.seq_len);
-  EvalResult r;
-  r.loss = sums.to(at::kCPU)[0].item<double>() / tokens;
+  EvalResult r{.loss = sums.to(at::kCPU)[0].item<double>() / tokens, .entropy_rate = batches_->entropy_rate()};
   const std::vector<MoeLayerMetrics> moe = moe_metrics();
   for (const auto& l : moe) r.max_vio += l.max_vio / static_cast<double>(moe.size());
   run_dir_.record(step_, r);

@@ -3,7 +3,7 @@
 . "$(dirname "$0")/lib.sh"
 bin=$1
 
-for cmd in "" "config" "config check" "config show" "config reference" "plan" "version"; do
+for cmd in "" "config" "config check" "config show" "config reference" "plan" "version" "report"; do
   run "$bin" $cmd --help
   [ "$rc" -eq 0 ] || fail "moetrain $cmd --help exited $rc: $err"
   printf '%s' "$out" | grep -q "Usage" || fail "moetrain $cmd --help printed no usage: $out"
@@ -67,7 +67,7 @@ expect_error() {
 }
 
 # Unknown commands are named, also with --help (CLI11 alone printed the main help and exited 0).
-expect_error "unknown command 'serve'; commands: config, plan, version, train, ckpt, eval, generate, data" "$bin" serve
+expect_error "unknown command 'serve'; commands: config, plan, version, train, ckpt, eval, generate, report, data" "$bin" serve
 expect_error "unknown command 'serve'" "$bin" serve --help
 expect_error "unknown command 'config frob'; config commands: check, show, reference" "$bin" config frob
 # A directory for a config file; a section for --set.

@@ -10,8 +10,7 @@
 . "$(dirname "$0")/lib.sh"
 bin=$1
 python=$2
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+scratch
 
 train() {
   tiny1 "$bin" --set train.steps=20 --set train.eval_interval=0 --set checkpoint.interval=20 \

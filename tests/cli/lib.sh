@@ -20,3 +20,8 @@ mpi() {
   if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
   mpirun -q --oversubscribe --bind-to none "$@"
 }
+# scratch: $tmp, a fresh directory removed when the script exits.
+scratch() {
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+}

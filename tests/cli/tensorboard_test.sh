@@ -7,8 +7,7 @@
 . "$(dirname "$0")/lib.sh"
 bin=$1
 python=$2
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+scratch
 
 train() {
   tiny1 "$bin" --set train.steps=6 --set train.eval_interval=3 --set checkpoint.interval=3 \

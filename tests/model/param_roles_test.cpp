@@ -87,9 +87,12 @@ TEST(MoeLoad, TrackerSumsUpdatesBiasesAndTabulates) {
   EXPECT_TRUE(torch::equal(t->layers[1]->moe->router->bias, torch::tensor({0.5f, 0.5f, 0.0f, -0.5f})));
   EXPECT_TRUE(torch::equal(t->mtp[0]->block->moe->router->bias, torch::zeros({4})));
   const at::Tensor table = tracker.layer_table(/*fill=*/true);
-  ASSERT_EQ(table.sizes(), (std::vector<int64_t>{2, MoeLoadTracker::kColumns + 4}));  // then each expert's tokens
+  // Then each expert's tokens and each expert's bias.
+  ASSERT_EQ(table.sizes(), (std::vector<int64_t>{2, MoeLoadTracker::kColumns + 8}));
   EXPECT_TRUE(torch::equal(table[0].narrow(0, MoeLoadTracker::kColumns, 4), torch::tensor({4.0, 4.0, 8.0, 16.0},
                                                                                           torch::kDouble)));
+  EXPECT_TRUE(torch::equal(table[0].narrow(0, MoeLoadTracker::kColumns + 4, 4),
+                           torch::tensor({0.5, 0.5, 0.0, -0.5}, torch::kDouble)));
   EXPECT_DOUBLE_EQ(table[0][MoeLoadTracker::kMaxVio].item<double>(), (16.0 - 8.0) / 8.0);
   EXPECT_EQ(table[0][MoeLoadTracker::kMinLoad].item<double>(), 4);
   EXPECT_EQ(table[0][MoeLoadTracker::kMaxLoad].item<double>(), 16);
