@@ -44,19 +44,6 @@ void maybe_pause(int rank, int64_t step) {
   std::this_thread::sleep_for(std::chrono::duration<double>(std::atof(s)));
 }
 
-std::vector<int64_t> committed_steps(const fs::path& root) {
-  std::vector<int64_t> steps;
-  if (!fs::exists(root)) return steps;
-  for (const auto& e : fs::directory_iterator(root)) {
-    const std::string n = e.path().filename().string();
-    if (e.is_directory() && n.size() > 5 && n.rfind("step_", 0) == 0 &&
-        n.find_first_not_of("0123456789", 5) == std::string::npos)
-      steps.push_back(std::stoll(n.substr(5)));
-  }
-  std::sort(steps.begin(), steps.end());
-  return steps;
-}
-
 using json = nlohmann::json;
 
 // A value of index.json as an error shows it: on one line, short.
@@ -350,6 +337,20 @@ uint64_t checksum(const at::Tensor& t) {
 }
 
 std::string step_dir_name(int64_t step) { return fmt::format("step_{:07}", step); }
+
+std::vector<int64_t> committed_steps(const std::string& root_dir) {
+  const fs::path root(root_dir);
+  std::vector<int64_t> steps;
+  if (!fs::exists(root)) return steps;
+  for (const auto& e : fs::directory_iterator(root)) {
+    const std::string n = e.path().filename().string();
+    if (e.is_directory() && n.size() > 5 && n.rfind("step_", 0) == 0 &&
+        n.find_first_not_of("0123456789", 5) == std::string::npos)
+      steps.push_back(std::stoll(n.substr(5)));
+  }
+  std::sort(steps.begin(), steps.end());
+  return steps;
+}
 
 ShardResult write_shard(const SaveRequest& req, int rank) {
   const fs::path tmp = fs::path(req.root) / (step_dir_name(req.step) + ".tmp");

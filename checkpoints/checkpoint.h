@@ -86,6 +86,8 @@ std::string commit(const SaveRequest& request, const ShardResult& mine, parallel
                    Remover* remover = nullptr);
 
 std::string step_dir_name(int64_t step);  // "step_0000010"
+// The steps of the committed checkpoints (step_N directories) under `root`, ascending; none when it does not exist.
+std::vector<int64_t> committed_steps(const std::string& root);
 
 // --resume: "auto" -> root/latest if it exists, else "" (start fresh); otherwise a step directory or a checkpoint
 // root with a `latest` file. Throws if what is named is not a committed checkpoint: a save that did not finish

@@ -294,16 +294,7 @@ RunData read_run(const std::string& dir) {
   } else {
     run.notes.push_back(fmt::format("{}: not found; the report has no config for this run", config.string()));
   }
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(run.checkpoint_root, ec)) {
-    const std::string name = entry.path().filename().string();
-    if (!entry.is_directory() || name.rfind("step_", 0) != 0 || name.size() < 6) continue;
-    const std::string digits = name.substr(5);
-    if (!std::all_of(digits.begin(), digits.end(), ::isdigit) || digits.size() > 18) continue;
-    const int64_t step = std::stoll(digits);
-    if (checkpoints::step_dir_name(step) == name) run.checkpoints.push_back(step);
-  }
-  std::sort(run.checkpoints.begin(), run.checkpoints.end());
+  run.checkpoints = checkpoints::committed_steps(run.checkpoint_root);
   return run;
 }
 
@@ -358,7 +349,10 @@ std::string write_report(const std::vector<std::string>& dirs, const std::string
     runs.push_back(read_run(d));
     for (const auto& note : runs.back().notes) said += "note: " + note + "\n";
   }
-  const std::string html = report_html(runs);
+  size_t records = 0;
+  for (const auto& r : runs) records += r.steps.size() + r.evals.size();
+  const size_t n = runs.size();
+  const std::string html = report_html(std::move(runs));
   const fs::path tmp = out + ".tmp";
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
@@ -369,10 +363,8 @@ std::string write_report(const std::vector<std::string>& dirs, const std::string
   std::error_code ec;
   fs::rename(tmp, out, ec);
   if (ec) throw std::runtime_error(fmt::format("{}: cannot write the report: {}", out, ec.message()));
-  size_t records = 0;
-  for (const auto& r : runs) records += r.steps.size() + r.evals.size();
-  return said + fmt::format("wrote {} ({} run{}, {} records, {:.0f} KiB)\n", out, runs.size(),
-                            runs.size() == 1 ? "" : "s", records, static_cast<double>(html.size()) / 1024.0);
+  return said + fmt::format("wrote {} ({} run{}, {} records, {:.0f} KiB)\n", out, n, n == 1 ? "" : "s", records,
+                            static_cast<double>(html.size()) / 1024.0);
 }
 
 }  // namespace moetrain::trainer
