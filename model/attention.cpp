@@ -21,10 +21,11 @@ using torch::autograd::variable_list;
 //   q [B, T, H, nope + rope]                  -> [q_nope, RoPE(q_rope)]
 //   kvb [B, T, H, nope + v], k_pe [B, T, rope] -> k = [k_nope, RoPE(k_pe) for every head], v padded with zeros to
 //                                                `v_width` (the q/k head dim when v is narrower)
-// v is padded (as transformers does for flash attention) because the fused kernels need equal head dims: without
-// them the CPU takes the math path, which keeps the H·T attention probabilities of every token for the backward
-// pass. One node whose backward writes the projections' gradients directly, where autograd's concatenations and
-// slices would zero-fill a tensor per slice; it keeps only the RoPE table.
+// v is padded for ATen's attention (as transformers does for flash attention) because its fused kernels need equal
+// head dims (the fused FP32 CPU kernel of causal_attention does not): without them ATen takes the math path, which
+// keeps the H·T attention probabilities of every token for the backward pass. One node whose backward writes the
+// projections' gradients directly, where autograd's concatenations and slices would zero-fill a tensor per slice; it
+// keeps only the RoPE table.
 // dst = RoPE(src) (the inverse rotation with `inverse`), src with one head or as many as dst.
 void rotate_into(at::Tensor dst, const at::Tensor& src, const at::Tensor& cis, bool inverse) {
   if (fused_cpu::applies({dst, src}) && cis.scalar_type() == at::kComplexFloat)
@@ -77,7 +78,33 @@ struct AttentionOperands : public torch::autograd::Function<AttentionOperands> {
   }
 };
 
+// The fused CPU kernel's autograd node: keeps q, k, v, the output and the log-sum-exp per query.
+struct FusedCausalAttention : public torch::autograd::Function<FusedCausalAttention> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            double scale) {
+    auto [o, lse] = fused_cpu::causal_attention(q, k, v, scale);
+    ctx->save_for_backward({q, k, v, o, lse});
+    ctx->saved_data["scale"] = scale;
+    return o;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    auto [dq, dk, dv] = fused_cpu::causal_attention_backward(grads[0], s[0], s[1], s[2], s[3], s[4], scale);
+    return {dq, dk, dv, at::Tensor()};
+  }
+};
+
 }  // namespace
+
+bool fused_causal_attention(at::ScalarType dtype, const at::Device& device) {
+  return dtype == at::kFloat && device.is_cpu();
+}
+
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  if (fused_cpu::applies({q, k, v})) return FusedCausalAttention::apply(q, k, v, scale);
+  return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale);
+}
 
 MLAImpl::MLAImpl(const config::ModelConfig& m, Mode mode)
     : heads_(m.num_heads),
@@ -116,18 +143,16 @@ std::vector<at::Tensor> MLAImpl::project(const at::Tensor& x) {
   at::Tensor kvb = gemm(kv_norm(kv.narrow(-1, 0, kv_lora_rank_)), wkv_b, mode_).view({B, T, H, nope_ + v_dim_});
   // In bf16 and fp8 modes attention runs in BF16 (the fused kernels' dtype on GPUs), in FP32 in fp32 mode.
   const auto attn_dtype = mode_ == Mode::kFp32 ? q.scalar_type() : at::kBFloat16;
+  const int64_t v_width = fused_causal_attention(attn_dtype, x.device()) ? v_dim_ : std::max(v_dim_, nope_ + rope_);
   auto qkv = AttentionOperands::apply(q.view({B, T, H, nope_ + rope_}), kvb, kv.narrow(-1, kv_lora_rank_, rope_),
-                                      rope.cis, nope_, v_dim_, std::max(v_dim_, nope_ + rope_),
-                                      static_cast<int64_t>(attn_dtype));
+                                      rope.cis, nope_, v_dim_, v_width, static_cast<int64_t>(attn_dtype));
   return {qkv[0], qkv[1], qkv[2]};
 }
 
 at::Tensor MLAImpl::core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype) {
   const int64_t B = q.size(0), T = q.size(2);
-  const double scale = softmax_scale();
-  at::Tensor o = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
-                                                  scale);
-  o = o.narrow(-1, 0, v_dim_).to(dtype);  // the padding's columns are zero
+  at::Tensor o = causal_attention(q, k, v, softmax_scale());
+  o = o.narrow(-1, 0, v_dim_).to(dtype);  // a padding's columns are zero
   return o.transpose(1, 2).reshape({B, T, heads_ * v_dim_});
 }
 

@@ -1,5 +1,5 @@
 // Multi-head Latent Attention (DeepSeek-V2/V3): a low-rank query, a compressed KV latent c_kv with its own norm,
-// a decoupled rotary key shared by all heads, causal attention through ATen's scaled-dot-product attention.
+// a decoupled rotary key shared by all heads, causal attention (causal_attention below).
 //   q = W_qb · RMSNorm(W_qa · x)            (or W_q · x when q_lora_rank = 0)
 //   [c_kv, k_rope] = W_kva · x;  [k_nope, v] = W_kvb · RMSNorm(c_kv)
 //   softmax scale 1/sqrt(qk_nope_head_dim + qk_rope_head_dim)
@@ -25,6 +25,13 @@ struct LatentCache {
     k_pe = k_pe.narrow(1, 0, n);
   }
 };
+
+// Causal attention of q, k [B, H, T, D] and v [B, H, T, Dv] -> [B, H, T, Dv]: on FP32 CPU tensors the fused kernel
+// (model/fused_cpu.h: v of any width, the probabilities computed again in the backward pass), else ATen's
+// scaled-dot-product attention (its fused kernels want v padded to D).
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
+// Whether causal_attention takes the fused CPU kernel for operands of this dtype and device (then v needs no padding).
+bool fused_causal_attention(at::ScalarType dtype, const at::Device& device);
 
 class MLAImpl : public torch::nn::Module {
  public:

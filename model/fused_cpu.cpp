@@ -211,6 +211,119 @@ void take_top(float* v, int64_t n, int64_t k, int64_t* out) {
   }
 }
 
+// Small GEMMs for the attention kernel: C[M×N] = A·B (or C += A·B with `accumulate`), A[i][k] at A[i·sai + k·sak]
+// (any layout, read one scalar at a time), B rows of N contiguous floats ldb apart, C rows ldc apart. Register tiles
+// of MR rows × NR columns, kept in vector registers across the whole k loop.
+template <int MR, int NR>
+inline __attribute__((always_inline)) void gemm_tile(const float* A, int64_t sai, int64_t sak, const float* B,
+                                                     int64_t ldb, float* C, int64_t ldc, int64_t K, bool accumulate) {
+  float acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+#pragma omp simd
+    for (int j = 0; j < NR; ++j) acc[i][j] = accumulate ? C[i * ldc + j] : 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    for (int i = 0; i < MR; ++i) {
+      const float a = A[i * sai + k * sak];
+#pragma omp simd
+      for (int j = 0; j < NR; ++j) acc[i][j] += a * b[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+#pragma omp simd
+    for (int j = 0; j < NR; ++j) C[i * ldc + j] = acc[i][j];
+}
+
+template <int MR>
+inline __attribute__((always_inline)) void gemm_rows(const float* A, int64_t sai, int64_t sak, const float* B,
+                                                     int64_t ldb, float* C, int64_t ldc, int64_t N, int64_t K,
+                                                     bool accumulate) {
+  int64_t j = 0;
+  for (; j + 64 <= N; j += 64) gemm_tile<MR, 64>(A, sai, sak, B + j, ldb, C + j, ldc, K, accumulate);
+  for (; j + 16 <= N; j += 16) gemm_tile<MR, 16>(A, sai, sak, B + j, ldb, C + j, ldc, K, accumulate);
+  for (; j < N; ++j) gemm_tile<MR, 1>(A, sai, sak, B + j, ldb, C + j, ldc, K, accumulate);
+}
+
+MOETRAIN_ROW_LOOP
+void small_gemm(const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
+                int64_t M, int64_t N, int64_t K, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) gemm_rows<4>(A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, N, K, accumulate);
+  for (; i < M; ++i) gemm_rows<1>(A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, N, K, accumulate);
+}
+
+// Row r of s (`n` raw scores q·k, row stride lds) is query first + r: its keys 0..first + r turn into the softmax of
+// scale·s, the later ones into 0; lse[r] = the log-sum-exp of the scaled scores. The loops run over all n columns and
+// mask the later keys (no scalar tail per row when n is a multiple of the vector width).
+MOETRAIN_ROW_LOOP
+void causal_softmax_rows(float* s, int64_t lds, int64_t rows, int64_t first, int64_t n, float scale, float* lse) {
+  constexpr float kLowest = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * lds;
+    const int64_t valid = std::min(n, first + r + 1);
+    float m = kLowest;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, j < valid ? row[j] : kLowest);
+    m *= scale;
+    float sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      const float e = j < valid ? exp_approx(row[j] * scale - m) : 0.0f;
+      row[j] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+    lse[r] = m + std::log(sum);
+  }
+}
+
+// The backward pass's probabilities again: p = e^(scale·s − lse) for the keys a query sees, 0 after them.
+MOETRAIN_ROW_LOOP
+void causal_probabilities_rows(float* s, int64_t lds, int64_t rows, int64_t first, int64_t n, float scale,
+                               const float* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * lds;
+    const int64_t valid = std::min(n, first + r + 1);
+    const float l = lse[r];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] = j < valid ? exp_approx(row[j] * scale - l) : 0.0f;
+  }
+}
+
+// dp (the probabilities' gradient) becomes the scores' gradient times scale: scale·p·(dp − delta) per row.
+MOETRAIN_ROW_LOOP
+void softmax_grad_rows(const float* p, float* dp, int64_t ld, int64_t rows, int64_t n, float scale,
+                       const float* delta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* pr = p + r * ld;
+    float* d = dp + r * ld;
+    const float dl = delta[r];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) d[j] = scale * pr[j] * (d[j] - dl);
+  }
+}
+
+// dst[c·ldd + t] = src[t·lds + c] for t < rows, c < cols.
+void transpose_into(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + t] = src[t * lds + c];
+}
+
+// One attention operand as rows of one (batch, head) pair: [B, H, T, width] with any strides but a contiguous last dim.
+struct HeadRows {
+  const float* base;
+  int64_t sb, sh, st, width;
+  explicit HeadRows(const at::Tensor& t)
+      : base(t.const_data_ptr<float>()), sb(t.stride(0)), sh(t.stride(1)), st(t.stride(2)), width(t.size(3)) {}
+  const float* pair(int64_t b, int64_t h) const { return base + b * sb + h * sh; }
+};
+
+// Queries per block: a block computes scores only for the keys up to its last query, so the causal mask's upper
+// triangle is skipped but for the diagonal blocks.
+constexpr int64_t kQueryBlock = 32;
+
 }  // namespace
 
 bool applies(const at::Tensor& t) { return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat; }
@@ -384,6 +497,99 @@ at::Tensor route_top_k(const at::Tensor& scores_in, const at::Tensor& bias_in, i
     }
   });
   return indices;
+}
+
+namespace {
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+void check_attention_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 && v.size(0) == q.size(0) &&
+                  v.size(1) == q.size(1) && v.size(2) == q.size(2),
+              "fused_cpu::causal_attention: q, k [B, H, T, D] and v [B, H, T, Dv] expected, got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                   const at::Tensor& v_in, double scale_in) {
+  RECORD_FUNCTION("moetrain::fused_cpu::causal_attention", std::vector<c10::IValue>());
+  check_attention_operands(q_in, k_in, v_in);
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Dv = v.size(3);
+  at::Tensor o = at::empty({B, T, H, Dv}, q.options()), lse = at::empty({B, H, T}, q.options());
+  const HeadRows Q(q), K(k), V(v);
+  float* op = o.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const auto scale = static_cast<float>(scale_in);
+  // One (batch, head) pair per task, whole: the results do not depend on the thread count.
+  at::parallel_for(0, B * H, 1, [&](int64_t pb, int64_t pe) {
+    std::vector<float> kt(D * T), s(kQueryBlock * T);
+    for (int64_t p = pb; p < pe; ++p) {
+      const int64_t b = p / H, h = p % H;
+      const float *qp = Q.pair(b, h), *kp = K.pair(b, h), *vp = V.pair(b, h);
+      float* out = op + (b * T * H + h) * Dv;  // query t's row at out + t·H·Dv
+      transpose_into(kp, K.st, kt.data(), T, T, D);
+      for (int64_t first = 0; first < T; first += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, T - first), n = first + rows;
+        small_gemm(qp + first * Q.st, Q.st, 1, kt.data(), T, s.data(), n, rows, n, D, false);
+        causal_softmax_rows(s.data(), n, rows, first, n, scale, lp + p * T + first);
+        small_gemm(s.data(), n, 1, vp, V.st, out + first * H * Dv, H * Dv, rows, Dv, n, false);
+      }
+    }
+  });
+  return {o.transpose(1, 2), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const at::Tensor& dout_in,
+                                                                         const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                         const at::Tensor& v_in, const at::Tensor& o_in,
+                                                                         const at::Tensor& lse_in, double scale_in) {
+  RECORD_FUNCTION("moetrain::fused_cpu::causal_attention_backward", std::vector<c10::IValue>());
+  check_attention_operands(q_in, k_in, v_in);
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  const at::Tensor o = last_dim_contiguous(o_in), dout = last_dim_contiguous(dout_in), lse = lse_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Dv = v.size(3);
+  at::Tensor dq = at::empty({B, T, H, D}, q.options()), dk = at::empty({B, T, H, D}, q.options()),
+             dv = at::empty({B, T, H, Dv}, q.options());
+  const HeadRows Q(q), K(k), V(v), O(o), dO(dout);
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const float* lp = lse.const_data_ptr<float>();
+  const auto scale = static_cast<float>(scale_in);
+  at::parallel_for(0, B * H, 1, [&](int64_t pb, int64_t pe) {
+    std::vector<float> kt(D * T), vt(Dv * T), s(kQueryBlock * T), ds(kQueryBlock * T), dkt(D * T), dvt(Dv * T),
+        delta(T);
+    for (int64_t p = pb; p < pe; ++p) {
+      const int64_t b = p / H, h = p % H;
+      const float *qp = Q.pair(b, h), *kp = K.pair(b, h), *vp = V.pair(b, h), *opr = O.pair(b, h),
+                  *gp = dO.pair(b, h);
+      transpose_into(kp, K.st, kt.data(), T, T, D);
+      transpose_into(vp, V.st, vt.data(), T, T, Dv);
+      std::fill(dkt.begin(), dkt.end(), 0.0f);
+      std::fill(dvt.begin(), dvt.end(), 0.0f);
+      for (int64_t t = 0; t < T; ++t) {  // delta_t = dO_t · O_t, the softmax backward's row term
+        float acc = 0;
+        for (int64_t c = 0; c < Dv; ++c) acc += gp[t * dO.st + c] * opr[t * O.st + c];
+        delta[t] = acc;
+      }
+      for (int64_t first = 0; first < T; first += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, T - first), n = first + rows;
+        const float *qb = qp + first * Q.st, *gb = gp + first * dO.st;
+        small_gemm(qb, Q.st, 1, kt.data(), T, s.data(), n, rows, n, D, false);  // the scores again
+        causal_probabilities_rows(s.data(), n, rows, first, n, scale, lp + p * T + first);
+        small_gemm(gb, 1, dO.st, s.data(), n, dvt.data(), T, Dv, n, rows, true);   // dVᵀ += dOᵀ·P
+        small_gemm(gb, dO.st, 1, vt.data(), T, ds.data(), n, rows, n, Dv, false);  // dP = dO·Vᵀ
+        softmax_grad_rows(s.data(), ds.data(), n, rows, n, scale, delta.data() + first);
+        small_gemm(ds.data(), n, 1, kp, K.st, dqp + (b * T * H + h) * D + first * H * D, H * D, rows, D, n,
+                   false);                                                            // dQ = dS·K
+        small_gemm(qb, 1, Q.st, ds.data(), n, dkt.data(), T, D, n, rows, true);     // dKᵀ += Qᵀ·dS
+      }
+      transpose_into(dkt.data(), T, dkp + (b * T * H + h) * D, H * D, D, T);
+      transpose_into(dvt.data(), T, dvp + (b * T * H + h) * Dv, H * Dv, Dv, T);
+    }
+  });
+  return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
 }
 
 }  // namespace moetrain::model::fused_cpu

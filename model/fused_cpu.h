@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <tuple>
 #include <utility>
 
 namespace moetrain::model::fused_cpu {
@@ -52,5 +53,18 @@ void rope_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& cis, bool
 // n_group > 1; in descending order of s + bias, ties to the lower expert id (as at::topk's order). int64 [rows, k].
 at::Tensor route_top_k(const at::Tensor& scores, const at::Tensor& bias, int64_t n_group, int64_t topk_group,
                        int64_t k);
+
+// Causal attention, o = softmax(scale·q·kᵀ, keys up to each query's own position)·v, flash style: the probabilities
+// live one block of queries at a time and the backward pass computes them again from the log-sum-exp. q, k
+// [B, H, T, D] and v [B, H, T, Dv], any strides with a contiguous last dim (v needs no padding to D). Returns
+// {o [B, H, T, Dv] (a view of a [B, T, H, Dv] tensor), lse [B, H, T] (each query's log-sum-exp of its scaled scores)}.
+// Each (batch, head) pair is computed whole by one thread.
+std::pair<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   double scale);
+// Its gradients {dq, dk, dv} (views of [B, T, H, ·] tensors) for the output gradient dout.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                         const at::Tensor& k, const at::Tensor& v,
+                                                                         const at::Tensor& o, const at::Tensor& lse,
+                                                                         double scale);
 
 }  // namespace moetrain::model::fused_cpu

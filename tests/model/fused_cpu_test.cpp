@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "model/attention.h"
 #include "model/layers.h"
 #include "model/router.h"
 #include "model/row_ops.h"
@@ -118,6 +119,28 @@ TEST(FusedCpu, RoutingChoosesAsTheComposition) {
   // Plain top-k (no bias, no groups) as at::topk orders it.
   const at::Tensor plain = fused_cpu::route_top_k(a.scores.detach(), {}, 1, 1, 6);
   EXPECT_TRUE(at::equal(plain, std::get<1>(b.scores.detach().topk(6, -1))));
+}
+
+TEST(FusedCpu, CausalAttentionMatchesScaledDotProductAttention) {
+  torch::manual_seed(7);
+  // [B, T, H, ·] tensors seen as [B, H, T, ·] (as MLA hands them over); query blocks of 32 with a partial last block
+  // (T 77) and more keys than one register tile (T 150); head dims with remainders (D 20, Dv 12) and v narrower than
+  // q and k (no padding).
+  for (const int64_t T : {5, 77, 150}) {
+    const at::Tensor q = torch::randn({2, T, 3, 20}), k = torch::randn({2, T, 3, 20}), v = torch::randn({2, T, 3, 12});
+    expect_fp32_matches_fp64({q, k, v}, [](const auto& in) {
+      return causal_attention(in[0].transpose(1, 2), in[1].transpose(1, 2), in[2].transpose(1, 2), 0.4);
+    });
+  }
+  // The FP64 composition is ATen's own attention; the log-sum-exp is each query's over the keys it sees.
+  const at::Tensor q = torch::randn({1, 2, 9, 8}), k = torch::randn({1, 2, 9, 8}), v = torch::randn({1, 2, 9, 8});
+  const auto [o, lse] = fused_cpu::causal_attention(q, k, v, 0.5);
+  const at::Tensor scores = torch::matmul(q, k.transpose(-2, -1)) * 0.5;
+  const at::Tensor masked = scores.masked_fill(torch::ones({9, 9}, torch::kBool).triu(1), -INFINITY);
+  EXPECT_TRUE(torch::allclose(lse, masked.logsumexp(-1), 1e-5, 1e-5));
+  EXPECT_TRUE(torch::allclose(o, torch::matmul(torch::softmax(masked, -1), v), 1e-5, 1e-5));
+  EXPECT_TRUE(fused_causal_attention(torch::kFloat, torch::kCPU));
+  EXPECT_FALSE(fused_causal_attention(torch::kBFloat16, torch::kCPU));
 }
 
 }  // namespace
