@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -211,9 +212,10 @@ void take_top(float* v, int64_t n, int64_t k, int64_t* out) {
   }
 }
 
-// Small GEMMs for the attention kernel: C[M×N] = A·B (or C += A·B with `accumulate`), A[i][k] at A[i·sai + k·sak]
-// (any layout, read one scalar at a time), B rows of N contiguous floats ldb apart, C rows ldc apart. Register tiles
-// of MR rows × NR columns, kept in vector registers across the whole k loop.
+// Small GEMMs for the attention kernel and the experts' grouped GEMMs: C[M×N] = A·B (or C += A·B with `accumulate`),
+// A[i][k] at A[i·sai + k·sak] (any layout, read one scalar at a time), B rows of N contiguous floats ldb apart, C rows
+// ldc apart. Register tiles of MR rows × NR columns, kept in vector registers across the whole k loop (each element
+// summed in k order).
 template <int MR, int NR>
 inline __attribute__((always_inline)) void gemm_tile(const float* A, int64_t sai, int64_t sak, const float* B,
                                                      int64_t ldb, float* C, int64_t ldc, int64_t K, bool accumulate) {
@@ -234,22 +236,25 @@ inline __attribute__((always_inline)) void gemm_tile(const float* A, int64_t sai
     for (int j = 0; j < NR; ++j) C[i * ldc + j] = acc[i][j];
 }
 
-template <int MR>
-inline __attribute__((always_inline)) void gemm_rows(const float* A, int64_t sai, int64_t sak, const float* B,
-                                                     int64_t ldb, float* C, int64_t ldc, int64_t N, int64_t K,
-                                                     bool accumulate) {
-  int64_t j = 0;
-  for (; j + 64 <= N; j += 64) gemm_tile<MR, 64>(A, sai, sak, B + j, ldb, C + j, ldc, K, accumulate);
-  for (; j + 16 <= N; j += 16) gemm_tile<MR, 16>(A, sai, sak, B + j, ldb, C + j, ldc, K, accumulate);
-  for (; j < N; ++j) gemm_tile<MR, 1>(A, sai, sak, B + j, ldb, C + j, ldc, K, accumulate);
+// Columns in strips of 64, 32 and 16 (then one at a time), each strip's rows in tiles of 16 accumulator vectors
+// (AVX-512) where the rows allow: enough independent sums to keep the FMA units busy.
+template <int MR, int NR>
+inline __attribute__((always_inline)) void gemm_strip(const float* A, int64_t sai, int64_t sak, const float* B,
+                                                      int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t K,
+                                                      bool accumulate) {
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) gemm_tile<MR, NR>(A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, K, accumulate);
+  for (; i < M; ++i) gemm_tile<1, NR>(A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, K, accumulate);
 }
 
 MOETRAIN_ROW_LOOP
 void small_gemm(const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
                 int64_t M, int64_t N, int64_t K, bool accumulate) {
-  int64_t i = 0;
-  for (; i + 4 <= M; i += 4) gemm_rows<4>(A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, N, K, accumulate);
-  for (; i < M; ++i) gemm_rows<1>(A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, N, K, accumulate);
+  int64_t j = 0;
+  for (; j + 64 <= N; j += 64) gemm_strip<4, 64>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
+  for (; j + 32 <= N; j += 32) gemm_strip<8, 32>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
+  for (; j + 16 <= N; j += 16) gemm_strip<8, 16>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
+  for (; j < N; ++j) gemm_strip<4, 1>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
 }
 
 // Row r of s (`n` raw scores q·k, row stride lds) is query first + r: its keys 0..first + r turn into the softmax of
@@ -590,6 +595,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
     }
   });
   return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
+}
+
+namespace {
+
+// The rows of each expert's block from the int32 cumulative ends.
+std::vector<int64_t> block_starts(const at::Tensor& ends_in, int64_t rows) {
+  const at::Tensor ends = ends_in.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* ep = ends.const_data_ptr<int64_t>();
+  std::vector<int64_t> starts{0};
+  for (int64_t e = 0; e < ends.numel(); ++e) starts.push_back(ep[e]);
+  TORCH_CHECK(starts.back() <= rows, "fused_cpu::grouped_gemm: the groups end at row ", starts.back(), " of ", rows);
+  return starts;
+}
+
+// Tasks of up to `per_task` units of each expert's `units(e)`: {expert, first unit, units}, in expert order.
+template <class Units>
+std::vector<std::array<int64_t, 3>> expert_tasks(int64_t experts, int64_t per_task, const Units& units) {
+  std::vector<std::array<int64_t, 3>> tasks;
+  for (int64_t e = 0; e < experts; ++e)
+    for (int64_t u = 0; u < units(e); u += per_task) tasks.push_back({e, u, std::min(per_task, units(e) - u)});
+  return tasks;
+}
+
+}  // namespace
+
+at::Tensor grouped_gemm(const at::Tensor& x_in, const at::Tensor& b_in, const at::Tensor& ends) {
+  RECORD_FUNCTION("moetrain::fused_cpu::grouped_gemm", std::vector<c10::IValue>());
+  const at::Tensor x = x_in.contiguous(), b = b_in.contiguous();
+  TORCH_CHECK(x.dim() == 2 && b.dim() == 3 && b.size(1) == x.size(1) && b.size(0) == ends.numel(),
+              "fused_cpu::grouped_gemm: x [rows, K] and b [E, K, N] expected, got ", x.sizes(), " and ", b.sizes());
+  const int64_t K = x.size(1), N = b.size(2);
+  const std::vector<int64_t> starts = block_starts(ends, x.size(0));
+  at::Tensor y = at::zeros({x.size(0), N}, x.options());  // rows after the last group stay 0, as at::_grouped_mm's
+  const float *xp = x.const_data_ptr<float>(), *bp = b.const_data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto tasks = expert_tasks(b.size(0), 64, [&](int64_t e) { return starts[e + 1] - starts[e]; });
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const auto [e, first, rows] = tasks[t];
+      const int64_t r = starts[e] + first;
+      small_gemm(xp + r * K, K, 1, bp + e * K * N, N, yp + r * N, N, rows, N, K, false);
+    }
+  });
+  return y;
+}
+
+at::Tensor grouped_gemm_tn(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& ends) {
+  RECORD_FUNCTION("moetrain::fused_cpu::grouped_gemm_tn", std::vector<c10::IValue>());
+  const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous();
+  TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0),
+              "fused_cpu::grouped_gemm_tn: dy [rows, N] and x [rows, K] expected, got ", dy.sizes(), " and ",
+              x.sizes());
+  const int64_t N = dy.size(1), K = x.size(1), E = ends.numel();
+  const std::vector<int64_t> starts = block_starts(ends, x.size(0));
+  at::Tensor out = at::empty({E, N, K}, x.options());
+  const float *gp = dy.const_data_ptr<float>(), *xp = x.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // Each task: 32 rows of one expert's [N, K] gradient, summed over all of the expert's tokens in token order.
+  const auto tasks = expert_tasks(E, 32, [&](int64_t) { return N; });
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const auto [e, first, rows] = tasks[t];
+      const int64_t r = starts[e];
+      small_gemm(gp + r * N + first, 1, N, xp + r * K, K, op + (e * N + first) * K, K, rows, K, starts[e + 1] - r,
+                 false);
+    }
+  });
+  return out;
 }
 
 }  // namespace moetrain::model::fused_cpu

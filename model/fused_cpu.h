@@ -67,4 +67,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
                                                                          const at::Tensor& o, const at::Tensor& lse,
                                                                          double scale);
 
+// The routed experts' grouped GEMMs (x's rows in consecutive blocks, one per expert; ends: the blocks' cumulative
+// ends, int32, as at::_grouped_mm's offsets), with the attention's register-tiled small GEMMs, split over the
+// intra-op threads by blocks of rows (each output element is computed by one thread in a fixed order):
+// y[rows of e] = x[rows of e]·b[e] for x [rows, K], b [E, K, N] -> y [rows, N] (rows after the last block 0);
+at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& b, const at::Tensor& ends);
+// out[e] = dy[rows of e]ᵀ·x[rows of e] for dy [rows, N], x [rows, K] -> [E, N, K] (0 for an expert without rows).
+at::Tensor grouped_gemm_tn(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ends);
+
 }  // namespace moetrain::model::fused_cpu

@@ -38,7 +38,11 @@ struct GroupedProjection : public torch::autograd::Function<GroupedProjection> {
     const auto dtype = stacked.scalar_type();
     ctx->save_for_backward({x, ends});
     ctx->saved_data["weights"] = c10::List<at::Tensor>(weights);
-    return at::_grouped_mm(standard_rows(x.to(dtype)), stacked.transpose(1, 2), ends);
+    const at::Tensor xs = standard_rows(x.to(dtype));
+    // FP32 on the CPU: the fused kernel (model/fused_cpu.h), which wants each expert's weight as [in, out].
+    if (fused_cpu::applies({xs, stacked}))
+      return fused_cpu::grouped_gemm(xs, stacked.transpose(1, 2).contiguous(), ends);
+    return at::_grouped_mm(xs, stacked.transpose(1, 2), ends);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -50,8 +54,12 @@ struct GroupedProjection : public torch::autograd::Function<GroupedProjection> {
     const at::Tensor dy = standard_rows(grads[0]);
     const at::Tensor w = at::stack(ws).view({ends.size(0), dy.size(1), -1}).to(dy.scalar_type());  // [E, out, in]
     const at::Tensor xc = standard_rows(x.to(dy.scalar_type()));
-    at::Tensor dx = at::_grouped_mm(dy, w, ends).to(x.scalar_type());  // each block's rows · W_e
-    auto wgrad = [dy, xc, ends] { return at::_grouped_mm(dy.t(), xc, ends); };  // [E, out, in]: dy_eᵀ · x_e
+    const bool fused = fused_cpu::applies({dy, w, xc});
+    // Each block's rows · W_e, and the weights' gradient [E, out, in]: dy_eᵀ · x_e.
+    at::Tensor dx = (fused ? fused_cpu::grouped_gemm(dy, w, ends) : at::_grouped_mm(dy, w, ends)).to(x.scalar_type());
+    auto wgrad = [dy, xc, ends, fused] {
+      return fused ? fused_cpu::grouped_gemm_tn(dy, xc, ends) : at::_grouped_mm(dy.t(), xc, ends);
+    };
     // A zero-bubble schedule's split backward: the weights' gradients later, each expert weight's slice of the
     // stacked gradient accumulated into it (precision/weight_grad_store.h).
     const bool deferred = precision::WeightGradStore::defer([wgrad, ws] {

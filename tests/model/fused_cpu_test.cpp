@@ -143,5 +143,31 @@ TEST(FusedCpu, CausalAttentionMatchesScaledDotProductAttention) {
   EXPECT_FALSE(fused_causal_attention(torch::kBFloat16, torch::kCPU));
 }
 
+TEST(FusedCpu, GroupedGemmsMatchPerExpertProducts) {
+  torch::manual_seed(8);
+  // Blocks of 70, 0, 129 and 3 rows (more than one task of 64 rows, an expert without rows) and 2 rows after the last
+  // block; widths with remainders (K 20, N 40: strips of 32 and single columns) and one of two full strips (N 128).
+  const std::vector<int64_t> counts{70, 0, 129, 3};
+  const at::Tensor ends = torch::tensor({70, 70, 199, 202}, torch::kInt);
+  for (const int64_t N : {40, 128}) {
+    const at::Tensor x = torch::randn({204, 20}), b = torch::randn({4, 20, N}), dy = torch::randn({204, N});
+    const at::Tensor y = fused_cpu::grouped_gemm(x, b, ends), dw = fused_cpu::grouped_gemm_tn(dy, x, ends);
+    int64_t first = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      const at::Tensor xe = x.narrow(0, first, counts[e]).to(torch::kDouble);
+      const at::Tensor ge = dy.narrow(0, first, counts[e]).to(torch::kDouble);
+      EXPECT_TRUE(torch::allclose(y.narrow(0, first, counts[e]).to(torch::kDouble),
+                                  torch::mm(xe, b[e].to(torch::kDouble)), 1e-5, 1e-5))
+          << "expert " << e << ", N " << N;
+      EXPECT_TRUE(torch::allclose(dw[e].to(torch::kDouble), torch::mm(ge.t(), xe), 1e-5, 1e-5))
+          << "expert " << e << ", N " << N;
+      first += counts[e];
+    }
+    EXPECT_EQ(dw[1].abs().max().item<float>(), 0.0f);  // no rows: a zero gradient
+    EXPECT_EQ(y.narrow(0, 202, 2).abs().max().item<float>(), 0.0f);
+  }
+  EXPECT_THROW(fused_cpu::grouped_gemm(torch::randn({5, 20}), torch::randn({4, 20, 8}), ends), c10::Error);
+}
+
 }  // namespace
 }  // namespace moetrain::model
