@@ -627,7 +627,8 @@ at::Tensor grouped_gemm(const at::Tensor& x_in, const at::Tensor& b_in, const at
               "fused_cpu::grouped_gemm: x [rows, K] and b [E, K, N] expected, got ", x.sizes(), " and ", b.sizes());
   const int64_t K = x.size(1), N = b.size(2);
   const std::vector<int64_t> starts = block_starts(ends, x.size(0));
-  at::Tensor y = at::zeros({x.size(0), N}, x.options());  // rows after the last group stay 0, as at::_grouped_mm's
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  y.narrow(0, starts.back(), x.size(0) - starts.back()).zero_();  // rows after the last group: 0, as at::_grouped_mm's
   const float *xp = x.const_data_ptr<float>(), *bp = b.const_data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const auto tasks = expert_tasks(b.size(0), 64, [&](int64_t e) { return starts[e + 1] - starts[e]; });
