@@ -39,3 +39,26 @@ function(moetrain_add_library folder)
     moetrain_use_torch(${target})
   endif()
 endfunction()
+
+# `source` of `target` compiled at -O3 with OpenMP (its loops' simd pragmas, and at::parallel_for, which is compiled
+# into its caller: with LibTorch's OpenMP backend it splits the work over the intra-op threads only in code compiled
+# with OpenMP), linked against LibTorch's own libgomp so that the process has one OpenMP runtime and thread pool. No FP
+# traps are assumed, so that selects vectorize. Where LibTorch has no libgomp of its own the loops still vectorize and
+# run on the calling thread.
+function(moetrain_use_openmp target source)
+  if(NOT DEFINED CACHE{MOETRAIN_TORCH_GOMP})
+    find_library(MOETRAIN_TORCH_GOMP NAMES libgomp.so.1 HINTS "${MOETRAIN_TORCH_ROOT}/lib" NO_DEFAULT_PATH)
+    if(NOT MOETRAIN_TORCH_GOMP)
+      message(WARNING "LibTorch's libgomp not found in ${MOETRAIN_TORCH_ROOT}/lib: the fused CPU kernels and GEMMs "
+                      "run on one thread")
+    endif()
+  endif()
+  if(MOETRAIN_TORCH_GOMP)
+    set(_openmp "-fopenmp")
+    target_link_libraries(${target} PUBLIC "${MOETRAIN_TORCH_GOMP}")
+  else()
+    set(_openmp "-fopenmp-simd")
+  endif()
+  set_source_files_properties(${source} TARGET_DIRECTORY ${target} PROPERTIES
+      COMPILE_OPTIONS "-O3;${_openmp};-fno-trapping-math" SKIP_PRECOMPILE_HEADERS ON)
+endfunction()

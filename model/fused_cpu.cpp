@@ -15,6 +15,8 @@
 #include <limits>
 #include <vector>
 
+#include "precision/cpu_gemm.h"
+
 // One copy of each row loop per instruction set, chosen when the library loads by the CPU's features (GCC function
 // multiversioning; "arch=" clones would test the CPU model and miss newer ones).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -25,6 +27,8 @@
 
 namespace moetrain::model::fused_cpu {
 namespace {
+
+using precision::cpu_gemm::small_gemm;
 
 // Rows split into at most one chunk per intra-op thread (each of at least ~16k elements); f(chunk, begin, end).
 // Returns the chunk count: chunk c always covers the same rows, whichever thread runs it.
@@ -210,51 +214,6 @@ void take_top(float* v, int64_t n, int64_t k, int64_t* out) {
     out[slot] = best;
     v[best] = -std::numeric_limits<float>::infinity();
   }
-}
-
-// Small GEMMs for the attention kernel and the experts' grouped GEMMs: C[M×N] = A·B (or C += A·B with `accumulate`),
-// A[i][k] at A[i·sai + k·sak] (any layout, read one scalar at a time), B rows of N contiguous floats ldb apart, C rows
-// ldc apart. Register tiles of MR rows × NR columns, kept in vector registers across the whole k loop (each element
-// summed in k order).
-template <int MR, int NR>
-inline __attribute__((always_inline)) void gemm_tile(const float* A, int64_t sai, int64_t sak, const float* B,
-                                                     int64_t ldb, float* C, int64_t ldc, int64_t K, bool accumulate) {
-  float acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-#pragma omp simd
-    for (int j = 0; j < NR; ++j) acc[i][j] = accumulate ? C[i * ldc + j] : 0.0f;
-  for (int64_t k = 0; k < K; ++k) {
-    const float* b = B + k * ldb;
-    for (int i = 0; i < MR; ++i) {
-      const float a = A[i * sai + k * sak];
-#pragma omp simd
-      for (int j = 0; j < NR; ++j) acc[i][j] += a * b[j];
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-#pragma omp simd
-    for (int j = 0; j < NR; ++j) C[i * ldc + j] = acc[i][j];
-}
-
-// Columns in strips of 64, 32 and 16 (then one at a time), each strip's rows in tiles of 16 accumulator vectors
-// (AVX-512) where the rows allow: enough independent sums to keep the FMA units busy.
-template <int MR, int NR>
-inline __attribute__((always_inline)) void gemm_strip(const float* A, int64_t sai, int64_t sak, const float* B,
-                                                      int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t K,
-                                                      bool accumulate) {
-  int64_t i = 0;
-  for (; i + MR <= M; i += MR) gemm_tile<MR, NR>(A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, K, accumulate);
-  for (; i < M; ++i) gemm_tile<1, NR>(A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, K, accumulate);
-}
-
-MOETRAIN_ROW_LOOP
-void small_gemm(const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
-                int64_t M, int64_t N, int64_t K, bool accumulate) {
-  int64_t j = 0;
-  for (; j + 64 <= N; j += 64) gemm_strip<4, 64>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
-  for (; j + 32 <= N; j += 32) gemm_strip<8, 32>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
-  for (; j + 16 <= N; j += 16) gemm_strip<8, 16>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
-  for (; j < N; ++j) gemm_strip<4, 1>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
 }
 
 // Row r of s (`n` raw scores q·k, row stride lds) is query first + r: its keys 0..first + r turn into the softmax of

@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
                                                                          double scale);
 
 // The routed experts' grouped GEMMs (x's rows in consecutive blocks, one per expert; ends: the blocks' cumulative
-// ends, int32, as at::_grouped_mm's offsets), with the attention's register-tiled small GEMMs, split over the
+// ends, int32, as at::_grouped_mm's offsets), with precision/cpu_gemm.h's micro-kernels, split over the
 // intra-op threads by blocks of rows (each output element is computed by one thread in a fixed order):
 // y[rows of e] = x[rows of e]·b[e] for x [rows, K], b [E, K, N] -> y [rows, N] (rows after the last block 0);
 at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& b, const at::Tensor& ends);

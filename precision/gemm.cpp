@@ -5,6 +5,9 @@
 #include <ATen/ops/mm.h>
 #include <torch/autograd.h>
 
+#include <vector>
+
+#include "precision/cpu_gemm.h"
 #include "precision/fp8.h"
 #include "precision/weight_cache.h"
 #include "precision/weight_grad_store.h"
@@ -58,11 +61,34 @@ struct SplitLinear : public torch::autograd::Function<SplitLinear> {
   }
 };
 
+// y = x · wᵀ in FP32 on the CPU with the micro-kernels of precision/cpu_gemm.h (which fall back to the BLAS for deep
+// products): dx = dy · w and dw = dyᵀ · x over the flattened tokens, deferrable as SplitLinear's.
+struct CpuLinear : public torch::autograd::Function<CpuLinear> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
+    ctx->save_for_backward({x, w});
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = w.size(0);
+    return cpu_gemm::mm(x.reshape({-1, x.size(-1)}), w.t()).view(sizes);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& w = saved[1];
+    const at::Tensor dy = grads[0].reshape({-1, grads[0].size(-1)});
+    at::Tensor dx = cpu_gemm::mm(dy, w).view(x.sizes());
+    return {dx, weight_grad_or_defer(w, [dy, x] { return cpu_gemm::mm(dy.t(), x.reshape({-1, x.size(-1)})); })};
+  }
+};
+
 }  // namespace
 
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, Mode mode) {
   switch (mode) {
     case Mode::kFp32:
+      if (x.device().is_cpu() && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat)
+        return CpuLinear::apply(x, weight);
       return WeightGradStore::split_forward() ? SplitLinear::apply(x, weight) : at::linear(x, weight);
     case Mode::kBf16:
       return Bf16Linear::apply(x, weight);
