@@ -8,11 +8,8 @@
 #include <algorithm>
 #include <vector>
 
-// One copy per instruction set, chosen when the library loads by the CPU's features (GCC function multiversioning).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MOETRAIN_GEMM_LOOP __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MOETRAIN_GEMM_LOOP
+#define MOETRAIN_GEMM_X86 1
 #endif
 
 namespace moetrain::precision::cpu_gemm {
@@ -39,8 +36,9 @@ inline __attribute__((always_inline)) void gemm_tile(const float* A, int64_t sai
     for (int j = 0; j < NR; ++j) C[i * ldc + j] = acc[i][j];
 }
 
-// Columns in strips of 64, 32 and 16 (then one at a time), each strip's rows in tiles of 16 accumulator vectors
-// (AVX-512) where the rows allow: enough independent sums to keep the FMA units busy.
+// Columns in strips of NR1, then NR2, then NR3 columns (then one at a time), each strip's rows in tiles of MR rows:
+// tiles of as many accumulator vectors as the instruction set has registers to spare (16 of the 32 AVX-512 registers,
+// 12 of the 16 AVX2 or SSE ones), enough independent sums to keep the FMA units busy without spilling.
 template <int MR, int NR>
 inline __attribute__((always_inline)) void gemm_strip(const float* A, int64_t sai, int64_t sak, const float* B,
                                                       int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t K,
@@ -50,18 +48,94 @@ inline __attribute__((always_inline)) void gemm_strip(const float* A, int64_t sa
   for (; i < M; ++i) gemm_tile<1, NR>(A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, K, accumulate);
 }
 
-}  // namespace
+// The k loop in blocks of kDepthBlock: each block's products summed in registers, then added to C in block order. A
+// two-level sum (rounding error growing with the block length plus the block count rather than with K, as a
+// BLAS's k-blocking gives), and each block's strip of B stays in the cache across the strip's rows.
+constexpr int64_t kDepthBlock = 128;
 
-MOETRAIN_GEMM_LOOP
-void small_gemm(const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
-                int64_t M, int64_t N, int64_t K, bool accumulate) {
+template <int MR1, int NR1, int MR2, int NR2, int MR3, int NR3>
+inline __attribute__((always_inline)) void gemm_block(const float* A, int64_t sai, int64_t sak, const float* B,
+                                                      int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t N,
+                                                      int64_t K, bool accumulate) {
   int64_t j = 0;
-  for (; j + 64 <= N; j += 64) gemm_strip<4, 64>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
-  for (; j + 32 <= N; j += 32) gemm_strip<8, 32>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
-  for (; j + 16 <= N; j += 16) gemm_strip<8, 16>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
+  for (; j + NR1 <= N; j += NR1) gemm_strip<MR1, NR1>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
+  for (; j + NR2 <= N; j += NR2) gemm_strip<MR2, NR2>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
+  for (; j + NR3 <= N; j += NR3) gemm_strip<MR3, NR3>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
   for (; j < N; ++j) gemm_strip<4, 1>(A, sai, sak, B + j, ldb, C + j, ldc, M, K, accumulate);
 }
 
+template <int MR1, int NR1, int MR2, int NR2, int MR3, int NR3>
+inline __attribute__((always_inline)) void gemm_strips(const float* A, int64_t sai, int64_t sak, const float* B,
+                                                       int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t N,
+                                                       int64_t K, bool accumulate) {
+  int64_t k = 0;
+  do {  // at least once: K 0 writes C = 0 (or leaves it)
+    const int64_t depth = std::min(kDepthBlock, K - k);
+    gemm_block<MR1, NR1, MR2, NR2, MR3, NR3>(A + k * sak, sai, sak, B + k * ldb, ldb, C, ldc, M, N, depth,
+                                             accumulate || k > 0);
+    k += depth;
+  } while (k < K);
+}
+
+// One kernel per instruction set; the CPU's features pick one when it is first used.
+#ifdef MOETRAIN_GEMM_X86
+__attribute__((target("avx512f"))) void gemm_avx512(const float* A, int64_t sai, int64_t sak, const float* B,
+                                                    int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t N,
+                                                    int64_t K, bool accumulate) {
+  gemm_strips<4, 64, 8, 32, 8, 16>(A, sai, sak, B, ldb, C, ldc, M, N, K, accumulate);  // 16-float vectors
+}
+
+__attribute__((target("avx2,fma"))) void gemm_avx2(const float* A, int64_t sai, int64_t sak, const float* B,
+                                                   int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t N,
+                                                   int64_t K, bool accumulate) {
+  gemm_strips<3, 32, 6, 16, 6, 8>(A, sai, sak, B, ldb, C, ldc, M, N, K, accumulate);  // 8-float vectors
+}
+#endif
+
+void gemm_baseline(const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
+                   int64_t M, int64_t N, int64_t K, bool accumulate) {
+  gemm_strips<3, 16, 6, 8, 6, 4>(A, sai, sak, B, ldb, C, ldc, M, N, K, accumulate);  // 4-float vectors (SSE2)
+}
+
+using Kernel = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t,
+                        int64_t, bool);
+
+Kernel kernel_for(Isa isa) {
+  switch (isa) {
+#ifdef MOETRAIN_GEMM_X86
+    case Isa::kAvx512:
+      return gemm_avx512;
+    case Isa::kAvx2:
+      return gemm_avx2;
+#endif
+    default:
+      return gemm_baseline;
+  }
+}
+
+}  // namespace
+
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> isas;
+#ifdef MOETRAIN_GEMM_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) isas.push_back(Isa::kAvx512);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isas.push_back(Isa::kAvx2);
+#endif
+  isas.push_back(Isa::kBaseline);
+  return isas;
+}
+
+void small_gemm(const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
+                int64_t M, int64_t N, int64_t K, bool accumulate) {
+  static const Kernel kernel = kernel_for(supported_isas().front());
+  kernel(A, sai, sak, B, ldb, C, ldc, M, N, K, accumulate);
+}
+
+void small_gemm(Isa isa, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb, float* C,
+                int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate) {
+  kernel_for(isa)(A, sai, sak, B, ldb, C, ldc, M, N, K, accumulate);
+}
 
 bool applies(const at::Tensor& a, const at::Tensor& b) {
   return a.defined() && b.defined() && a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == at::kFloat &&

@@ -34,6 +34,29 @@ TEST(CpuGemm, MatchesTheFp64ProductForEveryLayout) {
   EXPECT_FALSE(cpu_gemm::applies(a.to(torch::kDouble), b.to(torch::kDouble)));
 }
 
+// Every kernel this CPU can run (AVX-512, AVX2 + FMA, the baseline: different register tiles and strips), with a
+// transposed A, and accumulating into C.
+TEST(CpuGemm, EveryInstructionSetsKernelComputesTheProduct) {
+  torch::manual_seed(4);
+  const int64_t M = 37, K = 19, N = 150;
+  const at::Tensor at_ = torch::randn({K, M}), b = torch::randn({K, N}), c0 = torch::randn({M, N});
+  const at::Tensor a = at_.t();  // [M, K] with strides (1, M)
+  const at::Tensor want = torch::mm(a.to(torch::kDouble), b.to(torch::kDouble));
+  const std::vector<cpu_gemm::Isa> isas = cpu_gemm::supported_isas();
+  ASSERT_FALSE(isas.empty());
+  EXPECT_EQ(isas.back(), cpu_gemm::Isa::kBaseline);
+  for (const cpu_gemm::Isa isa : isas) {
+    at::Tensor c = torch::empty({M, N});
+    cpu_gemm::small_gemm(isa, at_.const_data_ptr<float>(), 1, M, b.const_data_ptr<float>(), N, c.data_ptr<float>(), N,
+                         M, N, K, false);
+    expect_close(c, want, "kernel " + std::to_string(static_cast<int>(isa)));
+    at::Tensor acc = c0.clone();
+    cpu_gemm::small_gemm(isa, at_.const_data_ptr<float>(), 1, M, b.const_data_ptr<float>(), N, acc.data_ptr<float>(),
+                         N, M, N, K, true);
+    expect_close(acc, want + c0.to(torch::kDouble), "kernel " + std::to_string(static_cast<int>(isa)) + ", +=");
+  }
+}
+
 TEST(CpuGemm, SameBitsWhateverTheThreadsAndTheOtherRows) {
   torch::manual_seed(2);
   const at::Tensor a = torch::randn({200, 96}), b = torch::randn({96, 300});
