@@ -80,14 +80,14 @@ inline __attribute__((always_inline)) void gemm_strips(const float* A, int64_t s
 // One kernel per instruction set; the CPU's features pick one when it is first used.
 #ifdef MOETRAIN_GEMM_X86
 __attribute__((target("avx512f"))) void gemm_avx512(const float* A, int64_t sai, int64_t sak, const float* B,
-                                                    int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t N,
-                                                    int64_t K, bool accumulate) {
+                                                    int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t N, int64_t K,
+                                                    bool accumulate) {
   gemm_strips<4, 64, 8, 32, 8, 16>(A, sai, sak, B, ldb, C, ldc, M, N, K, accumulate);  // 16-float vectors
 }
 
 __attribute__((target("avx2,fma"))) void gemm_avx2(const float* A, int64_t sai, int64_t sak, const float* B,
-                                                   int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t N,
-                                                   int64_t K, bool accumulate) {
+                                                   int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t N, int64_t K,
+                                                   bool accumulate) {
   gemm_strips<4, 16, 4, 8, 4, 4>(A, sai, sak, B, ldb, C, ldc, M, N, K, accumulate);  // 8-float vectors
 }
 #endif
@@ -126,14 +126,14 @@ std::vector<Isa> supported_isas() {
   return isas;
 }
 
-void small_gemm(const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
-                int64_t M, int64_t N, int64_t K, bool accumulate) {
+void small_gemm(const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t M,
+                int64_t N, int64_t K, bool accumulate) {
   static const Kernel kernel = kernel_for(supported_isas().front());
   kernel(A, sai, sak, B, ldb, C, ldc, M, N, K, accumulate);
 }
 
-void small_gemm(Isa isa, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb, float* C,
-                int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate) {
+void small_gemm(Isa isa, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
+                int64_t M, int64_t N, int64_t K, bool accumulate) {
   kernel_for(isa)(A, sai, sak, B, ldb, C, ldc, M, N, K, accumulate);
 }
 
@@ -159,8 +159,8 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b_in) {
   at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t i = t / col_blocks * kRows, j = t % col_blocks * kCols;
-      small_gemm(ap + i * sai, sai, sak, bp + j, ldb, cp + i * N + j, N, std::min(kRows, M - i),
-                 std::min(kCols, N - j), K, false);
+      small_gemm(ap + i * sai, sai, sak, bp + j, ldb, cp + i * N + j, N, std::min(kRows, M - i), std::min(kCols, N - j),
+                 K, false);
     }
   });
   return c;

@@ -51,8 +51,8 @@ TEST(CpuGemm, EveryInstructionSetsKernelComputesTheProduct) {
                          M, N, K, false);
     expect_close(c, want, "kernel " + std::to_string(static_cast<int>(isa)));
     at::Tensor acc = c0.clone();
-    cpu_gemm::small_gemm(isa, at_.const_data_ptr<float>(), 1, M, b.const_data_ptr<float>(), N, acc.data_ptr<float>(),
-                         N, M, N, K, true);
+    cpu_gemm::small_gemm(isa, at_.const_data_ptr<float>(), 1, M, b.const_data_ptr<float>(), N, acc.data_ptr<float>(), N,
+                         M, N, K, true);
     expect_close(acc, want + c0.to(torch::kDouble), "kernel " + std::to_string(static_cast<int>(isa)) + ", +=");
   }
 }
