@@ -278,9 +278,9 @@ void transpose_into(const float* src, int64_t lds, float* dst, int64_t ldd, int6
 // One attention operand as rows of one (batch, head) pair: [B, H, T, width] with any strides but a contiguous last dim.
 struct HeadRows {
   const float* base;
-  int64_t sb, sh, st, width;
+  int64_t sb, sh, st;
   explicit HeadRows(const at::Tensor& t)
-      : base(t.const_data_ptr<float>()), sb(t.stride(0)), sh(t.stride(1)), st(t.stride(2)), width(t.size(3)) {}
+      : base(t.const_data_ptr<float>()), sb(t.stride(0)), sh(t.stride(1)), st(t.stride(2)) {}
   const float* pair(int64_t b, int64_t h) const { return base + b * sb + h * sh; }
 };
 
