@@ -102,7 +102,7 @@ bool fused_causal_attention(at::ScalarType dtype, const at::Device& device) {
 }
 
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  if (fused_cpu::applies({q, k, v})) return FusedCausalAttention::apply(q, k, v, scale);
+  if (fused_causal_attention(q.scalar_type(), q.device())) return FusedCausalAttention::apply(q, k, v, scale);
   return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale);
 }
 

@@ -5,8 +5,6 @@
 #include <ATen/ops/mm.h>
 #include <torch/autograd.h>
 
-#include <vector>
-
 #include "precision/cpu_gemm.h"
 #include "precision/fp8.h"
 #include "precision/weight_cache.h"
@@ -40,39 +38,18 @@ struct Bf16Linear : public torch::autograd::Function<Bf16Linear> {
   }
 };
 
-// y = x · wᵀ in FP32 as at::linear computes it, with a backward whose weight gradient can be deferred
-// (precision/weight_grad_store.h): dx = dy · w and dw = (xᵀ · dy)ᵀ over the flattened tokens, the GEMMs autograd
-// runs for at::linear.
+// y = x · wᵀ in FP32 as at::linear computes it (the forward product through the BLAS), with a backward of its own:
+// dx = dy · w and dw = dyᵀ · x over the flattened tokens, the weight gradient deferrable
+// (precision/weight_grad_store.h), both through cpu_gemm::mm: the micro-kernels of precision/cpu_gemm.h for FP32 on
+// the CPU, at::mm elsewhere.
+// (With the micro-kernels in the forward product too, parallel.equivalence's 8-layer runs at dp 2 drift to 1.9e-5 of a
+// parameter's scale after 10 steps, over its 1e-5: not a dependence on the layout, since every layout multiplies
+// micro-batches of the same rows, but a trajectory on which the optimizer amplifies the reduction order's rounding
+// more; with the BLAS forward the same runs agree within 2e-6.)
 struct SplitLinear : public torch::autograd::Function<SplitLinear> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
     ctx->save_for_backward({x, w});
     return at::linear(x, w);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& w = saved[1];
-    const at::Tensor dy = grads[0];
-    at::Tensor dx = at::matmul(dy, w);
-    return {dx, weight_grad_or_defer(
-                    w, [dy, x] { return at::mm(x.reshape({-1, x.size(-1)}).t(), dy.reshape({-1, dy.size(-1)})).t(); })};
-  }
-};
-
-// y = x · wᵀ in FP32 on the CPU: the forward product through the BLAS (at::mm), the backward's dx = dy · w and
-// dw = dyᵀ · x (over the flattened tokens, deferrable as SplitLinear's) through the micro-kernels of
-// precision/cpu_gemm.h. (With the micro-kernels in the forward product too, parallel.equivalence's 8-layer runs at
-// dp 2 drift to 1.9e-5 of a parameter's scale after 10 steps, over its 1e-5: not a dependence on the layout, since
-// every layout multiplies micro-batches of the same rows, but a trajectory on which the optimizer amplifies the
-// reduction order's rounding more; with the BLAS forward the same runs agree within 2e-6.)
-struct CpuLinear : public torch::autograd::Function<CpuLinear> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
-    ctx->save_for_backward({x, w});
-    std::vector<int64_t> sizes = x.sizes().vec();
-    sizes.back() = w.size(0);
-    return at::mm(x.reshape({-1, x.size(-1)}), w.t()).view(sizes);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -91,9 +68,12 @@ struct CpuLinear : public torch::autograd::Function<CpuLinear> {
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, Mode mode) {
   switch (mode) {
     case Mode::kFp32:
-      if (x.device().is_cpu() && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat)
-        return CpuLinear::apply(x, weight);
-      return WeightGradStore::split_forward() ? SplitLinear::apply(x, weight) : at::linear(x, weight);
+      // On the CPU the node always (its backward's GEMMs on the micro-kernels), elsewhere when a schedule splits the
+      // backward pass.
+      if ((x.device().is_cpu() && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat) ||
+          WeightGradStore::split_forward())
+        return SplitLinear::apply(x, weight);
+      return at::linear(x, weight);
     case Mode::kBf16:
       return Bf16Linear::apply(x, weight);
     case Mode::kFp8:
