@@ -106,6 +106,7 @@ struct ParallelConfig {
   double bucket_size_mb = 25.0;
   bool distributed_optimizer = true;  // ZeRO-1 where dp > 1
   bool overlap_grad_reduce = true;    // buckets reduced during the step's last backward pass
+  bool overlap_param_gather = true;   // ZeRO-1: the parameter all-gather overlapped with the next forward pass
   bool overlap_chunk_pairs = true;    // dualpipev: a forward and a backward chunk at once (two threads)
 };
 

@@ -125,6 +125,11 @@ std::vector<KeySpec> build_schema() {
        "accumulated all of its gradients, with non-blocking collectives, while the backward pass goes on "
        "(Megatron-Core's overlap_grad_reduce). Same numbers as reducing after the backward pass; more, smaller "
        "buckets start earlier."},
+      {KEY(parallel, overlap_param_gather),
+       "With ZeRO-1 (parallel.distributed_optimizer, dp > 1): start the all-gather of the updated parameters after "
+       "the optimizer step without waiting for it, and wait for each bucket only where the next forward pass first "
+       "uses one of its parameters, layer by layer (Megatron-Core's overlap_param_gather). Same numbers as gathering "
+       "right after the optimizer step."},
 
       // ---- train -------------------------------------------------------------------------------------------
       {KEY(train, seed), "Seed for initialization, data order and dropout-free sampling.", at_least(0)},

@@ -49,6 +49,7 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage, 
 }
 
 at::Tensor TransformerImpl::embed_tokens(const at::Tensor& tokens) {
+  if (param_gate) param_gate({embed});
   const at::Tensor e = at::embedding(embed, tokens);
   return mode_ == Mode::kFp32 ? e : e.to(at::kBFloat16);
 }
@@ -68,8 +69,11 @@ at::Tensor TransformerImpl::run_chunk(size_t chunk, at::Tensor h, ExpertExchange
                                       std::vector<MoeStats>& stats) {
   int64_t begin = 0;
   for (size_t c = 0; c < chunk; ++c) begin += stage_.chunks[c].num_layers;
-  for (int64_t i = begin; i < begin + stage_.chunks.at(chunk).num_layers; ++i)
-    h = layers[static_cast<size_t>(i)]->forward(h, exchange, stats);
+  for (int64_t i = begin; i < begin + stage_.chunks.at(chunk).num_layers; ++i) {
+    Block& block = layers[static_cast<size_t>(i)];
+    if (param_gate) param_gate(block->parameters());
+    h = block->forward(h, exchange, stats);
+  }
   return h;
 }
 

@@ -11,6 +11,7 @@
 
 #include <torch/nn/module.h>
 
+#include <functional>
 #include <vector>
 
 #include "config/config.h"
@@ -99,6 +100,10 @@ class TransformerImpl : public torch::nn::Module {
   void head_losses(const at::Tensor& h, const at::Tensor& window, ExpertExchange& exchange, LossSums& out);
   // The whole model in one process: window [B, seq_len + 1 + mtp_depth] -> loss sums.
   LossSums forward(const at::Tensor& window, ExpertExchange& exchange);
+
+  // Called before the embedding is used (with it) and before each block runs (with its parameters): where the
+  // trainer waits for a parameter all-gather still in flight (parallel.overlap_param_gather). Empty: nothing.
+  std::function<void(const std::vector<at::Tensor>&)> param_gate;
 
   at::Tensor embed;  // [vocab, d] (registered as embed.weight)
   at::Tensor head;   // [vocab, d] (head.weight), undefined when tied

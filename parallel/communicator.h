@@ -60,9 +60,10 @@ class Communicator {
   virtual std::unique_ptr<PendingOp> start_all_reduce(at::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
   virtual std::unique_ptr<PendingOp> start_reduce_scatter_in_place(at::Tensor& whole) = 0;
   virtual int in_place_part() const = 0;  // MPI: part 0 (MPI_IN_PLACE's convention); NCCL: part rank()
-  // Every rank's `mine` concatenated in rank order into `out` (out.numel() = size()·mine.numel(); ZeRO-1's
-  // parameter gather). Both contiguous, of one dtype.
-  virtual void all_gather(const at::Tensor& mine, at::Tensor& out) = 0;
+  // ZeRO-1's parameter gather, non-blocking and in place: `whole` (size() parts, contiguous) holds this rank's part
+  // in part rank() (elements [r·n, (r+1)·n)); once the operation finished every part holds its rank's. A CommError
+  // when it does not split evenly.
+  virtual std::unique_ptr<PendingOp> start_all_gather_in_place(at::Tensor& whole) = 0;
   // Rows of `t` go to ranks in order: send_rows[r] rows to rank r; returns the rows received, recv_rows[r] from
   // rank r, in rank order. Row shape and dtype are t's.
   virtual at::Tensor all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
@@ -89,22 +90,14 @@ class Communicator {
  protected:
   Communicator(std::string name, int rank, int size, int world_rank)
       : name_(std::move(name)), rank_(rank), size_(size), world_rank_(world_rank) {}
-  // all_gather: `whole` must be size() parts of `part`'s length and dtype; else a CommError naming
-  // the group and the operation.
-  void check_parts(const at::Tensor& whole, const at::Tensor& part, const char* op) const {
-    if (whole.numel() == part.numel() * size_ && whole.scalar_type() == part.scalar_type()) return;
-    throw CommError(fmt::format("{} on group {}: {} elements of {} do not split into {} parts of {} elements of {}", op,
-                                name_, whole.numel(), c10::toString(whole.scalar_type()), size_, part.numel(),
-                                c10::toString(part.scalar_type())));
-  }
-  // start_reduce_scatter_in_place: the elements of each of the size() parts of `whole` (a CommError when it does
-  // not split evenly); counts the bytes the operation sends.
-  int64_t in_place_parts(const at::Tensor& whole) {
+  // The in-place reduce-scatter and all-gather: the elements of each of the size() parts of `whole` (a CommError
+  // naming the operation when it does not split evenly); counts the bytes the operation `op` sends.
+  int64_t in_place_parts(const at::Tensor& whole, const char* op) {
     if (whole.numel() % size_ != 0)
-      throw CommError(fmt::format("reduce_scatter on group {}: {} elements do not split into {} parts", name_,
-                                  whole.numel(), size_));
+      throw CommError(fmt::format("{} on group {}: {} elements do not split into {} parts", op, name_, whole.numel(),
+                                  size_));
     const int64_t part = whole.numel() / size_;
-    count("reduce_scatter", part * (size_ - 1) * static_cast<int64_t>(whole.element_size()));
+    count(op, part * (size_ - 1) * static_cast<int64_t>(whole.element_size()));
     return part;
   }
   // The profiler's name of an operation on this group, "all-to-all ep", "send pp" (trainer/profiler.h): built

@@ -39,7 +39,8 @@ GradSync::GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, 
     : g_(groups),
       params_(std::move(params)),
       bucket_bytes_(static_cast<int64_t>(p.bucket_size_mb * 1024 * 1024)),
-      overlap_(p.overlap_grad_reduce) {
+      overlap_(p.overlap_grad_reduce),
+      overlap_gather_(p.overlap_param_gather) {
   at::NoGradGuard no_grad;
   // Reverse registration order: roughly the order backward produces the gradients.
   std::vector<size_t> dense, embedding, expert;
@@ -72,9 +73,26 @@ GradSync::GradSync(ProcessGroups& groups, std::vector<model::ParamInfo> params, 
     }
   }
   next_.assign(lanes_.size(), 0);
+  for (size_t b = 0; b < buckets_.size(); ++b)
+    if (buckets_[b].partitioned)
+      for (size_t i : buckets_[b].params) gather_bucket_[params_[i].tensor.unsafeGetTensorImpl()] = b;
 }
 
 GradSync::~GradSync() {
+  // A gather still in flight (the owner is unwinding from an error; else it finished them) may still write into
+  // its buffer: the buffer and the request are left alive rather than waited for, which could hang on a failed
+  // peer. The job is ending.
+  for (Bucket& b : buckets_) {
+    if (!b.gather) continue;
+    bool done = false;
+    try {
+      done = b.gather->test();
+    } catch (const std::exception&) {  // the communicator's error: the job is failing anyway
+    }
+    if (done) continue;
+    (void)new at::Tensor(b.grads);  // NOLINT: deliberately never freed
+    (void)b.gather.release();       // NOLINT: likewise
+  }
   if (!overlap_) return;
   for (const auto& lane : lanes_)
     for (size_t b : lane)
@@ -171,12 +189,16 @@ void GradSync::add_buckets(const std::vector<size_t>& which, Communicator* comm,
 }
 
 void GradSync::zero_grads() {
-  for (Bucket& b : buckets_) b.grads.zero_();
+  for (Bucket& b : buckets_)
+    if (!b.gather) b.grads.zero_();  // else finish() zeroes it, before the backward pass accumulates into it
 }
 
 void GradSync::reduce() {
   RECORD_USER_SCOPE("gradient reduction");
   at::NoGradGuard no_grad;
+  if (gathering())
+    throw std::logic_error("a parameter all-gather was still in flight when the gradients were reduced (the forward "
+                           "pass must finish it: GradSync::finish_gather)");
   armed_ = false;
   // What the backward pass did not start, in each group's order; then every reduction is waited for.
   for (size_t l = 0; l < lanes_.size(); ++l)
@@ -205,28 +227,64 @@ void GradSync::gather_params(const std::vector<at::Tensor>& values) {
   if (!sharded_) return;
   if (values.size() != pieces_.size())
     throw std::logic_error(fmt::format("gather_params: {} values for {} pieces", values.size(), pieces_.size()));
+  if (gathering()) throw std::logic_error("gather_params: the previous parameter all-gather is still in flight");
   RECORD_USER_SCOPE("parameter all-gather");
   at::NoGradGuard no_grad;
-  for (Bucket& b : buckets_) {
+  // The forward pass's order (the reverse of the buckets'), the same on every rank. The gradients were consumed
+  // by the optimizer step: the buffer receives the parameters (its dtype is at least as wide as theirs).
+  for (auto it = buckets_.rbegin(); it != buckets_.rend(); ++it) {
+    Bucket& b = *it;
     if (!b.partitioned) continue;
-    const at::Tensor& first = params_[b.params[0]].tensor;
-    at::Tensor mine = at::zeros({b.slice}, first.options());
+    at::Tensor all = gathered(b);
+    at::Tensor mine = all.narrow(0, b.comm->rank() * b.slice, b.slice);
     for (size_t k = 0; k < b.pieces.size(); ++k) {
       const size_t j = b.pieces[k];
       mine.narrow(0, b.at[k], pieces_[j].numel).copy_(values[j].reshape({-1}));
     }
-    // The gradients were consumed by the optimizer step: their buffer receives the parameters (its dtype is at
-    // least as wide as theirs).
-    at::Tensor all = b.grads.view(first.scalar_type()).narrow(0, 0, b.slice * b.comm->size());
-    b.comm->all_gather(mine, all);
-    for (size_t k = 0; k < b.params.size(); ++k) {
-      const model::ParamInfo& p = params_[b.params[k]];
-      const ShardPiece whole{b.params[k], 0, p.tensor.numel(), true};
-      piece_view(p.tensor, p.name, whole).copy_(all.narrow(0, b.offsets[k], p.tensor.numel()));
-    }
-    b.grads.zero_();
+    b.gather = b.comm->start_all_gather_in_place(all);
+    ++gathering_;
   }
   for (at::Tensor& g : piece_grads_) g = at::Tensor();
+  if (!overlap_gather_) finish_gather();
+}
+
+at::Tensor GradSync::gathered(const Bucket& b) const {
+  return b.grads.view(params_[b.params[0]].tensor.scalar_type()).narrow(0, 0, b.slice * b.comm->size());
+}
+
+void GradSync::finish(Bucket& b) {
+  b.gather->wait();
+  b.gather.reset();
+  --gathering_;
+  const at::Tensor all = gathered(b);
+  for (size_t k = 0; k < b.params.size(); ++k) {
+    const model::ParamInfo& p = params_[b.params[k]];
+    const ShardPiece whole{b.params[k], 0, p.tensor.numel(), true};
+    piece_view(p.tensor, p.name, whole).copy_(all.narrow(0, b.offsets[k], p.tensor.numel()));
+  }
+  b.grads.zero_();
+}
+
+void GradSync::finish_gather(const std::vector<at::Tensor>& params) {
+  if (!gathering()) return;
+  RECORD_USER_SCOPE("parameter all-gather");
+  at::NoGradGuard no_grad;
+  for (const at::Tensor& p : params) {
+    const auto it = gather_bucket_.find(p.unsafeGetTensorImpl());
+    if (it == gather_bucket_.end() || !buckets_[it->second].gather) continue;
+    finish(buckets_[it->second]);
+    ++gathered_in_forward_;
+  }
+  for (Bucket& b : buckets_)  // MPI progresses what was started only inside MPI calls
+    if (b.gather) b.gather->test();
+}
+
+void GradSync::finish_gather() {
+  if (!gathering()) return;
+  RECORD_USER_SCOPE("parameter all-gather");
+  at::NoGradGuard no_grad;
+  for (auto it = buckets_.rbegin(); it != buckets_.rend(); ++it)
+    if (it->gather) finish(*it);
 }
 
 double GradSync::global_norm() { return std::sqrt(global_norm_sq().item<double>()); }

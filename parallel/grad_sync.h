@@ -27,12 +27,21 @@
 // all-gathers the updated slices, in the parameters' dtype (BF16 in the bf16 and fp8 modes), into the bucket's
 // gradient buffer, which is free by then, so every replica holds every parameter again. The gradient norm is
 // summed from the slices. The reduce-scatter is in place (the slice's sum lands in the bucket buffer itself), so
-// it needs no memory of its own, and the parameters' .grad views hold no meaningful values after it.
+// it needs no memory of its own, and the parameters' .grad views hold no meaningful values after it. The all-gather
+// is in place too: each rank writes its slice at its place in the buffer.
+//
+// Overlapped gather (parallel.overlap_param_gather, Megatron-Core's overlap_param_gather): gather_params() starts
+// every bucket's all-gather, in the order the forward pass uses them, and returns; finish_gather(params) — called
+// by the model before each layer and before the embedding (model::TransformerImpl::param_gate) — waits for the
+// buckets holding those parameters only, copies them into the parameters and zeroes the bucket, while advancing the
+// others. The rest is finished before the forward pass reaches the head (the trainer calls finish_gather()), so
+// none is in flight when a backward pass accumulates gradients into the buffers. Same numbers as gathering at once.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <memory>
+#include <unordered_map>
 #include <vector>
 
 #include "model/param_roles.h"
@@ -67,7 +76,8 @@ class GradSync {
   // sharded.
   const std::vector<ShardPiece>& pieces() const { return pieces_; }
 
-  // Zeroes every gradient in place (the start of a step); the .grad views stay.
+  // Zeroes every gradient in place (the start of a step; a bucket whose gather is in flight is zeroed when it
+  // finishes); the .grad views stay.
   void zero_grads();
   // The next backward pass is the step's last (with overlap: each bucket starts its reduction when its gradients
   // are final). Without overlap nothing happens until reduce().
@@ -82,8 +92,17 @@ class GradSync {
   const std::vector<at::Tensor>& piece_grads() const { return piece_grads_; }
   // Sharded: after the optimizer updated this rank's pieces, whose new values are `values` (pieces() order, flat
   // or shaped: the optimizer's master pieces or views of the parameters), every replica receives every slice in
-  // the parameters' dtype; the gradients are overwritten (no-op when not sharded).
+  // the parameters' dtype; the gradients are overwritten (no-op when not sharded). With overlap_param_gather it
+  // only starts the all-gathers: the parameters are final once finish_gather() covered them.
   void gather_params(const std::vector<at::Tensor>& values);
+  bool gathering() const { return gathering_ > 0; }  // an all-gather started by gather_params() is in flight
+  // Waits for the gathers of the buckets holding any of `params` (parameters GradSync was given; others are
+  // ignored) and advances the rest without blocking.
+  void finish_gather(const std::vector<at::Tensor>& params);
+  void finish_gather();  // every gather in flight
+  // Buckets whose gather was finished by finish_gather(params), i.e. inside a forward pass, since construction (for
+  // tests).
+  int64_t gathered_in_forward() const { return gathered_in_forward_; }
 
   // The L2 norm over every unique parameter of the model once (stages, expert shards and replicas accounted for);
   // the same value on every rank.
@@ -104,7 +123,11 @@ class GradSync {
     std::vector<int64_t> at;        // each piece's position in this rank's slice
     size_t ready = 0;                   // parameters whose gradient is final (armed pass)
     std::unique_ptr<PendingOp> pending; // the reduction, from its start (armed pass or reduce()) to reduce()'s wait
+    std::unique_ptr<PendingOp> gather;  // the parameter all-gather, from gather_params() to finish_gather()
   };
+  // Partitioned: the bucket's buffer as size() parts of the parameters' dtype (the all-gather's).
+  at::Tensor gathered(const Bucket& b) const;
+  void finish(Bucket& b);  // its gather: waited for, the parameters copied out, the buffer zeroed
   bool reduces(const Bucket& b) const { return b.comm && b.comm->size() > 1; }
   void grad_ready(size_t param);  // the hook: the armed pass accumulated param's gradient
   void start(Bucket& b);
@@ -126,6 +149,10 @@ class GradSync {
   std::vector<std::vector<size_t>> lanes_;  // bucket indices per group, in bucket order
   std::vector<size_t> next_;                // per lane: the first bucket not yet started
   int64_t started_early_ = 0;
+  bool overlap_gather_ = false;
+  std::unordered_map<const c10::TensorImpl*, size_t> gather_bucket_;  // parameter -> its partitioned bucket
+  int gathering_ = 0;                                                  // buckets whose gather is in flight
+  int64_t gathered_in_forward_ = 0;
 };
 
 // The dtype gradients are accumulated in for a parameter of dtype t: at least FP32.

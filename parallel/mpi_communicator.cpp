@@ -144,7 +144,7 @@ void MpiCommunicator::all_reduce(at::Tensor& t, ReduceOp op) { start_all_reduce(
 std::unique_ptr<PendingOp> MpiCommunicator::start_reduce_scatter_in_place(at::Tensor& whole) {
   RECORD_USER_SCOPE(trace_name("reduce-scatter"));
   require_cpu_contiguous(whole, "reduce_scatter");
-  const int64_t part = in_place_parts(whole);
+  const int64_t part = in_place_parts(whole, "reduce_scatter");
   auto pending = std::make_unique<MpiPendingOp>(this, "reduce_scatter");
   if (size_ == 1) {
     pending->finished();
@@ -157,22 +157,20 @@ std::unique_ptr<PendingOp> MpiCommunicator::start_reduce_scatter_in_place(at::Te
   return pending;
 }
 
-void MpiCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
+std::unique_ptr<PendingOp> MpiCommunicator::start_all_gather_in_place(at::Tensor& whole) {
   RECORD_USER_SCOPE(trace_name("all-gather"));
-  require_cpu_contiguous(mine, "all_gather");
-  require_cpu_contiguous(out, "all_gather");
-  check_parts(out, mine, "all_gather");
-  count("all_gather", static_cast<int64_t>(mine.nbytes()) * (size_ - 1));
+  require_cpu_contiguous(whole, "all_gather");
+  const int64_t part = in_place_parts(whole, "all_gather");
+  auto pending = std::make_unique<MpiPendingOp>(this, "all_gather");
   if (size_ == 1) {
-    out.copy_(mine.view(out.sizes()));
-    return;
+    pending->finished();
+    return pending;
   }
-  MPI_Request r;
-  const MPI_Datatype type = mpi_type(mine.scalar_type());
-  check(MPI_Iallgather(mine.data_ptr(), static_cast<int>(mine.numel()), type, out.data_ptr(),
-                       static_cast<int>(mine.numel()), type, comm_, &r),
+  // MPI_IN_PLACE: this rank's contribution is already at its place in the receive buffer.
+  check(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, whole.data_ptr(), static_cast<int>(part),
+                       mpi_type(whole.scalar_type()), comm_, &pending->request),
         "all_gather");
-  wait(r, "all_gather");
+  return pending;
 }
 
 std::unique_ptr<PendingOp> MpiCommunicator::start_all_to_all_v(const at::Tensor& t,

@@ -20,7 +20,7 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<PendingOp> start_all_reduce(at::Tensor& t, ReduceOp op) override;
   std::unique_ptr<PendingOp> start_reduce_scatter_in_place(at::Tensor& whole) override;
   int in_place_part() const override { return 0; }
-  void all_gather(const at::Tensor& mine, at::Tensor& out) override;
+  std::unique_ptr<PendingOp> start_all_gather_in_place(at::Tensor& whole) override;
   at::Tensor all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                           const std::vector<int64_t>& recv_rows) override;
   std::unique_ptr<PendingOp> start_all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,

@@ -179,7 +179,7 @@ std::unique_ptr<PendingOp> NcclCommunicator::start_all_reduce(at::Tensor& t, Red
 std::unique_ptr<PendingOp> NcclCommunicator::start_reduce_scatter_in_place(at::Tensor& whole) {
   RECORD_USER_SCOPE(trace_name("reduce-scatter"));
   require_cuda(whole, "reduce_scatter");
-  const int64_t part = in_place_parts(whole);
+  const int64_t part = in_place_parts(whole, "reduce_scatter");
   auto pending = std::make_unique<NcclPendingOp>(this, "reduce_scatter");
   // NCCL's in place: the output is this rank's own part of the input.
   auto* base = static_cast<char*>(whole.data_ptr());
@@ -190,16 +190,18 @@ std::unique_ptr<PendingOp> NcclCommunicator::start_reduce_scatter_in_place(at::T
   return pending;
 }
 
-void NcclCommunicator::all_gather(const at::Tensor& mine, at::Tensor& out) {
+std::unique_ptr<PendingOp> NcclCommunicator::start_all_gather_in_place(at::Tensor& whole) {
   RECORD_USER_SCOPE(trace_name("all-gather"));
-  require_cuda(mine, "all_gather");
-  require_cuda(out, "all_gather");
-  check_parts(out, mine, "all_gather");
-  count("all_gather", static_cast<int64_t>(mine.nbytes()) * (size_ - 1));
-  MOETRAIN_NCCL(ncclAllGather(mine.data_ptr(), out.data_ptr(), static_cast<size_t>(mine.numel()),
-                              nccl_type(mine.scalar_type()), state_->comm, stream()),
+  require_cuda(whole, "all_gather");
+  const int64_t part = in_place_parts(whole, "all_gather");
+  auto pending = std::make_unique<NcclPendingOp>(this, "all_gather");
+  // NCCL's in place: the input is this rank's own part of the output.
+  auto* base = static_cast<char*>(whole.data_ptr());
+  MOETRAIN_NCCL(ncclAllGather(base + part * rank_ * static_cast<int64_t>(whole.element_size()), base,
+                              static_cast<size_t>(part), nccl_type(whole.scalar_type()), state_->comm,
+                              pending->side()),
                 "all_gather");
-  finish("all_gather");
+  return pending;
 }
 
 std::unique_ptr<PendingOp> NcclCommunicator::start_all_to_all_v(const at::Tensor& t,

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <exception>
 
 #include "config/loader.h"
 #include "model/device_copy.h"
@@ -53,6 +54,8 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   for (const auto& p : params) named.push_back({p.name, p.tensor});
   if (groups_)  // it keeps the gradients, FP32 in flat buckets
     grad_sync_ = std::make_unique<parallel::GradSync>(*groups_, params, c_.parallel);
+  if (grad_sync_ && grad_sync_->sharded() && c_.parallel.overlap_param_gather)  // each block waits for its own
+    model_->param_gate = [this](const std::vector<at::Tensor>& p) { grad_sync_->finish_gather(p); };
   // bf16 / fp8: the model's parameters become BF16, the optimizer keeps the FP32 master weights of its pieces.
   optimizer_ = std::make_unique<AdamW>(std::move(named), c_.train, policy.moment_bytes == 2 ? at::kBFloat16 : at::kFloat,
                                        grad_sync_ ? grad_sync_->pieces() : std::vector<parallel::ShardPiece>{},
@@ -75,6 +78,7 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
     optimizer_->set_steps_taken(s.optimizer_steps);
     optimizer_->publish();  // master weights: the parameters from them
     if (grad_sync_) grad_sync_->gather_params(optimizer_->piece_values());
+    finish_param_gather();
     step_ = s.step;
     if (!weights_only) {
       batches_->resume(s.data);  // the data order continues where the saved run stood, on any dp size
@@ -84,13 +88,26 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   run_dir_.start(c_, resume.empty() ? -1 : step_);
 }
 
-Trainer::~Trainer() = default;
+Trainer::~Trainer() {
+  // A parameter all-gather still in flight is finished here on a normal end (MPI must not be finalized with it
+  // pending); while unwinding from an error GradSync leaves it rather than wait on peers that may have failed.
+  if (grad_sync_ && std::uncaught_exceptions() == 0) try {
+      grad_sync_->finish_gather();
+    } catch (const std::exception& e) {
+      say(fmt::format("warning: the last parameter all-gather failed: {}\n", e.what()));
+    }
+}
+
+void Trainer::finish_param_gather() const {
+  if (grad_sync_) grad_sync_->finish_gather();
+}
 
 void Trainer::say(const std::string& line) const {
   if (verbose_) print_line(line);
 }
 
 void Trainer::save_checkpoint() {
+  finish_param_gather();
   checkpoints::TrainerState s;
   s.step = step_;
   s.optimizer_steps = optimizer_->steps_taken();
@@ -126,6 +143,9 @@ parallel::StageOutput Trainer::stage_forward(int64_t chunk, const at::Tensor& in
   const model::LayerChunk& part = model_->stage().chunks.at(static_cast<size_t>(chunk));
   at::Tensor h = part.embed ? model_->embed_tokens(window.narrow(1, 0, T)) : input;
   h = model_->run_chunk(static_cast<size_t>(chunk), h, *exchange_, s.moe);
+  // parallel.overlap_param_gather: the blocks waited for their own buckets; the rest (the head, MTP, other
+  // chunks' blocks) here, so that no gather is in flight once a backward pass runs.
+  finish_param_gather();
   parallel::StageOutput out;
   at::Tensor loss;
   if (part.head) {
@@ -207,7 +227,8 @@ StepResult Trainer::step() {
   if (!r.skipped) {
     const bool zero = grad_sync_ && grad_sync_->sharded();
     optimizer_->step(r.lr, clip_factor(r.grad_norm, c_.train.grad_clip), zero ? &grad_sync_->piece_grads() : nullptr);
-    if (zero) grad_sync_->gather_params(optimizer_->piece_values());  // ZeRO-1: every replica gets every slice
+    // ZeRO-1: every replica gets every slice (with overlap_param_gather, finished in the next forward pass).
+    if (zero) grad_sync_->gather_params(optimizer_->piece_values());
   }
   // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
   if (groups_) loads_->reduce([&](at::Tensor& t) { reduce(t, groups_->dp.get()); });

@@ -49,12 +49,19 @@ class Trainer {
   const checkpoints::Checkpointer& checkpointer() const { return *checkpointer_; }
 
   int64_t steps_done() const { return step_; }
-  model::Transformer& model() { return model_; }
+  // The model and the optimizer with every parameter final (a parameter all-gather in flight finished first).
+  model::Transformer& model() {
+    finish_param_gather();
+    return model_;
+  }
   const data::BatchSource& batches() const { return *batches_; }
   const data::BatchShape& batch_shape() const { return shape_; }  // every step's global batch and micro-batches
   const std::vector<std::string>& moe_layer_names() const { return loads_->layer_names(); }
   double peak_flops() const { return peak_flops_; }
-  const AdamW& optimizer() const { return *optimizer_; }
+  const AdamW& optimizer() const {
+    finish_param_gather();
+    return *optimizer_;
+  }
   const parallel::GradSync* grad_sync() const { return grad_sync_.get(); }  // null in one process
   // The pass order of the last step's pipeline schedule on this rank.
   const parallel::ScheduleTrace& schedule_trace() const { return trace_; }
@@ -63,6 +70,8 @@ class Trainer {
   parallel::StageOutput stage_forward(int64_t chunk, const at::Tensor& input, const at::Tensor& window,
                                       at::Tensor& sums, bool training);
   double mtp_weight(int64_t tokens_seen) const;
+  // parallel.overlap_param_gather: waits for the ZeRO-1 parameter all-gather the last step started, if any.
+  void finish_param_gather() const;
   parallel::PipelineSpec pipeline_spec(int64_t micro_batches) const;
   int64_t tokens_before(int64_t step) const {  // trained before `step` (a batch-size ramp counted, from a resume)
     return origin_.samples_before(shape_, step) * c_.train.seq_len;

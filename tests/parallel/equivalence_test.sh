@@ -5,7 +5,9 @@
 # optimizer state is 1/dp (dense) and 1/edp (routed) of the whole with it (checked by the program, ±5%). So do two
 # layouts with activation recomputation (full, selective), and bf16 with ZeRO-1 (master weights 1/dp, 1/edp).
 # Gradient buckets are small (many per stage), so that parallel.overlap_grad_reduce (on by default) starts most of
-# them during the backward pass (checked); one layout runs without overlap. Then a starved expert: no hang, zero
+# them during the backward pass (checked), and ZeRO-1's parameter all-gather (parallel.overlap_param_gather, on by
+# default) is waited for bucket by bucket inside the next forward pass (checked); one layout runs without each
+# overlap. Then a starved expert: no hang, zero
 # gradient. The interleaved schedule on five layouts and DualPipeV on three (pp 2 and 4; its chunk pairs overlapped,
 # and on one layout one after the other) against one process.
 . "$(dirname "$0")/../cli/lib.sh"
@@ -14,13 +16,14 @@ dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 common=(--config configs/tiny.yaml --set train.micro_batch_size=2 --set train.global_batch_size=16
         --set train.eval_batches=1 --set train.peak_flops=1e9 --set parallel.dp=0 --set parallel.bucket_size_mb=0.02)
-run_layout() {  # pp dp ep [recompute] [distributed_optimizer] [overlap_grad_reduce]
-  local pp=$1 dp=$2 ep=$3 np=$(($1 * $2)) recompute=${4:-none} zero=${5:-true} overlap=${6:-true}
+run_layout() {  # pp dp ep [recompute] [distributed_optimizer] [overlap_grad_reduce] [overlap_param_gather]
+  local pp=$1 dp=$2 ep=$3 np=$(($1 * $2)) recompute=${4:-none} zero=${5:-true} overlap=${6:-true} gather=${7:-true}
   run mpi -np "$np" "$prog" "${common[@]}" --steps 10 --set parallel.pp="$pp" --set parallel.ep="$ep" \
       --set model.recompute="$recompute" --set parallel.distributed_optimizer="$zero" \
-      --set parallel.overlap_grad_reduce="$overlap" --out "$dir/$pp-$dp-$ep${4:+-$4}${5:+-$5}${6:+-$6}"
+      --set parallel.overlap_grad_reduce="$overlap" --set parallel.overlap_param_gather="$gather" \
+      --out "$dir/$pp-$dp-$ep${4:+-$4}${5:+-$5}${6:+-$6}${7:+-$7}"
   [ "$rc" -eq 0 ] || fail "layout pp $pp dp $dp ep $ep recompute $recompute distributed_optimizer $zero overlap \
-$overlap: rc $rc: $err"
+$overlap overlap_param_gather $gather: rc $rc: $err"
 }
 run_layout 1 1 1
 for layout in "1 2 1" "1 2 2" "2 1 1" "2 2 2" "1 4 4" "2 4 2"; do
@@ -51,6 +54,19 @@ echo "$out"
 [ "$rc" -eq 0 ] || fail "layout pp 2 dp 2 ep 2 without overlap differs from one process: $out"
 grep -q "started during the backward pass: 0" "$dir/2-2-2-none-true-false/optim.0.txt" ||
   fail "without overlap a bucket started during the backward pass"
+
+# The parameter all-gather's overlap: the forward passes waited for buckets one by one (ZeRO-1 layouts); without
+# it, none, and the numbers are the same.
+for d in 1-2-1 2-2-2 2-4-2; do
+  grep -q "gathered during a forward pass: [1-9]" "$dir/$d/optim.0.txt" ||
+    fail "$d: no parameter bucket was gathered during a forward pass: $(head -1 "$dir/$d/optim.0.txt")"
+done
+run_layout 1 2 2 none true true false
+run "$prog" --compare "$dir/1-1-1" "$dir/1-2-2-none-true-true-false"
+echo "$out"
+[ "$rc" -eq 0 ] || fail "layout pp 1 dp 2 ep 2 without overlap_param_gather differs from one process: $out"
+grep -q "gathered during a forward pass: 0" "$dir/1-2-2-none-true-true-false/optim.0.txt" ||
+  fail "without overlap_param_gather a forward pass waited for a parameter bucket"
 
 # bf16: BF16 parameters all-gathered in BF16 after each step, FP32 master weights (and moments) 1/dp of the dense
 # and 1/edp of the routed parameters per rank, each parameter its master weights rounded (checked by the program).

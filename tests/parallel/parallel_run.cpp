@@ -111,9 +111,12 @@ void check_optimizer_shards(trainer::Trainer& t, const config::Config& c, int ra
   const double expect[2] = {zero ? 1.0 / static_cast<double>(c.parallel.dp) : 1.0,
                             zero ? static_cast<double>(c.parallel.ep) / static_cast<double>(c.parallel.dp) : 1.0};
   std::ofstream f(out / fmt::format("optim.{}.txt", rank));
-  if (t.grad_sync())  // parallel.overlap_grad_reduce: the buckets of the last step started inside its backward pass
-    f << fmt::format("rank {} gradient buckets started during the backward pass: {}\n", rank,
-                     t.grad_sync()->started_early());
+  // parallel.overlap_grad_reduce: the buckets of the last step started inside its backward pass;
+  // parallel.overlap_param_gather: the buckets whose parameter all-gather a forward pass waited for.
+  if (t.grad_sync())
+    f << fmt::format("rank {} gradient buckets started during the backward pass: {}; parameter buckets gathered "
+                     "during a forward pass: {}\n",
+                     rank, t.grad_sync()->started_early(), t.grad_sync()->gathered_in_forward());
   const char* kind[2] = {"dense", "routed"};
   auto check = [&](const char* what, auto bytes_of_piece, double bytes_per_element) {
     double held[2] = {0, 0}, whole[2] = {0, 0};  // dense, routed
