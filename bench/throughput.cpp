@@ -193,17 +193,20 @@ void ranks_part(const Options& o, int world) {
   if (groups->rank != 0) return;
   const auto& p = c.parallel;
   std::string fractions;
-  double worst = 0, sum = 0;
+  double worst = 0, sum = 0, least = 1, busy_max = 0, busy_min = 1e300;
   for (int r = 0; r < world; ++r) {
-    const double f = all[2 * r + 1] / all[2 * r];
+    const double f = all[2 * r + 1] / all[2 * r], busy = all[2 * r] - all[2 * r + 1];
     fractions += fmt::format("{}{:.3f}", r ? " " : "", f);
-    worst = std::max(worst, f), sum += f;
+    worst = std::max(worst, f), least = std::min(least, f), sum += f;
+    busy_max = std::max(busy_max, busy), busy_min = std::min(busy_min, busy);
   }
+  // Ranks of one synchronous step wait for the slowest: a rank that computed faster (its core less loaded by the
+  // machine's other work) waits the difference. The least wait is what no such difference explains.
   fmt::print("part 2: pp {} × dp {} (ep {}), {} ranks on this machine, {} intra-op thread(s) each, {} micro-batch(es), "
              "{} timed steps: median {:.0f} tokens/s; communication wait (share of step time) per rank: {} — mean "
-             "{:.3f}, worst {:.3f}\n",
+             "{:.3f}, worst {:.3f}, least {:.3f}; time not waiting, slowest rank / fastest: {:.3f}\n",
              p.pp, p.dp, p.ep, world, p.intra_op_threads, c.train.micro_batches, o.steps, median(tps), fractions,
-             sum / world, worst);
+             sum / world, worst, least, busy_max / busy_min);
 }
 
 }  // namespace
