@@ -49,7 +49,7 @@ SlurmdPort=$((port + 1))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$tmp/munge/munge.socket
+AuthInfo=socket=$tmp/munge/munge.socket,cred_expire=20
 CredType=cred/munge
 StateSaveLocation=$tmp/state
 SlurmdSpoolDir=$tmp/spool
@@ -107,7 +107,8 @@ reference() {  # reference NAME STEPS: the same run under mpirun
   [ "$rc" -eq 0 ] || fail "mpirun reference $1: rc $rc: $err"
 }
 
-# --- 2 (started first: Slurm's requeue delay is the long pole) ---------------------------------------------------
+# --- 2 (started first: its time limit and Slurm's requeue delay are the long pole) -------------------------------
+# A requeued job waits AuthInfo's cred_expire before it starts again (120 s by default, 20 s here).
 long_steps=1200  # about 75 s on 2 cores: the limit's signal (30 to 60 s in) comes before the end
 timed=$(submit timed --time=2 --signal=B:USR1@90 -- --set train.steps=$long_steps --set checkpoint.interval=0)
 
