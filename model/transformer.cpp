@@ -29,8 +29,8 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage, 
   // The last stage embeds future tokens for MTP, so it holds the embedding too (a copy kept identical to the
   // first stage's by the parallel layer); a tied head also needs it there.
   if (stage.first || (stage.last && (m.mtp_depth > 0 || m.tie_embeddings))) {
-    auto e = register_module("embed", std::make_shared<torch::nn::Module>());
-    embed = e->register_parameter("weight", at::empty({m.vocab_size, m.hidden_size}));
+    embed_module_ = register_module("embed", std::make_shared<torch::nn::Module>());
+    embed = embed_module_->register_parameter("weight", at::empty({m.vocab_size, m.hidden_size}));
   }
   auto blocks = register_module("layers", std::make_shared<torch::nn::Module>());
   for (const LayerChunk& chunk : stage.chunks)
@@ -49,7 +49,7 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& m, StageSpec stage, 
 }
 
 at::Tensor TransformerImpl::embed_tokens(const at::Tensor& tokens) {
-  if (param_gate) param_gate({embed});
+  if (param_gate) param_gate(*embed_module_);
   const at::Tensor e = at::embedding(embed, tokens);
   return mode_ == Mode::kFp32 ? e : e.to(at::kBFloat16);
 }
@@ -71,7 +71,7 @@ at::Tensor TransformerImpl::run_chunk(size_t chunk, at::Tensor h, ExpertExchange
   for (size_t c = 0; c < chunk; ++c) begin += stage_.chunks[c].num_layers;
   for (int64_t i = begin; i < begin + stage_.chunks.at(chunk).num_layers; ++i) {
     Block& block = layers[static_cast<size_t>(i)];
-    if (param_gate) param_gate(block->parameters());
+    if (param_gate) param_gate(*block);
     h = block->forward(h, exchange, stats);
   }
   return h;

@@ -101,9 +101,10 @@ class TransformerImpl : public torch::nn::Module {
   // The whole model in one process: window [B, seq_len + 1 + mtp_depth] -> loss sums.
   LossSums forward(const at::Tensor& window, ExpertExchange& exchange);
 
-  // Called before the embedding is used (with it) and before each block runs (with its parameters): where the
-  // trainer waits for a parameter all-gather still in flight (parallel.overlap_param_gather). Empty: nothing.
-  std::function<void(const std::vector<at::Tensor>&)> param_gate;
+  // Called before the embedding is used (with the module holding it) and before each block runs (with the block):
+  // where the trainer waits for a parameter all-gather still in flight (parallel.overlap_param_gather). Empty:
+  // nothing.
+  std::function<void(const torch::nn::Module&)> param_gate;
 
   at::Tensor embed;  // [vocab, d] (registered as embed.weight)
   at::Tensor head;   // [vocab, d] (head.weight), undefined when tied
@@ -116,6 +117,8 @@ class TransformerImpl : public torch::nn::Module {
 
  private:
   at::Tensor head_weight() const { return m_.tie_embeddings ? embed : head; }
+
+  std::shared_ptr<torch::nn::Module> embed_module_;  // "embed", holding `embed`
 
   config::ModelConfig m_;
   StageSpec stage_;

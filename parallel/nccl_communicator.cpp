@@ -77,12 +77,12 @@ NcclCommunicator::~NcclCommunicator() {
   if (state_ && state_->comm) ncclCommDestroy(state_->comm);
 }
 
-void NcclCommunicator::finish(const char* op, void* on) {
+void NcclCommunicator::finish(const char* op, void* on, void* event) {
   cudaStream_t s = on ? static_cast<cudaStream_t>(on) : stream();
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = start + std::chrono::duration<double>(timeout_s_);
   for (;;) {
-    cudaError_t q = cudaStreamQuery(s);
+    const cudaError_t q = event ? cudaEventQuery(static_cast<cudaEvent_t>(event)) : cudaStreamQuery(s);
     if (q == cudaSuccess) {
       waited_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       return;
@@ -131,7 +131,9 @@ void* NcclCommunicator::side_stream() {
 }
 
 // A collective on the communication stream: started after the current stream's queued work (an event), finished
-// when that stream is; wait() makes the current stream wait for it in turn.
+// when its own end event is (enqueued() records it right after the operation, so that later operations on that
+// stream — the other buckets' — are not waited for; recorded at the first test() or wait() otherwise, which waits
+// for no less); wait() makes the current stream wait for that event in turn.
 class NcclPendingOp final : public PendingOp {
  public:
   NcclPendingOp(NcclCommunicator* comm, const char* op) : comm_(comm), op_(op) {
@@ -141,20 +143,27 @@ class NcclPendingOp final : public PendingOp {
     cudaEventRecord(ready, stream());
     cudaStreamWaitEvent(side_, ready, 0);
     cudaEventDestroy(ready);  // released once the wait is satisfied
+    cudaEventCreateWithFlags(&end_, cudaEventDisableTiming);
   }
+  ~NcclPendingOp() override { cudaEventDestroy(end_); }  // released once complete
+  NcclPendingOp(const NcclPendingOp&) = delete;
+  NcclPendingOp& operator=(const NcclPendingOp&) = delete;
   cudaStream_t side() const { return side_; }
+  void enqueued() {
+    if (recorded_) return;
+    cudaEventRecord(end_, side_);
+    recorded_ = true;
+  }
   bool test() override {
-    if (!done_ && cudaStreamQuery(side_) == cudaSuccess) wait();
+    enqueued();
+    if (!done_ && cudaEventQuery(end_) == cudaSuccess) wait();
     return done_;
   }
   void wait() override {
     if (done_) return;
-    comm_->finish(op_, side_);
-    cudaEvent_t end;
-    cudaEventCreateWithFlags(&end, cudaEventDisableTiming);
-    cudaEventRecord(end, side_);
-    cudaStreamWaitEvent(stream(), end, 0);
-    cudaEventDestroy(end);
+    enqueued();
+    comm_->finish(op_, side_, end_);
+    cudaStreamWaitEvent(stream(), end_, 0);
     done_ = true;
   }
 
@@ -162,7 +171,8 @@ class NcclPendingOp final : public PendingOp {
   NcclCommunicator* comm_;
   const char* op_;
   cudaStream_t side_;
-  bool done_ = false;
+  cudaEvent_t end_ = nullptr;
+  bool recorded_ = false, done_ = false;
 };
 
 std::unique_ptr<PendingOp> NcclCommunicator::start_all_reduce(at::Tensor& t, ReduceOp op) {
@@ -173,6 +183,7 @@ std::unique_ptr<PendingOp> NcclCommunicator::start_all_reduce(at::Tensor& t, Red
   MOETRAIN_NCCL(ncclAllReduce(t.data_ptr(), t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()),
                               nccl_op(op), state_->comm, pending->side()),
                 "all_reduce");
+  pending->enqueued();
   return pending;
 }
 
@@ -187,6 +198,7 @@ std::unique_ptr<PendingOp> NcclCommunicator::start_reduce_scatter_in_place(at::T
                                   static_cast<size_t>(part), nccl_type(whole.scalar_type()), ncclSum, state_->comm,
                                   pending->side()),
                 "reduce_scatter");
+  pending->enqueued();
   return pending;
 }
 
@@ -201,6 +213,7 @@ std::unique_ptr<PendingOp> NcclCommunicator::start_all_gather_in_place(at::Tenso
                               static_cast<size_t>(part), nccl_type(whole.scalar_type()), state_->comm,
                               pending->side()),
                 "all_gather");
+  pending->enqueued();
   return pending;
 }
 
@@ -237,6 +250,7 @@ std::unique_ptr<PendingOp> NcclCommunicator::start_all_to_all_v(const at::Tensor
     if (peer != rank_) sent += static_cast<int64_t>(sn * elem);
   }
   MOETRAIN_NCCL(ncclGroupEnd(), "all_to_all_v");
+  pending->enqueued();
   count("all_to_all_v", sent);
   return pending;
 }

@@ -39,8 +39,9 @@ class NcclCommunicator final : public Communicator {
  private:
   friend class NcclPendingOp;
   friend class NcclQueuedOp;
-  // Waits for the stream (the current one by default) against the deadline; aborts and throws on timeout/error.
-  void finish(const char* op, void* stream = nullptr);
+  // Waits for the stream (the current one by default), or for `event` (a cudaEvent_t) where given, against the
+  // deadline; aborts and throws on timeout/error.
+  void finish(const char* op, void* stream = nullptr, void* event = nullptr);
   void* side_stream();  // the communication stream (a cudaStream_t), created on first use
 
   std::unique_ptr<NcclState> state_;

@@ -55,7 +55,9 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   if (groups_)  // it keeps the gradients, FP32 in flat buckets
     grad_sync_ = std::make_unique<parallel::GradSync>(*groups_, params, c_.parallel);
   if (grad_sync_ && grad_sync_->sharded() && c_.parallel.overlap_param_gather)  // each block waits for its own
-    model_->param_gate = [this](const std::vector<at::Tensor>& p) { grad_sync_->finish_gather(p); };
+    model_->param_gate = [this](const torch::nn::Module& m) {
+      if (grad_sync_->gathering()) grad_sync_->finish_gather(m.parameters());
+    };
   // bf16 / fp8: the model's parameters become BF16, the optimizer keeps the FP32 master weights of its pieces.
   optimizer_ = std::make_unique<AdamW>(std::move(named), c_.train, policy.moment_bytes == 2 ? at::kBFloat16 : at::kFloat,
                                        grad_sync_ ? grad_sync_->pieces() : std::vector<parallel::ShardPiece>{},
@@ -224,16 +226,18 @@ StepResult Trainer::step() {
   }
   r.skipped = verdict == DivergenceGuard::Verdict::kSkip;
   if (r.skipped) say("warning: " + divergence_.message() + "\n");
+  // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
+  // Before the update, while the ranks are together after the gradient reduction, so that no collective on dp
+  // follows the parameter all-gather the update starts (NCCL would run it after the gathers).
+  if (groups_) loads_->reduce([&](at::Tensor& t) { reduce(t, groups_->dp.get()); });
+  if (c_.model.balance_mode == config::BalanceMode::kAuxFree && !r.skipped)
+    loads_->update_biases(model::bias_update_rate(c_.model, tokens_before(step_)));
   if (!r.skipped) {
     const bool zero = grad_sync_ && grad_sync_->sharded();
     optimizer_->step(r.lr, clip_factor(r.grad_norm, c_.train.grad_clip), zero ? &grad_sync_->piece_grads() : nullptr);
     // ZeRO-1: every replica gets every slice (with overlap_param_gather, finished in the next forward pass).
     if (zero) grad_sync_->gather_params(optimizer_->piece_values());
   }
-  // The balancer: loads of the whole global batch (all micro-batches, all dp ranks), the same on every replica.
-  if (groups_) loads_->reduce([&](at::Tensor& t) { reduce(t, groups_->dp.get()); });
-  if (c_.model.balance_mode == config::BalanceMode::kAuxFree && !r.skipped)
-    loads_->update_biases(model::bias_update_rate(c_.model, tokens_before(step_)));
   ++step_;
   r.peak_memory_bytes = peak_bytes_per_rank(device_, groups_ ? groups_->rank : 0, c_.parallel.world_size,
                                             [&](at::Tensor& t) { reduce(t, groups_ ? groups_->world.get() : nullptr); });

@@ -193,8 +193,9 @@ int main(int argc, char** argv) {
               item.value().grad().abs().max().item<double>() != 0.0)
             throw std::runtime_error(fmt::format("starved expert parameter {} has a non-zero gradient", item.key()));
     }
-    check_optimizer_shards(t, c, mpi.rank(), fs::path(out));
+    // evaluate() first: with parallel.overlap_param_gather its forward pass finishes the last step's gathers.
     trainer::EvalResult e = t.evaluate();
+    check_optimizer_shards(t, c, mpi.rank(), fs::path(out));
     if (losses.is_open()) losses << fmt::format("{:.17g}\n", e.loss);
     std::ofstream params(fs::path(out) / fmt::format("params.{}.bin", mpi.rank()), std::ios::binary);
     for (auto& item : t.model()->named_parameters()) {
