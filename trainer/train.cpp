@@ -54,7 +54,7 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   for (const auto& p : params) named.push_back({p.name, p.tensor});
   if (groups_)  // it keeps the gradients, FP32 in flat buckets
     grad_sync_ = std::make_unique<parallel::GradSync>(*groups_, params, c_.parallel);
-  if (grad_sync_ && grad_sync_->sharded() && c_.parallel.overlap_param_gather)  // each block waits for its own
+  if (grad_sync_)  // parallel.overlap_param_gather: each block waits for its own buckets' gathers
     model_->param_gate = [this](const torch::nn::Module& m) {
       if (grad_sync_->gathering()) grad_sync_->finish_gather(m.parameters());
     };
