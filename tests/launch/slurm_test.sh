@@ -108,8 +108,11 @@ reference() {  # reference NAME STEPS: the same run under mpirun
 }
 
 # --- 2 (started first: its time limit and Slurm's requeue delay are the long pole) -------------------------------
-# A requeued job waits AuthInfo's cred_expire before it starts again (120 s by default, 20 s here).
-long_steps=1200  # about 75 s on 2 cores: the limit's signal (30 to 60 s in) comes before the end
+# A requeued job waits AuthInfo's cred_expire before it starts again (120 s by default, 20 s here). slurmctld looks
+# at time limits every 30 s and signals a job whose limit falls before its next look plus the --signal margin: here
+# at its first look, about 30 s after it started, so 27 s into the job (measured). 600 steps take about 40 s on
+# 2 cores alone, and longer beside parts 1, 3 and 4, so the signal comes before the end.
+long_steps=600
 timed=$(submit timed --time=2 --signal=B:USR1@90 -- --set train.steps=$long_steps --set checkpoint.interval=0)
 
 # --- 1: sbatch = mpirun ------------------------------------------------------------------------------------------

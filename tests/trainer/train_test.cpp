@@ -155,28 +155,14 @@ TEST(Trainer, LowPrecisionModesTrackFp32) {
   EXPECT_LT(std::abs(c - d) / d, 0.01) << "fp8 " << c << " vs fp32 " << d;
 }
 
-// The tiny config on its synthetic corpus (order 2: the next token depends on the two before it) learns to within
-// 0.1 nats of the corpus entropy rate, which a model needs its attention for.
-TEST(Trainer, TinyConfigLearnsTheSyntheticCorpus) {
-  const config::Config c = tiny_single();
-  ASSERT_EQ(c.data.synthetic_order, 2);
-  Trainer t(c, nullptr, "", false);
-  const double entropy = t.batches().entropy_rate();
-  const double start = t.evaluate().loss;
-  t.run();
-  const double end = t.evaluate().loss;
-  std::printf("validation loss %.4f after %lld steps, entropy rate %.4f (gap %.4f)\n", end,
-              static_cast<long long>(c.train.steps), entropy, end - entropy);
-  EXPECT_GT(start, entropy + 3.0);
-  EXPECT_LT(end - entropy, 0.1) << "validation loss " << end << ", entropy rate " << entropy;
-  EXPECT_GE(end, entropy - 0.02);  // nothing can beat the source's entropy rate (up to sampling noise)
-}
-
-// The same run with attention disabled (every attention output projection held at zero, so each position sees its
-// own token only) stays more than 0.3 nats above the entropy rate: at best it reaches H(next | current token), which
-// the source computes exactly. Together with the test above: the demo's corpus checks the attention.
+// The demo's corpus checks the attention. Trained in one process, the tiny config gets within 0.1 nats of its
+// corpus's entropy rate (cli.generate checks that on `moetrain train`'s output). With attention disabled (every
+// attention output projection held at zero, so each position sees its own token only) it cannot: at best it reaches
+// H(next | current token), which the source computes exactly and which lies more than 0.3 nats above. It gets there
+// within 300 steps (2.395 measured at 300 steps against 2.388 at the demo's 1200), so this run is 300 steps long and
+// also checks that it did: the distance left to the entropy rate is the missing attention, not missing training.
 TEST(Trainer, WithoutAttentionTheOrderTwoFloorIsOutOfReach) {
-  const config::Config c = tiny_single();
+  const config::Config c = tiny_single({"train.steps=300", "train.decay_steps=280"});
   const data::MarkovSource source(c.data.synthetic_alphabet(c.model.vocab_size), c.data.synthetic_branching,
                                   static_cast<uint64_t>(c.data.synthetic_seed), c.data.synthetic_order);
   const double floor = source.entropy_rate(), one_token = source.entropy_given(1);
@@ -199,8 +185,10 @@ TEST(Trainer, WithoutAttentionTheOrderTwoFloorIsOutOfReach) {
   std::printf("without attention: validation loss %.4f, H(next | current token) %.4f, entropy rate %.4f (gap %.4f)\n",
               end, one_token, floor, end - floor);
   EXPECT_GT(end, floor + 0.3) << "validation loss " << end << " without attention, entropy rate " << floor;
-  // (up to the sampling noise of 4096 validation tokens: 2.388 against 2.405 measured)
+  // Up to the sampling noise of 4096 validation tokens (2.395 against 2.405 measured), at H(next | current token):
+  // not below it, and no more than 0.05 above (trained to the best it can do without attention).
   EXPECT_GE(end, one_token - 0.05) << "below H(next | current token) = " << one_token << " without attention";
+  EXPECT_LE(end, one_token + 0.05) << "not trained to H(next | current token) = " << one_token;
 }
 
 }  // namespace
