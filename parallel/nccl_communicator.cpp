@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <exception>
 #include <optional>
 #include <thread>
 
@@ -73,8 +74,17 @@ NcclCommunicator::NcclCommunicator(std::string name, MPI_Comm mpi_group, int wor
   barrier();  // warm the communicator now: a broken setup fails at start-up
 }
 
+// ncclCommDestroy may block while an operation of the communicator is unfinished (NCCL's user guide,
+// "Destroying a communicator"), and one whose peer failed never finishes. So a communicator destroyed while
+// unwinding from an error, or with work still queued on its streams (a ZeRO-1 gather that ~GradSync left in
+// flight) or a CUDA error on them, is aborted instead: ncclCommAbort ends its operations and returns.
 NcclCommunicator::~NcclCommunicator() {
-  if (state_ && state_->comm) ncclCommDestroy(state_->comm);
+  if (!state_ || !state_->comm) return;
+  const auto busy = [](cudaStream_t s) { return cudaStreamQuery(s) != cudaSuccess; };  // or failed
+  if (std::uncaught_exceptions() > 0 || busy(stream()) || (state_->side && busy(state_->side->stream())))
+    ncclCommAbort(state_->comm);
+  else
+    ncclCommDestroy(state_->comm);
 }
 
 void NcclCommunicator::finish(const char* op, void* on, void* event) {
