@@ -19,8 +19,8 @@ run tiny1 "$bin" --set train.eval_interval=1200 --set checkpoint.interval=1200 -
 [ "$rc" -eq 0 ] || fail "train: $err"
 
 # The model learned the corpus: its first loss is far above the entropy rate, and its validation loss ends within
-# 0.1 nats of it and not below it (up to the sampling noise of 4 validation batches). Trainer.WithoutAttention… is
-# the same run without attention, which stays more than 0.3 nats above: the corpus needs attention.
+# 0.1 nats of it and not below it (up to the sampling noise of 4 validation batches). Trainer.WithoutAttention…
+# trains the same model with its attention held at zero: it stays more than 0.3 nats above, so the corpus needs it.
 entropy=$(printf '%s\n' "$out" | sed -n 's/.*corpus entropy rate \([0-9.]*\) nats\/token.*/\1/p')
 gap=$(printf '%s\n' "$out" | sed -n 's/^summary: .* at step 1200 (gap \(-*[0-9.]*\) to the entropy rate).*/\1/p')
 first=$(grep -m1 '"lm_loss"' "$tmp/runs/tiny/metrics.jsonl" | sed 's/.*"loss":\([^,]*\),.*/\1/')
