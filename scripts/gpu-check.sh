@@ -64,12 +64,29 @@ EOF
 export bundle scratch
 part tiny 80 bash -c "$(declare -f train_tiny compare_tiny); compare_tiny"
 
+# The model's depth: as many layers (of configs/bench-gpu-dsv3.yaml's 4) as `moetrain plan` says fit in 85% of this
+# device's memory in fp8 (weights, master, gradients, AdamW moments, FP8 copies, activations; the rest is for the
+# CUDA context, workspaces and fragmentation). An H200 (141 GB) takes 4 (80.5 GiB planned); an 80 GB H100 3 (61.2).
+gib_of_plan() { "${run[@]}" moetrain plan configs/bench-gpu-dsv3.yaml --set model.num_layers="$1" \
+  --set precision.mode=fp8 | awk '$NF == "GiB" { v = $(NF - 1) } END { print v }'; }
+device_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc 0-9)
+layers=4
+if [ -n "$device_mib" ]; then
+  for layers in 4 3 2; do
+    need=$(gib_of_plan "$layers")
+    awk -v n="$need" -v m="$device_mib" 'BEGIN { exit !(n != "" && n * 1024 <= 0.85 * m) }' && break
+  done
+fi
+echo "bench model: $layers layers (plan in fp8: $(gib_of_plan "$layers") GiB; device: ${device_mib:-?} MiB)" |
+  tee -a "$out/machine.log"
+
 # 3. bench_gpu: expert GEMMs, then the model in bf16 and fp8.
-part bench 200 "${run[@]}" bench_gpu --config configs/bench-gpu-dsv3.yaml --steps 4 --warmup 2 --profile-top 25
+part bench 200 "${run[@]}" bench_gpu --config configs/bench-gpu-dsv3.yaml --set model.num_layers="$layers" \
+  --steps 4 --warmup 2 --profile-top 25
 
 # 4. The peer: the same shape in transformers, FP32 weights and AdamW under BF16 autocast.
 peak=$(grep -o 'peak [0-9.]* TFLOP/s' "$out/bench.log" | head -1 | grep -o '[0-9.]*' || true)
-part peer 110 python3 bench/gpu_peer.py --layers 4 --dense-layers 1 --experts 16 --top-k 8 --vocab 32768 \
+part peer 110 python3 bench/gpu_peer.py --layers "$layers" --dense-layers 1 --experts 16 --top-k 8 --vocab 32768 \
   --seq 4096 --steps 4 --warmup 2 --dtype bf16 ${peak:+--peak-tflops "$peak"} --json "$out/peer.json"
 
 echo
