@@ -1,8 +1,9 @@
 // bench/gpu: one GPU, figures measured in the same run.
 //  1. The expert GEMM shapes of DeepSeek-V3 (tokens × 7168 → 2048 and 2048 → 7168): fprop, dgrad and wgrad in BF16
 //     and in FP8 (E4M3, 1×128 activation tiles, 128×128 weight blocks, weights quantized beforehand as once per
-//     step), timed with and without quantizing the activations; the FP8 results' relative error against the
-//     emulation (the CPU path); tokens/s of the three GEMMs and the FP8 / BF16 ratio.
+//     step), timed without quantizing the activations and with it (fused kernels on CUDA, then the ATen ops); the
+//     FP8 results' relative error against the emulation (the CPU path); tokens/s of the three GEMMs and the FP8 /
+//     BF16 ratio.
 //  2. Training a DeepSeek-V3-shaped model (configs/bench-gpu-dsv3.yaml) in each precision mode: tokens/s, MFU
 //     against the device's own BF16 matmul peak measured at start-up, peak memory.
 // bench/gpu_peer.py trains the same model shape with Hugging Face transformers as the peer.
@@ -67,7 +68,7 @@ double rel_err(const at::Tensor& got, const at::Tensor& want) {
 }
 
 struct GemmFigures {
-  double bf16_s = 0, fp8_s = 0, fp8_with_quant_s = 0, max_rel_err = 0;
+  double bf16_s = 0, fp8_s = 0, fp8_with_quant_s = 0, fp8_with_aten_quant_s = 0, max_rel_err = 0;
 };
 
 // y = x · wᵀ with x [T, K], w [N, K]: fprop, dgrad (dy [T, N] · w) and wgrad (dyᵀ · x).
@@ -87,19 +88,23 @@ GemmFigures gemm_shape(const c10::Device& d, int64_t T, int64_t K, int64_t N, in
   }
   const Fp8Weight wq = fp8_weight(w);
   const Fp8Tensor xq = quantize_tiles(x), dyq = quantize_tiles(dy);
-  const Fp8Tensor dyt = quantize_tiles(dequantize(dyq, at::kFloat).t()), xt = quantize_tiles(dequantize(xq, at::kFloat).t());
+  const Fp8Tensor dyt = requantize_tokens(dyq), xt = requantize_tokens(xq);
   f.fp8_s = time_it(d, repeats, [&] {
     fp8_mm_nt(xq, wq.rows, at::kBFloat16);
     fp8_mm_nt(dyq, wq.cols, at::kBFloat16);
     fp8_mm_nt(dyt, xt, at::kBFloat16);
   });
-  f.fp8_with_quant_s = time_it(d, repeats, [&] {
+  // With the activations' quantization as training does it: the fused kernels on CUDA, then the ATen ops.
+  const auto with_quantization = [&] {
     const Fp8Tensor a = quantize_tiles(x), g = quantize_tiles(dy);
     fp8_mm_nt(a, wq.rows, at::kBFloat16);
     fp8_mm_nt(g, wq.cols, at::kBFloat16);
-    fp8_mm_nt(quantize_tiles(dequantize(g, at::kFloat).t()), quantize_tiles(dequantize(a, at::kFloat).t()),
-              at::kBFloat16);
-  });
+    fp8_mm_nt(requantize_tokens(g), requantize_tokens(a), at::kBFloat16);
+  };
+  f.fp8_with_quant_s = time_it(d, repeats, with_quantization);
+  set_fp8_aten_quantization(true);
+  f.fp8_with_aten_quant_s = time_it(d, repeats, with_quantization);
+  set_fp8_aten_quantization(false);
   // Against the emulation: the same quantized operands multiplied in FP32.
   const std::vector<std::pair<Fp8Tensor, Fp8Tensor>> ops{{xq, wq.rows}, {dyq, wq.cols}, {dyt, xt}};
   for (const auto& [a, b] : ops) {
@@ -189,21 +194,23 @@ int main(int argc, char** argv) {
     std::vector<std::string> summary;
     if (!skip_gemm) {
       torch::manual_seed(0);
-      double bf16 = 0, fp8 = 0, fp8q = 0, err = 0;
+      double bf16 = 0, fp8 = 0, fp8q = 0, fp8a = 0, err = 0;
       for (const auto& [K, N] : std::vector<std::pair<int64_t, int64_t>>{{hidden, expert}, {expert, hidden}}) {
         const GemmFigures f = gemm_shape(d, tokens, K, N, repeats);
         const double flops = 3.0 * 2.0 * static_cast<double>(tokens * K * N);
         fmt::print("gemm {}x{}x{}: bf16 {:.3f} ms ({:.0f} TFLOP/s) | fp8 {:.3f} ms ({:.0f} TFLOP/s) | fp8 with "
-                   "activation quantization {:.3f} ms | fp8 rel. error vs emulation {:.2e}\n",
+                   "activation quantization {:.3f} ms (ATen ops: {:.3f} ms) | fp8 rel. error vs emulation {:.2e}\n",
                    tokens, K, N, f.bf16_s * 1e3, flops / f.bf16_s / 1e12, f.fp8_s * 1e3, flops / f.fp8_s / 1e12,
-                   f.fp8_with_quant_s * 1e3, f.max_rel_err);
-        bf16 += f.bf16_s, fp8 += f.fp8_s, fp8q += f.fp8_with_quant_s, err = std::max(err, f.max_rel_err);
+                   f.fp8_with_quant_s * 1e3, f.fp8_with_aten_quant_s * 1e3, f.max_rel_err);
+        bf16 += f.bf16_s, fp8 += f.fp8_s, fp8q += f.fp8_with_quant_s, fp8a += f.fp8_with_aten_quant_s;
+        err = std::max(err, f.max_rel_err);
       }
       const double t = static_cast<double>(tokens);
       summary.push_back(fmt::format(
           "expert GEMMs (fprop+dgrad+wgrad, up and down): bf16 {:.0f} tokens/s, fp8 {:.0f} tokens/s ({:.2f}x), fp8 "
-          "with activation quantization {:.0f} tokens/s ({:.2f}x); fp8 max rel. error vs emulation {:.2e}",
-          t / bf16, t / fp8, bf16 / fp8, t / fp8q, bf16 / fp8q, err));
+          "with activation quantization {:.0f} tokens/s ({:.2f}x; with the ATen ops instead of the fused kernels "
+          "{:.0f} tokens/s, {:.2f}x); fp8 max rel. error vs emulation {:.2e}",
+          t / bf16, t / fp8, bf16 / fp8, t / fp8q, bf16 / fp8q, t / fp8a, bf16 / fp8a, err));
       free_device_memory();
     }
     if (!skip_model) {

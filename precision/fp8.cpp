@@ -2,6 +2,8 @@
 
 #include <ATen/ops/_scaled_mm.h>
 #include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full_like.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/where.h>
@@ -15,20 +17,27 @@
 #include "precision/weight_grad_store.h"
 #if MOETRAIN_WITH_CUDA
 #include <ATen/cuda/CUDAContextLight.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "precision/fp8_cuda.h"
 #endif
 
 namespace moetrain::precision {
 namespace {
 
 std::atomic<bool> g_force_emulation{false};
+std::atomic<bool> g_aten_quantization{false};  // set_fp8_aten_quantization: the ATen ops even on CUDA
 // cuBLAS's 128×128 weight-block layout is tried first; a build that refuses it gets the same scales repeated per
 // row (1×128 tiles on both operands: the same numbers, another kernel), once and for all.
 std::atomic<bool> g_blocks_refused{false};
 
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
+// A tensor divisor, not a scalar: ATen's CUDA kernel divides by a CPU scalar as a multiplication by its reciprocal
+// (BinaryDivTrueKernel.cu), not always the correctly rounded quotient the CPU and the fused kernels compute.
 at::Tensor scales_from(const at::Tensor& amax) {
-  return at::where(amax > 0, amax / kE4M3Max, at::ones_like(amax));
+  return at::where(amax > 0, amax / at::full_like(amax, kE4M3Max), at::ones_like(amax));
 }
 
 // A block scale [⌈O/128⌉, ⌈K/128⌉] as one scale per row tile [O, ⌈K/128⌉].
@@ -97,12 +106,18 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
     // wgrad over the tokens: both operands re-quantized in tiles along the token dimension (padded to whole tiles
     // of 128 tokens: zero tokens add nothing and leave every tile's amax as it is).
     return {dx, weight_grad_or_defer(w, [dyq, xq, w] {
-              const at::Tensor dyt = pad_rows(dequantize(dyq, at::kFloat), kTile).t();
-              const at::Tensor xt = pad_rows(dequantize(xq, at::kFloat), kTile).t();
-              return fp8_mm_nt(quantize_tiles(dyt), quantize_tiles(xt), w.scalar_type());
+              return fp8_mm_nt(requantize_tokens(dyq), requantize_tokens(xq), w.scalar_type());
             })};
   }
 };
+
+#if MOETRAIN_WITH_CUDA
+// The kernels are compiled for SM90 (Dependencies.cmake): other GPUs take the ATen ops.
+bool fused_quantization(const at::Tensor& t) {
+  return t.is_cuda() && !g_aten_quantization.load() && at::cuda::getDeviceProperties(t.device().index())->major == 9;
+}
+void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+#endif
 
 }  // namespace
 
@@ -110,6 +125,19 @@ Fp8Tensor quantize_tiles(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2, "quantize_tiles expects [M, K], got ", x.sizes());
   at::NoGradGuard no_grad;
   const int64_t M = x.size(0), K = x.size(1), Kp = round_up(K, kTile);
+#if MOETRAIN_WITH_CUDA
+  const at::ScalarType t = x.scalar_type();
+  if (fused_quantization(x) && (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf)) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const at::Tensor xc = x.contiguous();
+    at::Tensor q = at::empty({M, K}, x.options().dtype(at::kFloat8_e4m3fn));
+    at::Tensor scale = at::empty({M, Kp / kTile}, x.options().dtype(at::kFloat));
+    cuda::quantize_tiles(xc.data_ptr(), t == at::kFloat ? cuda::Dtype::kFloat
+                                        : t == at::kBFloat16 ? cuda::Dtype::kBFloat16 : cuda::Dtype::kHalf,
+                         M, K, /*ld=*/K, q.data_ptr(), scale.data_ptr<float>(), stream_of(x));
+    return {q, scale, false};
+  }
+#endif
   at::Tensor v = x.to(at::kFloat).contiguous();
   if (Kp != K) v = at::constant_pad_nd(v, {0, Kp - K});
   v = v.view({M, Kp / kTile, kTile});
@@ -131,6 +159,26 @@ Fp8Tensor quantize_blocks(const at::Tensor& w) {
   if (Op != O || Kp != K) q = q.narrow(0, 0, O).narrow(1, 0, K).contiguous();
   return {q, scale, true};
 }
+
+Fp8Tensor requantize_tokens(const Fp8Tensor& t) {
+  TORCH_CHECK(!t.blocks, "requantize_tokens expects 1×128 tiles");
+  at::NoGradGuard no_grad;
+  const int64_t M = t.data.size(0), K = t.data.size(1), Mp = round_up(M, kTile);
+#if MOETRAIN_WITH_CUDA
+  if (fused_quantization(t.data) && Mp / kTile <= 65535) {
+    const c10::cuda::CUDAGuard guard(t.data.device());
+    const at::Tensor data = t.data.contiguous(), scale = t.scale.to(at::kFloat).contiguous();
+    at::Tensor q = at::empty({K, Mp}, data.options());
+    at::Tensor s = at::empty({K, Mp / kTile}, scale.options());
+    cuda::requantize_transposed(data.data_ptr(), scale.data_ptr<float>(), M, K, q.data_ptr(), s.data_ptr<float>(),
+                                stream_of(data));
+    return {q, s, false};
+  }
+#endif
+  return quantize_tiles(pad_rows(dequantize(t, at::kFloat), kTile).t());
+}
+
+void set_fp8_aten_quantization(bool on) { g_aten_quantization.store(on); }
 
 at::Tensor dequantize(const Fp8Tensor& q, at::ScalarType dtype) {
   at::NoGradGuard no_grad;

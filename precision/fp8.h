@@ -31,6 +31,12 @@ Fp8Tensor quantize_tiles(const at::Tensor& x);
 // w [O, K] with one scale per 128×128 block.
 Fp8Tensor quantize_blocks(const at::Tensor& w);
 at::Tensor dequantize(const Fp8Tensor& q, at::ScalarType dtype);
+// The wgrad operand of t [M, K] (1×128 tiles): dequantized, zero-padded to whole tiles of 128 rows (tokens),
+// transposed and re-quantized in tiles along the tokens: [K, ⌈M/128⌉·128].
+Fp8Tensor requantize_tokens(const Fp8Tensor& t);
+// On an SM90 device quantize_tiles and requantize_tokens run as one fused kernel each (precision/fp8_cuda.h),
+// bit-identical to the ATen ops that run everywhere else. For tests and benchmarks: the ATen ops on CUDA too.
+void set_fp8_aten_quantization(bool on);
 
 // Round trips through E4M3 (the values an FP8 GEMM sees), in the input's dtype and shape.
 at::Tensor fake_quant_tiles(const at::Tensor& x);  // x [..., K]

@@ -1,6 +1,8 @@
 // The CUDA path, run where a GPU is visible (the lent H200's check script, scripts/gpu-check.sh); without one each
-// test says so and skips. Training on the GPU against the CPU, the FP8 GEMMs against their emulation, the grouped
-// expert GEMM against the loop, and the host synchronisations of one training step.
+// test says so and skips. Training on the GPU against the CPU, the FP8 GEMMs against their emulation, the fused FP8
+// quantization against the ATen ops, the grouped expert GEMM against the loop, and the host synchronisations of one
+// training step.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <torch/cuda.h>
 #include <torch/torch.h>
@@ -91,6 +93,41 @@ TEST(Cuda, Fp8GemmsMatchTheEmulation) {
   EXPECT_LE(rel_err(yg, yc), 1e-2);
   EXPECT_LE(rel_err(xg.grad(), xc.grad()), 1e-2);
   EXPECT_LE(rel_err(wg.grad(), wc.grad()), 1e-2);
+}
+
+// The fused quantization kernels (precision/fp8_cuda.cu) against the ATen ops they replace, on the GPU and on the
+// CPU: the same E4M3 bytes and the same scales, bit for bit. Sizes with partial tiles of 128 on both sides, a row of
+// zeros (scale 1), rows of very different magnitudes, and FP32, BF16 and FP16 inputs.
+TEST(Cuda, FusedFp8QuantizationIsBitIdentical) {
+  REQUIRE_CUDA();
+  using namespace precision;
+  const c10::Device d(c10::kCUDA, 0);
+  torch::manual_seed(5);
+  const auto same = [](const Fp8Tensor& a, const Fp8Tensor& b) {
+    return a.data.sizes() == b.data.sizes() && a.scale.sizes() == b.scale.sizes() &&
+           at::equal(a.data.view(at::kByte).cpu(), b.data.view(at::kByte).cpu()) &&
+           at::equal(a.scale.cpu(), b.scale.cpu());
+  };
+  for (const auto& [M, K] : std::vector<std::pair<int64_t, int64_t>>{{1, 5}, {37, 200}, {129, 128}, {300, 1000},
+                                                                      {1000, 7168}, {4096, 2048}}) {
+    for (const at::ScalarType t : {at::kFloat, at::kBFloat16, at::kHalf}) {
+      at::Tensor x = at::randn({M, K}) * at::pow(10.0, at::randint(-3, 3, {M, 1}).to(at::kFloat));
+      x[0].zero_();
+      x = x.to(t);
+      const std::string what = fmt::format("[{}, {}] {}", M, K, c10::toString(t));
+      const at::Tensor xg = x.to(d);
+      set_fp8_aten_quantization(true);
+      const Fp8Tensor aten = quantize_tiles(xg), aten_t = requantize_tokens(aten);
+      set_fp8_aten_quantization(false);
+      const Fp8Tensor fused = quantize_tiles(xg), fused_t = requantize_tokens(fused);
+      const Fp8Tensor cpu = quantize_tiles(x), cpu_t = requantize_tokens(cpu);
+      EXPECT_TRUE(same(fused, aten)) << what << ": quantize_tiles, fused vs ATen on the GPU";
+      EXPECT_TRUE(same(fused, cpu)) << what << ": quantize_tiles, GPU vs CPU";
+      EXPECT_TRUE(same(fused_t, aten_t)) << what << ": requantize_tokens, fused vs ATen on the GPU";
+      EXPECT_TRUE(same(fused_t, cpu_t)) << what << ": requantize_tokens, GPU vs CPU";
+      EXPECT_EQ(fused_t.data.size(1) % kTile, 0) << what;
+    }
+  }
 }
 
 TEST(Cuda, GroupedExpertGemmMatchesTheLoopInBf16) {

@@ -116,6 +116,22 @@ TEST(Fp8, WgradRequantizesAlongTokensByHand) {
   EXPECT_GT((w.grad() - channels).abs().max().item<double>(), 1e-3);
 }
 
+// requantize_tokens by itself: the wgrad operand [K, tokens padded to whole tiles of 128], zeros in the padding, and
+// the dequantized operand's values re-quantized per tile of 128 tokens (within E4M3's relative step, 1/16).
+TEST(Fp8, RequantizeTokensTransposesAndPadsToWholeTiles) {
+  torch::manual_seed(4);
+  const at::Tensor x = torch::randn({200, 40});
+  const Fp8Tensor q = quantize_tiles(x), t = requantize_tokens(q);
+  ASSERT_EQ(t.data.sizes(), (std::vector<int64_t>{40, 256}));
+  ASSERT_EQ(t.scale.sizes(), (std::vector<int64_t>{40, 2}));
+  EXPECT_FALSE(t.blocks);
+  const at::Tensor back = dequantize(t, at::kFloat);
+  EXPECT_TRUE(at::equal(back.narrow(1, 200, 56), torch::zeros({40, 56}))) << "the padded tokens are not zero";
+  const at::Tensor want = dequantize(q, at::kFloat).t();
+  const at::Tensor got = back.narrow(1, 0, 200);
+  EXPECT_TRUE(torch::allclose(got, want, 0.0625, 1e-6)) << (got - want).abs().max();
+}
+
 TEST(Fp8, QuantizedTensorsRoundTrip) {
   torch::manual_seed(4);
   at::Tensor x = torch::randn({5, 300});
