@@ -102,9 +102,10 @@ GemmFigures gemm_shape(const c10::Device& d, int64_t T, int64_t K, int64_t N, in
     fp8_mm_nt(requantize_tokens(g), requantize_tokens(a), at::kBFloat16);
   };
   f.fp8_with_quant_s = time_it(d, repeats, with_quantization);
-  set_fp8_aten_quantization(true);
-  f.fp8_with_aten_quant_s = time_it(d, repeats, with_quantization);
-  set_fp8_aten_quantization(false);
+  {
+    const Fp8AtenQuantization unfused;
+    f.fp8_with_aten_quant_s = time_it(d, repeats, with_quantization);
+  }
   // Against the emulation: the same quantized operands multiplied in FP32.
   const std::vector<std::pair<Fp8Tensor, Fp8Tensor>> ops{{xq, wq.rows}, {dyq, wq.cols}, {dyt, xt}};
   for (const auto& [a, b] : ops) {

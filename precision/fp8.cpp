@@ -27,7 +27,7 @@ namespace moetrain::precision {
 namespace {
 
 std::atomic<bool> g_force_emulation{false};
-std::atomic<bool> g_aten_quantization{false};  // set_fp8_aten_quantization: the ATen ops even on CUDA
+std::atomic<bool> g_aten_quantization{false};  // Fp8AtenQuantization: the ATen ops even on CUDA
 // cuBLAS's 128×128 weight-block layout is tried first; a build that refuses it gets the same scales repeated per
 // row (1×128 tiles on both operands: the same numbers, another kernel), once and for all.
 std::atomic<bool> g_blocks_refused{false};
@@ -112,10 +112,7 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
 };
 
 #if MOETRAIN_WITH_CUDA
-// The kernels are compiled for SM90 (Dependencies.cmake): other GPUs take the ATen ops.
-bool fused_quantization(const at::Tensor& t) {
-  return t.is_cuda() && !g_aten_quantization.load() && at::cuda::getDeviceProperties(t.device().index())->major == 9;
-}
+bool fused_quantization(const at::Tensor& t) { return fp8_fused_quantization_on(t.device()); }
 void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 #endif
 
@@ -161,13 +158,18 @@ Fp8Tensor quantize_blocks(const at::Tensor& w) {
 }
 
 Fp8Tensor requantize_tokens(const Fp8Tensor& t) {
-  TORCH_CHECK(!t.blocks, "requantize_tokens expects 1×128 tiles");
+  const int64_t M = t.data.dim() == 2 ? t.data.size(0) : -1, K = t.data.dim() == 2 ? t.data.size(1) : -1;
+  TORCH_CHECK(!t.blocks && t.data.scalar_type() == at::kFloat8_e4m3fn && M >= 0 && t.scale.dim() == 2 &&
+                  t.scale.size(0) == M && t.scale.size(1) == round_up(K, kTile) / kTile &&
+                  t.scale.scalar_type() == at::kFloat && t.scale.device() == t.data.device(),
+              "requantize_tokens expects E4M3 data [M, K] with FP32 1×128 tile scales [M, ⌈K/128⌉] on its device, "
+              "got ", t.data.sizes(), " ", t.data.scalar_type(), " and ", t.scale.sizes(), " ", t.scale.scalar_type(),
+              t.blocks ? " (128×128 blocks)" : "");
   at::NoGradGuard no_grad;
-  const int64_t M = t.data.size(0), K = t.data.size(1), Mp = round_up(M, kTile);
 #if MOETRAIN_WITH_CUDA
-  if (fused_quantization(t.data) && Mp / kTile <= 65535) {
+  if (const int64_t Mp = round_up(M, kTile); fused_quantization(t.data) && Mp / kTile <= 65535) {
     const c10::cuda::CUDAGuard guard(t.data.device());
-    const at::Tensor data = t.data.contiguous(), scale = t.scale.to(at::kFloat).contiguous();
+    const at::Tensor data = t.data.contiguous(), scale = t.scale.contiguous();
     at::Tensor q = at::empty({K, Mp}, data.options());
     at::Tensor s = at::empty({K, Mp / kTile}, scale.options());
     cuda::requantize_transposed(data.data_ptr(), scale.data_ptr<float>(), M, K, q.data_ptr(), s.data_ptr<float>(),
@@ -178,7 +180,17 @@ Fp8Tensor requantize_tokens(const Fp8Tensor& t) {
   return quantize_tiles(pad_rows(dequantize(t, at::kFloat), kTile).t());
 }
 
-void set_fp8_aten_quantization(bool on) { g_aten_quantization.store(on); }
+bool fp8_fused_quantization_on(const c10::Device& device) {
+#if MOETRAIN_WITH_CUDA
+  return device.is_cuda() && !g_aten_quantization.load() && cuda::kernels_available(device.index());
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+Fp8AtenQuantization::Fp8AtenQuantization() : before_(g_aten_quantization.exchange(true)) {}
+Fp8AtenQuantization::~Fp8AtenQuantization() { g_aten_quantization.store(before_); }
 
 at::Tensor dequantize(const Fp8Tensor& q, at::ScalarType dtype) {
   at::NoGradGuard no_grad;

@@ -34,9 +34,20 @@ at::Tensor dequantize(const Fp8Tensor& q, at::ScalarType dtype);
 // The wgrad operand of t [M, K] (1×128 tiles): dequantized, zero-padded to whole tiles of 128 rows (tokens),
 // transposed and re-quantized in tiles along the tokens: [K, ⌈M/128⌉·128].
 Fp8Tensor requantize_tokens(const Fp8Tensor& t);
-// On an SM90 device quantize_tiles and requantize_tokens run as one fused kernel each (precision/fp8_cuda.h),
-// bit-identical to the ATen ops that run everywhere else. For tests and benchmarks: the ATen ops on CUDA too.
-void set_fp8_aten_quantization(bool on);
+// On a CUDA device that this build has kernels for (SM90) quantize_tiles and requantize_tokens run as one fused
+// kernel each (precision/fp8_cuda.h), bit-identical to the ATen ops that run everywhere else.
+bool fp8_fused_quantization_on(const c10::Device& device);
+// For tests and benchmarks: the ATen ops on CUDA too, for the scope of one of these.
+class Fp8AtenQuantization {
+ public:
+  Fp8AtenQuantization();
+  ~Fp8AtenQuantization();
+  Fp8AtenQuantization(const Fp8AtenQuantization&) = delete;
+  Fp8AtenQuantization& operator=(const Fp8AtenQuantization&) = delete;
+
+ private:
+  bool before_;
+};
 
 // Round trips through E4M3 (the values an FP8 GEMM sees), in the input's dtype and shape.
 at::Tensor fake_quant_tiles(const at::Tensor& x);  // x [..., K]

@@ -5,6 +5,7 @@
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -96,6 +97,24 @@ void check_launch(const char* what) {
 }
 
 }  // namespace
+
+bool kernels_available(int device) {
+  static std::atomic<int> known[64];  // 0: not asked yet, 1: yes, 2: no
+  if (device < 0 || device >= 64) return false;
+  int k = known[device].load();
+  if (k == 0) {
+    int current = 0;
+    cudaFuncAttributes attributes;
+    bool ok = cudaGetDevice(&current) == cudaSuccess && cudaSetDevice(device) == cudaSuccess &&
+              cudaFuncGetAttributes(&attributes, quantize_tiles_kernel<float>) == cudaSuccess &&
+              cudaFuncGetAttributes(&attributes, requantize_transposed_kernel) == cudaSuccess;
+    cudaGetLastError();  // "no kernel image for this device" is an answer, not an error to keep
+    ok = cudaSetDevice(current) == cudaSuccess && ok;
+    k = ok ? 1 : 2;
+    known[device].store(k);
+  }
+  return k == 1;
+}
 
 void quantize_tiles(const void* x, Dtype dtype, int64_t rows, int64_t cols, int64_t ld, void* q, float* scale,
                     void* stream) {

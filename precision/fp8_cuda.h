@@ -2,7 +2,9 @@
 // builds only; fp8.cpp calls them). Each reads its input once and writes the E4M3 bytes and the scales, where the
 // ATen ops make five passes over the data. They compute exactly what those ATen ops compute — the same FP32
 // operations (amax, amax / 448 or 1 where amax is not positive, a true division by the scale, NaN propagated as
-// amax does) and c10's E4M3 conversion — so their results are bit-identical (Cuda.FusedFp8QuantizationIsBitIdentical).
+// amax does) and c10's E4M3 conversion — so their results are bit-identical to the ATen ops on the GPU, and for
+// finite inputs to the CPU's too (Cuda.FusedFp8QuantizationIsBitIdentical; the CPU's NaN of inf/inf has its sign
+// bit set, the GPU's not).
 // Plain pointers and sizes: no LibTorch header is compiled by nvcc beyond c10's scalar types.
 #pragma once
 
@@ -11,6 +13,10 @@
 namespace moetrain::precision::cuda {
 
 enum class Dtype { kFloat, kBFloat16, kHalf };
+
+// Whether this build has the kernels for the CUDA device `device` (compiled for its architecture); asked once per
+// device.
+bool kernels_available(int device);
 
 // x [rows, cols] (rows `ld` elements apart, columns contiguous) → q [rows, cols] E4M3 bytes, contiguous, and
 // scale [rows, ⌈cols/128⌉]: one scale per 1×128 tile of each row (a partial last tile scaled on its own).

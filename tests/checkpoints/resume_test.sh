@@ -32,9 +32,9 @@ for layout in "1 1 1" "2 2 2" "2 2 2 bf16" "2 2 2 fp32 interleaved" "2 1 1 fp32 
   train "$np" "full$tag" 20 "${lay[@]}"
   train "$np" "split$tag" 10 "${lay[@]}" --set checkpoint.interval=10
   train "$np" "split$tag" 20 "${lay[@]}" --set checkpoint.interval=10 --resume auto
-  printf '%s' "$out" | grep -q "resumed from .*step_0000010 at step 10" || fail "($tag) did not resume from step 10: $out"
+  grep <<<"$out" -q "resumed from .*step_0000010 at step 10" || fail "($tag) did not resume from step 10: $out"
   # The resumed process prints its first step (logging.interval is 10), with an ETA from its own steps.
-  printf '%s' "$out" | grep -q "^step 11/20 | " || fail "($tag) no progress line for the first resumed step: $out"
+  grep <<<"$out" -q "^step 11/20 | " || fail "($tag) no progress line for the first resumed step: $out"
   if [ "$(losses "$dir/full$tag/metrics.jsonl")" != "$(losses "$dir/split$tag/metrics.jsonl")" ]; then
     fail "($tag) resumed losses differ from the uninterrupted run:
 $(paste <(losses "$dir/full$tag/metrics.jsonl") <(losses "$dir/split$tag/metrics.jsonl"))"
@@ -122,13 +122,13 @@ wait "$pid" 2>/dev/null
 [ "$(cat "$dir/killed/checkpoints/latest")" = "step_0000003" ] || fail "latest moved before the commit"
 [ -d "$dir/killed/checkpoints/step_0000006.tmp" ] || fail "the interrupted save left no .tmp directory"
 train 1 killed 8 --set parallel.pp=1 --set parallel.ep=1 --set checkpoint.interval=3 --resume auto
-printf '%s' "$out" | grep -q "resumed from .*step_0000003 at step 3" || fail "did not resume from step 3: $out"
+grep <<<"$out" -q "resumed from .*step_0000003 at step 3" || fail "did not resume from step 3: $out"
 [ "$(cat "$dir/killed/checkpoints/latest")" = "step_0000008" ] || fail "latest after the resumed run"
 
 # Inspect, export.
 ck="$dir/split111/checkpoints"
 run "$bin" ckpt inspect "$ck"
-[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "model/layers.1.moe.experts.w_gate .* 8×32×64 .*float32" ||
+[ "$rc" -eq 0 ] && grep <<<"$out" -q "model/layers.1.moe.experts.w_gate .* 8×32×64 .*float32" ||
   fail "inspect: $out $err"
 run "$bin" ckpt export "$ck" --out "$dir/model.h5"
 [ "$rc" -eq 0 ] || fail "export: $err"
@@ -152,11 +152,11 @@ with open(sys.argv[1], "r+b") as f:
     f.write(bytes([b[0] ^ 0xFF]))
 PY
 run "$bin" ckpt verify "$ck"
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "shard_00000.h5: checksum mismatch in dataset /model/layers.0.attn.wo" ||
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "shard_00000.h5: checksum mismatch in dataset /model/layers.0.attn.wo" ||
   fail "verify of a corrupt shard: rc $rc: $err"
 run mpi -np 1 "$bin" train "${base[@]}" --set logging.name=split111 --set train.steps=25 \
   --set parallel.pp=1 --set parallel.ep=1 --resume auto
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "checksum mismatch in dataset /model/layers.0.attn.wo" ||
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "checksum mismatch in dataset /model/layers.0.attn.wo" ||
   fail "--resume from a corrupt shard: rc $rc: $err"
 
 # A checkpoint of another model shape (the failed resume leaves the run's config.yaml as it was), and a `latest`
@@ -164,11 +164,11 @@ run mpi -np 1 "$bin" train "${base[@]}" --set logging.name=split111 --set train.
 cp "$dir/split111/config.yaml" "$dir/config-before.yaml"
 run mpi -np 1 "$bin" train "${base[@]}" --set logging.name=split111 --set parallel.pp=1 --set parallel.ep=1 \
   --set model.hidden_size=32 --set train.steps=25 --resume "$ck/step_0000010"
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "has shape \[256,64\] in the checkpoint but \[256,32\] in this model" ||
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "has shape \[256,64\] in the checkpoint but \[256,32\] in this model" ||
   fail "another model shape: $err"
 cmp -s "$dir/config-before.yaml" "$dir/split111/config.yaml" || fail "a failed resume rewrote config.yaml"
 echo step_0000099 > "$ck/latest"
 run "$bin" ckpt verify "$ck"
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "latest. names 'step_0000099', which is not a committed checkpoint" ||
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "latest. names 'step_0000099', which is not a committed checkpoint" ||
   fail "dangling latest: $err"
 finish

@@ -43,7 +43,7 @@ step=$(printf '%s' "$line" | sed -n 's/stopped at step \([0-9]*\) of 100000 on S
 run "$bin" ckpt verify "$dir/term/checkpoints"
 [ "$rc" -eq 0 ] || fail "SIGTERM: the checkpoint does not verify: $err"
 run "$bin" train "${base[@]}" "${one[@]}" --set logging.name=term --set train.steps=$((step + 2)) --resume auto
-[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "resumed from .*step_$(printf '%07d' "$step") at step $step" ||
+[ "$rc" -eq 0 ] && grep <<<"$out" -q "resumed from .*step_$(printf '%07d' "$step") at step $step" ||
   fail "SIGTERM: did not resume from step $step: rc $rc: $out $err"
 
 # Two ranks, SIGUSR1 to one of them.
@@ -77,7 +77,7 @@ run "$bin" ckpt verify "$dir/budget/checkpoints"
 [ "$rc" -eq 0 ] || fail "time budget: the checkpoint does not verify: $err"
 run mpi -np 2 "$bin" train "${base[@]}" "${two[@]}" --set logging.name=budget --set train.steps=$((step + 1)) --resume auto \
   --exit-code-on-stop 75
-[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "resumed from .*step_$(printf '%07d' "$step") at step $step" ||
+[ "$rc" -eq 0 ] && grep <<<"$out" -q "resumed from .*step_$(printf '%07d' "$step") at step $step" ||
   fail "time budget: did not resume from step $step: rc $rc: $out $err"
 
 # SIGUSR1 during start-up (the handler is in place once the config is read: SigCgt has bit 10; the peak measurement

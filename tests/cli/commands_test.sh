@@ -6,7 +6,7 @@ bin=$1
 for cmd in "" "config" "config check" "config show" "config reference" "plan" "version" "report"; do
   run "$bin" $cmd --help
   [ "$rc" -eq 0 ] || fail "moetrain $cmd --help exited $rc: $err"
-  printf '%s' "$out" | grep -q "Usage" || fail "moetrain $cmd --help printed no usage: $out"
+  grep <<<"$out" -q "Usage" || fail "moetrain $cmd --help printed no usage: $out"
 done
 
 run "$bin" config check configs/tiny.yaml
@@ -14,17 +14,17 @@ run "$bin" config check configs/tiny.yaml
 
 run "$bin" config show configs/small-cpu.yaml --set train.lr=1e-2
 [ "$rc" -eq 0 ] || fail "show: $err"
-printf '%s\n' "$out" | grep -qx "  lr: 0.01" || fail "show lacks the override: $out"
-printf '%s\n' "$out" | grep -qx "  hidden_size: 128" || fail "show lacks small-cpu's width: $out"
+grep <<<"$out" -qx "  lr: 0.01" || fail "show lacks the override: $out"
+grep <<<"$out" -qx "  hidden_size: 128" || fail "show lacks small-cpu's width: $out"
 
 run "$bin" plan configs/deepseek-v3-671b.yaml
 [ "$rc" -eq 0 ] || fail "plan v3: $err"
 for want in "main model .*671.03 B .*37.55 B" "MTP modules \(D = 1, own params\) .*11.61 B" \
             "main \+ MTP as released .*684.49 B" "FLOPs/token" "memory per rank"; do
-  printf '%s\n' "$out" | grep -Eq "$want" || fail "plan v3 lacks /$want/"
+  grep <<<"$out" -Eq "$want" || fail "plan v3 lacks /$want/"
 done
 run "$bin" plan configs/tiny.yaml --json
-[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q '"main_total"' || fail "plan --json: $out $err"
+[ "$rc" -eq 0 ] && grep <<<"$out" -q '"main_total"' || fail "plan --json: $out $err"
 
 run "$bin" version
 [ "$rc" -eq 0 ] || fail "version: $err"
@@ -39,7 +39,7 @@ else
   fail "no MOETRAIN_WITH_CUDA in $build_info"; cuda_lines=()
 fi
 for want in "^moetrain " "^LibTorch +2\." "^MPI +Open MPI" "^HDF5 +1\.10.*parallel" "^yaml-cpp +0\." "${cuda_lines[@]}"; do
-  printf '%s\n' "$out" | grep -Eq "$want" || fail "version lacks /$want/: $out"
+  grep <<<"$out" -Eq "$want" || fail "version lacks /$want/: $out"
 done
 
 # Misuse: one line, non-zero.
@@ -63,7 +63,7 @@ expect_error() {
   [ "$(printf '%s\n' "$err" | wc -l)" -eq 1 ] || fail "'$*': expected one stderr line, got: $err"
   case "$err" in *"frame #"*|*"Exception raised from"*) fail "'$*' printed a backtrace: $err" ;; esac
   case "$err" in "moetrain: error: "*) ;; *) fail "'$*': $err" ;; esac
-  printf '%s' "$err" | grep -Eq -- "$want" || fail "'$*': '$err' does not match /$want/"
+  grep <<<"$err" -Eq -- "$want" || fail "'$*': '$err' does not match /$want/"
 }
 
 # Unknown commands are named, also with --help (CLI11 alone printed the main help and exited 0).

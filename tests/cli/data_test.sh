@@ -11,18 +11,18 @@ multi=tests/data/text/multilingual.txt
 for cmd in "data" "data tokenizer-train" "data build" "data inspect" "data synth"; do
   run "$bin" $cmd --help
   [ "$rc" -eq 0 ] || fail "moetrain $cmd --help exited $rc: $err"
-  printf '%s' "$out" | grep -q "Usage" || fail "moetrain $cmd --help printed no usage: $out"
+  grep <<<"$out" -q "Usage" || fail "moetrain $cmd --help printed no usage: $out"
 done
 
 # The good path: a tokenizer, shards, their inspection.
 run "$bin" data tokenizer-train --input "$text" --vocab-size 400 --out "$tmp/tok.model"
 [ "$rc" -eq 0 ] || fail "tokenizer-train: $err"
-printf '%s' "$out" | grep -Eq "^$tmp/tok.model: bpe tokenizer, 400 pieces .* byte fallback; trained on [0-9]+ lines" ||
+grep <<<"$out" -Eq "^$tmp/tok.model: bpe tokenizer, 400 pieces .* byte fallback; trained on [0-9]+ lines" ||
   fail "tokenizer-train report: $out"
 run "$bin" data build --tokenizer "$tmp/tok.model" --input "$text" "$multi" --out "$tmp/shards/lic"
 [ "$rc" -eq 0 ] || fail "build: $err"
 [ -z "$err" ] || fail "build printed to stderr (no terminal, small input: no progress bar): $err"
-printf '%s' "$out" | grep -Eq "^$tmp/shards/lic: [0-9]+ documents, [0-9]+ tokens in 1 shard \(uint16, vocabulary 400\) from 2 files" ||
+grep <<<"$out" -Eq "^$tmp/shards/lic: [0-9]+ documents, [0-9]+ tokens in 1 shard \(uint16, vocabulary 400\) from 2 files" ||
   fail "build report: $out"
 [ -f "$tmp/shards/lic.00000.bin" ] && [ -f "$tmp/shards/lic.00000.idx" ] || fail "build wrote no shard files"
 cmp -s "$tmp/tok.model" "$tmp/shards/lic.tokenizer.model" || fail "build left no copy of its tokenizer"
@@ -30,38 +30,38 @@ run "$bin" data inspect "$tmp/shards/lic" --tokenizer "$tmp/tok.model"
 [ "$rc" -eq 0 ] || fail "inspect: $err"
 for want in "^$tmp/shards/lic: [0-9]+ documents, [0-9]+ tokens in 1 shard$" "uint16 \(2 bytes\), vocabulary 400, end-of-document id 2" \
             "verified +checksums match" "GNU GENERAL PUBLIC LICENSE" "</s>$"; do
-  printf '%s\n' "$out" | grep -Eq "$want" || fail "inspect lacks /$want/: $out"
+  grep <<<"$out" -Eq "$want" || fail "inspect lacks /$want/: $out"
 done
 # Several shards.
 run "$bin" data build --tokenizer "$tmp/tok.model" --input "$text" --out "$tmp/small" --shard-tokens 5000 --docs line
-[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -Eq "tokens in [0-9]+ shards" || fail "sharded build: $out $err"
+[ "$rc" -eq 0 ] && grep <<<"$out" -Eq "tokens in [0-9]+ shards" || fail "sharded build: $out $err"
 # Without --tokenizer, inspect decodes with the copy the build left next to the shards.
 run "$bin" data inspect "$tmp/small" --doc 3 --tokens 8
-[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "document 3 (first 8 tokens, decoded by $tmp/small.tokenizer.model)" ||
+[ "$rc" -eq 0 ] && grep <<<"$out" -q "document 3 (first 8 tokens, decoded by $tmp/small.tokenizer.model)" ||
   fail "inspect with the tokenizer copy: $out $err"
 expect_doc="$tmp/small: --doc 9999999: the corpus has [0-9]+ documents"
 run "$bin" data inspect "$tmp/small" --doc 9999999
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -Eq "$expect_doc" || fail "inspect --doc out of range: $err"
+[ "$rc" -ne 0 ] && grep <<<"$err" -Eq "$expect_doc" || fail "inspect --doc out of range: $err"
 
 # The synthetic corpus as shards, with its entropy.
 run "$bin" data synth --out "$tmp/synth" --tokens 20000 --vocab-size 128 --branching 4 --doc-tokens 99
 [ "$rc" -eq 0 ] || fail "synth: $err"
-printf '%s' "$out" | grep -Eq "^$tmp/synth: 200 documents of 99 Markov tokens \+ end token 127 = 20000 tokens" ||
+grep <<<"$out" -Eq "^$tmp/synth: 200 documents of 99 Markov tokens \+ end token 127 = 20000 tokens" ||
   fail "synth report: $out"
-printf '%s' "$out" | grep -Eq "entropy rate H = Σ_i π_i·H\(P_i\) = [0-9]\.[0-9]{6} nats/token" || fail "synth entropy: $out"
+grep <<<"$out" -Eq "entropy rate H = Σ_i π_i·H\(P_i\) = [0-9]\.[0-9]{6} nats/token" || fail "synth entropy: $out"
 run "$bin" data inspect "$tmp/synth"
-[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "tokenizer      none (synthetic corpus)" || fail "inspect synth: $out $err"
-printf '%s' "$out" | grep -q "(token ids: no tokenizer; pass --tokenizer to decode them)" || fail "inspect synth ids: $out"
+[ "$rc" -eq 0 ] && grep <<<"$out" -q "tokenizer      none (synthetic corpus)" || fail "inspect synth: $out $err"
+grep <<<"$out" -q "(token ids: no tokenizer; pass --tokenizer to decode them)" || fail "inspect synth ids: $out"
 
 # --vocab-size V writes shards a model.vocab_size = V trains on: vocabulary V, text ids < V−1 (V−1 Markov states),
 # the end token V−1; the help says so. The ids are read from the .bin file itself (uint16), not through the reader.
 run "$bin" data synth --help
-printf '%s' "$out" | tr -s ' \n' ' ' | grep -q "V−1 Markov states" || fail "synth --help: $out"
+grep -q "V−1 Markov states" <<<"$(tr -s ' \n' ' ' <<<"$out")" || fail "synth --help: $out"
 run "$bin" data synth --out "$tmp/v64" --tokens 10000 --vocab-size 64 --doc-tokens 99
-[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "(vocabulary 64 = 63 Markov states + the end token," ||
+[ "$rc" -eq 0 ] && grep <<<"$out" -q "(vocabulary 64 = 63 Markov states + the end token," ||
   fail "synth --vocab-size 64: $out $err"
 run "$bin" data inspect "$tmp/v64"
-[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "vocabulary 64, end-of-document id 63" || fail "inspect v64: $out $err"
+[ "$rc" -eq 0 ] && grep <<<"$out" -q "vocabulary 64, end-of-document id 63" || fail "inspect v64: $out $err"
 ids=$(od -An -v -tu2 "$tmp/v64.00000.bin" | tr -s ' ' '\n' | grep -v '^$')
 [ "$(printf '%s\n' "$ids" | wc -l)" -eq 10000 ] || fail "v64: expected 10000 ids"
 [ "$(printf '%s\n' "$ids" | sort -n | tail -n 1)" -eq 63 ] || fail "v64: an id >= 64 or no end token 63"
@@ -80,7 +80,7 @@ expect_error() {
   [ "$rc" -ne 0 ] || fail "$what: exited 0"
   [ "$(printf '%s\n' "$err" | wc -l)" -eq 1 ] || fail "$what: expected one stderr line, got: $err"
   case "$err" in "moetrain: error: "*) ;; *) fail "$what: $err" ;; esac
-  printf '%s' "$err" | grep -Eq -- "$want" || fail "$what: '$err' does not match /$want/"
+  grep <<<"$err" -Eq -- "$want" || fail "$what: '$err' does not match /$want/"
 }
 
 : >"$tmp/empty.txt"

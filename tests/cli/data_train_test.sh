@@ -33,7 +33,7 @@ awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 0.2 && a < 6.238) }' ||
 
 # The run directory already holds metrics: refused without --overwrite, replaced with it.
 run train
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "pass --overwrite" || fail "second run without --overwrite: $rc $err"
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "pass --overwrite" || fail "second run without --overwrite: $rc $err"
 run train --set train.steps=10 --set train.decay_steps=5 --overwrite
 [ "$rc" -eq 0 ] || fail "train --overwrite: $err"
 [ "$(grep -c '"val_loss"' "$metrics")" -eq 1 ] || fail "--overwrite kept the earlier run's metrics"

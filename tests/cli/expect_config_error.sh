@@ -16,7 +16,7 @@ for cmd in "config check" "plan"; do
   [ -z "$out" ] || fail "$cmd $file printed to stdout: $out"
   [ "$(printf '%s\n' "$err" | wc -l)" -eq 1 ] || fail "$cmd: expected one stderr line, got: $err"
   case "$err" in "$prefix"*) ;; *) fail "$cmd: expected prefix '$prefix', got: $err" ;; esac
-  printf '%s' "$err" | grep -Eq -- "$want" || fail "$cmd: '$err' does not match '$want'"
+  grep <<<"$err" -Eq -- "$want" || fail "$cmd: '$err' does not match '$want'"
 done
 echo "$err"
 finish

@@ -53,7 +53,7 @@ echo "$out"
 rate=$(printf '%s\n' "$out" | sed -n 's/^MTP drafts accepted: .*(\([0-9.]*\)%)$/\1/p')
 awk -v r="$rate" 'BEGIN { exit !(r > 50) }' || fail "MTP acceptance rate '$rate' (expected over 50%): $out"
 run "$bin" generate "$tmp/ckpt" --prompt-ids 5 --mtp --temperature 1
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "greedy" || fail "--mtp with sampling: $rc $err"
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "greedy" || fail "--mtp with sampling: $rc $err"
 
 sample() { "$bin" generate "$tmp/ckpt" --prompt-ids 5,7 --max-new-tokens 20 --temperature 1 --top-p 0.9 "$@"; }
 a=$(sample --seed 7 | grep '^generated:')
@@ -61,10 +61,10 @@ b=$(sample --seed 7 | grep '^generated:')
 [ -n "$a" ] && [ "$a" = "$b" ] || fail "sampling with one seed differs: '$a' vs '$b'"
 
 run "$bin" generate "$tmp/ckpt" --prompt-ids 5,999
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "prompt token 999 is outside the model's vocabulary" ||
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "prompt token 999 is outside the model's vocabulary" ||
   fail "an out-of-vocabulary prompt: $rc $err"
 run "$bin" generate "$tmp/ckpt" --prompt "hello"
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "needs --tokenizer" || fail "--prompt without a tokenizer: $rc $err"
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "needs --tokenizer" || fail "--prompt without a tokenizer: $rc $err"
 run "$bin" generate "$tmp/ckpt" --prompt-ids 5 --temperature 1 --top-p 0
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "top-p" || fail "--top-p 0: $rc $err"
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "top-p" || fail "--top-p 0: $rc $err"
 finish

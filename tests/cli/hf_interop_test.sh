@@ -33,8 +33,8 @@ grep -q '"rope_interleave": true' "$tmp/hf/config.json" && grep -q '"num_nextn_p
 run "$bin" eval "$tmp/ckpt" --data "$tmp/synth/s" --windows 12 --dump-logits "$tmp/logits.npy"
 [ "$rc" -eq 0 ] || fail "eval: $err"
 echo "$out"
-printf '%s' "$out" | grep -q "eval: 12 windows of 64 tokens" || fail "eval output: $out"
-printf '%s' "$out" | grep -q "mtp1 loss" && printf '%s' "$out" | grep -q "max-vio per MoE layer: layers.1" ||
+grep <<<"$out" -q "eval: 12 windows of 64 tokens" || fail "eval output: $out"
+grep <<<"$out" -q "mtp1 loss" && grep <<<"$out" -q "max-vio per MoE layer: layers.1" ||
   fail "eval reports no MTP loss or MaxVio: $out"
 
 # Data parallel over 5 launched ranks (12 windows: blocks of 2, 2, 3, 2, 3): one report, the one process's numbers,
@@ -57,7 +57,7 @@ run "$python" tests/cli/hf_logits.py "$tmp/hf" "$tmp/logits.npy" "$tmp/synth/s.0
 echo "$out"
 [ "$rc" -eq 0 ] || fail "transformers' logits differ: $out $err"
 run "$bin" ckpt export "$tmp/ckpt" --format hf --out "$tmp/hf-bf16" --dtype bf16
-[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "BF16" || fail "bf16 export: $out $err"
+[ "$rc" -eq 0 ] && grep <<<"$out" -q "BF16" || fail "bf16 export: $out $err"
 run "$python" tests/cli/hf_logits.py "$tmp/hf-bf16" "$tmp/logits.npy" "$tmp/synth/s.00000.bin" --dtype bf16 \
   --tol 0.3 --min-agree 0.95
 echo "$out"
@@ -68,10 +68,10 @@ run train --set logging.name=eps --set checkpoint.dir="$tmp/ckpt-eps" --set trai
   --set checkpoint.interval=2 --set model.norm_eps=1e-5
 [ "$rc" -eq 0 ] || fail "train (norm_eps): $err"
 run "$bin" ckpt export "$tmp/ckpt-eps" --format hf --out "$tmp/hf-eps"
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "model.norm_eps is 1e-05" || fail "norm_eps 1e-5 exported: $rc $err"
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "model.norm_eps is 1e-05" || fail "norm_eps 1e-5 exported: $rc $err"
 [ ! -e "$tmp/hf-eps" ] || fail "a refused export left $tmp/hf-eps"
 run "$bin" ckpt export "$tmp/ckpt" --format hf --out "$tmp/hf"
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "not an empty directory" || fail "export onto files: $rc $err"
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "not an empty directory" || fail "export onto files: $rc $err"
 
 # Back: import(export(ckpt)) holds the same weights, bit for bit.
 run "$bin" config show configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=1 --set parallel.ep=1
@@ -90,7 +90,7 @@ lm1() { grep -o '"lm_loss":[0-9.eE+-]*' "$1" | head -n 1 | cut -d: -f2; }
 run train --set logging.name=scratch --set train.steps=1 --set checkpoint.interval=0
 run train --set logging.name=init --set train.steps=2 --set checkpoint.interval=0 --init-from "$tmp/imported"
 [ "$rc" -eq 0 ] || fail "train --init-from: $err"
-printf '%s' "$out" | grep -q "initialized from the weights of" || fail "no initialization line: $out"
+grep <<<"$out" -q "initialized from the weights of" || fail "no initialization line: $out"
 scratch=$(lm1 "$tmp/runs/scratch/metrics.jsonl")
 init=$(lm1 "$tmp/runs/init/metrics.jsonl")
 echo "step 1 LM loss: from scratch $scratch, from the imported weights $init"
@@ -102,12 +102,12 @@ init4=$(lm1 "$tmp/runs/init4/metrics.jsonl")  # the same up to the layouts' summ
 awk -v a="$init4" -v b="$init" 'BEGIN { d = a - b; exit !(d < 1e-6 * b && -d < 1e-6 * b) }' ||
   fail "4 ranks start elsewhere: $init4 vs $init"
 run train --set logging.name=both --init-from "$tmp/imported" --resume auto
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "pass one" || fail "--init-from with --resume: $rc $err"
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "pass one" || fail "--init-from with --resume: $rc $err"
 
 # A folder that does not fit the config: named.
 run "$bin" config show "$tmp/tiny1.yaml" --set model.num_layers=3
 printf '%s\n' "$out" >"$tmp/three.yaml"
 run "$bin" ckpt import "$tmp/hf" --format hf --config "$tmp/three.yaml" --out "$tmp/bad"
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "num_hidden_layers is 4 there but 3 by the config" ||
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "num_hidden_layers is 4 there but 3 by the config" ||
   fail "a 4-layer folder imported for 3 layers: $rc $err"
 finish

@@ -11,12 +11,12 @@ run mpi -np 4 "$bin" config check configs/tiny.yaml
 run mpi -np 2 "$bin" config check configs/tiny.yaml
 [ "$rc" -ne 0 ] || fail "2 ranks for a 4-rank config exited 0"
 [ "$(printf '%s\n' "$err" | grep -c '^moetrain: error')" -eq 1 ] || fail "expected one error line: $err"
-printf '%s' "$err" | grep -q "configs/tiny.yaml:31: world size 2 (ranks launched) ≠ pp·dp = 2·2 = 4" ||
+grep <<<"$err" -q "configs/tiny.yaml:31: world size 2 (ranks launched) ≠ pp·dp = 2·2 = 4" ||
   fail "wrong message: $err"
 
 # dp derived from the launch.
 run mpi -np 4 "$bin" plan configs/tiny.yaml --set parallel.dp=0 --set parallel.ep=1
-[ "$rc" -eq 0 ] && printf '%s' "$out" | grep -q "world 4 = pp 2 × dp 2" || fail "derived dp: $out $err"
+[ "$rc" -eq 0 ] && grep <<<"$out" -q "world 4 = pp 2 × dp 2" || fail "derived dp: $out $err"
 
 # A bad config on every rank: one message, non-zero exit.
 run mpi -np 4 "$bin" config check tests/cli/bad/ep_not_dividing_dp.yaml
@@ -26,7 +26,7 @@ run mpi -np 4 "$bin" config check tests/cli/bad/ep_not_dividing_dp.yaml
 # One rank fails: every rank exits 1 and only the failing rank reports.
 run mpi -np 3 "$probe" 1
 [ "$rc" -ne 0 ] || fail "probe: a failing rank left mpirun with 0"
-! printf "%s" "$out" | grep -q "exit 0" && printf "%s" "$out" | grep -q "exit 1" || fail "probe: ranks should exit 1 (or be ended by mpirun): $out"
+! grep <<<"$out" -q "exit 0" && grep <<<"$out" -q "exit 1" || fail "probe: ranks should exit 1 (or be ended by mpirun): $out"
 [ "$err" != "${err/moetrain: error on rank 1 of 3: probe failure on purpose/}" ] || fail "probe message: $err"
 [ "$(printf '%s\n' "$err" | grep -c '^moetrain: error')" -eq 1 ] || fail "probe: one error line expected: $err"
 
@@ -40,7 +40,7 @@ run timeout 60 bash -c "$(declare -f mpi); mpi -np 3 '$probe' 0 2 2"
 elapsed=$(( $(date +%s) - start ))
 [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "hang case: rc $rc (124 means it hung)"
 [ "$elapsed" -lt 30 ] || fail "hang case took ${elapsed}s"
-printf '%s' "$err" | grep -q "moetrain: error: probe failure on purpose" || fail "hang case message: $err"
+grep <<<"$err" -q "moetrain: error: probe failure on purpose" || fail "hang case message: $err"
 # Training on 4 ranks (pp 2 × dp 2, ep 2): progress from rank 0 only, metrics and the resolved config written.
 runs=$(mktemp -d)
 trap 'rm -rf "$runs"' EXIT
@@ -51,7 +51,7 @@ run mpi -np 4 "$bin" train --config configs/tiny.yaml --set train.steps=3 --set 
 [ "$(wc -l < "$runs/tiny/metrics.jsonl")" -eq 4 ] || fail "metrics.jsonl: 3 steps + 1 eval expected"
 grep -q '^  pp: 2' "$runs/tiny/config.yaml" || fail "resolved config not written"
 run mpi -np 4 "$bin" train --config configs/tiny.yaml --set train.steps=1 --set logging.dir="$runs"
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "pass --overwrite" || fail "an existing run must not be overwritten: $err"
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "pass --overwrite" || fail "an existing run must not be overwritten: $err"
 # --resume auto on a run with metrics but no checkpoint (a requeued job that failed early) starts fresh.
 run mpi -np 4 "$bin" train --config configs/tiny.yaml --set train.steps=2 --set logging.dir="$runs" --resume auto
 [ "$rc" -eq 0 ] && grep -q "^--resume auto: no checkpoint in $runs/tiny/checkpoints yet; starting fresh" <<<"$out" ||
@@ -65,12 +65,12 @@ run timeout 60 bash -c "$(declare -f mpi); mpi -np 4 -x MOETRAIN_TEST_FAIL_STEP=
 elapsed=$(( $(date +%s) - start ))
 [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "injected failure: rc $rc (124: it hung)"
 [ "$elapsed" -lt 30 ] || fail "injected failure took ${elapsed}s to end the job"
-printf '%s' "$err" | grep -q "rank 2.*injected failure at step 2" || fail "injected failure message: $err"
+grep <<<"$err" -q "rank 2.*injected failure at step 2" || fail "injected failure message: $err"
 
 # Ranks started with different configs are caught at start-up.
 run mpi -np 1 "$bin" train --config configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=2 --set parallel.ep=1 \
     --set train.lr=1e-3 --set logging.dir="$runs" --set logging.name=mixed : \
     -np 1 "$bin" train --config configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=2 --set parallel.ep=1 \
     --set train.lr=2e-3 --set logging.dir="$runs" --set logging.name=mixed
-[ "$rc" -ne 0 ] && printf '%s' "$err" | grep -q "different configs" || fail "different configs not detected: $err"
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "different configs" || fail "different configs not detected: $err"
 finish

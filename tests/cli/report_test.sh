@@ -33,7 +33,7 @@ python_cut='import sys; p = sys.argv[1]; s = open(p).read(); open(p, "w").write(
 "$python" -c "$python_cut" "$tmp/runs/torn/metrics.jsonl"
 run "$bin" report "$tmp/runs/torn" --out "$tmp/torn.html"
 [ "$rc" -eq 0 ] || fail "report of a torn run: $err"
-printf '%s\n' "$out" | grep -q "^note: $tmp/runs/torn/metrics.jsonl:8: the last line is not a whole record" ||
+grep <<<"$out" -q "^note: $tmp/runs/torn/metrics.jsonl:8: the last line is not a whole record" ||
   fail "no note of the torn line: $out"
 grep -q "the last line is not a whole record" "$tmp/torn.html" || fail "the torn line is not noted in the report"
 run "$python" tests/cli/report_check.py "$tmp/torn.html" "$tmp/runs/torn"
@@ -46,7 +46,7 @@ bad() {
   run "$bin" report "$@"
   [ "$rc" -ne 0 ] && [ "$rc" -lt 128 ] || fail "report $*: exit $rc"
   [ "$(printf '%s\n' "$err" | wc -l)" -eq 1 ] || fail "report $*: expected one stderr line, got: $err"
-  printf '%s' "$err" | grep -Eq -- "^moetrain: error: $want" || fail "report $*: '$err' does not match '$want'"
+  grep <<<"$err" -Eq -- "^moetrain: error: $want" || fail "report $*: '$err' does not match '$want'"
   echo "$err"
 }
 mkdir -p "$tmp/empty_dir" "$tmp/no_records" "$tmp/broken"

@@ -5,7 +5,7 @@ start=$(date +%s)
 run ./scripts/setup.sh
 elapsed=$(( $(date +%s) - start ))
 [ "$rc" -eq 0 ] || fail "setup exited $rc: $err"
-printf '%s' "$err" | grep -q "everything present, nothing installed" || fail "setup installed something: $err"
-printf '%s' "$out" | grep -q "^MOETRAIN_TORCH_PYTHON=" || fail "setup did not print the torch python: $out"
+grep <<<"$err" -q "everything present, nothing installed" || fail "setup installed something: $err"
+grep <<<"$out" -q "^MOETRAIN_TORCH_PYTHON=" || fail "setup did not print the torch python: $out"
 [ "$elapsed" -lt 30 ] || fail "a setup run with everything present took ${elapsed}s"
 finish

@@ -16,7 +16,7 @@ train() {
 run train
 [ "$rc" -eq 0 ] || fail "train: $err"
 [ -f "$tmp/runs/tb/events.out.tfevents.moetrain" ] || fail "no event file in $tmp/runs/tb"
-printf '%s\n' "$out" | grep -q "^summary: 6 steps (0 → 6), 6144 tokens in .* | val loss .* at step 6 (gap .* to the entropy rate) | 2 checkpoint(s), the last of step 6 in $tmp/runs/tb/checkpoints | peak mem" ||
+grep <<<"$out" -q "^summary: 6 steps (0 → 6), 6144 tokens in .* | val loss .* at step 6 (gap .* to the entropy rate) | 2 checkpoint(s), the last of step 6 in $tmp/runs/tb/checkpoints | peak mem" ||
   fail "no end-of-run summary: $out"
 # tiny: 16 sequences × 64 tokens per step, top-2 of 8 routed experts.
 run "$python" tests/cli/tb_events.py "$tmp/runs/tb" 8 2048
@@ -26,7 +26,7 @@ echo "$out"
 # Resumed from step 3 after the run reached step 6: steps 4-6 are written again, once.
 run train --resume "$tmp/runs/tb/checkpoints/step_0000003"
 [ "$rc" -eq 0 ] || fail "resume: $err"
-printf '%s\n' "$out" | grep -q "^summary: 3 steps (3 → 6), 3072 tokens" || fail "summary after the resume: $out"
+grep <<<"$out" -q "^summary: 3 steps (3 → 6), 3072 tokens" || fail "summary after the resume: $out"
 [ "$(grep -c '"loss"' "$tmp/runs/tb/metrics.jsonl")" -eq 6 ] || fail "metrics.jsonl after the resume: $(cat "$tmp/runs/tb/metrics.jsonl")"
 run "$python" tests/cli/tb_events.py "$tmp/runs/tb" 8 2048
 echo "after the resume: $out"

@@ -96,15 +96,19 @@ TEST(Cuda, Fp8GemmsMatchTheEmulation) {
 }
 
 // The fused quantization kernels (precision/fp8_cuda.cu) against the ATen ops they replace, on the GPU and on the
-// CPU: the same E4M3 bytes and the same scales, bit for bit. Sizes with partial tiles of 128 on both sides, a row of
-// zeros (scale 1), rows of very different magnitudes, and FP32, BF16 and FP16 inputs.
+// CPU: the same E4M3 bytes and the same scales, bit for bit (finite inputs: the CPU's NaN of inf/inf has its sign
+// bit set). Sizes with partial tiles of 128 on both sides, a row of zeros (scale 1), rows of very different
+// magnitudes, and FP32, BF16 and FP16 inputs.
 TEST(Cuda, FusedFp8QuantizationIsBitIdentical) {
   REQUIRE_CUDA();
   using namespace precision;
   const c10::Device d(c10::kCUDA, 0);
+  ASSERT_TRUE(fp8_fused_quantization_on(d)) << "no fused kernels for this GPU (this build compiles them for SM90)";
   torch::manual_seed(5);
   const auto same = [](const Fp8Tensor& a, const Fp8Tensor& b) {
     return a.data.sizes() == b.data.sizes() && a.scale.sizes() == b.scale.sizes() &&
+           a.data.scalar_type() == at::kFloat8_e4m3fn && b.data.scalar_type() == at::kFloat8_e4m3fn &&
+           a.scale.scalar_type() == at::kFloat && b.scale.scalar_type() == at::kFloat &&
            at::equal(a.data.view(at::kByte).cpu(), b.data.view(at::kByte).cpu()) &&
            at::equal(a.scale.cpu(), b.scale.cpu());
   };
@@ -116,9 +120,11 @@ TEST(Cuda, FusedFp8QuantizationIsBitIdentical) {
       x = x.to(t);
       const std::string what = fmt::format("[{}, {}] {}", M, K, c10::toString(t));
       const at::Tensor xg = x.to(d);
-      set_fp8_aten_quantization(true);
-      const Fp8Tensor aten = quantize_tiles(xg), aten_t = requantize_tokens(aten);
-      set_fp8_aten_quantization(false);
+      Fp8Tensor aten, aten_t;
+      {
+        const Fp8AtenQuantization unfused;
+        aten = quantize_tiles(xg), aten_t = requantize_tokens(aten);
+      }
       const Fp8Tensor fused = quantize_tiles(xg), fused_t = requantize_tokens(fused);
       const Fp8Tensor cpu = quantize_tiles(x), cpu_t = requantize_tokens(cpu);
       EXPECT_TRUE(same(fused, aten)) << what << ": quantize_tiles, fused vs ATen on the GPU";
