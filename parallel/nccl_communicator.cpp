@@ -141,9 +141,9 @@ void* NcclCommunicator::side_stream() {
 }
 
 // A collective on the communication stream: started after the current stream's queued work (an event), finished
-// when its own end event is (enqueued() records it right after the operation, so that later operations on that
-// stream — the other buckets' — are not waited for; recorded at the first test() or wait() otherwise, which waits
-// for no less); wait() makes the current stream wait for that event in turn.
+// when its own end event is (every start_* records it with enqueued() right after the operation, so that later
+// operations on that stream — the other buckets' — are not waited for); wait() makes the current stream wait for
+// that event in turn.
 class NcclPendingOp final : public PendingOp {
  public:
   NcclPendingOp(NcclCommunicator* comm, const char* op) : comm_(comm), op_(op) {
@@ -159,19 +159,13 @@ class NcclPendingOp final : public PendingOp {
   NcclPendingOp(const NcclPendingOp&) = delete;
   NcclPendingOp& operator=(const NcclPendingOp&) = delete;
   cudaStream_t side() const { return side_; }
-  void enqueued() {
-    if (recorded_) return;
-    cudaEventRecord(end_, side_);
-    recorded_ = true;
-  }
+  void enqueued() { cudaEventRecord(end_, side_); }  // the operation is on the side stream
   bool test() override {
-    enqueued();
     if (!done_ && cudaEventQuery(end_) == cudaSuccess) wait();
     return done_;
   }
   void wait() override {
     if (done_) return;
-    enqueued();
     comm_->finish(op_, side_, end_);
     cudaStreamWaitEvent(stream(), end_, 0);
     done_ = true;
@@ -182,7 +176,7 @@ class NcclPendingOp final : public PendingOp {
   const char* op_;
   cudaStream_t side_;
   cudaEvent_t end_ = nullptr;
-  bool recorded_ = false, done_ = false;
+  bool done_ = false;
 };
 
 std::unique_ptr<PendingOp> NcclCommunicator::start_all_reduce(at::Tensor& t, ReduceOp op) {

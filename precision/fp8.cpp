@@ -112,7 +112,6 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
 };
 
 #if MOETRAIN_WITH_CUDA
-bool fused_quantization(const at::Tensor& t) { return fp8_fused_quantization_on(t.device()); }
 void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 #endif
 
@@ -124,7 +123,7 @@ Fp8Tensor quantize_tiles(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1), Kp = round_up(K, kTile);
 #if MOETRAIN_WITH_CUDA
   const at::ScalarType t = x.scalar_type();
-  if (fused_quantization(x) && (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf)) {
+  if (fp8_fused_quantization_on(x.device()) && (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf)) {
     const c10::cuda::CUDAGuard guard(x.device());
     const at::Tensor xc = x.contiguous();
     at::Tensor q = at::empty({M, K}, x.options().dtype(at::kFloat8_e4m3fn));
@@ -167,7 +166,7 @@ Fp8Tensor requantize_tokens(const Fp8Tensor& t) {
               t.blocks ? " (128×128 blocks)" : "");
   at::NoGradGuard no_grad;
 #if MOETRAIN_WITH_CUDA
-  if (const int64_t Mp = round_up(M, kTile); fused_quantization(t.data) && Mp / kTile <= 65535) {
+  if (const int64_t Mp = round_up(M, kTile); fp8_fused_quantization_on(t.data.device()) && Mp / kTile <= 65535) {
     const c10::cuda::CUDAGuard guard(t.data.device());
     const at::Tensor data = t.data.contiguous(), scale = t.scale.contiguous();
     at::Tensor q = at::empty({K, Mp}, data.options());

@@ -14,10 +14,9 @@
 
 #include <ATen/core/Tensor.h>
 
-namespace moetrain::precision {
+#include "precision/fp8_format.h"
 
-constexpr double kE4M3Max = 448.0;
-constexpr int64_t kTile = 128;
+namespace moetrain::precision {
 
 // E4M3 values and their FP32 scales: value ≈ data · scale per tile or block.
 struct Fp8Tensor {

@@ -1,5 +1,7 @@
 #include "precision/fp8_cuda.h"
 
+#include "precision/fp8_format.h"
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
@@ -12,9 +14,8 @@
 namespace moetrain::precision::cuda {
 namespace {
 
-constexpr int kTile = 128;
 constexpr int kWarps = 8;  // warps per block
-constexpr float kE4M3Max = 448.0f;
+static_assert(kTile == 4 * 32, "a warp holds a tile as 4 values per lane");
 
 // max that propagates NaN, as ATen's amax does (fmaxf would drop it).
 __device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
@@ -25,7 +26,9 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // fp8.cpp's scales_from: amax / 448 where amax > 0 (NaN is not), else 1.
-__device__ __forceinline__ float scale_of(float amax) { return amax > 0.f ? amax / kE4M3Max : 1.f; }
+__device__ __forceinline__ float scale_of(float amax) {
+  return amax > 0.f ? amax / static_cast<float>(kE4M3Max) : 1.f;  // a float division, as ATen's on FP32 amax
+}
 
 __device__ __forceinline__ uint8_t to_e4m3(float v) { return c10::Float8_e4m3fn(v).x; }
 

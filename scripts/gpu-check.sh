@@ -70,14 +70,14 @@ part tiny 80 bash -c "$(declare -f train_tiny compare_tiny); compare_tiny"
 gib_of_plan() { "${run[@]}" moetrain plan configs/bench-gpu-dsv3.yaml --set model.num_layers="$1" \
   --set precision.mode=fp8 | awk '$NF == "GiB" { v = $(NF - 1) } END { print v }'; }
 device_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc 0-9)
-layers=4
+layers=4 need=
 if [ -n "$device_mib" ]; then
   for layers in 4 3 2; do
     need=$(gib_of_plan "$layers")
     awk -v n="$need" -v m="$device_mib" 'BEGIN { exit !(n != "" && n * 1024 <= 0.85 * m) }' && break
   done
 fi
-echo "bench model: $layers layers (plan in fp8: $(gib_of_plan "$layers") GiB; device: ${device_mib:-?} MiB)" |
+echo "bench model: $layers layers (plan in fp8: ${need:-$(gib_of_plan "$layers")} GiB; device: ${device_mib:-?} MiB)" |
   tee -a "$out/machine.log"
 
 # 3. bench_gpu: expert GEMMs, then the model in bf16 and fp8.
