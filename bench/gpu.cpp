@@ -4,11 +4,14 @@
 //     step), timed without quantizing the activations and with it (fused kernels on CUDA, then the ATen ops); the
 //     FP8 results' relative error against the emulation (the CPU path); tokens/s of the three GEMMs and the FP8 /
 //     BF16 ratio.
-//  2. Training a DeepSeek-V3-shaped model (configs/bench-gpu-dsv3.yaml) in each precision mode: tokens/s, MFU
-//     against the device's own BF16 matmul peak measured at start-up, peak memory.
+//  2. Training a DeepSeek-V3-shaped model (configs/bench-gpu-dsv3.yaml) in each precision mode, at each number of
+//     micro-batches per optimizer step (gradient accumulation): tokens/s, MFU against the device's own BF16 matmul
+//     peak measured at start-up, peak memory. One micro-batch of 4096 tokens per step pays the optimizer step (AdamW
+//     over FP32 master weights and moments, the BF16/FP8 weight copies) for every 4096 tokens; pre-training
+//     accumulates many micro-batches per step, where that cost is spread over all of them.
 // bench/gpu_peer.py trains the same model shape with Hugging Face transformers as the peer.
 //
-//   bench_gpu [--config configs/bench-gpu-dsv3.yaml] [--modes bf16,fp8] [--steps 6] [--warmup 2]
+//   bench_gpu [--config configs/bench-gpu-dsv3.yaml] [--modes bf16,fp8] [--micro-batches 1] [--steps 6] [--warmup 2]
 //             [--gemm-tokens 8192] [--gemm-hidden 7168] [--gemm-expert 2048] [--gemm-repeats 20]
 //             [--skip-model] [--skip-gemm] [--profile-top N [--profile-trace PATH]] [--set k=v ...]
 // Without a GPU it runs the same code on the CPU (the FP8 GEMMs emulated): a check that it works, not a figure.
@@ -164,6 +167,7 @@ int main(int argc, char** argv) {
   CLI::App app{"One GPU: FP8 against BF16 on the expert GEMM shapes; training tokens/s and MFU of a DSV3-shaped model"};
   std::string file = std::string(MOETRAIN_SOURCE_DIR) + "/configs/bench-gpu-dsv3.yaml";
   std::vector<std::string> modes{"bf16", "fp8"}, sets;
+  std::vector<int64_t> micro_batch_counts{1};
   int steps = 6, warmup = 2, repeats = 20;
   int64_t tokens = 8192, hidden = 7168, expert = 2048;
   bool skip_model = false, skip_gemm = false;
@@ -171,6 +175,10 @@ int main(int argc, char** argv) {
   size_t profile_top = 0;
   app.add_option("--config", file);
   app.add_option("--modes", modes, "Precision modes trained")->delimiter(',');
+  app.add_option("--micro-batches", micro_batch_counts,
+                 "Micro-batches per optimizer step, each trained in each mode (train.micro_batches)")
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   app.add_option("--steps", steps, "Timed training steps per mode");
   app.add_option("--warmup", warmup, "Untimed training steps first");
   app.add_option("--gemm-tokens", tokens, "Token rows of the expert GEMMs");
@@ -179,7 +187,8 @@ int main(int argc, char** argv) {
   app.add_option("--gemm-expert", expert, "Expert width of the expert GEMMs (DeepSeek-V3: 2048)");
   app.add_flag("--skip-model", skip_model);
   app.add_flag("--skip-gemm", skip_gemm);
-  app.add_option("--profile-top", profile_top, "Profile one step per mode after the timed ones: the top N kernels");
+  app.add_option("--profile-top", profile_top,
+                 "Profile one step per mode (at the first micro-batch count) after the timed ones: the top N kernels");
   app.add_option("--profile-trace", profile_trace, "…and save its Chrome trace here (MODE is replaced by the mode)");
   app.add_option("--set", sets, "Config overrides key=value");
   CLI11_PARSE(app, argc, argv);
@@ -216,35 +225,39 @@ int main(int argc, char** argv) {
     }
     if (!skip_model) {
       for (const std::string& mode : modes) {
-        std::vector<std::string> o{"precision.mode=" + mode, std::string("train.device=") + (cuda ? "cuda" : "cpu"),
-                                   fmt::format("train.peak_flops={}", peak)};
-        o.insert(o.end(), sets.begin(), sets.end());
-        const config::Config c = config::load_config(file, {o, 0});
-        double tps = 0, mfu = 0, peak = 0, loss = 0;
-        {
-          trainer::Trainer t(c, nullptr, "", false);
-          for (int i = 0; i < warmup; ++i) t.step();
-          std::vector<double> tok, util;
-          for (int i = 0; i < steps; ++i) {
-            const trainer::StepResult r = t.step();
-            tok.push_back(r.tokens_per_s), util.push_back(r.mfu), loss = r.loss;
-            for (double b : r.peak_memory_bytes) peak = std::max(peak, b);
+        for (const int64_t micro_batches : micro_batch_counts) {
+          std::vector<std::string> o{"precision.mode=" + mode, std::string("train.device=") + (cuda ? "cuda" : "cpu"),
+                                     fmt::format("train.peak_flops={}", peak),
+                                     fmt::format("train.micro_batches={}", micro_batches),
+                                     "train.global_batch_size=0"};  // the batch follows the micro-batches
+          o.insert(o.end(), sets.begin(), sets.end());
+          const config::Config c = config::load_config(file, {o, 0});
+          double tps = 0, mfu = 0, memory = 0, loss = 0;
+          {
+            trainer::Trainer t(c, nullptr, "", false);
+            for (int i = 0; i < warmup; ++i) t.step();
+            std::vector<double> tok, util;
+            for (int i = 0; i < steps; ++i) {
+              const trainer::StepResult r = t.step();
+              tok.push_back(r.tokens_per_s), util.push_back(r.mfu), loss = r.loss;
+              for (double b : r.peak_memory_bytes) memory = std::max(memory, b);
+            }
+            tps = median(tok), mfu = median(util);
+            if (profile_top > 0 && micro_batches == micro_batch_counts.front()) {
+              std::string path = profile_trace;
+              if (const auto at = path.find("MODE"); at != std::string::npos) path.replace(at, 4, mode);
+              profile_step(t, d, path, profile_top);
+            }
           }
-          tps = median(tok), mfu = median(util);
-          if (profile_top > 0) {
-            std::string path = profile_trace;
-            if (const auto at = path.find("MODE"); at != std::string::npos) path.replace(at, 4, mode);
-            profile_step(t, d, path, profile_top);
-          }
+          const std::string line = fmt::format(
+              "model {} ({} layers, {} experts top-{}, seq {}, {} micro-batch{} of {} per step): {:.0f} tokens/s, MFU "
+              "{:.1f}%, peak memory {:.1f} GiB, last loss {:.4f}",
+              mode, c.model.num_layers, c.model.n_routed_experts, c.model.top_k, c.train.seq_len, micro_batches,
+              micro_batches == 1 ? "" : "es", c.train.micro_batch_size, tps, 100 * mfu, memory / double(1 << 30), loss);
+          fmt::print("{}\n", line);
+          summary.push_back(line);
+          free_device_memory();
         }
-        const std::string line = fmt::format(
-            "model {} ({} layers, {} experts top-{}, seq {}): {:.0f} tokens/s, MFU {:.1f}%, peak memory {:.1f} GiB, "
-            "last loss {:.4f}",
-            mode, c.model.num_layers, c.model.n_routed_experts, c.model.top_k, c.train.seq_len, tps, 100 * mfu,
-            peak / double(1 << 30), loss);
-        fmt::print("{}\n", line);
-        summary.push_back(line);
-        free_device_memory();
       }
     }
     fmt::print("\nsummary\n");

@@ -12,6 +12,9 @@ one JSON object (also written to --json PATH).
                 other matmul; --expert-gemm-dtype param keeps transformers' behaviour (expert GEMMs in FP32).
   --dtype fp32: everything FP32.
 
+  --accumulate 1,4: micro-batches per optimizer step, as bench_gpu --micro-batches; each count trained in turn in
+                one process (the JSON's top-level figures are the first count's, "runs" holds each).
+
 Router: DeepSeek-V3 sigmoid scores + correction bias (noaux_tc), n_group = topk_group = 1, routed_scaling_factor 2.5,
 top-k normalised; no MTP. transformers neither updates the correction bias nor adds a balance loss in training.
 
@@ -46,6 +49,9 @@ def parse_args():
     a("--vocab", type=int, default=32768)
     a("--seq", type=int, default=4096)
     a("--micro-batch", type=int, default=1)
+    a("--accumulate", default="1",
+      help="micro-batches per optimizer step (gradient accumulation: each backward of loss / N, then one AdamW "
+           "step); a comma-separated list trains each count in turn, warm-up and timed steps each, in one process")
     a("--steps", type=int, default=5, help="timed steps")
     a("--warmup", type=int, default=2, help="untimed steps")
     a("--device", default=None, help="cuda if available else cpu")
@@ -67,6 +73,12 @@ def parse_args():
         p.error("--dense-layers must be in [0, --layers]")
     if not 1 <= args.top_k <= args.experts:
         p.error("--top-k must be in [1, --experts]")
+    try:
+        args.accumulate = [int(n) for n in args.accumulate.split(",")]
+    except ValueError:
+        p.error(f"--accumulate takes positive integers separated by commas, got {args.accumulate!r}")
+    if not args.accumulate or min(args.accumulate) < 1:
+        p.error(f"--accumulate takes positive integers separated by commas, got {args.accumulate}")
     if args.experts < 2:
         p.error("--experts must be >= 2 (the noaux_tc router takes the top 2 scores of each group)")
     return args
@@ -207,51 +219,64 @@ def main():
                for _ in range(n_batches)]
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
-    def step(i):
-        ids = batches[i % n_batches]
-        with autocast:
-            out = model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
+    def step(i, accumulate):
+        loss = 0
+        for j in range(accumulate):
+            ids = batches[(i * accumulate + j) % n_batches]
+            with autocast:
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+            (out.loss / accumulate).backward()
+            loss = loss + out.loss.detach() / accumulate
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return out.loss.detach()
+        return loss
 
     def sync():
         if on_cuda:
             torch.cuda.synchronize(device)
 
+    def train(accumulate):
+        """Warm-up and timed steps of `accumulate` micro-batches each: (tokens/s, s/step, MFU or None)."""
+        global PHASE
+        tag = f"accumulate {accumulate}: "
+        losses = []
+        for i in range(args.warmup):
+            PHASE = f"{tag}warm-up step {i + 1}"
+            t0 = time.perf_counter()
+            losses.append(step(i, accumulate))
+            sync()
+            print(f"{tag}warm-up step {i + 1}/{args.warmup}: loss {losses[-1].item():.4f}, "
+                  f"{time.perf_counter() - t0:.3f} s", flush=True)
+        PHASE = f"{tag}timed steps"
+        sync()
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            PHASE = f"{tag}timed step {i + 1}"
+            losses.append(step(args.warmup + i, accumulate))
+        sync()
+        elapsed = time.perf_counter() - t0
+        PHASE = "reporting"
+        for i, l in enumerate(losses[args.warmup:]):
+            print(f"{tag}step {i + 1}/{args.steps}: loss {l.item():.4f}")
+        tokens = args.micro_batch * args.seq * accumulate * args.steps
+        tps = tokens / elapsed
+        step_s = elapsed / args.steps if args.steps else float("nan")
+        mfu = (tps * fpt / (args.peak_tflops * 1e12)) if args.peak_tflops else None
+        print(f"{tag}tokens/s: {tps:,.1f} ({tokens} tokens in {elapsed:.3f} s, {step_s:.3f} s/step)")
+        print(f"{tag}model TFLOP/s: {tps * fpt / 1e12:.2f}" +
+              (f", MFU {100 * mfu:.2f}% of {args.peak_tflops} TFLOP/s" if mfu is not None else ""), flush=True)
+        return tps, step_s, mfu
+
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    losses = []
-    for i in range(args.warmup):
-        PHASE = f"warm-up step {i + 1}"
-        t0 = time.perf_counter()
-        losses.append(step(i))
-        sync()
-        print(f"warm-up step {i + 1}/{args.warmup}: loss {losses[-1].item():.4f}, {time.perf_counter() - t0:.3f} s",
-              flush=True)
-    PHASE = "timed steps"
-    sync()
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        PHASE = f"timed step {i + 1}"
-        losses.append(step(args.warmup + i))
-    sync()
-    elapsed = time.perf_counter() - t0
-    PHASE = "reporting"
-    for i, l in enumerate(losses[args.warmup:]):
-        print(f"step {i + 1}/{args.steps}: loss {l.item():.4f}")
-
-    tokens = args.micro_batch * args.seq * args.steps
-    tps = tokens / elapsed
-    step_s = elapsed / args.steps if args.steps else float("nan")
-    mfu = (tps * fpt / (args.peak_tflops * 1e12)) if args.peak_tflops else None
+    runs = []
+    for accumulate in args.accumulate:
+        tps, step_s, mfu = train(accumulate)
+        runs.append({"accumulate": accumulate, "tokens_per_s": tps, "step_s": step_s, "mfu": mfu})
     peak_mem = torch.cuda.max_memory_allocated(device) if on_cuda else None
     if peak_mem is not None:
         print(f"peak GPU memory allocated: {peak_mem / 2**30:.2f} GiB")
-    print(f"tokens/s: {tps:,.1f} ({tokens} tokens in {elapsed:.3f} s, {step_s:.3f} s/step)")
-    print(f"model TFLOP/s: {tps * fpt / 1e12:.2f}" +
-          (f", MFU {100 * mfu:.2f}% of {args.peak_tflops} TFLOP/s" if mfu is not None else ""))
+    tps, step_s, mfu = runs[0]["tokens_per_s"], runs[0]["step_s"], runs[0]["mfu"]
     result = {
         "peer": f"transformers {transformers.__version__} DeepseekV3ForCausalLM, uncompiled, attn={attn_impl}, "
                 f"experts={experts_impl}, expert GEMMs {expert_gemm.split()[0]}",
@@ -266,6 +291,8 @@ def main():
         "experts": args.experts,
         "top_k": args.top_k,
         "seq": args.seq,
+        "accumulate": args.accumulate[0],
+        "runs": runs,
         "dtype": args.dtype,
         "device": str(device),
     }

@@ -1,5 +1,7 @@
 #include "model/attention.h"
 
+#include <ATen/SDPBackend.h>
+#include <ATen/ops/_fused_sdp_choice.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -8,6 +10,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "model/fused_cpu.h"
 
@@ -21,9 +26,9 @@ using torch::autograd::variable_list;
 //   q [B, T, H, nope + rope]                  -> [q_nope, RoPE(q_rope)]
 //   kvb [B, T, H, nope + v], k_pe [B, T, rope] -> k = [k_nope, RoPE(k_pe) for every head], v padded with zeros to
 //                                                `v_width` (the q/k head dim when v is narrower)
-// v is padded for ATen's attention (as transformers does for flash attention) because its fused kernels need equal
-// head dims (the fused FP32 CPU kernel of causal_attention does not): without them ATen takes the math path, which
-// keeps the H·T attention probabilities of every token for the backward pass. One node whose backward writes the
+// v is padded where the attention kernel needs equal head dims (attention_v_width; transformers pads it for flash
+// attention too): without them ATen would take the math path, which keeps the H·T attention probabilities of every
+// token for the backward pass. One node whose backward writes the
 // projections' gradients directly, where autograd's concatenations and slices would zero-fill a tensor per slice; it
 // keeps only the RoPE table.
 // dst = RoPE(src) (the inverse rotation with `inverse`), src with one head or as many as dst.
@@ -106,6 +111,30 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale);
 }
 
+int64_t attention_v_width(int64_t batch, int64_t seq, int64_t heads, int64_t qk_dim, int64_t v_dim,
+                          at::ScalarType dtype, const at::Device& device) {
+  if (v_dim >= qk_dim || fused_causal_attention(dtype, device)) return v_dim;
+  const bool grad = at::GradMode::is_enabled();
+  using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int, bool>;
+  const Key key{batch, seq, heads, qk_dim, v_dim, static_cast<int>(dtype), static_cast<int>(device.type()),
+                static_cast<int>(device.index()), grad};
+  static std::mutex mutex;
+  static std::map<Key, int64_t> widths;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = widths.find(key); it != widths.end()) return it->second;
+  // Operands of the real sizes and layout (the dispatcher checks strides and requires_grad), never written.
+  const auto opts = at::TensorOptions().dtype(dtype).device(device);
+  const auto operand = [&](int64_t d) {
+    return at::empty({batch, seq, heads, d}, opts).requires_grad_(grad).transpose(1, 2);
+  };
+  const at::Tensor q = operand(qk_dim), k = operand(qk_dim);
+  const int64_t as_is = at::_fused_sdp_choice(q, k, operand(v_dim), {}, 0.0, /*is_causal=*/true);
+  const int64_t padded = at::_fused_sdp_choice(q, k, operand(qk_dim), {}, 0.0, /*is_causal=*/true);
+  const bool takes_v = as_is == padded && as_is != static_cast<int64_t>(at::SDPBackend::math) &&
+                       as_is != static_cast<int64_t>(at::SDPBackend::error);
+  return widths[key] = takes_v ? v_dim : qk_dim;
+}
+
 MLAImpl::MLAImpl(const config::ModelConfig& m, Mode mode)
     : heads_(m.num_heads),
       q_lora_rank_(m.q_lora_rank),
@@ -143,7 +172,7 @@ std::vector<at::Tensor> MLAImpl::project(const at::Tensor& x) {
   at::Tensor kvb = gemm(kv_norm(kv.narrow(-1, 0, kv_lora_rank_)), wkv_b, mode_).view({B, T, H, nope_ + v_dim_});
   // In bf16 and fp8 modes attention runs in BF16 (the fused kernels' dtype on GPUs), in FP32 in fp32 mode.
   const auto attn_dtype = mode_ == Mode::kFp32 ? q.scalar_type() : at::kBFloat16;
-  const int64_t v_width = fused_causal_attention(attn_dtype, x.device()) ? v_dim_ : std::max(v_dim_, nope_ + rope_);
+  const int64_t v_width = attention_v_width(B, T, H, nope_ + rope_, v_dim_, attn_dtype, x.device());
   auto qkv = AttentionOperands::apply(q.view({B, T, H, nope_ + rope_}), kvb, kv.narrow(-1, kv_lora_rank_, rope_),
                                       rope.cis, nope_, v_dim_, v_width, static_cast<int64_t>(attn_dtype));
   return {qkv[0], qkv[1], qkv[2]};

@@ -28,10 +28,18 @@ struct LatentCache {
 
 // Causal attention of q, k [B, H, T, D] and v [B, H, T, Dv] -> [B, H, T, Dv]: on FP32 CPU tensors the fused kernel
 // (model/fused_cpu.h: v of any width, the probabilities computed again in the backward pass), else ATen's
-// scaled-dot-product attention (its fused kernels want v padded to D).
+// scaled-dot-product attention (some of its fused kernels want v padded to D: attention_v_width).
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
 // Whether causal_attention takes the fused CPU kernel for operands of this dtype and device (then v needs no padding).
 bool fused_causal_attention(at::ScalarType dtype, const at::Device& device);
+// The head width MLA gives v in causal_attention for [B, T, H, ·] operands (transposed to [B, H, T, ·]) of this
+// dtype and device, in the current grad mode: v's own (dv) where the kernel that runs takes it as it is, else D with
+// zero columns. v as it is: the fused CPU kernel; on CUDA, the kernel ATen's dispatcher (_fused_sdp_choice) picks for
+// v as it is when it is the one it picks for v padded too (cuDNN's and the memory-efficient kernel take a narrower v;
+// flash attention wants equal head dims, and ATen prefers it to the memory-efficient kernel). Padded where v as it
+// is would take the math path, which keeps the H·T probabilities of every query. Asked once per shape.
+int64_t attention_v_width(int64_t batch, int64_t seq, int64_t heads, int64_t qk_dim, int64_t v_dim,
+                          at::ScalarType dtype, const at::Device& device);
 
 class MLAImpl : public torch::nn::Module {
  public:

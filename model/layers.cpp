@@ -1,5 +1,7 @@
 #include "model/layers.h"
 
+#include <ATen/ops/_fused_rms_norm.h>
+#include <ATen/ops/_fused_rms_norm_backward.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cross_entropy_loss.h>
 #include <ATen/ops/empty.h>
@@ -24,6 +26,15 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
 
 namespace {
 
+// ATen's fused RMSNorm kernels (one pass forward, one for dx and a reduction for dw) for CUDA tensors of one
+// floating dtype; the composite below takes everything else. They compute what the composite does, in FP32 for
+// BF16/FP16 inputs, and keep the same two tensors for the backward pass.
+bool aten_fused_rms_norm(const at::Tensor& x, const at::Tensor& w) {
+  const auto t = x.scalar_type();
+  return x.is_cuda() && w.device() == x.device() && w.scalar_type() == t &&
+         (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf);
+}
+
 // RMSNorm with its backward written out: the pass keeps the input and 1/rms per token, where autograd's graph of
 // the composite ops would also keep the FP32 input and the normalized value (two FP32 copies per token).
 //   y = x·r, r = (mean(x²) + eps)^-½, out = w ⊙ y;   dx = r·(g⊙w − y·mean(g⊙w⊙y)),  dw = Σ_tokens g⊙y
@@ -31,8 +42,15 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             double eps) {
+    const bool aten_fused = aten_fused_rms_norm(x, w);
+    ctx->saved_data["aten_fused"] = aten_fused;
     if (fused_cpu::applies({x, w})) {
       auto [out, rstd] = fused_cpu::rms_norm(x, w, eps);
+      ctx->save_for_backward({x, w, rstd});
+      return out;
+    }
+    if (aten_fused) {
+      auto [out, rstd] = at::_fused_rms_norm(x, {x.size(-1)}, w, eps);
       ctx->save_for_backward({x, w, rstd});
       return out;
     }
@@ -50,6 +68,10 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
     const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
     if (fused_cpu::applies({x, w, grads[0]})) {
       auto [dx, dw] = fused_cpu::rms_norm_backward(grads[0], x, w, rstd);
+      return {dx, dw, at::Tensor()};
+    }
+    if (ctx->saved_data["aten_fused"].toBool()) {
+      auto [dx, dw] = at::_fused_rms_norm_backward(grads[0], x, {x.size(-1)}, rstd, w, {true, true});
       return {dx, dw, at::Tensor()};
     }
     const auto dtype = rstd.scalar_type();

@@ -136,8 +136,8 @@ ActivationElems attention_saved(const config::ModelConfig& m, config::Recompute 
   // The output projection's input, always; the block input is counted by the caller.
   a.fp8_elems += H * dv;
   if (r == config::Recompute::kSelective) return a;  // the rest runs again in the backward pass
-  // The attention core keeps q, k, v (v padded to the q/k head dim, model/attention.cpp; not by the FP32 CPU kernel,
-  // for which this is an upper bound) and its padded output, and
+  // The attention core keeps q, k, v (v padded to the q/k head dim where the kernel needs it, model/attention.cpp's
+  // attention_v_width; an upper bound where it does not) and its padded output, and
   // the log-sum-exp per head; the input norm its output (the down projections' input), the latents (their norms'
   // inputs) and the latents' norm outputs (the up projections' inputs), 1/rms of each norm.
   a.elems += 2 * H * dqk + 2 * H * std::max(dqk, dv) + d + (ql > 0 ? ql : 0.0) + (kvl + rope);

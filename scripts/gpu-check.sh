@@ -7,8 +7,11 @@
 #   1. the unit tests with a GPU visible (the Cuda.* tests run instead of skipping), the slow ones left out;
 #   2. 20 steps of the tiny config in fp32 on cuda and on cpu: the losses must agree within 1e-3;
 #   3. bench_gpu: FP8 against BF16 on the expert GEMM shapes (and FP8's error against the emulation), then
-#      tokens/s and MFU of the DeepSeek-V3-shaped model (configs/bench-gpu-dsv3.yaml) in bf16 and fp8;
-#   4. bench/gpu_peer.py: the same model shape trained eagerly by Hugging Face transformers (the peer).
+#      tokens/s and MFU of the DeepSeek-V3-shaped model (configs/bench-gpu-dsv3.yaml) in bf16 and fp8, with 1 and
+#      with 4 micro-batches of 4096 tokens per optimizer step;
+#   4. bench/gpu_peer.py: the same model shape trained eagerly by Hugging Face transformers (the peer), also with 1
+#      and with 4 micro-batches per step.
+# The parts' limits add up to 570 s, inside the device tool's 600 s per command.
 set -uo pipefail
 bundle=$(cd "${1:?usage: scripts/gpu-check.sh BUNDLE_DIR [OUT_DIR]}" && pwd)
 out=${2:-${OUT:-$PWD/gpu-check-out}}
@@ -39,7 +42,7 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND, its output to OUT/NAME.l
 } 2>&1 | tee "$out/machine.log"
 
 # 1. Unit tests (GPU-visible). The slow trainer tests and anything needing mpirun are covered on the CPU by CI.
-part unit 150 "${run[@]}" moetrain_unit_tests --gtest_brief=1 \
+part unit 140 "${run[@]}" moetrain_unit_tests --gtest_brief=1 \
   --gtest_filter='-Trainer.LowPrecisionModesTrackFp32'
 
 # 2. The tiny config, 20 steps, fp32, cuda against cpu.
@@ -62,7 +65,7 @@ sys.exit(0 if worst <= 1e-3 else 1)
 EOF
 }
 export bundle scratch
-part tiny 80 bash -c "$(declare -f train_tiny compare_tiny); compare_tiny"
+part tiny 60 bash -c "$(declare -f train_tiny compare_tiny); compare_tiny"
 
 # The model's depth: as many layers (of configs/bench-gpu-dsv3.yaml's 4) as `moetrain plan` says fit in 85% of this
 # device's memory in fp8 (weights, master, gradients, AdamW moments, FP8 copies, activations; the rest is for the
@@ -80,14 +83,14 @@ fi
 echo "bench model: $layers layers (plan in fp8: ${need:-$(gib_of_plan "$layers")} GiB; device: ${device_mib:-?} MiB)" |
   tee -a "$out/machine.log"
 
-# 3. bench_gpu: expert GEMMs, then the model in bf16 and fp8.
-part bench 200 "${run[@]}" bench_gpu --config configs/bench-gpu-dsv3.yaml --set model.num_layers="$layers" \
-  --steps 4 --warmup 2 --profile-top 25
+# 3. bench_gpu: expert GEMMs, then the model in bf16 and fp8, each with 1 and 4 micro-batches per optimizer step.
+part bench 230 "${run[@]}" bench_gpu --config configs/bench-gpu-dsv3.yaml --set model.num_layers="$layers" \
+  --micro-batches 1,4 --steps 4 --warmup 2 --profile-top 25
 
 # 4. The peer: the same shape in transformers, FP32 weights and AdamW under BF16 autocast.
 peak=$(grep -o 'peak [0-9.]* TFLOP/s' "$out/bench.log" | head -1 | grep -o '[0-9.]*' || true)
-part peer 110 python3 bench/gpu_peer.py --layers "$layers" --dense-layers 1 --experts 16 --top-k 8 --vocab 32768 \
-  --seq 4096 --steps 4 --warmup 2 --dtype bf16 ${peak:+--peak-tflops "$peak"} --json "$out/peer.json"
+part peer 140 python3 bench/gpu_peer.py --layers "$layers" --dense-layers 1 --experts 16 --top-k 8 --vocab 32768 \
+  --seq 4096 --accumulate 1,4 --steps 4 --warmup 2 --dtype bf16 ${peak:+--peak-tflops "$peak"} --json "$out/peer.json"
 
 echo
 echo "=== results"

@@ -1,7 +1,9 @@
 // The CUDA path, run where a GPU is visible (the lent H200's check script, scripts/gpu-check.sh); without one each
 // test says so and skips. Training on the GPU against the CPU, the FP8 GEMMs against their emulation, the fused FP8
-// quantization against the ATen ops, the grouped expert GEMM against the loop, and the host synchronisations of one
-// training step.
+// quantization against the ATen ops, RMSNorm's fused kernels against FP64, attention with v as it is against v
+// padded, the grouped expert GEMM against the loop, and the host synchronisations of one training step.
+#include <ATen/SDPBackend.h>
+#include <ATen/ops/_fused_sdp_choice.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <torch/cuda.h>
@@ -12,6 +14,8 @@
 #include <vector>
 
 #include "config/loader.h"
+#include "model/attention.h"
+#include "model/layers.h"
 #include "model/moe.h"
 #include "model/moe_load.h"
 #include "moetrain/build_info.h"
@@ -134,6 +138,77 @@ TEST(Cuda, FusedFp8QuantizationIsBitIdentical) {
       EXPECT_EQ(fused_t.data.size(1) % kTile, 0) << what;
     }
   }
+}
+
+// RMSNorm on the GPU (ATen's fused kernels where input and weight share a dtype) against the formula in FP64 on the
+// CPU: output, input gradient and weight gradient, at DeepSeek-V3's width and a narrow one with a partial warp.
+TEST(Cuda, RmsNormMatchesFp64) {
+  REQUIRE_CUDA();
+  const c10::Device d(c10::kCUDA, 0);
+  torch::manual_seed(13);
+  for (const int64_t D : {7168, 100}) {
+    const at::Tensor x = at::randn({3, 37, D}, at::kDouble) * 3, g = at::randn({3, 37, D}, at::kDouble);
+    const at::Tensor w = 1 + 0.1 * at::randn({D}, at::kDouble);
+    const double eps = 1e-6;
+    const at::Tensor xr = x.clone().requires_grad_(true), wr = w.clone().requires_grad_(true);
+    const at::Tensor want = xr * (xr.pow(2).mean(-1, true) + eps).rsqrt() * wr;
+    want.backward(g);
+    for (const at::ScalarType t : {at::kFloat, at::kBFloat16}) {
+      model::RMSNorm norm(D, eps);
+      norm->to(d);
+      {
+        const at::NoGradGuard no_grad;
+        norm->weight.copy_(w);
+      }
+      norm->to(t);
+      const at::Tensor xg = x.to(t).to(d).requires_grad_(true);
+      const at::Tensor out = norm(xg);
+      out.backward(g.to(t).to(d));
+      const double tol = t == at::kFloat ? 1e-5 : 1e-2;
+      const std::string what = fmt::format("D {} {}", D, c10::toString(t));
+      EXPECT_EQ(out.scalar_type(), t) << what;
+      EXPECT_LE(rel_err(out, want), tol) << what << ": output";
+      EXPECT_LE(rel_err(xg.grad(), xr.grad()), tol) << what << ": input gradient";
+      EXPECT_LE(rel_err(norm->weight.grad(), wr.grad()), tol) << what << ": weight gradient";
+    }
+  }
+}
+
+// MLA's attention at DeepSeek-V3's head dims (q/k 192, v 128) in BF16: v as wide as attention_v_width says (as it
+// is where the kernel ATen picks takes it) gives the output and gradients of v padded to 192, within BF16 rounding.
+// Prints the kernels ATen picks for both widths.
+TEST(Cuda, AttentionWithVAsItIsMatchesVPadded) {
+  REQUIRE_CUDA();
+  const c10::Device d(c10::kCUDA, 0);
+  torch::manual_seed(17);
+  const int64_t B = 1, T = 1024, H = 16, Dqk = 192, Dv = 128;
+  const auto operand = [&](int64_t D) {
+    return (at::randn({B, T, H, D}, at::TensorOptions().device(d)) * 0.5).to(at::kBFloat16);
+  };
+  const at::Tensor q = operand(Dqk), k = operand(Dqk), v = operand(Dv), g = operand(Dv);
+  const int64_t width = model::attention_v_width(B, T, H, Dqk, Dv, at::kBFloat16, d);
+  const auto run = [&](int64_t w) {
+    const at::Tensor qg = q.clone().requires_grad_(true), kg = k.clone().requires_grad_(true);
+    const at::Tensor vg = v.clone().requires_grad_(true);
+    const at::Tensor vw = w == Dv ? vg : at::constant_pad_nd(vg, {0, w - Dv});
+    const at::Tensor o =
+        model::causal_attention(qg.transpose(1, 2), kg.transpose(1, 2), vw.transpose(1, 2), 1.0 / std::sqrt(192.0));
+    const int64_t kernel = at::_fused_sdp_choice(qg.transpose(1, 2), kg.transpose(1, 2), vw.transpose(1, 2), {}, 0.0,
+                                                 /*is_causal=*/true);
+    const at::Tensor out = o.transpose(1, 2).narrow(-1, 0, Dv);
+    out.backward(g);
+    return std::make_tuple(kernel, out.detach(), qg.grad(), kg.grad(), vg.grad());
+  };
+  const auto [k_as_is, o_as_is, dq_as_is, dk_as_is, dv_as_is] = run(width);
+  const auto [k_pad, o_pad, dq_pad, dk_pad, dv_pad] = run(Dqk);
+  std::printf("attention q/k 192, v 128, BF16: v width %ld; ATen's kernel %ld with that width, %ld with v padded "
+              "(0 math, 1 flash, 2 memory-efficient, 3 cuDNN)\n",
+              static_cast<long>(width), static_cast<long>(k_as_is), static_cast<long>(k_pad));
+  EXPECT_NE(k_as_is, static_cast<int64_t>(at::SDPBackend::math));
+  EXPECT_LE(rel_err(o_as_is, o_pad), 1e-2) << "output";
+  EXPECT_LE(rel_err(dq_as_is, dq_pad), 2e-2) << "dq";
+  EXPECT_LE(rel_err(dk_as_is, dk_pad), 2e-2) << "dk";
+  EXPECT_LE(rel_err(dv_as_is, dv_pad), 2e-2) << "dv";
 }
 
 TEST(Cuda, GroupedExpertGemmMatchesTheLoopInBf16) {

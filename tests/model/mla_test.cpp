@@ -2,6 +2,8 @@
 // RoPE as complex rotations of (2i, 2i+1) pairs: outputs and all gradients to 1e-5 in FP32.
 #include "model/attention.h"
 
+#include <ATen/SDPBackend.h>
+#include <ATen/ops/_fused_sdp_choice.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -112,6 +114,33 @@ TEST(MLA, CausalFutureTokensDoNotChangeEarlierOutputs) {
   at::Tensor y = x.clone();
   y[0][5] += 1.0;
   EXPECT_TRUE(torch::allclose(mla->forward(x).slice(1, 0, 5), mla->forward(y).slice(1, 0, 5), 1e-6, 1e-6));
+}
+
+// v is padded to the q/k head dim only where the kernel that runs needs it: never for the fused FP32 CPU kernel or a
+// v as wide as q/k; elsewhere to a width with which ATen's dispatcher picks a fused kernel, not the math path that
+// keeps every query's probabilities (BF16 on the CPU: its flash kernel wants equal head dims). The width is asked
+// once per shape and grad mode, and the same width comes back.
+TEST(MLA, VIsPaddedOnlyWhereTheAttentionKernelNeedsIt) {
+  EXPECT_EQ(attention_v_width(2, 64, 4, 24, 16, torch::kFloat, torch::kCPU), 16);
+  EXPECT_EQ(attention_v_width(2, 64, 4, 24, 24, torch::kBFloat16, torch::kCPU), 24);
+  EXPECT_EQ(attention_v_width(2, 64, 4, 16, 24, torch::kBFloat16, torch::kCPU), 24);
+  const auto choice = [](int64_t v_width, bool grad) {
+    const auto operand = [&](int64_t d) {
+      return torch::empty({2, 64, 4, d}, torch::kBFloat16).requires_grad_(grad).transpose(1, 2);
+    };
+    return at::_fused_sdp_choice(operand(24), operand(24), operand(v_width), {}, 0.0, /*is_causal=*/true);
+  };
+  const auto math = static_cast<int64_t>(at::SDPBackend::math);
+  for (const bool grad : {true, false}) {
+    const torch::AutoGradMode mode(grad);
+    const int64_t w = attention_v_width(2, 64, 4, 24, 16, torch::kBFloat16, torch::kCPU);
+    ASSERT_TRUE(w == 16 || w == 24) << w;
+    EXPECT_NE(choice(w, grad), math) << "grad " << grad << ": v width " << w << " takes the math path";
+    if (w == 24) {
+      EXPECT_TRUE(choice(16, grad) == math || choice(16, grad) != choice(24, grad)) << "grad " << grad;
+    }
+    EXPECT_EQ(attention_v_width(2, 64, 4, 24, 16, torch::kBFloat16, torch::kCPU), w);
+  }
 }
 
 }  // namespace
