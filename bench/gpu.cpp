@@ -1,9 +1,9 @@
 // bench/gpu: one GPU, figures measured in the same run.
 //  1. The expert GEMM shapes of DeepSeek-V3 (tokens × 7168 → 2048 and 2048 → 7168): fprop, dgrad and wgrad in BF16
 //     and in FP8 (E4M3, 1×128 activation tiles, 128×128 weight blocks, weights quantized beforehand as once per
-//     step), timed without quantizing the activations and with it (fused kernels on CUDA, then the ATen ops); the
-//     FP8 results' relative error against the emulation (the CPU path); tokens/s of the three GEMMs and the FP8 /
-//     BF16 ratio.
+//     step), timed without quantizing the activations and with it (fused kernels on CUDA, then the ATen ops), and
+//     the weight's quantization itself (both orientations, from BF16, fused and ATen); the FP8 results' relative
+//     error against the emulation (the CPU path); tokens/s of the three GEMMs and the FP8 / BF16 ratio.
 //  2. Training a DeepSeek-V3-shaped model (configs/bench-gpu-dsv3.yaml) in each precision mode, at each number of
 //     micro-batches per optimizer step (gradient accumulation): tokens/s, MFU against the device's own BF16 matmul
 //     peak measured at start-up, peak memory. One micro-batch of 4096 tokens per step pays the optimizer step (AdamW
@@ -72,6 +72,7 @@ double rel_err(const at::Tensor& got, const at::Tensor& want) {
 
 struct GemmFigures {
   double bf16_s = 0, fp8_s = 0, fp8_with_quant_s = 0, fp8_with_aten_quant_s = 0, max_rel_err = 0;
+  double weight_quant_s = 0, weight_aten_quant_s = 0;  // the BF16 weight to E4M3 in both orientations
 };
 
 // y = x · wᵀ with x [T, K], w [N, K]: fprop, dgrad (dy [T, N] · w) and wgrad (dyᵀ · x).
@@ -108,6 +109,13 @@ GemmFigures gemm_shape(const c10::Device& d, int64_t T, int64_t K, int64_t N, in
   {
     const Fp8AtenQuantization unfused;
     f.fp8_with_aten_quant_s = time_it(d, repeats, with_quantization);
+  }
+  // The weight's E4M3 copies (w and wᵀ), made once per optimizer step from the BF16 parameter.
+  const at::Tensor wb = w.to(at::kBFloat16);
+  f.weight_quant_s = time_it(d, repeats, [&] { quantize_weight(wb); });
+  {
+    const Fp8AtenQuantization unfused;
+    f.weight_aten_quant_s = time_it(d, repeats, [&] { quantize_weight(wb); });
   }
   // Against the emulation: the same quantized operands multiplied in FP32.
   const std::vector<std::pair<Fp8Tensor, Fp8Tensor>> ops{{xq, wq.rows}, {dyq, wq.cols}, {dyt, xt}};
@@ -209,9 +217,11 @@ int main(int argc, char** argv) {
         const GemmFigures f = gemm_shape(d, tokens, K, N, repeats);
         const double flops = 3.0 * 2.0 * static_cast<double>(tokens * K * N);
         fmt::print("gemm {}x{}x{}: bf16 {:.3f} ms ({:.0f} TFLOP/s) | fp8 {:.3f} ms ({:.0f} TFLOP/s) | fp8 with "
-                   "activation quantization {:.3f} ms (ATen ops: {:.3f} ms) | fp8 rel. error vs emulation {:.2e}\n",
+                   "activation quantization {:.3f} ms (ATen ops: {:.3f} ms) | weight [{}, {}] to E4M3 both ways "
+                   "{:.3f} ms (ATen ops: {:.3f} ms) | fp8 rel. error vs emulation {:.2e}\n",
                    tokens, K, N, f.bf16_s * 1e3, flops / f.bf16_s / 1e12, f.fp8_s * 1e3, flops / f.fp8_s / 1e12,
-                   f.fp8_with_quant_s * 1e3, f.fp8_with_aten_quant_s * 1e3, f.max_rel_err);
+                   f.fp8_with_quant_s * 1e3, f.fp8_with_aten_quant_s * 1e3, N, K, f.weight_quant_s * 1e3,
+                   f.weight_aten_quant_s * 1e3, f.max_rel_err);
         bf16 += f.bf16_s, fp8 += f.fp8_s, fp8q += f.fp8_with_quant_s, fp8a += f.fp8_with_aten_quant_s;
         err = std::max(err, f.max_rel_err);
       }

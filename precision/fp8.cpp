@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <optional>
 
 #include "moetrain/build_info.h"
 #include "precision/weight_cache.h"
@@ -113,6 +114,16 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
 
 #if MOETRAIN_WITH_CUDA
 void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+
+// The fused kernels' name for the dtype of their input, where they take it.
+std::optional<cuda::Dtype> kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::Dtype::kFloat;
+    case at::kBFloat16: return cuda::Dtype::kBFloat16;
+    case at::kHalf: return cuda::Dtype::kHalf;
+    default: return std::nullopt;
+  }
+}
 #endif
 
 }  // namespace
@@ -122,15 +133,12 @@ Fp8Tensor quantize_tiles(const at::Tensor& x) {
   at::NoGradGuard no_grad;
   const int64_t M = x.size(0), K = x.size(1), Kp = round_up(K, kTile);
 #if MOETRAIN_WITH_CUDA
-  const at::ScalarType t = x.scalar_type();
-  if (fp8_fused_quantization_on(x.device()) && (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf)) {
+  if (const auto dtype = kernel_dtype(x.scalar_type()); dtype && fp8_fused_quantization_on(x.device())) {
     const c10::cuda::CUDAGuard guard(x.device());
     const at::Tensor xc = x.contiguous();
     at::Tensor q = at::empty({M, K}, x.options().dtype(at::kFloat8_e4m3fn));
     at::Tensor scale = at::empty({M, Kp / kTile}, x.options().dtype(at::kFloat));
-    cuda::quantize_tiles(xc.data_ptr(), t == at::kFloat ? cuda::Dtype::kFloat
-                                        : t == at::kBFloat16 ? cuda::Dtype::kBFloat16 : cuda::Dtype::kHalf,
-                         M, K, /*ld=*/K, q.data_ptr(), scale.data_ptr<float>(), stream_of(x));
+    cuda::quantize_tiles(xc.data_ptr(), *dtype, M, K, /*ld=*/K, q.data_ptr(), scale.data_ptr<float>(), stream_of(x));
     return {q, scale, false};
   }
 #endif
@@ -154,6 +162,27 @@ Fp8Tensor quantize_blocks(const at::Tensor& w) {
   at::Tensor q = (v / scale.view({Op / kTile, 1, Kp / kTile, 1})).to(at::kFloat8_e4m3fn).view({Op, Kp});
   if (Op != O || Kp != K) q = q.narrow(0, 0, O).narrow(1, 0, K).contiguous();
   return {q, scale, true};
+}
+
+Fp8Weight quantize_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "quantize_weight expects [O, K], got ", w.sizes());
+  at::NoGradGuard no_grad;
+#if MOETRAIN_WITH_CUDA
+  const int64_t O = w.size(0), K = w.size(1), Ob = round_up(O, kTile) / kTile, Kb = round_up(K, kTile) / kTile;
+  if (const auto dtype = kernel_dtype(w.scalar_type()); dtype && fp8_fused_quantization_on(w.device()) && Ob <= 65535) {
+    const c10::cuda::CUDAGuard guard(w.device());
+    const at::Tensor wc = w.contiguous();
+    const auto bytes = w.options().dtype(at::kFloat8_e4m3fn), floats = w.options().dtype(at::kFloat);
+    at::Tensor q = at::empty({O, K}, bytes), q_t = at::empty({K, O}, bytes);
+    at::Tensor scale = at::empty({Ob, Kb}, floats), scale_t = at::empty({Kb, Ob}, floats);
+    cuda::quantize_blocks(wc.data_ptr(), *dtype, O, K, q.data_ptr(), q_t.data_ptr(), scale.data_ptr<float>(),
+                          scale_t.data_ptr<float>(), stream_of(w));
+    return {{q, scale, true}, {q_t, scale_t, true}};
+  }
+#endif
+  Fp8Tensor rows = quantize_blocks(w);
+  Fp8Tensor cols{rows.data.t().contiguous(), rows.scale.t().contiguous(), true};
+  return {rows, cols};
 }
 
 Fp8Tensor requantize_tokens(const Fp8Tensor& t) {

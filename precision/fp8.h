@@ -25,16 +25,24 @@ struct Fp8Tensor {
   bool blocks = false;
 };
 
+// A weight in both orientations, for the forward (w) and dgrad (wᵀ) GEMMs.
+struct Fp8Weight {
+  Fp8Tensor rows;  // w  [O, K]
+  Fp8Tensor cols;  // wᵀ [K, O] (the same 128×128 blocks, transposed)
+};
+
 // x [M, K] with one scale per 1×128 tile of each row.
 Fp8Tensor quantize_tiles(const at::Tensor& x);
 // w [O, K] with one scale per 128×128 block.
 Fp8Tensor quantize_blocks(const at::Tensor& w);
+// quantize_blocks(w) and its transpose (bytes and block scales).
+Fp8Weight quantize_weight(const at::Tensor& w);
 at::Tensor dequantize(const Fp8Tensor& q, at::ScalarType dtype);
 // The wgrad operand of t [M, K] (1×128 tiles): dequantized, zero-padded to whole tiles of 128 rows (tokens),
 // transposed and re-quantized in tiles along the tokens: [K, ⌈M/128⌉·128].
 Fp8Tensor requantize_tokens(const Fp8Tensor& t);
-// On a CUDA device that this build has kernels for (SM90) quantize_tiles and requantize_tokens run as one fused
-// kernel each (precision/fp8_cuda.h), bit-identical to the ATen ops that run everywhere else.
+// On a CUDA device that this build has kernels for (SM90) quantize_tiles, quantize_weight and requantize_tokens run
+// as one fused kernel each (precision/fp8_cuda.h), bit-identical to the ATen ops that run everywhere else.
 bool fp8_fused_quantization_on(const c10::Device& device);
 // For tests and benchmarks: the ATen ops on CUDA too, for the scope of one of these.
 class Fp8AtenQuantization {

@@ -94,6 +94,46 @@ __global__ void requantize_transposed_kernel(const uint8_t* __restrict__ q, cons
   }
 }
 
+// One block per 128×128 block of w: its amax (a block-wide reduction), then each value quantized, written to q
+// along the rows (coalesced) and staged in shared memory, from which the block's transpose is written to q_t along
+// its rows (coalesced too). The second read of w hits the cache: the block is 32 KB in BF16.
+template <typename T>
+__global__ void quantize_blocks_kernel(const T* __restrict__ w, int64_t rows, int64_t cols, uint8_t* __restrict__ q,
+                                       uint8_t* __restrict__ q_t, float* __restrict__ scale,
+                                       float* __restrict__ scale_t) {
+  __shared__ uint8_t staged[kTile][kTile + 1];  // +1: a column's bytes spread over the banks
+  __shared__ float warp_amax[kWarps];
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile, r0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int threads = static_cast<int>(blockDim.x), t0 = static_cast<int>(threadIdx.x);
+  const auto value = [&](int rr, int cc) {  // the padding ATen adds: zeros
+    const int64_t r = r0 + rr, c = c0 + cc;
+    return r < rows && c < cols ? static_cast<float>(w[r * cols + c]) : 0.f;
+  };
+  float amax = 0.f;
+  for (int i = t0; i < kTile * kTile; i += threads) amax = max_nan(amax, fabsf(value(i / kTile, i % kTile)));
+  amax = warp_max(amax);
+  const int warp = t0 / 32, lane = t0 % 32;
+  if (lane == 0) warp_amax[warp] = amax;
+  __syncthreads();
+  amax = lane < threads / 32 ? warp_amax[lane] : 0.f;
+  const float s = scale_of(warp_max(amax));  // every warp reduces the same values: one s for the block
+  if (t0 == 0) {
+    scale[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = s;
+    scale_t[static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y] = s;
+  }
+  for (int i = t0; i < kTile * kTile; i += threads) {
+    const int rr = i / kTile, cc = i % kTile;
+    const uint8_t b = to_e4m3(value(rr, cc) / s);
+    staged[rr][cc] = b;
+    if (r0 + rr < rows && c0 + cc < cols) q[(r0 + rr) * cols + c0 + cc] = b;
+  }
+  __syncthreads();
+  for (int i = t0; i < kTile * kTile; i += threads) {
+    const int cc = i / kTile, rr = i % kTile;
+    if (r0 + rr < rows && c0 + cc < cols) q_t[(c0 + cc) * rows + r0 + rr] = staged[rr][cc];
+  }
+}
+
 void check_launch(const char* what) {
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
@@ -110,7 +150,8 @@ bool kernels_available(int device) {
     cudaFuncAttributes attributes;
     bool ok = cudaGetDevice(&current) == cudaSuccess && cudaSetDevice(device) == cudaSuccess &&
               cudaFuncGetAttributes(&attributes, quantize_tiles_kernel<float>) == cudaSuccess &&
-              cudaFuncGetAttributes(&attributes, requantize_transposed_kernel) == cudaSuccess;
+              cudaFuncGetAttributes(&attributes, requantize_transposed_kernel) == cudaSuccess &&
+              cudaFuncGetAttributes(&attributes, quantize_blocks_kernel<float>) == cudaSuccess;
     cudaGetLastError();  // "no kernel image for this device" is an answer, not an error to keep
     ok = cudaSetDevice(current) == cudaSuccess && ok;
     k = ok ? 1 : 2;
@@ -138,6 +179,30 @@ void quantize_tiles(const void* x, Dtype dtype, int64_t rows, int64_t cols, int6
       break;
   }
   check_launch("FP8 tile quantization kernel");
+}
+
+void quantize_blocks(const void* w, Dtype dtype, int64_t rows, int64_t cols, void* q, void* q_t, float* scale,
+                     float* scale_t, void* stream) {
+  const int64_t row_blocks = (rows + kTile - 1) / kTile, col_blocks = (cols + kTile - 1) / kTile;
+  if (row_blocks == 0 || col_blocks == 0) return;
+  if (row_blocks > 65535) throw std::invalid_argument("quantize_blocks: more than 65535 blocks of 128 rows");
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(row_blocks)), block(kWarps * 32);
+  const auto st = static_cast<cudaStream_t>(stream);
+  auto *qb = static_cast<uint8_t*>(q), *qtb = static_cast<uint8_t*>(q_t);
+  switch (dtype) {
+    case Dtype::kFloat:
+      quantize_blocks_kernel<<<grid, block, 0, st>>>(static_cast<const float*>(w), rows, cols, qb, qtb, scale, scale_t);
+      break;
+    case Dtype::kBFloat16:
+      quantize_blocks_kernel<<<grid, block, 0, st>>>(static_cast<const c10::BFloat16*>(w), rows, cols, qb, qtb, scale,
+                                                     scale_t);
+      break;
+    case Dtype::kHalf:
+      quantize_blocks_kernel<<<grid, block, 0, st>>>(static_cast<const c10::Half*>(w), rows, cols, qb, qtb, scale,
+                                                     scale_t);
+      break;
+  }
+  check_launch("FP8 block quantization kernel");
 }
 
 void requantize_transposed(const void* q, const float* scale, int64_t rows, int64_t cols, void* out,

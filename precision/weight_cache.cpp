@@ -64,8 +64,7 @@ Fp8Weight fp8_weight(const at::Tensor& w) {
   Entry& e = entry_for(w);
   if (!e.fp8.rows.data.defined()) {
     at::NoGradGuard no_grad;
-    e.fp8.rows = quantize_blocks(w.detach());
-    e.fp8.cols = {e.fp8.rows.data.t().contiguous(), e.fp8.rows.scale.t().contiguous(), true};
+    e.fp8 = quantize_weight(w.detach());
     ++g_copies;
   }
   return e.fp8;

@@ -11,11 +11,6 @@
 
 namespace moetrain::precision {
 
-struct Fp8Weight {
-  Fp8Tensor rows;  // w  [O, K]
-  Fp8Tensor cols;  // wᵀ [K, O] (the same 128×128 blocks, transposed)
-};
-
 // The BF16 copy of w (no autograd history); w itself, detached, when it is BF16 (the bf16 mode's parameters).
 at::Tensor bf16_weight(const at::Tensor& w);
 // The FP8 copies of w.

@@ -136,6 +136,18 @@ TEST(Cuda, FusedFp8QuantizationIsBitIdentical) {
       EXPECT_TRUE(same(fused_t, aten_t)) << what << ": requantize_tokens, fused vs ATen on the GPU";
       EXPECT_TRUE(same(fused_t, cpu_t)) << what << ": requantize_tokens, GPU vs CPU";
       EXPECT_EQ(fused_t.data.size(1) % kTile, 0) << what;
+      // The weight path: 128×128 blocks in both orientations.
+      Fp8Weight aten_w;
+      {
+        const Fp8AtenQuantization unfused;
+        aten_w = quantize_weight(xg);
+      }
+      const Fp8Weight fused_w = quantize_weight(xg), cpu_w = quantize_weight(x);
+      EXPECT_TRUE(fused_w.rows.blocks && fused_w.cols.blocks) << what;
+      EXPECT_TRUE(same(fused_w.rows, aten_w.rows)) << what << ": quantize_weight rows, fused vs ATen on the GPU";
+      EXPECT_TRUE(same(fused_w.cols, aten_w.cols)) << what << ": quantize_weight cols, fused vs ATen on the GPU";
+      EXPECT_TRUE(same(fused_w.rows, cpu_w.rows)) << what << ": quantize_weight rows, GPU vs CPU";
+      EXPECT_TRUE(same(fused_w.cols, cpu_w.cols)) << what << ": quantize_weight cols, GPU vs CPU";
     }
   }
 }

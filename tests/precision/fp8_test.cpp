@@ -132,6 +132,24 @@ TEST(Fp8, RequantizeTokensTransposesAndPadsToWholeTiles) {
   EXPECT_TRUE(torch::allclose(got, want, 0.0625, 1e-6)) << (got - want).abs().max();
 }
 
+// The weight's two orientations: w in 128×128 blocks, and wᵀ holding the same bytes and block scales transposed
+// (the dgrad GEMM's operand), partial blocks on both sides.
+TEST(Fp8, WeightQuantizedInBothOrientations) {
+  torch::manual_seed(6);
+  const at::Tensor w = torch::randn({130, 260}).to(torch::kBFloat16);
+  const Fp8Weight q = quantize_weight(w);
+  const Fp8Tensor rows = quantize_blocks(w);
+  ASSERT_TRUE(q.rows.blocks && q.cols.blocks);
+  ASSERT_EQ(q.cols.data.sizes(), (std::vector<int64_t>{260, 130}));
+  ASSERT_EQ(q.cols.scale.sizes(), (std::vector<int64_t>{3, 2}));
+  EXPECT_TRUE(at::equal(q.rows.data.view(at::kByte), rows.data.view(at::kByte)));
+  EXPECT_TRUE(at::equal(q.rows.scale, rows.scale));
+  EXPECT_TRUE(at::equal(q.cols.data.view(at::kByte), rows.data.view(at::kByte).t()));
+  EXPECT_TRUE(at::equal(q.cols.scale, rows.scale.t()));
+  EXPECT_TRUE(q.cols.data.is_contiguous() && q.cols.scale.is_contiguous());
+  EXPECT_TRUE(at::equal(dequantize(q.cols, at::kFloat), dequantize(q.rows, at::kFloat).t()));
+}
+
 TEST(Fp8, QuantizedTensorsRoundTrip) {
   torch::manual_seed(4);
   at::Tensor x = torch::randn({5, 300});
