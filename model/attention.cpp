@@ -12,7 +12,7 @@
 #include <cmath>
 #include <map>
 #include <mutex>
-#include <tuple>
+#include <vector>
 
 #include "model/fused_cpu.h"
 
@@ -112,24 +112,34 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 int64_t attention_v_width(int64_t batch, int64_t seq, int64_t heads, int64_t qk_dim, int64_t v_dim,
-                          at::ScalarType dtype, const at::Device& device) {
+                          at::ScalarType dtype, const at::Device& device, bool requires_grad) {
   if (v_dim >= qk_dim || fused_causal_attention(dtype, device)) return v_dim;
-  const bool grad = at::GradMode::is_enabled();
-  using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int, bool>;
-  const Key key{batch, seq, heads, qk_dim, v_dim, static_cast<int>(dtype), static_cast<int>(device.type()),
-                static_cast<int>(device.index()), grad};
+  const auto& ctx = at::globalContext();
+  // The dispatcher's inputs: the operands' shape, dtype, device and requires_grad, and ATen's switches.
+  const std::vector<int64_t> key{batch, seq, heads, qk_dim, v_dim, static_cast<int64_t>(dtype),
+                                 static_cast<int64_t>(device.type()), device.index(), requires_grad,
+                                 ctx.userEnabledFlashSDP(), ctx.userEnabledMemEfficientSDP(), ctx.userEnabledMathSDP(),
+                                 ctx.userEnabledCuDNNSDP(), ctx.deterministicAlgorithms()};
   static std::mutex mutex;
-  static std::map<Key, int64_t> widths;
+  static std::map<std::vector<int64_t>, int64_t> widths;
   const std::lock_guard<std::mutex> lock(mutex);
   if (const auto it = widths.find(key); it != widths.end()) return it->second;
-  // Operands of the real sizes and layout (the dispatcher checks strides and requires_grad), never written.
-  const auto opts = at::TensorOptions().dtype(dtype).device(device);
+  // Views of one allocation with the real operands' sizes and strides ([B, H, T, d] of [B, T, H, d]); nothing is
+  // read or written.
+  const at::Tensor storage = at::empty({batch * seq * heads * qk_dim}, at::TensorOptions().dtype(dtype).device(device))
+                                 .requires_grad_(requires_grad);
   const auto operand = [&](int64_t d) {
-    return at::empty({batch, seq, heads, d}, opts).requires_grad_(grad).transpose(1, 2);
+    return storage.as_strided({batch, heads, seq, d}, {seq * heads * d, d, heads * d, 1});
   };
   const at::Tensor q = operand(qk_dim), k = operand(qk_dim);
-  const int64_t as_is = at::_fused_sdp_choice(q, k, operand(v_dim), {}, 0.0, /*is_causal=*/true);
-  const int64_t padded = at::_fused_sdp_choice(q, k, operand(qk_dim), {}, 0.0, /*is_causal=*/true);
+  const auto choice = [&](int64_t d) -> int64_t {
+    try {
+      return at::_fused_sdp_choice(q, k, operand(d), {}, 0.0, /*is_causal=*/true);
+    } catch (const c10::Error&) {  // no kernel at all for these operands
+      return static_cast<int64_t>(at::SDPBackend::error);
+    }
+  };
+  const int64_t as_is = choice(v_dim), padded = choice(qk_dim);
   const bool takes_v = as_is == padded && as_is != static_cast<int64_t>(at::SDPBackend::math) &&
                        as_is != static_cast<int64_t>(at::SDPBackend::error);
   return widths[key] = takes_v ? v_dim : qk_dim;
@@ -172,7 +182,8 @@ std::vector<at::Tensor> MLAImpl::project(const at::Tensor& x) {
   at::Tensor kvb = gemm(kv_norm(kv.narrow(-1, 0, kv_lora_rank_)), wkv_b, mode_).view({B, T, H, nope_ + v_dim_});
   // In bf16 and fp8 modes attention runs in BF16 (the fused kernels' dtype on GPUs), in FP32 in fp32 mode.
   const auto attn_dtype = mode_ == Mode::kFp32 ? q.scalar_type() : at::kBFloat16;
-  const int64_t v_width = attention_v_width(B, T, H, nope_ + rope_, v_dim_, attn_dtype, x.device());
+  const bool grad = at::GradMode::is_enabled() && (q.requires_grad() || kv.requires_grad());
+  const int64_t v_width = attention_v_width(B, T, H, nope_ + rope_, v_dim_, attn_dtype, x.device(), grad);
   auto qkv = AttentionOperands::apply(q.view({B, T, H, nope_ + rope_}), kvb, kv.narrow(-1, kv_lora_rank_, rope_),
                                       rope.cis, nope_, v_dim_, v_width, static_cast<int64_t>(attn_dtype));
   return {qkv[0], qkv[1], qkv[2]};

@@ -33,13 +33,14 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // Whether causal_attention takes the fused CPU kernel for operands of this dtype and device (then v needs no padding).
 bool fused_causal_attention(at::ScalarType dtype, const at::Device& device);
 // The head width MLA gives v in causal_attention for [B, T, H, ·] operands (transposed to [B, H, T, ·]) of this
-// dtype and device, in the current grad mode: v's own (dv) where the kernel that runs takes it as it is, else D with
-// zero columns. v as it is: the fused CPU kernel; on CUDA, the kernel ATen's dispatcher (_fused_sdp_choice) picks for
-// v as it is when it is the one it picks for v padded too (cuDNN's and the memory-efficient kernel take a narrower v;
-// flash attention wants equal head dims, and ATen prefers it to the memory-efficient kernel). Padded where v as it
-// is would take the math path, which keeps the H·T probabilities of every query. Asked once per shape.
+// dtype and device that do or do not require grad: v's own (dv) where the kernel that runs takes it as it is, else
+// D with zero columns. v as it is: the fused CPU kernel; elsewhere, when the kernel ATen's dispatcher
+// (_fused_sdp_choice) picks for v as it is is the one it picks for v padded too (cuDNN's and the memory-efficient
+// kernel take a narrower v; flash attention wants equal head dims, and ATen prefers it to the memory-efficient
+// kernel). Padded where v as it is would take the math path, which keeps the H·T probabilities of every query, or
+// no kernel at all. Asked once per shape and state of ATen's attention switches.
 int64_t attention_v_width(int64_t batch, int64_t seq, int64_t heads, int64_t qk_dim, int64_t v_dim,
-                          at::ScalarType dtype, const at::Device& device);
+                          at::ScalarType dtype, const at::Device& device, bool requires_grad);
 
 class MLAImpl : public torch::nn::Module {
  public:

@@ -71,7 +71,8 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
       return {dx, dw, at::Tensor()};
     }
     if (ctx->saved_data["aten_fused"].toBool()) {
-      auto [dx, dw] = at::_fused_rms_norm_backward(grads[0], x, {x.size(-1)}, rstd, w, {true, true});
+      auto [dx, dw] = at::_fused_rms_norm_backward(grads[0], x, {x.size(-1)}, rstd, w,
+                                                   {ctx->needs_input_grad(0), ctx->needs_input_grad(1)});
       return {dx, dw, at::Tensor()};
     }
     const auto dtype = rstd.scalar_type();

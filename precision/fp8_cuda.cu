@@ -101,7 +101,7 @@ template <typename T>
 __global__ void quantize_blocks_kernel(const T* __restrict__ w, int64_t rows, int64_t cols, uint8_t* __restrict__ q,
                                        uint8_t* __restrict__ q_t, float* __restrict__ scale,
                                        float* __restrict__ scale_t) {
-  __shared__ uint8_t staged[kTile][kTile + 1];  // +1: a column's bytes spread over the banks
+  __shared__ uint8_t staged[kTile][kTile + 4];  // rows 33 words apart: a column's bytes in 32 different banks
   __shared__ float warp_amax[kWarps];
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile, r0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int threads = static_cast<int>(blockDim.x), t0 = static_cast<int>(threadIdx.x);

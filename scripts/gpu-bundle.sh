@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# gpu-bundle.sh DIR: packs the programs of build/ (or $MOETRAIN_BUILD_DIR) for a GPU machine that has the torch
-# wheel but none of our Debian libraries: DIR/bin (the programs, stripped, and Open MPI's mpirun/orted/ompi_info),
+# gpu-bundle.sh DIR [PROGRAM... | all]: packs programs of build/ (or $MOETRAIN_BUILD_DIR) for a GPU machine that has
+# the torch wheel but none of our Debian libraries: by default those the GPU check runs (moetrain,
+# moetrain_unit_tests, bench_gpu: each links all of moetrain statically, about 3 MB apiece, and all thirteen would
+# take the bundle past the 64 MiB a device run carries). DIR/bin (the programs, stripped, and Open MPI's
+# mpirun/orted/ompi_info),
 # DIR/lib (every shared library they and Open MPI's, PMIx's and hwloc's plug-ins need, except the glibc family,
 # libstdc++/libgcc_s and what the torch wheel or the NVIDIA driver provide), the plug-ins, Open MPI's and PMIx's
 # help files, and DIR/run.sh, which runs a program of the bundle against the machine's own LibTorch.
@@ -8,12 +11,14 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build_dir=${MOETRAIN_BUILD_DIR:-$root/build}
+default_programs=(moetrain moetrain_unit_tests bench_gpu)
 
 usage() {
   cat <<EOF
-Usage: scripts/gpu-bundle.sh DIR
-Packs $build_dir/bin's programs with the libraries a GPU machine without our Debian packages lacks into DIR
-(created, or replaced if it holds an earlier bundle), and writes DIR/run.sh:
+Usage: scripts/gpu-bundle.sh DIR [PROGRAM... | all]
+Packs programs of $build_dir/bin (default: ${default_programs[*]}; all: every one) with the libraries a GPU
+machine without our Debian packages lacks into DIR (created, or replaced if it holds an earlier bundle), and writes
+DIR/run.sh:
   DIR/run.sh moetrain version            # bin/moetrain with the bundle's libraries and the machine's torch
   DIR/run.sh mpirun -np 2 moetrain ...   # the bundled Open MPI
 run.sh takes LibTorch from \$MOETRAIN_TORCH_LIB (a torch/lib folder), else from the python3 on PATH, else from the
@@ -23,13 +28,24 @@ EOF
 log() { printf 'gpu-bundle: %s\n' "$*" >&2; }
 die() { printf 'gpu-bundle: error: %s\n' "$*" >&2; exit 1; }
 case "${1:-}" in -h|--help) usage; exit 0 ;; "") usage >&2; exit 2 ;; esac
-[ $# -eq 1 ] || { usage >&2; exit 2; }
+out=$1
+shift
+wanted=("$@")
+[ ${#wanted[@]} -gt 0 ] || wanted=("${default_programs[@]}")
 for tool in ldd readelf strip patchelf dpkg; do
   command -v "$tool" >/dev/null || die "$tool not found (scripts/setup.sh installs patchelf)"
 done
 
 # --- the build and the torch it was built against -----------------------------------------------------------------
 [ -x "$build_dir/bin/moetrain" ] || MOETRAIN_BUILD_DIR=$build_dir "$root/scripts/build.sh"
+if [ "${wanted[*]}" = all ]; then
+  wanted=()
+  for f in "$build_dir"/bin/*; do [ -f "$f" ] && [ -x "$f" ] && wanted+=("$(basename "$f")"); done
+fi
+for name in "${wanted[@]}"; do
+  [ -f "$build_dir/bin/$name" ] && [ -x "$build_dir/bin/$name" ] ||
+    die "no program $name in $build_dir/bin (there: $(ls "$build_dir/bin" | tr '\n' ' '))"
+done
 torch_python=$(sed -n 's/^MOETRAIN_TORCH_PYTHON:STRING=//p' "$build_dir/CMakeCache.txt")
 [ -n "$torch_python" ] || die "no MOETRAIN_TORCH_PYTHON in $build_dir/CMakeCache.txt"
 venv=$(readlink -f "$(dirname "$torch_python")/..")
@@ -93,7 +109,6 @@ gather() {
 }
 
 # --- DIR -------------------------------------------------------------------------------------------------------------
-out=$1
 marker=.moetrain-bundle
 if [ -e "$out" ]; then
   [ -d "$out" ] || die "$out exists and is not a folder"
@@ -109,8 +124,8 @@ touch "$out/$marker"
 
 # --- programs ----------------------------------------------------------------------------------------------------------
 programs=()
-for f in "$build_dir"/bin/*; do
-  [ -f "$f" ] && [ -x "$f" ] || continue
+for name in "${wanted[@]}"; do
+  f=$build_dir/bin/$name
   cp "$f" "$out/bin/"
   programs+=("$(basename "$f")")
   [ "$(head -c 4 "$f")" = $'\x7fELF' ] || continue  # a script: copied as it is

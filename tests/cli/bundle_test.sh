@@ -14,6 +14,17 @@ run env MOETRAIN_BUILD_DIR="$build_dir" ./scripts/gpu-bundle.sh "$b"
 [ "$rc" -eq 0 ] || { fail "gpu-bundle.sh exited $rc: $err"; finish; }
 grep -Eq "^$b: [0-9]+ MiB" <<<"$out" || fail "gpu-bundle.sh did not print the size: $out"
 
+# The GPU check's programs by default; an unknown program is refused by name and the bundle left as it was; named
+# programs replace the earlier bundle (the rest of the test runs two ranks of the MPI probe under the bundled mpirun).
+programs() { ls "$b/bin" | grep -v -E '^(mpirun|mpiexec|orterun|orted|ompi_info)$' | tr '\n' ' '; }
+[ "$(programs)" = "bench_gpu moetrain moetrain_unit_tests " ] || fail "default programs: $(programs)"
+run env MOETRAIN_BUILD_DIR="$build_dir" ./scripts/gpu-bundle.sh "$b" moetrain no_such_program
+[ "$rc" -ne 0 ] && grep <<<"$err" -q "no program no_such_program in" && [ -x "$b/bin/bench_gpu" ] ||
+  fail "an unknown program: rc $rc, $err"
+run env MOETRAIN_BUILD_DIR="$build_dir" ./scripts/gpu-bundle.sh "$b" moetrain moetrain_unit_tests mpi_finish_probe
+[ "$rc" -eq 0 ] && [ "$(programs)" = "moetrain moetrain_unit_tests mpi_finish_probe " ] ||
+  fail "named programs: rc $rc, $(programs) $err"
+
 # Size: a device run carries at most 64 MiB.
 bytes=$(du -sb "$b" | cut -f1)
 [ "$bytes" -lt $((64 * 1048576)) ] || fail "the bundle takes $bytes bytes, over 64 MiB"
@@ -77,7 +88,7 @@ if [ -x "$b/bin/mpi_finish_probe" ]; then
   grep -q '/lib/openmpi3/mca_btl_vader.so' "$ld_log" || fail "the ranks did not load the bundle's btl vader plug-in"
   check_origins "mpirun + 2 ranks" < <(loaded '(^|/)(orterun|mpirun|mpi_finish_probe)$' <"$ld_log" | sort -u)
 else
-  fail "no mpi_finish_probe in the build"
+  fail "no mpi_finish_probe in the bundle"
 fi
 
 # No LibTorch: one clear error. A python3 without torch first on PATH, no venv under HOME.

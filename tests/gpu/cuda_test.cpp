@@ -186,9 +186,9 @@ TEST(Cuda, RmsNormMatchesFp64) {
   }
 }
 
-// MLA's attention at DeepSeek-V3's head dims (q/k 192, v 128) in BF16: v as wide as attention_v_width says (as it
-// is where the kernel ATen picks takes it) gives the output and gradients of v padded to 192, within BF16 rounding.
-// Prints the kernels ATen picks for both widths.
+// MLA's attention at DeepSeek-V3's head dims (q/k 192, v 128) in BF16: v as it is (128) gives the output and
+// gradients of v padded to 192, within BF16 rounding, and attention_v_width keeps v as it is exactly when ATen's
+// dispatcher picks one fused kernel for both widths. Prints the kernels it picks.
 TEST(Cuda, AttentionWithVAsItIsMatchesVPadded) {
   REQUIRE_CUDA();
   const c10::Device d(c10::kCUDA, 0);
@@ -198,7 +198,6 @@ TEST(Cuda, AttentionWithVAsItIsMatchesVPadded) {
     return (at::randn({B, T, H, D}, at::TensorOptions().device(d)) * 0.5).to(at::kBFloat16);
   };
   const at::Tensor q = operand(Dqk), k = operand(Dqk), v = operand(Dv), g = operand(Dv);
-  const int64_t width = model::attention_v_width(B, T, H, Dqk, Dv, at::kBFloat16, d);
   const auto run = [&](int64_t w) {
     const at::Tensor qg = q.clone().requires_grad_(true), kg = k.clone().requires_grad_(true);
     const at::Tensor vg = v.clone().requires_grad_(true);
@@ -211,12 +210,14 @@ TEST(Cuda, AttentionWithVAsItIsMatchesVPadded) {
     out.backward(g);
     return std::make_tuple(kernel, out.detach(), qg.grad(), kg.grad(), vg.grad());
   };
-  const auto [k_as_is, o_as_is, dq_as_is, dk_as_is, dv_as_is] = run(width);
+  const auto [k_as_is, o_as_is, dq_as_is, dk_as_is, dv_as_is] = run(Dv);
   const auto [k_pad, o_pad, dq_pad, dk_pad, dv_pad] = run(Dqk);
-  std::printf("attention q/k 192, v 128, BF16: v width %ld; ATen's kernel %ld with that width, %ld with v padded "
-              "(0 math, 1 flash, 2 memory-efficient, 3 cuDNN)\n",
-              static_cast<long>(width), static_cast<long>(k_as_is), static_cast<long>(k_pad));
-  EXPECT_NE(k_as_is, static_cast<int64_t>(at::SDPBackend::math));
+  const int64_t width = model::attention_v_width(B, T, H, Dqk, Dv, at::kBFloat16, d, /*requires_grad=*/true);
+  std::printf("attention q/k 192, v 128, BF16: ATen's kernel %ld for v as it is, %ld for v padded (0 math, 1 flash, "
+              "2 memory-efficient, 3 cuDNN); MLA gives v width %ld\n",
+              static_cast<long>(k_as_is), static_cast<long>(k_pad), static_cast<long>(width));
+  const auto math = static_cast<int64_t>(at::SDPBackend::math);
+  EXPECT_EQ(width, k_as_is != math && k_as_is == k_pad ? Dv : Dqk);
   EXPECT_LE(rel_err(o_as_is, o_pad), 1e-2) << "output";
   EXPECT_LE(rel_err(dq_as_is, dq_pad), 2e-2) << "dq";
   EXPECT_LE(rel_err(dk_as_is, dk_pad), 2e-2) << "dk";
