@@ -1,10 +1,10 @@
 // The FP8 quantization of precision/fp8.cpp fused into one CUDA kernel each, for tensors on a CUDA device (CUDA
 // builds only; fp8.cpp calls them). Each reads its input once (a weight block twice, the second time from the
-// cache) and writes the E4M3 bytes and the scales, where the ATen ops make five passes over the data. They compute exactly what those ATen ops compute — the same FP32
-// operations (amax, amax / 448 or 1 where amax is not positive, a true division by the scale, NaN propagated as
-// amax does) and c10's E4M3 conversion — so their results are bit-identical to the ATen ops on the GPU, and for
-// finite inputs to the CPU's too (Cuda.FusedFp8QuantizationIsBitIdentical; the CPU's NaN of inf/inf has its sign
-// bit set, the GPU's not).
+// cache) and writes the E4M3 bytes and the scales, where the ATen ops make five passes over the data. They
+// compute exactly what those ATen ops compute — the same FP32 operations (amax, amax / 448 or 1 where amax is not
+// positive, a true division by the scale, NaN propagated as amax does) and c10's E4M3 conversion — so their results
+// are bit-identical to the ATen ops on the GPU, and for finite inputs to the CPU's too
+// (Cuda.FusedFp8QuantizationIsBitIdentical; the CPU's NaN of inf/inf has its sign bit set, the GPU's not).
 // Plain pointers and sizes: no LibTorch header is compiled by nvcc beyond c10's scalar types.
 #pragma once
 
