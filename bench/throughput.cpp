@@ -1,8 +1,9 @@
 // bench/throughput: training speed on this machine, figures measured in the same run.
 //  1. moetrain against the transformers peer (bench/gpu_peer.py: DeepseekV3ForCausalLM trained eagerly from
-//     Python, grouped expert GEMMs, SDPA attention, AdamW) on the same model shape, batch, sequence length and
-//     thread count, MTP off, one process each: rounds alternate moetrain and the peer; the tokens/s of every
-//     round, the medians, their ratio, and the MFU of both against one peak measured here (an FP32 matmul).
+//     Python, grouped expert GEMMs, SDPA attention, AdamW) on the same model shape, batch (with more than one
+//     micro-batch per step the peer accumulates gradients over as many), sequence length and thread count, MTP off,
+//     one process each: rounds alternate moetrain and the peer; the tokens/s of every round, the medians, their
+//     ratio, and the MFU of both against one peak measured here (an FP32 matmul).
 //  2. moetrain alone on other layouts (default dp 2 and pp 2 × dp 2 × ep 2), each launched here with
 //     launch/mpirun.sh: tokens/s and, per rank, the fraction of the step its host spent blocked on collectives.
 //
@@ -55,10 +56,6 @@ config::Config single_process_config(const Options& o, double peak) {
                                 fmt::format("train.peak_flops={}", peak)};
   sets.insert(sets.end(), o.sets.begin(), o.sets.end());
   config::Config c = config::load_config(o.config, {sets, 1});
-  if (c.train.micro_batches != 1)
-    throw std::runtime_error(fmt::format("the peer trains one micro-batch per step: set train.micro_batch_size to "
-                                         "train.global_batch_size ({} and {} here)",
-                                         c.train.micro_batch_size, c.train.global_batch_size));
   if (c.model.mtp_depth != 0) throw std::runtime_error("the peer has no MTP: keep model.mtp_depth=0");
   return c;
 }
@@ -84,12 +81,12 @@ nlohmann::json run_peer(const config::Config& c, const Options& o, double peak) 
       "OMP_NUM_THREADS={0} '{1}' '{2}/bench/gpu_peer.py' --device cpu --dtype fp32 --threads {0} --layers {3} "
       "--dense-layers {4} --experts {5} --top-k {6} --shared {7} --hidden {8} --heads {9} --q-lora-rank {10} "
       "--kv-lora-rank {11} --qk-nope-dim {12} --qk-rope-dim {13} --v-head-dim {14} --moe-inter {15} --inter {16} "
-      "--vocab {17} --seq {18} --micro-batch {19} --steps {20} --warmup {21} --peak-tflops {22} --json '{23}' "
-      "> /dev/null 2>&1",
+      "--vocab {17} --seq {18} --micro-batch {19} --accumulate {24} --steps {20} --warmup {21} --peak-tflops {22} "
+      "--json '{23}' > /dev/null 2>&1",
       o.threads, o.python, MOETRAIN_SOURCE_DIR, m.num_layers, m.n_dense_layers, m.n_routed_experts, m.top_k,
       m.n_shared_experts, m.hidden_size, m.num_heads, m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim,
       m.qk_rope_head_dim, m.v_head_dim, m.moe_inter_dim, m.dense_inter_dim, m.vocab_size, c.train.seq_len,
-      c.train.micro_batch_size, o.steps, o.warmup, peak / 1e12, json_path);
+      c.train.micro_batch_size, o.steps, o.warmup, peak / 1e12, json_path, c.train.micro_batches);
   const int rc = std::system(cmd.c_str());
   std::ifstream in(json_path);
   std::string line;
