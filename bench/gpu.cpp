@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <map>
 #include <set>
+#include <tuple>
 
 #include <cstdio>
 #include <vector>
@@ -65,6 +66,14 @@ double time_it(const c10::Device& d, int repeats, F&& f) {
   return median(t);
 }
 
+// f timed with the FP8 quantization as training does it (the fused kernels on CUDA), then with the ATen ops.
+template <typename F>
+std::pair<double, double> fused_then_aten(const c10::Device& d, int repeats, F&& f) {
+  const double fused = time_it(d, repeats, f);
+  const precision::Fp8AtenQuantization unfused;
+  return {fused, time_it(d, repeats, f)};
+}
+
 double rel_err(const at::Tensor& got, const at::Tensor& want) {
   const at::Tensor w = want.to(at::kDouble).cpu(), g = got.to(at::kDouble).cpu();
   return ((g - w).norm() / w.norm()).item<double>();
@@ -81,15 +90,13 @@ GemmFigures gemm_shape(const c10::Device& d, int64_t T, int64_t K, int64_t N, in
   auto opts = at::TensorOptions().device(d);
   const at::Tensor x = at::randn({T, K}, opts), w = at::randn({N, K}, opts) * 0.02, dy = at::randn({T, N}, opts);
   GemmFigures f;
-  {  // BF16: the cached weight copy, activations cast as the bf16 path does
-    const at::Tensor wb = w.to(at::kBFloat16);
-    f.bf16_s = time_it(d, repeats, [&] {
-      const at::Tensor xb = x.to(at::kBFloat16), dyb = dy.to(at::kBFloat16);
-      at::mm(xb, wb.t());
-      at::mm(dyb, wb);
-      at::mm(dyb.t(), xb);
-    });
-  }
+  const at::Tensor wb = w.to(at::kBFloat16);  // the bf16 and fp8 modes' BF16 parameter
+  f.bf16_s = time_it(d, repeats, [&] {  // the weight as it is, activations cast as the bf16 path does
+    const at::Tensor xb = x.to(at::kBFloat16), dyb = dy.to(at::kBFloat16);
+    at::mm(xb, wb.t());
+    at::mm(dyb, wb);
+    at::mm(dyb.t(), xb);
+  });
   const Fp8Weight wq = fp8_weight(w);
   const Fp8Tensor xq = quantize_tiles(x), dyq = quantize_tiles(dy);
   const Fp8Tensor dyt = requantize_tokens(dyq), xt = requantize_tokens(xq);
@@ -105,18 +112,9 @@ GemmFigures gemm_shape(const c10::Device& d, int64_t T, int64_t K, int64_t N, in
     fp8_mm_nt(g, wq.cols, at::kBFloat16);
     fp8_mm_nt(requantize_tokens(g), requantize_tokens(a), at::kBFloat16);
   };
-  f.fp8_with_quant_s = time_it(d, repeats, with_quantization);
-  {
-    const Fp8AtenQuantization unfused;
-    f.fp8_with_aten_quant_s = time_it(d, repeats, with_quantization);
-  }
+  std::tie(f.fp8_with_quant_s, f.fp8_with_aten_quant_s) = fused_then_aten(d, repeats, with_quantization);
   // The weight's E4M3 copies (w and wᵀ), made once per optimizer step from the BF16 parameter.
-  const at::Tensor wb = w.to(at::kBFloat16);
-  f.weight_quant_s = time_it(d, repeats, [&] { quantize_weight(wb); });
-  {
-    const Fp8AtenQuantization unfused;
-    f.weight_aten_quant_s = time_it(d, repeats, [&] { quantize_weight(wb); });
-  }
+  std::tie(f.weight_quant_s, f.weight_aten_quant_s) = fused_then_aten(d, repeats, [&] { quantize_weight(wb); });
   // Against the emulation: the same quantized operands multiplied in FP32.
   const std::vector<std::pair<Fp8Tensor, Fp8Tensor>> ops{{xq, wq.rows}, {dyq, wq.cols}, {dyt, xt}};
   for (const auto& [a, b] : ops) {

@@ -9,10 +9,10 @@
 #include <torch/autograd.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <map>
 #include <mutex>
-#include <vector>
 
 #include "model/fused_cpu.h"
 
@@ -116,12 +116,13 @@ int64_t attention_v_width(int64_t batch, int64_t seq, int64_t heads, int64_t qk_
   if (v_dim >= qk_dim || fused_causal_attention(dtype, device)) return v_dim;
   const auto& ctx = at::globalContext();
   // The dispatcher's inputs: the operands' shape, dtype, device and requires_grad, and ATen's switches.
-  const std::vector<int64_t> key{batch, seq, heads, qk_dim, v_dim, static_cast<int64_t>(dtype),
-                                 static_cast<int64_t>(device.type()), device.index(), requires_grad,
-                                 ctx.userEnabledFlashSDP(), ctx.userEnabledMemEfficientSDP(), ctx.userEnabledMathSDP(),
-                                 ctx.userEnabledCuDNNSDP(), ctx.deterministicAlgorithms()};
+  using Key = std::array<int64_t, 14>;
+  const Key key{batch, seq, heads, qk_dim, v_dim, static_cast<int64_t>(dtype),
+                static_cast<int64_t>(device.type()), device.index(), requires_grad,
+                ctx.userEnabledFlashSDP(), ctx.userEnabledMemEfficientSDP(), ctx.userEnabledMathSDP(),
+                ctx.userEnabledCuDNNSDP(), ctx.deterministicAlgorithms()};
   static std::mutex mutex;
-  static std::map<std::vector<int64_t>, int64_t> widths;
+  static std::map<Key, int64_t> widths;
   const std::lock_guard<std::mutex> lock(mutex);
   if (const auto it = widths.find(key); it != widths.end()) return it->second;
   // Views of one allocation with the real operands' sizes and strides ([B, H, T, d] of [B, T, H, d]); nothing is

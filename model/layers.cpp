@@ -42,14 +42,12 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             double eps) {
-    const bool aten_fused = aten_fused_rms_norm(x, w);
-    ctx->saved_data["aten_fused"] = aten_fused;
     if (fused_cpu::applies({x, w})) {
       auto [out, rstd] = fused_cpu::rms_norm(x, w, eps);
       ctx->save_for_backward({x, w, rstd});
       return out;
     }
-    if (aten_fused) {
+    if (aten_fused_rms_norm(x, w)) {
       auto [out, rstd] = at::_fused_rms_norm(x, {x.size(-1)}, w, eps);
       ctx->save_for_backward({x, w, rstd});
       return out;
@@ -70,7 +68,7 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
       auto [dx, dw] = fused_cpu::rms_norm_backward(grads[0], x, w, rstd);
       return {dx, dw, at::Tensor()};
     }
-    if (ctx->saved_data["aten_fused"].toBool()) {
+    if (aten_fused_rms_norm(x, w)) {  // as the forward pass chose: x and w are the ones it saw
       auto [dx, dw] = at::_fused_rms_norm_backward(grads[0], x, {x.size(-1)}, rstd, w,
                                                    {ctx->needs_input_grad(0), ctx->needs_input_grad(1)});
       return {dx, dw, at::Tensor()};

@@ -123,11 +123,9 @@ out=$(cd "$out" && pwd)
 touch "$out/$marker"
 
 # --- programs ----------------------------------------------------------------------------------------------------------
-programs=()
 for name in "${wanted[@]}"; do
   f=$build_dir/bin/$name
   cp "$f" "$out/bin/"
-  programs+=("$(basename "$f")")
   [ "$(head -c 4 "$f")" = $'\x7fELF' ] || continue  # a script: copied as it is
   strip --strip-unneeded "$out/bin/$(basename "$f")"
   gather "$f"
@@ -295,7 +293,7 @@ chmod +x "$out/run.sh"
 # --- manifest and size -------------------------------------------------------------------------------------------------
 {
   echo "moetrain GPU bundle: $(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown), built against torch $torch_version"
-  echo "programs: ${programs[*]} orterun (mpirun, mpiexec) orted ompi_info"
+  echo "programs: ${wanted[*]} orterun (mpirun, mpiexec) orted ompi_info"
   echo "libraries (lib/NAME <- source here):"
   for name in $(printf '%s\n' "${!bundled[@]}" | sort); do echo "  $name <- ${bundled[$name]}"; done
   echo "taken from the target's torch wheel although linked from outside the venv here:"
