@@ -268,6 +268,10 @@ int main(int argc, char** argv) {
         }
       }
     }
+    if (precision::fp8_gemm_on_device(d))
+      summary.push_back(precision::fp8_block_scales_refused()
+                            ? "FP8 weight scales: 128x128 blocks refused by LibTorch, per-row 1x128 tiles used"
+                            : "FP8 weight scales: 128x128 blocks");
     fmt::print("\nsummary\n");
     for (const auto& s : summary) fmt::print("  {}\n", s);
   } catch (const std::exception& e) {

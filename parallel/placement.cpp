@@ -1,7 +1,6 @@
 #include "parallel/placement.h"
 
 #include <fmt/format.h>
-#include <torch/cuda.h>
 
 #include <algorithm>
 
@@ -45,12 +44,7 @@ model::StageSpec stage_spec(const ProcessGroups* groups, const config::Config& c
 
 c10::Device local_device(const ProcessGroups* groups, const config::Config& c) {
   if (c.train.device != config::Device::kCuda) return c10::Device(c10::kCPU);
-  if (!torch::cuda::is_available())
-    throw std::runtime_error(fmt::format("{}train.device = cuda but no CUDA device is visible",
-                                         c.where("train.device")));
-  const int64_t local_rank = groups ? groups->local_rank : 0;
-  return c10::Device(c10::kCUDA,
-                     static_cast<c10::DeviceIndex>(local_rank % static_cast<int64_t>(torch::cuda::device_count())));
+  return use_cuda_device(groups ? groups->local_rank : 0, c.where("train.device") + "train.device = cuda");
 }
 
 }  // namespace moetrain::parallel

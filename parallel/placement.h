@@ -19,7 +19,8 @@ model::StageSpec stage_spec(const ProcessGroups* groups, const config::Config& c
 std::vector<model::LayerChunk> rank_chunks(const config::Config& c, int64_t pp_rank);
 
 // train.device = cpu: the CPU. cuda: GPU local_rank mod the visible devices, local_rank being this rank's index
-// among the ranks of its node (ProcessGroups::local_rank; 0 for one process). Throws when no GPU is visible.
+// among the ranks of its node (ProcessGroups::local_rank; 0 for one process), made the current CUDA device
+// (use_cuda_device). Throws when no GPU is visible.
 c10::Device local_device(const ProcessGroups* groups, const config::Config& c);
 
 }  // namespace moetrain::parallel

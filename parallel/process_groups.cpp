@@ -1,7 +1,9 @@
 #include "parallel/process_groups.h"
 
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <fmt/format.h>
 #include <mpi.h>
+#include <torch/cuda.h>
 
 #include <set>
 
@@ -37,6 +39,14 @@ std::unique_ptr<Communicator> make(const char* name, const std::vector<int64_t>&
 }
 
 }  // namespace
+
+c10::Device use_cuda_device(int64_t local_rank, const std::string& asked_by) {
+  const auto count = static_cast<int64_t>(torch::cuda::device_count());
+  if (count == 0) throw std::runtime_error(asked_by + " but no CUDA device is visible");
+  const c10::Device device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank % count));
+  c10::impl::getDeviceGuardImpl(c10::kCUDA)->setDevice(device);
+  return device;
+}
 
 double ProcessGroups::waited_s() const {
   double s = 0;
@@ -75,6 +85,15 @@ ProcessGroups ProcessGroups::create(const config::ParallelConfig& p, Backend bac
   MPI_Comm_free(&node);
   g.local_rank = local_rank;
   g.local_size = local_size;
+  if (backend == Backend::kNccl) {
+    const auto gpus = static_cast<int64_t>(torch::cuda::device_count());
+    if (gpus > 0 && local_size > gpus)
+      throw CommError(fmt::format("{} ranks run on the node of world rank {}, which has {} visible GPU{}: the NCCL "
+                                  "backend (train.device = cuda) needs a GPU of its own for every rank; launch at "
+                                  "most {} ranks per node",
+                                  local_size, world_rank, gpus, gpus == 1 ? "" : "s", gpus));
+    use_cuda_device(local_rank, fmt::format("train.device = cuda (the NCCL backend, world rank {})", world_rank));
+  }
   std::vector<int64_t> all(static_cast<size_t>(world_size));
   for (int i = 0; i < world_size; ++i) all[static_cast<size_t>(i)] = i;
   // The same order on every rank: each split is collective over the world.

@@ -10,6 +10,9 @@
 #include "parallel/pipeline.h"
 
 #include <memory>
+#include <string>
+
+#include <c10/core/Device.h>
 
 #include "config/config.h"
 #include "parallel/communicator.h"
@@ -38,8 +41,15 @@ struct ProcessGroups {
   // The seconds this rank has spent blocked on the data plane's groups (Communicator::waited_s), summed.
   double waited_s() const;
 
-  // Collective over MPI_COMM_WORLD: every rank calls it. Requires MPI to be initialized with pp·dp ranks.
+  // Collective over MPI_COMM_WORLD: every rank calls it. Requires MPI to be initialized with pp·dp ranks. With the
+  // NCCL backend it first makes this rank's GPU current (use_cuda_device), and refuses a node with more ranks than
+  // visible GPUs (NCCL wants a GPU of its own for every rank).
   static ProcessGroups create(const config::ParallelConfig& p, Backend backend);
 };
+
+// GPU local_rank mod the visible devices, made the current CUDA device of this process: NCCL's communicators, the
+// current streams and whatever runs without naming a device follow it. Throws "<asked_by> but no CUDA device is
+// visible" when there is none.
+c10::Device use_cuda_device(int64_t local_rank, const std::string& asked_by);
 
 }  // namespace moetrain::parallel

@@ -46,36 +46,37 @@ at::Tensor rows_of_blocks(const at::Tensor& scale, int64_t rows) {
   return scale.repeat_interleave(kTile, 0).narrow(0, 0, rows);
 }
 
-at::Tensor pad_rows(const at::Tensor& t, int64_t to) {
-  const int64_t r = t.size(0), rp = round_up(r, to);
-  return rp == r ? t : at::constant_pad_nd(t, {0, 0, 0, rp - r});
+// t zero-padded at the end to [rows, cols].
+at::Tensor pad_to(const at::Tensor& t, int64_t rows, int64_t cols) {
+  if (rows == t.size(0) && cols == t.size(1)) return t;
+  return at::constant_pad_nd(t, {0, cols - t.size(1), 0, rows - t.size(0)});
 }
+
+at::Tensor pad_rows(const at::Tensor& t, int64_t to) { return pad_to(t, round_up(t.size(0), to), t.size(1)); }
 
 #if MOETRAIN_WITH_CUDA
 at::Tensor scaled_mm(const Fp8Tensor& a, const Fp8Tensor& b) {
-  // Rows padded to a whole tile of 128 (the zero rows add nothing): cuBLAS's blockwise-scaled kernels were seen
-  // failing on an H200 for 1440 rows (CUBLAS_STATUS_EXECUTION_FAILED, then an illegal address) and working for
-  // multiples of 128.
-  const int64_t M = a.data.size(0);
-  const at::Tensor ad = pad_rows(a.data, kTile);
-  const at::Tensor as = pad_rows(a.scale, kTile);
-  const at::Tensor sa = as.t().contiguous().t();  // [M, K/128], outer-dim-major
-  auto run = [&](const at::Tensor& sb) {
-    return at::_scaled_mm(ad, b.data.t(), sa, sb, /*bias=*/std::nullopt, /*scale_result=*/std::nullopt,
-                          at::kBFloat16, /*use_fast_accum=*/false)
-        .narrow(0, 0, M);
+  auto run = [&](bool block_scales) {
+    const ScaledMmOperands o = scaled_mm_operands(a, b, block_scales);
+    const at::Tensor y = at::_scaled_mm(o.a, o.b, o.scale_a, o.scale_b, /*bias=*/std::nullopt,
+                                        /*scale_result=*/std::nullopt, at::kBFloat16, /*use_fast_accum=*/false)
+                             .narrow(0, 0, o.m);
+    return y.size(1) == o.n ? y : y.narrow(1, 0, o.n).contiguous();
   };
-  if (!b.blocks) return run(b.scale.t().contiguous());
-  if (!g_blocks_refused.load()) {
+  if (b.blocks && !g_blocks_refused.load()) {
     try {
-      return run(b.scale.t());  // [K/128, N/128], the transpose of the contiguous block grid
+      return run(true);
     } catch (const c10::Error& e) {
+      // Only LibTorch's refusal of the scales ("Invalid scaling configuration", "scale_b must have ...") switches
+      // to per-row tiles; anything else (out of memory, a cuBLAS failure) is the caller's error.
+      const std::string what = e.what_without_backtrace();
+      if (what.find("Invalid scaling") == std::string::npos && what.find("scale_b") == std::string::npos) throw;
       g_blocks_refused.store(true);
       std::fprintf(stderr, "moetrain: FP8 128x128 weight scales refused by this build (%s); using per-row tiles\n",
-                   e.what_without_backtrace());
+                   what.c_str());
     }
   }
-  return run(rows_of_blocks(b.scale, b.data.size(0)).t().contiguous());
+  return run(false);
 }
 #endif
 
@@ -246,13 +247,41 @@ bool fp8_gemm_on_device(const c10::Device& device) {
 
 void set_fp8_emulation(bool on) { g_force_emulation.store(on); }
 
+bool fp8_block_scales_refused() { return g_blocks_refused.load(); }
+
+ScaledMmOperands scaled_mm_operands(const Fp8Tensor& a, const Fp8Tensor& b, bool block_scales) {
+  TORCH_CHECK(!a.blocks && a.data.dim() == 2 && b.data.dim() == 2 && a.data.size(1) == b.data.size(1),
+              "scaled_mm_operands: a [M, K] in 1×128 tiles and b [N, K] expected, got ", a.data.sizes(),
+              a.blocks ? " (128×128 blocks)" : "", " and ", b.data.sizes());
+  at::NoGradGuard no_grad;
+  const int64_t M = a.data.size(0), N = b.data.size(0), K = a.data.size(1);
+  const int64_t Mp = round_up(M, kTile), Np = round_up(N, kTile), Kb = round_up(K, kTile) / kTile;
+  ScaledMmOperands o;
+  o.m = M;
+  o.n = N;
+  o.a = pad_to(a.data, Mp, Kb * kTile);
+  o.b = pad_to(b.data, Np, Kb * kTile).t();
+  o.scale_a = pad_to(a.scale, Mp, Kb).t().contiguous().t();
+  if (block_scales && b.blocks) {
+    // LibTorch checks the block grid [N/128, K/128] for a row stride of K/128 rounded up to a multiple of 4 (its
+    // kernels read it so; PyTorch #166752).
+    const int64_t stride = round_up(Kb, 4);
+    if (b.scale.stride(0) == stride && b.scale.stride(1) == 1) {
+      o.scale_b = b.scale.t();
+    } else {
+      o.scale_b = at::zeros({Np / kTile, stride}, b.scale.options()).narrow(1, 0, Kb).copy_(b.scale).t();
+    }
+  } else {
+    o.scale_b = (b.blocks ? rows_of_blocks(b.scale, Np) : pad_to(b.scale, Np, Kb)).t().contiguous();
+  }
+  return o;
+}
+
 at::Tensor fp8_mm_nt(const Fp8Tensor& a, const Fp8Tensor& b, at::ScalarType out) {
   TORCH_CHECK(a.data.size(1) == b.data.size(1), "fp8_mm_nt: contraction dims differ: ", a.data.sizes(), " and ",
               b.data.sizes());
 #if MOETRAIN_WITH_CUDA
-  // cuBLAS takes K and N in multiples of 16; other shapes are emulated (the same numbers, FP32 arithmetic).
-  if (fp8_gemm_on_device(a.data.device()) && a.data.size(1) % 16 == 0 && b.data.size(0) % 16 == 0)
-    return scaled_mm(a, b).to(out);
+  if (fp8_gemm_on_device(a.data.device())) return scaled_mm(a, b).to(out);
 #endif
   return at::matmul(dequantize(a, at::kFloat), dequantize(b, at::kFloat).t()).to(out);
 }

@@ -65,6 +65,24 @@ at::Tensor fake_quant_blocks(const at::Tensor& w);
 at::Tensor fp8_mm_nt(const Fp8Tensor& a, const Fp8Tensor& b, at::ScalarType out);
 // Whether fp8_mm_nt runs on the tensor cores for operands on `device` (CUDA, compute capability 9.x).
 bool fp8_gemm_on_device(const c10::Device& device);
+// Whether this process fell back from 128×128 weight-block scales to per-row tiles because LibTorch refused the
+// blocks' layout (the same numbers, another cuBLAS kernel; said once on stderr).
+bool fp8_block_scales_refused();
+
+// The operands at::_scaled_mm gets on SM90 for fp8_mm_nt(a, b): every dimension zero-padded to whole tiles of 128
+// (zero rows and columns add nothing; cuBLAS's blockwise-scaled kernels were seen failing on an H200 for 1440 rows,
+// CUBLAS_STATUS_EXECUTION_FAILED and then an illegal address, and working for multiples of 128), and the scales in
+// the layouts LibTorch 2.11 checks: a's 1×128 tile scales outer-dim-major; b's 128×128 block scales (with
+// `block_scales`) as the transpose of a row-major grid whose row stride is rounded up to a multiple of 4, or b's
+// scales as 1×128 tiles (a block's scale repeated on each of its rows) row-major [K/128, N]. Built on any device.
+struct ScaledMmOperands {
+  at::Tensor a;        // [Mp, Kp] E4M3, row-major
+  at::Tensor b;        // [Kp, Np] E4M3, column-major (the transpose of b padded)
+  at::Tensor scale_a;  // [Mp, Kp/128], strides (1, Mp)
+  at::Tensor scale_b;  // blocks: [Kp/128, Np/128], strides (1, round_up(Kp/128, 4)); tiles: [Kp/128, Np], (Np, 1)
+  int64_t m = 0, n = 0;  // the product's rows and columns: [m, n] of the padded [Mp, Np]
+};
+ScaledMmOperands scaled_mm_operands(const Fp8Tensor& a, const Fp8Tensor& b, bool block_scales);
 // For tests and benchmarks: force the emulation even where the device could run the FP8 GEMM.
 void set_fp8_emulation(bool on);
 

@@ -67,6 +67,16 @@ elapsed=$(( $(date +%s) - start ))
 [ "$elapsed" -lt 30 ] || fail "injected failure took ${elapsed}s to end the job"
 grep <<<"$err" -q "rank 2.*injected failure at step 2" || fail "injected failure message: $err"
 
+# train.device = cuda under mpirun (the NCCL backend) where no GPU is visible: one clear line, every rank non-zero.
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  run timeout 60 bash -c "$(declare -f mpi); mpi -np 2 '$bin' train --config configs/tiny.yaml --set parallel.pp=1 \
+      --set parallel.dp=2 --set parallel.ep=1 --set train.device=cuda --set logging.dir='$runs' --set logging.name=gpu"
+  [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "cuda without a GPU under mpirun: rc $rc (124: it hung)"
+  [ "$(printf '%s\n' "$err" | grep -c '^moetrain: error')" -eq 1 ] || fail "cuda without a GPU: one error line: $err"
+  nccl_without_gpu="train.device = cuda \(the NCCL backend, world rank [01]\) but no CUDA device is visible"
+  grep <<<"$err" -Eq "$nccl_without_gpu|needs a CUDA build" || fail "cuda without a GPU: $err"
+fi
+
 # Ranks started with different configs are caught at start-up.
 run mpi -np 1 "$bin" train --config configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=2 --set parallel.ep=1 \
     --set train.lr=1e-3 --set logging.dir="$runs" --set logging.name=mixed : \

@@ -63,8 +63,11 @@ TEST(Cuda, Fp8GemmsMatchTheEmulation) {
   ASSERT_TRUE(fp8_gemm_on_device(d)) << "FP8 GEMMs need compute capability 9.x";
   torch::manual_seed(11);
   const auto opts = at::TensorOptions().device(d);
-  // Token counts that are no multiple of 128 or 16 (an expert's share): the padded edges too.
-  for (const auto& [T, K, N] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1000, 7168, 2048}, {1440, 2048, 7168}, {37, 7168, 2048}}) {
+  // Token counts that are no multiple of 128 or 16 (an expert's share): the padded edges too. DeepSeek-V3's wkv_a
+  // ([576, 7168]): 576 output rows (a partial block) and, in dgrad, a contraction over 4.5 tiles of 128.
+  const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes{
+      {1000, 7168, 2048}, {1440, 2048, 7168}, {37, 7168, 2048}, {300, 7168, 576}};
+  for (const auto& [T, K, N] : shapes) {
     const at::Tensor x = at::randn({T, K}, opts), w = at::randn({N, K}, opts) * 0.02, dy = at::randn({T, N}, opts);
     const Fp8Weight wq = fp8_weight(w);
     const Fp8Tensor xq = quantize_tiles(x), dyq = quantize_tiles(dy);
@@ -86,6 +89,8 @@ TEST(Cuda, Fp8GemmsMatchTheEmulation) {
       EXPECT_GT(e, 0.0) << names[i] << ": the tensor cores and the emulation accumulate differently";
     }
   }
+  // Every weight GEMM above ran with 128×128 block scales: LibTorch took their layout (precision/fp8.h).
+  EXPECT_FALSE(fp8_block_scales_refused());
   const at::Tensor x = at::randn({300, 7168}, opts), w = at::randn({2048, 7168}, opts) * 0.02;
   // The whole linear layer, GPU against CPU emulation: forward and both gradients.
   at::Tensor xg = x.clone().requires_grad_(true), wg = w.clone().requires_grad_(true);

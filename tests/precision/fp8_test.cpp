@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "precision/gemm.h"
 
@@ -165,6 +168,62 @@ TEST(Fp8, QuantizedTensorsRoundTrip) {
   at::Tensor a = torch::randn({7, 260});
   at::Tensor got = fp8_mm_nt(quantize_tiles(a), b, at::kFloat);
   EXPECT_TRUE(torch::allclose(got, torch::matmul(fake_quant_tiles(a), fake_quant_blocks(w).t()), 1e-5, 1e-4));
+}
+
+// What at::_scaled_mm gets on SM90 (built here on the CPU): zero-padded to whole tiles of 128 on every side, and the
+// scales in the layouts LibTorch 2.11's ScaledBlas.cpp checks (is_blockwise_1x128_scaling on a, and on bᵀ either
+// is_blockwise_128x128_scaling, whose row stride is ⌈K/128⌉ rounded up to 4, or the 1×128 check). DeepSeek-V3's
+// wkv_a is [576, 7168]: its dgrad contracts over 576 (4.5 tiles, 5 blocks: the stride rounds up to 8).
+TEST(Fp8, ScaledMmOperandsHaveTheLayoutsLibTorchChecks) {
+  torch::manual_seed(8);
+  auto expect_strides = [](const at::Tensor& t, std::vector<int64_t> sizes, std::vector<int64_t> strides,
+                           const std::string& what) {
+    EXPECT_EQ(t.sizes(), at::IntArrayRef(sizes)) << what;
+    // A dimension of size 1 has any stride in LibTorch's check.
+    for (size_t d = 0; d < sizes.size(); ++d) {
+      if (sizes[d] > 1) {
+        EXPECT_EQ(t.stride(static_cast<int64_t>(d)), strides[d]) << what << " dim " << d;
+      }
+    }
+  };
+  for (const auto& [M, K, N] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {37, 576, 7168}, {300, 7168, 576}, {1440, 2048, 384}, {5, 100, 48}, {128, 1024, 256}}) {
+    const at::Tensor x = torch::randn({M, K}), w = torch::randn({N, K}) * 0.02;
+    const Fp8Tensor a = quantize_tiles(x);
+    const Fp8Weight wq = quantize_weight(w);
+    const Fp8Tensor tiles = quantize_tiles(w);
+    const int64_t Mp = (M + 127) / 128 * 128, Np = (N + 127) / 128 * 128, Kb = (K + 127) / 128, Kp = Kb * 128;
+    const std::string shape = std::to_string(M) + "x" + std::to_string(K) + "x" + std::to_string(N);
+    const at::Tensor want_blocks = fp8_mm_nt(a, wq.rows, at::kFloat), want_tiles = fp8_mm_nt(a, tiles, at::kFloat);
+    for (const auto& [b, block_scales, want] : std::vector<std::tuple<Fp8Tensor, bool, at::Tensor>>{
+             {wq.rows, true, want_blocks}, {wq.rows, false, want_blocks}, {tiles, true, want_tiles}}) {
+      const std::string what = shape + (b.blocks ? (block_scales ? " blocks" : " blocks as tiles") : " tiles");
+      const ScaledMmOperands o = scaled_mm_operands(a, b, block_scales);
+      EXPECT_EQ(o.m, M);
+      EXPECT_EQ(o.n, N);
+      expect_strides(o.a, {Mp, Kp}, {Kp, 1}, what + ": a");
+      expect_strides(o.b, {Kp, Np}, {1, Kp}, what + ": b");
+      expect_strides(o.scale_a, {Mp, Kb}, {1, Mp}, what + ": scale_a");
+      if (b.blocks && block_scales)
+        expect_strides(o.scale_b, {Kb, Np / 128}, {1, (Kb + 3) / 4 * 4}, what + ": scale_b");
+      else
+        expect_strides(o.scale_b, {Kb, Np}, {Np, 1}, what + ": scale_b");
+      // The operands' bytes where they were and zero bytes around them (the byte sums agree), and the padded
+      // operands multiply to the same product.
+      auto same_bytes_padded = [](const at::Tensor& padded, const at::Tensor& t) {
+        const at::Tensor p = padded.view(at::kByte), b = t.view(at::kByte);
+        return at::equal(p.narrow(0, 0, b.size(0)).narrow(1, 0, b.size(1)), b) &&
+               p.to(at::kLong).sum().item<int64_t>() == b.to(at::kLong).sum().item<int64_t>();
+      };
+      EXPECT_TRUE(same_bytes_padded(o.a, a.data)) << what;
+      EXPECT_TRUE(same_bytes_padded(o.b.t(), b.data)) << what;
+      const bool blocks = b.blocks && block_scales;
+      const Fp8Tensor pa{o.a, o.scale_a.contiguous(), false};
+      const Fp8Tensor pb{o.b.t().contiguous(), o.scale_b.t().contiguous(), blocks};
+      const at::Tensor got = fp8_mm_nt(pa, pb, at::kFloat).narrow(0, 0, M).narrow(1, 0, N);
+      EXPECT_TRUE(torch::allclose(got, want, 1e-5, 1e-5)) << what << ": " << (got - want).abs().max();
+    }
+  }
 }
 
 TEST(WeightCache, OneCopyPerChangeOfTheWeight) {

@@ -1,5 +1,6 @@
 // The trainer's components: progress lines after a resume, the peak FLOP/s on the trained device, evaluation
 // intervals, what a save copies to the host, and the device choice.
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 #include <c10/core/CPUAllocator.h>
@@ -68,7 +69,9 @@ TEST(PeakFlops, MeasuredOnTheGivenDevice) {
 TEST(Placement, CudaWithoutAGpuIsAClearError) {
   config::Config c = tiny({"train.device=cuda"});
   if (torch::cuda::is_available()) {
-    EXPECT_TRUE(parallel::local_device(nullptr, c).is_cuda());
+    const c10::Device d = parallel::local_device(nullptr, c);
+    EXPECT_TRUE(d.is_cuda());
+    EXPECT_EQ(c10::impl::getDeviceGuardImpl(c10::kCUDA)->getDevice(), d);  // made the current device
     return;
   }
   try {
