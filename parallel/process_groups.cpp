@@ -85,6 +85,7 @@ ProcessGroups ProcessGroups::create(const config::ParallelConfig& p, Backend bac
   MPI_Comm_free(&node);
   g.local_rank = local_rank;
   g.local_size = local_size;
+#if MOETRAIN_WITH_CUDA  // (a CPU-only build refuses the backend itself, below)
   if (backend == Backend::kNccl) {
     const auto gpus = static_cast<int64_t>(torch::cuda::device_count());
     if (gpus > 0 && local_size > gpus)
@@ -94,6 +95,7 @@ ProcessGroups ProcessGroups::create(const config::ParallelConfig& p, Backend bac
                                   local_size, world_rank, gpus, gpus == 1 ? "" : "s", gpus));
     use_cuda_device(local_rank, fmt::format("train.device = cuda (the NCCL backend, world rank {})", world_rank));
   }
+#endif
   std::vector<int64_t> all(static_cast<size_t>(world_size));
   for (int i = 0; i < world_size; ++i) all[static_cast<size_t>(i)] = i;
   // The same order on every rank: each split is collective over the world.
