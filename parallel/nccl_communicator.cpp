@@ -57,6 +57,28 @@ void require_cuda(const at::Tensor& t, const char* op) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// An NCCL group (ncclGroupStart … ncclGroupEnd) that is closed on every way out: an operation inside it that throws
+// would otherwise leave this thread's group open, and every later NCCL call would be deferred into it.
+class NcclGroup {
+ public:
+  NcclGroup() : rc_(ncclGroupStart()) {}
+  ~NcclGroup() {
+    if (open()) ncclGroupEnd();
+  }
+  NcclGroup(const NcclGroup&) = delete;
+  NcclGroup& operator=(const NcclGroup&) = delete;
+  ncclResult_t started() const { return rc_; }
+  ncclResult_t end() {
+    ended_ = true;
+    return ncclGroupEnd();
+  }
+
+ private:
+  bool open() const { return rc_ == ncclSuccess && !ended_; }
+  ncclResult_t rc_;
+  bool ended_ = false;
+};
+
 }  // namespace
 
 NcclCommunicator::NcclCommunicator(std::string name, MPI_Comm mpi_group, int world_rank, double timeout_s)
@@ -159,6 +181,12 @@ class NcclPendingOp final : public PendingOp {
   NcclPendingOp(const NcclPendingOp&) = delete;
   NcclPendingOp& operator=(const NcclPendingOp&) = delete;
   cudaStream_t side() const { return side_; }
+  // t is used on the side stream: the caching allocator must not hand its memory out again before the side stream
+  // is past this operation, even when t is freed earlier.
+  void keep(const at::Tensor& t) {
+    if (t.numel() > 0)
+      c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *comm_->state_->side);
+  }
   void enqueued() { cudaEventRecord(end_, side_); }  // the operation is on the side stream
   bool test() override {
     if (!done_ && cudaEventQuery(end_) == cudaSuccess) wait();
@@ -236,14 +264,15 @@ std::unique_ptr<PendingOp> NcclCommunicator::start_all_to_all_v(const at::Tensor
   out = at::empty(shape, t.options());
   auto pending = std::make_unique<NcclPendingOp>(this, "all_to_all_v");
   // Both buffers are used on the communication stream: the caching allocator must not reuse them before it is done.
-  for (const at::Tensor* b : {&t, static_cast<const at::Tensor*>(&out)})
-    if (b->numel() > 0) c10::cuda::CUDACachingAllocator::recordStream(b->storage().data_ptr(), *state_->side);
+  pending->keep(t);
+  pending->keep(out);
   const auto type = nccl_type(t.scalar_type());
   const size_t elem = static_cast<size_t>(t.element_size());
   auto* send_base = static_cast<char*>(t.data_ptr());
   auto* recv_base = static_cast<char*>(out.data_ptr());
   int64_t s_off = 0, r_off = 0, sent = 0;
-  MOETRAIN_NCCL(ncclGroupStart(), "all_to_all_v");
+  NcclGroup group;
+  MOETRAIN_NCCL(group.started(), "all_to_all_v");
   for (int peer = 0; peer < size_; ++peer) {
     const size_t sn = static_cast<size_t>(send_rows[peer] * row), rn = static_cast<size_t>(recv_rows[peer] * row);
     // Zero-sized sends and receives are still issued: every pair of ranks takes part in every exchange.
@@ -253,7 +282,7 @@ std::unique_ptr<PendingOp> NcclCommunicator::start_all_to_all_v(const at::Tensor
     r_off += static_cast<int64_t>(rn);
     if (peer != rank_) sent += static_cast<int64_t>(sn * elem);
   }
-  MOETRAIN_NCCL(ncclGroupEnd(), "all_to_all_v");
+  MOETRAIN_NCCL(group.end(), "all_to_all_v");
   pending->enqueued();
   count("all_to_all_v", sent);
   return pending;
@@ -266,32 +295,23 @@ at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& t, const std::vector
   return out;
 }
 
-// Queued on the current stream, in order with the pipeline's receives and exchanges on this communicator (one
-// stream per communicator for point-to-point traffic); the host does not wait for it.
-class NcclQueuedOp final : public PendingOp {
- public:
-  NcclQueuedOp(NcclCommunicator* comm, const char* op, at::Tensor keep) : comm_(comm), op_(op), keep_(std::move(keep)) {}
-  bool test() override { return done_ = done_ || cudaStreamQuery(stream()) == cudaSuccess; }
-  void wait() override {
-    if (!done_) comm_->finish(op_);
-    done_ = true;
-  }
-
- private:
-  NcclCommunicator* comm_;
-  const char* op_;
-  at::Tensor keep_;
-  bool done_ = false;
-};
-
+// On the group's communication stream, after the work queued so far on the current stream, and not waited for by
+// it. A send holds up its stream until the peer receives (NCCL: point-to-point operations are "blocking for the
+// GPU"), and the interleaved and DualPipeV schedules queue receives behind their sends: on the compute stream, two
+// neighbours' sends would each wait for a receive queued behind the other's send, for ever, once a message is too
+// large for NCCL's buffers (DeepSeek-V3's activations are). Their pipeline channels are communicators of their own
+// (one direction each), so a channel's sends keep their order on its stream while the receives go on.
 std::unique_ptr<PendingOp> NcclCommunicator::start_send(const at::Tensor& t, int dst, int tag) {
   RECORD_USER_SCOPE(trace_name("send"));
   require_cuda(t, "send");
   count("send", static_cast<int64_t>(t.nbytes()));
+  auto pending = std::make_unique<NcclPendingOp>(this, "send");
+  pending->keep(t);
   MOETRAIN_NCCL(ncclSend(t.data_ptr(), static_cast<size_t>(t.numel()), nccl_type(t.scalar_type()), dst, state_->comm,
-                         stream()),
+                         pending->side()),
                 "send");
-  return std::make_unique<NcclQueuedOp>(this, "send", t);
+  pending->enqueued();
+  return pending;
 }
 
 void NcclCommunicator::send(const at::Tensor& t, int dst, int tag) { start_send(t, dst, tag)->wait(); }
@@ -311,14 +331,15 @@ void NcclCommunicator::send_recv(const at::Tensor& out, int dst, int send_tag, a
   require_cuda(out, "send_recv");
   require_cuda(in, "send_recv");
   count("send", static_cast<int64_t>(out.nbytes()));
-  MOETRAIN_NCCL(ncclGroupStart(), "send_recv");
+  NcclGroup group;
+  MOETRAIN_NCCL(group.started(), "send_recv");
   MOETRAIN_NCCL(ncclSend(out.data_ptr(), static_cast<size_t>(out.numel()), nccl_type(out.scalar_type()), dst,
                          state_->comm, stream()),
                 "send_recv");
   MOETRAIN_NCCL(ncclRecv(in.data_ptr(), static_cast<size_t>(in.numel()), nccl_type(in.scalar_type()), src,
                          state_->comm, stream()),
                 "send_recv");
-  MOETRAIN_NCCL(ncclGroupEnd(), "send_recv");
+  MOETRAIN_NCCL(group.end(), "send_recv");
   finish("send_recv");
 }
 

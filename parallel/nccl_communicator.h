@@ -1,8 +1,10 @@
 // The NCCL backend of Communicator, for CUDA tensors (CUDA builds only). Bootstrapped over the group's MPI
 // communicator: rank 0 creates the unique id, MPI broadcasts it, every rank joins with ncclCommInitRank; the
 // communicator is warmed with a barrier at creation so a broken setup fails at start-up, not at the first step.
-// Operations run on the current PyTorch CUDA stream; the host polls the stream against the group's timeout and
-// aborts the NCCL communicator (ncclCommAbort) when it passes, so a dead peer ends the job instead of hanging it.
+// The blocking operations run on the current PyTorch CUDA stream; the start_* ones and the sends on a communication
+// stream of the group's own, after the work queued so far on the current stream. The host polls the stream (or the
+// operation's end event) against the group's timeout and aborts the NCCL communicator (ncclCommAbort) when it
+// passes, so a dead peer ends the job instead of hanging it.
 #pragma once
 
 #include <mpi.h>
@@ -31,6 +33,7 @@ class NcclCommunicator final : public Communicator {
   std::unique_ptr<PendingOp> start_all_to_all_v(const at::Tensor& t, const std::vector<int64_t>& send_rows,
                                                 const std::vector<int64_t>& recv_rows, at::Tensor& out) override;
   void send(const at::Tensor& t, int dst, int tag) override;
+  // On the communication stream (the current stream does not wait for it): see the definition.
   std::unique_ptr<PendingOp> start_send(const at::Tensor& t, int dst, int tag) override;
   void recv(at::Tensor& t, int src, int tag) override;
   void send_recv(const at::Tensor& out, int dst, int send_tag, at::Tensor& in, int src, int recv_tag) override;
@@ -38,7 +41,6 @@ class NcclCommunicator final : public Communicator {
 
  private:
   friend class NcclPendingOp;
-  friend class NcclQueuedOp;
   // Waits for the stream (the current one by default), or for `event` (a cudaEvent_t) where given, against the
   // deadline; aborts and throws on timeout/error.
   void finish(const char* op, void* stream = nullptr, void* event = nullptr);
