@@ -234,6 +234,7 @@ int run_main(int argc, char** argv) {
       throw std::runtime_error(fmt::format("{} (see moetrain --help)", e.what()));
     }
 
+    if (const auto why = mpi.thread_support_error()) throw std::runtime_error(*why);
     if (*check) {
       config::Config c = load(check_args, mpi);
       emit(mpi, fmt::format("{}: ok (world {} = pp {} × dp {}, ep {})\n", check_args.file, c.parallel.world_size,

@@ -32,14 +32,26 @@ std::string MpiRuntime::library_version() {
 
 MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   if (!launched()) return;
-  int provided = 0;
-  MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided);
+  // MOETRAIN_TEST_MPI_THREAD_LEVEL (tests only): ask for a lower level, as an MPI without thread support grants.
+  const char* asked = std::getenv("MOETRAIN_TEST_MPI_THREAD_LEVEL");
+  MPI_Init_thread(argc, argv, asked ? std::atoi(asked) : MPI_THREAD_MULTIPLE, &thread_level_);
   // Errors are returned, not fatal, so they become exceptions with context instead of a library abort banner.
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
   MPI_Comm_size(MPI_COMM_WORLD, &size_);
   liveness::start();
   active_ = true;
+}
+
+std::optional<std::string> MpiRuntime::thread_support_error() const {
+  if (!active_ || size_ == 1 || thread_level_ >= MPI_THREAD_MULTIPLE) return std::nullopt;
+  const char* names[] = {"MPI_THREAD_SINGLE", "MPI_THREAD_FUNNELED", "MPI_THREAD_SERIALIZED"};
+  const bool known = thread_level_ >= MPI_THREAD_SINGLE && thread_level_ <= MPI_THREAD_SERIALIZED;
+  return fmt::format("this MPI library grants {} to a multi-threaded process; moetrain calls MPI from several "
+                     "threads and needs MPI_THREAD_MULTIPLE ({}): use an MPI built with thread support (Open MPI "
+                     "has it by default since 3.0)",
+                     known ? names[thread_level_ - MPI_THREAD_SINGLE] : std::to_string(thread_level_),
+                     library_version());
 }
 
 MpiRuntime::~MpiRuntime() {

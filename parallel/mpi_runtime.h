@@ -30,6 +30,11 @@ class MpiRuntime {
 
   [[noreturn]] void abort(int code) const;
 
+  // Why this world cannot run moetrain's threads, when it cannot: several ranks and an MPI library that grants less
+  // than MPI_THREAD_MULTIPLE (autograd's device threads, a chunk pair's worker and the liveness answers all call
+  // MPI). nullopt otherwise.
+  std::optional<std::string> thread_support_error() const;
+
   static bool launched();               // started by mpirun / srun
   static std::string library_version();  // first line of MPI_Get_library_version
 
@@ -40,6 +45,7 @@ class MpiRuntime {
   bool finalized_ = false;
   int rank_ = 0;
   int size_ = 1;
+  int thread_level_ = 0;  // what MPI_Init_thread provided
 };
 
 }  // namespace moetrain::parallel

@@ -77,6 +77,13 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
   grep <<<"$err" -Eq "$nccl_without_gpu|needs a CUDA build" || fail "cuda without a GPU: $err"
 fi
 
+# An MPI library that grants less than MPI_THREAD_MULTIPLE (asked for here by the test hook): one line, exit 1.
+run mpi -np 2 -x MOETRAIN_TEST_MPI_THREAD_LEVEL=1 "$bin" config check configs/tiny.yaml --set parallel.pp=1 \
+    --set parallel.dp=2 --set parallel.ep=1
+[ "$rc" -ne 0 ] || fail "MPI_THREAD_FUNNELED: exited 0"
+[ "$(printf '%s\n' "$err" | grep -c '^moetrain: error')" -eq 1 ] || fail "MPI_THREAD_FUNNELED: one error line: $err"
+grep <<<"$err" -q "grants MPI_THREAD_FUNNELED .*needs MPI_THREAD_MULTIPLE" || fail "MPI_THREAD_FUNNELED: $err"
+
 # Ranks started with different configs are caught at start-up.
 run mpi -np 1 "$bin" train --config configs/tiny.yaml --set parallel.pp=1 --set parallel.dp=2 --set parallel.ep=1 \
     --set train.lr=1e-3 --set logging.dir="$runs" --set logging.name=mixed : \
