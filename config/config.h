@@ -141,6 +141,7 @@ struct TrainConfig {
   double exit_duration_mins = 0.0;  // save and exit after this many minutes (0: no budget)
   double memory_budget_gib = 0.0;  // 0: none
   Device device = Device::kCpu;
+  bool deterministic = false;  // LibTorch's deterministic kernels (GPU runs reproducible bit for bit)
 };
 
 struct DataConfig {

@@ -1,5 +1,6 @@
 #include "trainer/train.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/zeros.h>
@@ -23,6 +24,18 @@
 #include "trainer/profiler.h"
 
 namespace moetrain::trainer {
+namespace {
+
+// train.deterministic: LibTorch's deterministic kernels for this process, switched as each trainer's config says.
+// ATen reads CUBLAS_WORKSPACE_CONFIG once, at the first cuBLAS call of the process: set before any GEMM (the peak
+// FLOP/s measurement included), a value of the user's own kept.
+void use_deterministic_kernels(bool on) {
+  if (on) setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+  at::globalContext().setDeterministicAlgorithms(on, /*warn_only=*/false);
+}
+
+}  // namespace
+
 Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, std::string run_dir, bool main,
                  const std::string& resume)
     : c_(config), groups_(groups), verbose_(main),
@@ -33,6 +46,7 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   const model::StageSpec stage = parallel::stage_spec(groups_, c_);  // checks the layout against the launch
   at::set_num_threads(static_cast<int>(c_.parallel.intra_op_threads));
   device_ = parallel::local_device(groups_, c_);
+  use_deterministic_kernels(c_.train.deterministic);
   // Ranks started with different configs would compute different things and hang in mismatched collectives.
   const std::string yaml = config::to_yaml(c_);
   if (!control_.same_everywhere(XXH64(yaml.data(), yaml.size(), 0)))
