@@ -5,11 +5,17 @@
 #include <mpi.h>
 #include <torch/cuda.h>
 
+#include <algorithm>
 #include <set>
+#include <vector>
 
 #include "parallel/mpi_communicator.h"
 #include "moetrain/build_info.h"
 #if MOETRAIN_WITH_CUDA
+#include <ATen/cuda/CUDAContextLight.h>
+
+#include <array>
+
 #include "parallel/nccl_communicator.h"
 #endif
 
@@ -37,6 +43,31 @@ std::unique_ptr<Communicator> make(const char* name, const std::vector<int64_t>&
   throw CommError("the NCCL backend needs a CUDA build of moetrain (this one is CPU-only)");
 #endif
 }
+
+#if MOETRAIN_WITH_CUDA
+// NCCL wants a GPU of its own for every rank (ncclCommInitRank refuses two ranks of one communicator on one GPU).
+// This rank's GPU is made current (use_cuda_device: local rank mod the GPUs it sees, which under Slurm's per-task
+// binding may be just its own), then the ranks of the node compare their GPUs' PCI addresses: two ranks on one GPU
+// are refused by name on every rank of the node, before any communicator is created.
+void use_own_gpu(MPI_Comm node, int world_rank, int local_rank, int local_size) {
+  const c10::Device d =
+      use_cuda_device(local_rank, fmt::format("train.device = cuda (the NCCL backend, world rank {})", world_rank));
+  const cudaDeviceProp* p = at::cuda::getDeviceProperties(d.index());
+  const std::array<int, 4> mine{p->pciDomainID, p->pciBusID, p->pciDeviceID, world_rank};
+  std::vector<int> all(4 * static_cast<size_t>(local_size));
+  if (MPI_Allgather(mine.data(), 4, MPI_INT, all.data(), 4, MPI_INT, node) != MPI_SUCCESS)
+    throw CommError("MPI_Allgather over the ranks of a node failed: cannot tell their GPUs apart");
+  for (size_t i = 0; i < static_cast<size_t>(local_size); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (std::equal(&all[4 * i], &all[4 * i + 3], &all[4 * j]))
+        throw CommError(fmt::format(
+            "world ranks {} and {} run on one GPU (PCI {:04x}:{:02x}:{:02x}.0; {} ranks on this node, {} GPU{} visible "
+            "to world rank {}): the NCCL backend (train.device = cuda) needs a GPU of its own for every rank; launch "
+            "at most as many ranks per node as it has GPUs",
+            all[4 * j + 3], all[4 * i + 3], all[4 * i], all[4 * i + 1], all[4 * i + 2], local_size,
+            torch::cuda::device_count(), torch::cuda::device_count() == 1 ? " is" : "s are", world_rank));
+}
+#endif
 
 }  // namespace
 
@@ -82,19 +113,14 @@ ProcessGroups ProcessGroups::create(const config::ParallelConfig& p, Backend bac
   int local_rank = 0, local_size = 1;
   MPI_Comm_rank(node, &local_rank);
   MPI_Comm_size(node, &local_size);
-  MPI_Comm_free(&node);
+  struct FreeNode {
+    MPI_Comm& comm;
+    ~FreeNode() { MPI_Comm_free(&comm); }
+  } free_node{node};
   g.local_rank = local_rank;
   g.local_size = local_size;
 #if MOETRAIN_WITH_CUDA  // (a CPU-only build refuses the backend itself, below)
-  if (backend == Backend::kNccl) {
-    const auto gpus = static_cast<int64_t>(torch::cuda::device_count());
-    if (gpus > 0 && local_size > gpus)
-      throw CommError(fmt::format("{} ranks run on the node of world rank {}, which has {} visible GPU{}: the NCCL "
-                                  "backend (train.device = cuda) needs a GPU of its own for every rank; launch at "
-                                  "most {} ranks per node",
-                                  local_size, world_rank, gpus, gpus == 1 ? "" : "s", gpus));
-    use_cuda_device(local_rank, fmt::format("train.device = cuda (the NCCL backend, world rank {})", world_rank));
-  }
+  if (backend == Backend::kNccl) use_own_gpu(node, world_rank, local_rank, local_size);
 #endif
   std::vector<int64_t> all(static_cast<size_t>(world_size));
   for (int i = 0; i < world_size; ++i) all[static_cast<size_t>(i)] = i;

@@ -42,8 +42,8 @@ struct ProcessGroups {
   double waited_s() const;
 
   // Collective over MPI_COMM_WORLD: every rank calls it. Requires MPI to be initialized with pp·dp ranks. With the
-  // NCCL backend it first makes this rank's GPU current (use_cuda_device), and refuses a node with more ranks than
-  // visible GPUs (NCCL wants a GPU of its own for every rank).
+  // NCCL backend it first makes this rank's GPU current (use_cuda_device), and refuses two ranks of a node on one GPU
+  // (NCCL wants a GPU of its own for every rank), comparing the GPUs' PCI addresses.
   static ProcessGroups create(const config::ParallelConfig& p, Backend backend);
 };
 
