@@ -190,11 +190,11 @@ std::vector<KeySpec> build_schema() {
        "ranks)."},
       {KEY(train, deterministic),
        "Deterministic kernels on the GPU (PyTorch's use_deterministic_algorithms, torchtitan's debug.deterministic): "
-       "attention's backward and the other kernels that sum with atomics take their deterministic versions, cuBLAS "
-       "a fixed workspace (CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set), and memory is filled before first use; an "
-       "op without a deterministic version is an error naming it. A run and its resume from a checkpoint then "
-       "compute the same numbers bit for bit, as CPU runs always do; slower. Also set on the CPU, where it changes "
-       "nothing that moetrain runs."},
+       "attention's backward and the other kernels that sum with atomics take their deterministic versions, and "
+       "memory is filled before first use; an op without a deterministic version is an error naming it. cuBLAS "
+       "needs CUBLAS_WORKSPACE_CONFIG=:4096:8 or :16:8 (moetrain sets :4096:8 at start-up unless it is set). A run "
+       "and its resume from a checkpoint then compute the same numbers bit for bit, as CPU runs always do; slower. "
+       "Also set on the CPU, where it changes no result (the filling costs a little time)."},
       {KEY(train, peak_flops),
        "Peak FLOP/s of one rank for MFU (0: measured by a matmul at start-up).", between(0, 1e18)},
       {KEY(train, memory_budget_gib),

@@ -20,7 +20,10 @@ namespace moetrain::parallel {
 
 struct NcclState {
   ncclComm_t comm = nullptr;
-  std::optional<c10::cuda::CUDAStream> side;
+  // The communication stream, created for this communicator alone and never destroyed (as LibTorch's pool streams
+  // are not): the caching allocator records an event on it when a tensor used there is freed, maybe later.
+  cudaStream_t own = nullptr;
+  std::optional<c10::cuda::CUDAStream> side;  // the same stream as LibTorch sees it
 };
 
 namespace {
@@ -157,8 +160,20 @@ void NcclCommunicator::all_reduce(at::Tensor& t, ReduceOp op) {
   finish("all_reduce");
 }
 
+// A stream of the communicator's own, not one of LibTorch's pool (which hands its 32 streams out in turn): two
+// communicators sharing one would order their operations against each other, sends of two pipeline channels
+// among them.
 void* NcclCommunicator::side_stream() {
-  if (!state_->side) state_->side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true);
+  if (!state_->side) {
+    int least = 0, greatest = 0;
+    cudaDeviceGetStreamPriorityRange(&least, &greatest);
+    const cudaError_t rc = cudaStreamCreateWithPriority(&state_->own, cudaStreamNonBlocking, greatest);
+    if (rc != cudaSuccess)
+      throw CommError(fmt::format("group {}: cannot create its CUDA stream: {}", name_, cudaGetErrorString(rc)));
+    int device = 0;
+    cudaGetDevice(&device);
+    state_->side = c10::cuda::getStreamFromExternal(state_->own, static_cast<c10::DeviceIndex>(device));
+  }
   return state_->side->stream();
 }
 

@@ -6,7 +6,9 @@
 #include <torch/cuda.h>
 
 #include <algorithm>
+#include <optional>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "parallel/mpi_communicator.h"
@@ -50,13 +52,26 @@ std::unique_ptr<Communicator> make(const char* name, const std::vector<int64_t>&
 // binding may be just its own), then the ranks of the node compare their GPUs' PCI addresses: two ranks on one GPU
 // are refused by name on every rank of the node, before any communicator is created.
 void use_own_gpu(MPI_Comm node, int world_rank, int local_rank, int local_size) {
-  const c10::Device d =
-      use_cuda_device(local_rank, fmt::format("train.device = cuda (the NCCL backend, world rank {})", world_rank));
-  const cudaDeviceProp* p = at::cuda::getDeviceProperties(d.index());
-  const std::array<int, 4> mine{p->pciDomainID, p->pciBusID, p->pciDeviceID, world_rank};
+  // A rank without a GPU still takes part in the exchange (PCI domain -1), so that its node's ranks all stop here.
+  std::array<int, 4> mine{-1, -1, -1, world_rank};
+  std::optional<std::string> error;
+  try {
+    const c10::Device d =
+        use_cuda_device(local_rank, fmt::format("train.device = cuda (the NCCL backend, world rank {})", world_rank));
+    const cudaDeviceProp* p = at::cuda::getDeviceProperties(d.index());
+    mine = {p->pciDomainID, p->pciBusID, p->pciDeviceID, world_rank};
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
   std::vector<int> all(4 * static_cast<size_t>(local_size));
   if (MPI_Allgather(mine.data(), 4, MPI_INT, all.data(), 4, MPI_INT, node) != MPI_SUCCESS)
     throw CommError("MPI_Allgather over the ranks of a node failed: cannot tell their GPUs apart");
+  if (error) throw std::runtime_error(*error);
+  for (size_t i = 0; i < static_cast<size_t>(local_size); ++i)
+    if (all[4 * i] < 0)
+      throw CommError(fmt::format("world rank {}, on the node of world rank {}, has no GPU: the NCCL backend "
+                                  "(train.device = cuda) needs one for every rank",
+                                  all[4 * i + 3], world_rank));
   for (size_t i = 0; i < static_cast<size_t>(local_size); ++i)
     for (size_t j = 0; j < i; ++j)
       if (std::equal(&all[4 * i], &all[4 * i + 3], &all[4 * j]))

@@ -66,14 +66,14 @@ at::Tensor scaled_mm(const Fp8Tensor& a, const Fp8Tensor& b) {
   if (b.blocks && !g_blocks_refused.load()) {
     try {
       return run(true);
+    } catch (const c10::OutOfMemoryError&) {
+      throw;  // the caller's error, not a refusal of the block scales
     } catch (const c10::Error& e) {
-      // Only LibTorch's refusal of the scales ("Invalid scaling configuration", "scale_b must have ...") switches
-      // to per-row tiles; anything else (out of memory, a cuBLAS failure) is the caller's error.
-      const std::string what = e.what_without_backtrace();
-      if (what.find("Invalid scaling") == std::string::npos && what.find("scale_b") == std::string::npos) throw;
+      // LibTorch's refusal of the scales' layout ("Invalid scaling configuration") or cuBLAS finding no kernel for
+      // them: per-row tiles from now on (an error that is neither comes back from them too).
       g_blocks_refused.store(true);
       std::fprintf(stderr, "moetrain: FP8 128x128 weight scales refused by this build (%s); using per-row tiles\n",
-                   what.c_str());
+                   e.what_without_backtrace());
     }
   }
   return run(false);

@@ -26,12 +26,23 @@
 namespace moetrain::trainer {
 namespace {
 
+// cuBLAS's workspace for deterministic GEMMs (train.deterministic). ATen reads CUBLAS_WORKSPACE_CONFIG once per
+// process, at its first cuBLAS call, and with deterministic kernels on refuses every GEMM unless it is :4096:8 or
+// :16:8; so it is set when the process starts, before any GEMM or thread (a value of the user's own is kept):
+// eight 4 MiB workspaces, whatever the mode.
+const bool g_cublas_workspace_set = [] { return setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0) == 0; }();
+
 // train.deterministic: LibTorch's deterministic kernels for this process, switched as each trainer's config says.
-// ATen reads CUBLAS_WORKSPACE_CONFIG once, at the first cuBLAS call of the process: set before any GEMM (the peak
-// FLOP/s measurement included), a value of the user's own kept.
-void use_deterministic_kernels(bool on) {
-  if (on) setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
-  at::globalContext().setDeterministicAlgorithms(on, /*warn_only=*/false);
+void use_deterministic_kernels(const config::Config& c) {
+  if (c.train.deterministic && c.train.device == config::Device::kCuda) {
+    const char* workspace = std::getenv("CUBLAS_WORKSPACE_CONFIG");
+    const std::string w = workspace ? workspace : "";
+    if (w != ":4096:8" && w != ":16:8")
+      throw std::runtime_error(fmt::format("{}train.deterministic = true on cuda needs CUBLAS_WORKSPACE_CONFIG=:4096:8 "
+                                           "or :16:8 (cuBLAS's deterministic workspaces); it is \"{}\"",
+                                           c.where("train.deterministic"), w));
+  }
+  at::globalContext().setDeterministicAlgorithms(c.train.deterministic, /*warn_only=*/false);
 }
 
 }  // namespace
@@ -46,7 +57,7 @@ Trainer::Trainer(const config::Config& config, parallel::ProcessGroups* groups, 
   const model::StageSpec stage = parallel::stage_spec(groups_, c_);  // checks the layout against the launch
   at::set_num_threads(static_cast<int>(c_.parallel.intra_op_threads));
   device_ = parallel::local_device(groups_, c_);
-  use_deterministic_kernels(c_.train.deterministic);
+  use_deterministic_kernels(c_);
   // Ranks started with different configs would compute different things and hang in mismatched collectives.
   const std::string yaml = config::to_yaml(c_);
   if (!control_.same_everywhere(XXH64(yaml.data(), yaml.size(), 0)))

@@ -64,6 +64,7 @@ TEST(Cuda, DeterministicRunsAreBitIdentical) {
   for (const std::string mode : {"fp32", "bf16"}) {
     const std::vector<std::string> o{"train.deterministic=true", "precision.mode=" + mode};
     trainer::Trainer a(tiny_on("cuda", o), nullptr, "", false), b(tiny_on("cuda", o), nullptr, "", false);
+    ASSERT_TRUE(at::globalContext().deterministicAlgorithms());
     for (int s = 0; s < 5; ++s) {
       const trainer::StepResult x = a.step(), y = b.step();
       EXPECT_EQ(x.loss, y.loss) << mode << " step " << s + 1;

@@ -70,9 +70,13 @@ TEST(PeakFlops, MeasuredOnTheGivenDevice) {
 TEST(Placement, CudaWithoutAGpuIsAClearError) {
   config::Config c = tiny({"train.device=cuda"});
   if (torch::cuda::is_available()) {
-    const c10::Device d = parallel::local_device(nullptr, c);
-    EXPECT_TRUE(d.is_cuda());
-    EXPECT_EQ(c10::impl::getDeviceGuardImpl(c10::kCUDA)->getDevice(), d);  // made the current device
+    EXPECT_TRUE(parallel::local_device(nullptr, c).is_cuda());
+    if (torch::cuda::device_count() >= 2) {  // the device of local rank 1 made current (0 is current anyway)
+      const c10::Device d = parallel::use_cuda_device(1, "test");
+      EXPECT_EQ(d.index(), 1);
+      EXPECT_EQ(c10::impl::getDeviceGuardImpl(c10::kCUDA)->getDevice(), d);
+      parallel::use_cuda_device(0, "test");
+    }
     return;
   }
   try {
