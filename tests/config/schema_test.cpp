@@ -114,7 +114,7 @@ TEST(Schema, ValueText) {
 
 // The committed reference is what the schema generates: the docs cannot drift from the code.
 TEST(Schema, CommittedReferenceIsCurrent) {
-  std::ifstream in(std::string(MOETRAIN_SOURCE_DIR) + "/docs/config-reference.md");
+  std::ifstream in(MOETRAIN_SOURCE_DIR "/docs/config-reference.md");
   ASSERT_TRUE(in) << "docs/config-reference.md is missing";
   std::stringstream committed;
   committed << in.rdbuf();

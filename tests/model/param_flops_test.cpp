@@ -72,7 +72,7 @@ TEST(ModelSpec, AttentionFlopsByHand) {
 // The DeepSeek-V3 technical report: 671B total, 37B activated; the MTP module 11.6B of its own, 14B as released
 // with its own embedding and head (685B in all).
 TEST(ModelSpec, DeepSeekV3MatchesTheReport) {
-  config::Config c = config::load_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/deepseek-v3-671b.yaml");
+  config::Config c = config::load_config(MOETRAIN_SOURCE_DIR "/configs/deepseek-v3-671b.yaml");
   ModelParams p = model_params(c.model);
   EXPECT_NEAR(static_cast<double>(p.main_total()), 671e9, 0.01 * 671e9);
   EXPECT_NEAR(static_cast<double>(p.main_active()), 37e9, 0.02 * 37e9);
