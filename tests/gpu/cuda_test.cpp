@@ -61,6 +61,9 @@ TEST(Cuda, TrainingMatchesTheCpuInFp32) {
 // backward, whose default kernels sum with atomics, is the part the switch changes.
 TEST(Cuda, DeterministicRunsAreBitIdentical) {
   REQUIRE_CUDA();
+  struct Restore {  // the later tests run with LibTorch's default kernels, also when an assertion here returns early
+    ~Restore() { at::globalContext().setDeterministicAlgorithms(false, false); }
+  } restore;
   for (const std::string mode : {"fp32", "bf16"}) {
     const std::vector<std::string> o{"train.deterministic=true", "precision.mode=" + mode};
     trainer::Trainer a(tiny_on("cuda", o), nullptr, "", false), b(tiny_on("cuda", o), nullptr, "", false);
@@ -71,7 +74,6 @@ TEST(Cuda, DeterministicRunsAreBitIdentical) {
       EXPECT_EQ(x.grad_norm, y.grad_norm) << mode << " step " << s + 1;
     }
   }
-  at::globalContext().setDeterministicAlgorithms(false, false);
 }
 
 TEST(Cuda, Fp8GemmsMatchTheEmulation) {
