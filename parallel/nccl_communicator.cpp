@@ -22,8 +22,7 @@ struct NcclState {
   ncclComm_t comm = nullptr;
   // The communication stream, created for this communicator alone and never destroyed (as LibTorch's pool streams
   // are not): the caching allocator records an event on it when a tensor used there is freed, maybe later.
-  cudaStream_t own = nullptr;
-  std::optional<c10::cuda::CUDAStream> side;  // the same stream as LibTorch sees it
+  std::optional<c10::cuda::CUDAStream> side;
 };
 
 namespace {
@@ -167,12 +166,13 @@ void* NcclCommunicator::side_stream() {
   if (!state_->side) {
     int least = 0, greatest = 0;
     cudaDeviceGetStreamPriorityRange(&least, &greatest);
-    const cudaError_t rc = cudaStreamCreateWithPriority(&state_->own, cudaStreamNonBlocking, greatest);
+    cudaStream_t s = nullptr;
+    const cudaError_t rc = cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest);
     if (rc != cudaSuccess)
       throw CommError(fmt::format("group {}: cannot create its CUDA stream: {}", name_, cudaGetErrorString(rc)));
     int device = 0;
     cudaGetDevice(&device);
-    state_->side = c10::cuda::getStreamFromExternal(state_->own, static_cast<c10::DeviceIndex>(device));
+    state_->side = c10::cuda::getStreamFromExternal(s, static_cast<c10::DeviceIndex>(device));
   }
   return state_->side->stream();
 }

@@ -67,20 +67,21 @@ void use_own_gpu(MPI_Comm node, int world_rank, int local_rank, int local_size) 
   if (MPI_Allgather(mine.data(), 4, MPI_INT, all.data(), 4, MPI_INT, node) != MPI_SUCCESS)
     throw CommError("MPI_Allgather over the ranks of a node failed: cannot tell their GPUs apart");
   if (error) throw std::runtime_error(*error);
-  for (size_t i = 0; i < static_cast<size_t>(local_size); ++i)
+  const auto gpus = torch::cuda::device_count();
+  for (size_t i = 0; i < static_cast<size_t>(local_size); ++i) {  // (rank j < i had a GPU, or it was refused)
     if (all[4 * i] < 0)
       throw CommError(fmt::format("world rank {}, on the node of world rank {}, has no GPU: the NCCL backend "
                                   "(train.device = cuda) needs one for every rank",
                                   all[4 * i + 3], world_rank));
-  for (size_t i = 0; i < static_cast<size_t>(local_size); ++i)
     for (size_t j = 0; j < i; ++j)
       if (std::equal(&all[4 * i], &all[4 * i + 3], &all[4 * j]))
         throw CommError(fmt::format(
             "world ranks {} and {} run on one GPU (PCI {:04x}:{:02x}:{:02x}.0; {} ranks on this node, {} GPU{} visible "
             "to world rank {}): the NCCL backend (train.device = cuda) needs a GPU of its own for every rank; launch "
             "at most as many ranks per node as it has GPUs",
-            all[4 * j + 3], all[4 * i + 3], all[4 * i], all[4 * i + 1], all[4 * i + 2], local_size,
-            torch::cuda::device_count(), torch::cuda::device_count() == 1 ? " is" : "s are", world_rank));
+            all[4 * j + 3], all[4 * i + 3], all[4 * i], all[4 * i + 1], all[4 * i + 2], local_size, gpus,
+            gpus == 1 ? " is" : "s are", world_rank));
+  }
 }
 #endif
 

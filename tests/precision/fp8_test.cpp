@@ -186,6 +186,12 @@ TEST(Fp8, ScaledMmOperandsHaveTheLayoutsLibTorchChecks) {
       }
     }
   };
+  // The padded bytes: t's where they were, and zero bytes around them (the byte sums agree).
+  auto same_bytes_padded = [](const at::Tensor& padded, const at::Tensor& t) {
+    const at::Tensor p = padded.view(at::kByte), b = t.view(at::kByte);
+    return at::equal(p.narrow(0, 0, b.size(0)).narrow(1, 0, b.size(1)), b) &&
+           p.to(at::kLong).sum().item<int64_t>() == b.to(at::kLong).sum().item<int64_t>();
+  };
   for (const auto& [M, K, N] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
            {37, 576, 7168}, {300, 7168, 576}, {1440, 2048, 384}, {5, 100, 48}, {128, 1024, 256}}) {
     const at::Tensor x = torch::randn({M, K}), w = torch::randn({N, K}) * 0.02;
@@ -208,13 +214,8 @@ TEST(Fp8, ScaledMmOperandsHaveTheLayoutsLibTorchChecks) {
         expect_strides(o.scale_b, {Kb, Np / 128}, {1, (Kb + 3) / 4 * 4}, what + ": scale_b");
       else
         expect_strides(o.scale_b, {Kb, Np}, {Np, 1}, what + ": scale_b");
-      // The operands' bytes where they were and zero bytes around them (the byte sums agree), and the padded
-      // operands multiply to the same product.
-      auto same_bytes_padded = [](const at::Tensor& padded, const at::Tensor& t) {
-        const at::Tensor p = padded.view(at::kByte), b = t.view(at::kByte);
-        return at::equal(p.narrow(0, 0, b.size(0)).narrow(1, 0, b.size(1)), b) &&
-               p.to(at::kLong).sum().item<int64_t>() == b.to(at::kLong).sum().item<int64_t>();
-      };
+      // The operands' bytes where they were and zero bytes around them, and the padded operands multiply to the
+      // same product.
       EXPECT_TRUE(same_bytes_padded(o.a, a.data)) << what;
       EXPECT_TRUE(same_bytes_padded(o.b.t(), b.data)) << what;
       const bool blocks = b.blocks && block_scales;
